@@ -1,0 +1,39 @@
+"""Shared fixtures: real SR weights from ../shared/models, small real photos from skimage."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TILEUP_NO_PROGRESS", "1")
+torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("TILEUP_SHARED", REPO.parent / "shared"))
+MODELS = SHARED / "models"
+
+
+@pytest.fixture(scope="session")
+def shared_models() -> Path:
+    if not MODELS.is_dir():
+        pytest.fail(f"real SR weights not found at {MODELS} (set TILEUP_SHARED)")
+    return MODELS
+
+
+@pytest.fixture(scope="session")
+def photo() -> np.ndarray:
+    """A 64×80 crop of skimage's astronaut as float32 HxWx3 in [0, 1]."""
+    from skimage import data
+
+    return (data.astronaut()[120:184, 160:240].astype(np.float32) / 255.0).copy()
+
+
+@pytest.fixture(autouse=True)
+def _isolated_models_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TILEUP_MODELS", raising=False)

@@ -1,0 +1,221 @@
+"""The CLI end to end on real weights: outputs, metadata, modes, batches, errors, exit codes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import tileup
+from tileup.cli import main
+from tileup.imageio import parse_parameters, read_image, read_parameters
+
+FAST = ["--upscaler", "lanczos", "--quiet"]
+
+
+@pytest.fixture
+def photo_file(tmp_path: Path, photo: np.ndarray) -> Path:
+    path = tmp_path / "photo.png"
+    Image.fromarray(np.round(photo * 255).astype(np.uint8)).save(path)
+    return path
+
+
+def test_default_run_uses_builtin_model_and_writes_beside(photo_file: Path, capsys) -> None:
+    assert main([str(photo_file)]) == 0
+    out = photo_file.with_name("photo_tileup.png")
+    assert out.is_file()
+    with Image.open(out) as img:
+        assert img.size == (160, 128) and img.mode == "RGB"
+    _, _, items = parse_parameters(read_parameters(out))
+    assert items["Upscaler"] == "realesrgan-x4fast"
+    assert items["Upscaler model"] == "RealESRGAN Compact"
+    assert items["Upscale by"] == "2" and items["Size"] == "160x128"
+    err = capsys.readouterr().err
+    assert "pixel upscale only" in err and "photo_tileup.png" in err
+
+
+def test_model_result_differs_from_resampling(photo_file: Path, tmp_path: Path) -> None:
+    assert main([str(photo_file), "-o", str(tmp_path / "m.png"), "--quiet"]) == 0
+    assert main([str(photo_file), "-o", str(tmp_path / "l.png"), *FAST]) == 0
+    model = np.asarray(Image.open(tmp_path / "m.png"), dtype=float)
+    lanczos = np.asarray(Image.open(tmp_path / "l.png"), dtype=float)
+    assert 1.0 < np.abs(model - lanczos).mean() < 20.0
+
+
+def test_width_alone_keeps_aspect_and_stats_json(photo_file: Path, tmp_path: Path, capsys) -> None:
+    target = tmp_path / "w.png"
+    assert main([str(photo_file), "-o", str(target), "--width", "200", "--stats", *FAST]) == 0
+    assert Image.open(target).size == (200, 160)
+    stats = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert stats["output_size"] == [200, 160] and stats["input_size"] == [80, 64]
+    for key in ("tiles", "tile_steps", "steps_per_tile", "seconds", "peak_memory_bytes",
+                "fallbacks"):
+        assert key in stats
+
+
+def test_scale_8_with_a_4x_model_file(photo_file: Path, tmp_path: Path, shared_models) -> None:
+    target = tmp_path / "x8.png"
+    model = shared_models / "realesr-animevideov3.safetensors"
+    code = main([str(photo_file), "-o", str(target), "--scale", "8", "--upscaler", str(model),
+                 "--quiet", "--stats"])
+    assert code == 0
+    assert Image.open(target).size == (640, 512)
+
+
+def test_existing_output_is_kept_without_overwrite(photo_file: Path, capsys) -> None:
+    out = photo_file.with_name("photo_tileup.png")
+    out.write_bytes(b"precious")
+    assert main([str(photo_file), *FAST]) == 1
+    assert out.read_bytes() == b"precious"
+    assert "--overwrite" in capsys.readouterr().err
+    assert main([str(photo_file), "--overwrite", *FAST]) == 0
+    assert Image.open(out).size == (160, 128)
+
+
+def test_batch_one_bad_file_does_not_stop_others(tmp_path: Path, photo_file: Path, capsys) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(photo_file, folder / "a.png")
+    (folder / "b.png").write_text("not an image")
+    (folder / "c.png").write_bytes(b"")
+    shutil.copy(photo_file, folder / "d.jpg")
+    outdir = tmp_path / "out"
+    outdir.mkdir()
+    code = main([str(folder), "-o", str(outdir), *FAST])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert sorted(p.name for p in outdir.iterdir()) == ["a_tileup.png", "d_tileup.png"]
+    assert "b.png" in err and "c.png" in err and "2 done, 2 failed" in err
+    assert "Traceback" not in err
+
+
+def test_recursive_folders_and_globs(tmp_path: Path, photo_file: Path) -> None:
+    nested = tmp_path / "tree" / "sub"
+    nested.mkdir(parents=True)
+    shutil.copy(photo_file, tmp_path / "tree" / "top.png")
+    shutil.copy(photo_file, nested / "deep.png")
+    assert main([str(tmp_path / "tree"), *FAST]) == 0
+    assert (tmp_path / "tree" / "top_tileup.png").exists()
+    assert not (nested / "deep_tileup.png").exists()
+    assert main([str(tmp_path / "tree"), "--recursive", "--overwrite", *FAST]) == 0
+    assert (nested / "deep_tileup.png").exists()
+    # earlier outputs are not picked up again
+    assert not (tmp_path / "tree" / "top_tileup_tileup.png").exists()
+    (tmp_path / "tree" / "top_tileup.png").unlink()
+    assert main([str(tmp_path / "tree" / "t*.png"), *FAST]) == 0
+    assert (tmp_path / "tree" / "top_tileup.png").exists()
+
+
+def test_missing_input_is_a_failure_others_done(photo_file: Path, tmp_path: Path, capsys) -> None:
+    code = main([str(tmp_path / "nope.png"), str(photo_file), *FAST])
+    assert code == 1
+    assert photo_file.with_name("photo_tileup.png").exists()
+    assert "nope.png: no such file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--scale", "0"], "--scale"),
+        (["--scale", "abc"], "invalid float"),
+        (["--upscaler", "4x-UltraSharp"], "unknown upscaler '4x-UltraSharp'"),
+        (["--upscaler", "latent"], "needs --checkpoint"),
+        (["--device", "tpu"], "--device"),
+        (["--dtype", "fp8"], "invalid choice"),
+        (["--model-tile", "4"], "--model-tile"),
+    ],
+)
+def test_usage_errors_exit_2_and_write_nothing(photo_file: Path, capsys, args, message) -> None:
+    with pytest.raises(SystemExit) as exited:
+        raise SystemExit(main([str(photo_file), "--quiet", *args]))
+    assert exited.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not photo_file.with_name("photo_tileup.png").exists()
+
+
+def test_several_inputs_need_an_output_folder(photo_file: Path, tmp_path: Path, capsys) -> None:
+    other = tmp_path / "other.png"
+    shutil.copy(photo_file, other)
+    assert main([str(photo_file), str(other), "-o", str(tmp_path / "x.png"), *FAST]) == 2
+    assert "output folder" in capsys.readouterr().err
+
+
+def test_unwritable_output_dir(photo_file: Path, tmp_path: Path, capsys) -> None:
+    code = main([str(photo_file), "-o", str(tmp_path / "missing" / "x.png"), *FAST])
+    assert code == 1
+    assert "missing" in capsys.readouterr().err
+    assert not (tmp_path / "missing").exists()
+
+
+def test_over_pixel_limit(photo_file: Path, capsys) -> None:
+    assert main([str(photo_file), "--max-pixels", "1000", *FAST]) == 1
+    assert "--max-pixels" in capsys.readouterr().err
+    assert not photo_file.with_name("photo_tileup.png").exists()
+
+
+def test_rgba_keeps_alpha_16bit_keeps_depth(tmp_path: Path, photo: np.ndarray) -> None:
+    rgba = np.dstack([photo, np.linspace(0, 1, photo.shape[1])[None, :].repeat(64, 0)])
+    src = tmp_path / "alpha.png"
+    Image.fromarray(np.round(rgba * 255).astype(np.uint8), "RGBA").save(src)
+    assert main([str(src), "--quiet"]) == 0
+    out = read_image(src.with_name("alpha_tileup.png"), max_pixels=10**8)
+    assert out.alpha is not None and out.alpha.shape == (128, 160)
+    # the alpha ramp survives the upscale: left transparent, right opaque, monotone in between
+    assert out.alpha[:, :4].mean() < 0.05 and out.alpha[:, -4:].mean() > 0.95
+    assert np.all(np.diff(out.alpha.mean(axis=0)) > -0.02)
+
+    import cv2
+
+    src16 = tmp_path / "deep.png"
+    cv2.imwrite(str(src16), np.round(photo[..., ::-1] * 65535).astype(np.uint16))
+    assert main([str(src16), *FAST]) == 0
+    out16 = read_image(src16.with_name("deep_tileup.png"), max_pixels=10**8)
+    assert out16.bit_depth == 16
+
+
+def test_jpeg_output_carries_parameters(photo_file: Path, tmp_path: Path) -> None:
+    target = tmp_path / "out.jpg"
+    assert main([str(photo_file), "-o", str(target), *FAST]) == 0
+    _, _, items = parse_parameters(read_parameters(target))
+    assert items["Upscaler"] == "lanczos"
+
+
+def test_models_command_lists_architecture_and_scale(tmp_path: Path, shared_models, capsys):
+    (tmp_path / "ESRGAN").mkdir()
+    shutil.copy(shared_models / "RealESRGAN_x4plus_anime_6B.safetensors",
+                tmp_path / "ESRGAN" / "4x-Anime.safetensors")
+    (tmp_path / "broken.pth").write_text("nope")
+    assert main(["models", "--models-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "4x-Anime\tESRGAN 4x" in out
+    assert "default\tRealESRGAN Compact 4x" in out
+    assert "broken\tunusable" in out
+    assert "lanczos" in out
+
+
+def test_python_api_accepts_array_and_returns_stats(photo: np.ndarray) -> None:
+    result = tileup.upscale(photo, upscaler="lanczos", scale=1.5)
+    assert result.image.size == (120, 96)
+    assert result.stats.output_size == (120, 96)
+    assert "Upscale by: 1.5" in result.parameters
+    with pytest.raises(tileup.SettingsError, match="unknown setting"):
+        tileup.upscale(photo, scael=2)
+
+
+def test_console_script_gives_no_traceback(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.png"
+    bad.write_text("text, not pixels")
+    proc = subprocess.run(
+        [sys.executable, "-m", "tileup.cli", str(bad), "--quiet"],
+        capture_output=True, text=True, check=False,
+    )
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if "error" in line]
+    assert len(lines) == 1 and "bad.png" in lines[0]

@@ -1,0 +1,302 @@
+"""Pixel upscalers on real Real-ESRGAN weights: exact tiling, chaining, registry, bad files."""
+
+from __future__ import annotations
+
+import itertools
+import pickle
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+
+from tileup.upscalers import (
+    RunReport,
+    UpscalerError,
+    load_sr_model,
+    model_passes,
+    resolve_upscaler,
+    run_tiled,
+)
+from tileup.upscalers.pixel import ModelRunner, count_pixel_tiles, upscale_pixels
+from tileup.upscalers.resample import resample, resize_exact
+from tileup.upscalers.tiled import core_boxes, split_evenly
+
+CPU = torch.device("cpu")
+
+
+def _nchw(image: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))[None]
+
+
+@pytest.fixture(scope="module")
+def x4plus(shared_models: Path):
+    return load_sr_model(shared_models / "RealESRGAN_x4plus.safetensors")
+
+
+@pytest.fixture(scope="module")
+def tiny(shared_models: Path):
+    return load_sr_model(shared_models / "realesr-animevideov3.safetensors")
+
+
+def test_split_evenly_partitions() -> None:
+    assert split_evenly(100, 40) == [(0, 33), (33, 34), (67, 33)]
+    assert split_evenly(7, 7) == [(0, 7)]
+    for length in range(1, 60):
+        for size in range(1, 20):
+            runs = split_evenly(length, size)
+            assert runs[0][0] == 0 and sum(s for _, s in runs) == length
+            assert all(a + s == b for (a, s), (b, _) in itertools.pairwise(runs))
+            assert max(s for _, s in runs) <= size and len(runs) == -(-length // size)
+
+
+def test_core_boxes_cover_once() -> None:
+    seen = np.zeros((50, 70), int)
+    for box in core_boxes(50, 70, 16):
+        seen[box.slices] += 1
+    assert (seen == 1).all()
+
+
+def test_rrdbnet_tiled_equals_untiled(x4plus, photo: np.ndarray) -> None:
+    """RealESRGAN_x4plus, fp32, forced small tiles: max difference ≤ 2/255 (issue 2)."""
+    image = _nchw(np.ascontiguousarray(np.tile(photo, (2, 2, 1))[:112, :112]))
+    untiled = run_tiled(
+        x4plus, image, device=CPU, dtype=torch.float32, tile=None, report=RunReport()
+    )
+    report = RunReport()
+    tiled = run_tiled(x4plus, image, device=CPU, dtype=torch.float32, tile=56, report=report)
+    assert report.tiles == 4
+    assert tiled.shape == untiled.shape == (1, 3, 448, 448)
+    assert (tiled - untiled).abs().max().item() <= 2 / 255
+
+
+def test_compact_tiled_equals_untiled_with_odd_sizes(shared_models: Path, photo) -> None:
+    model = load_sr_model(shared_models / "realesrgan-x4fast.safetensors")
+    image = _nchw(photo[:61, :77])
+    untiled = run_tiled(
+        model, image, device=CPU, dtype=torch.float32, tile=None, report=RunReport()
+    )
+    report = RunReport()
+    tiled = run_tiled(model, image, device=CPU, dtype=torch.float32, tile=24, report=report)
+    assert report.tiles == 12
+    assert (tiled - untiled).abs().max().item() <= 2 / 255
+
+
+def test_too_small_margin_would_show(tiny, photo) -> None:
+    """The margin matters: without context the tiled result differs visibly."""
+    image = _nchw(photo)
+    untiled = run_tiled(tiny, image, device=CPU, dtype=torch.float32, tile=None, report=RunReport())
+    no_context = torch.cat(
+        [
+            run_tiled(
+                tiny,
+                image[..., :, :40].contiguous(),
+                device=CPU,
+                dtype=torch.float32,
+                tile=None,
+                report=RunReport(),
+            ),
+            run_tiled(
+                tiny,
+                image[..., :, 40:].contiguous(),
+                device=CPU,
+                dtype=torch.float32,
+                tile=None,
+                report=RunReport(),
+            ),
+        ],
+        dim=-1,
+    )
+    assert (no_context - untiled).abs().max().item() > 4 / 255
+
+
+def test_out_of_memory_halves_tile_and_finishes(tiny, photo, monkeypatch) -> None:
+    image = _nchw(photo)
+    expected = run_tiled(
+        tiny, image, device=CPU, dtype=torch.float32, tile=None, report=RunReport()
+    )
+    real_call = type(tiny.descriptor).__call__
+
+    def limited(self, x):
+        if x.shape[-1] * x.shape[-2] > 60 * 60:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_call(self, x)
+
+    monkeypatch.setattr(type(tiny.descriptor), "__call__", limited)
+    report = RunReport()
+    progress: list[int] = []
+    out = run_tiled(
+        tiny,
+        image,
+        device=CPU,
+        dtype=torch.float32,
+        tile=None,
+        report=report,
+        on_tile=progress.append,
+    )
+    assert any("out of memory" in f for f in report.fallbacks)
+    assert report.tile_size < 80 and report.tiles > 1
+    assert sum(progress) == 1, "split cores are added to and then advance the progress total"
+    assert (out - expected).abs().max().item() <= 2 / 255
+
+
+def test_model_passes() -> None:
+    assert model_passes((10, 10), (20, 20), 4) == 1
+    assert model_passes((10, 10), (40, 40), 4) == 1
+    assert model_passes((10, 10), (80, 80), 4) == 2
+    assert model_passes((10, 10), (41, 40), 4) == 2
+    assert model_passes((10, 10), (5, 5), 4) == 0
+    assert model_passes((10, 10), (30, 30), 2) == 2
+
+
+def test_chained_passes_reach_8x(tiny, photo) -> None:
+    """A 4x model reaches 8x in two passes, with no resize when the target is exact."""
+    small = np.ascontiguousarray(photo[:16, :20])
+    runner = ModelRunner(tiny, CPU, torch.float32, tile=None)
+    report = RunReport()
+    out = upscale_pixels(small, (128, 160), runner=runner, report=report)
+    assert out.shape == (128, 160, 3) and report.tiles == 2
+    once = runner.run(small, RunReport(), None)
+    twice = runner.run(once, RunReport(), None)
+    np.testing.assert_allclose(out, twice, atol=1e-6)
+    assert count_pixel_tiles((16, 20), (128, 160), runner) == 2
+
+
+def test_scale_2_is_model_then_area_resize(tiny, photo) -> None:
+    runner = ModelRunner(tiny, CPU, torch.float32, tile=None)
+    out = upscale_pixels(photo, (128, 160), runner=runner)
+    expected = resize_exact(runner.run(photo, RunReport(), None), 128, 160)
+    assert out.shape == (128, 160, 3)
+    np.testing.assert_array_equal(out, expected)
+    # and it is a real upscale: close to, but sharper than, a plain resample
+    lanczos = resample(photo, 128, 160, "lanczos")
+    assert np.abs(out - lanczos).mean() < 0.05
+
+
+def test_grey_channel_through_model(tiny, photo) -> None:
+    runner = ModelRunner(tiny, CPU, torch.float32, tile=None)
+    grey = photo[..., :1]
+    out = upscale_pixels(grey, (128, 160), runner=runner)
+    assert out.shape == (128, 160, 1) and out.dtype == np.float32
+
+
+@pytest.mark.parametrize("method", ["lanczos", "bicubic", "bilinear", "nearest", "area"])
+def test_resamplers(method: str, photo) -> None:
+    out = resample(photo, 100, 37, method)
+    assert out.shape == (100, 37, 3) and out.min() >= 0 and out.max() <= 1
+    assert abs(out.mean() - photo.mean()) < 0.02
+
+
+def test_nearest_is_exact_replication(photo) -> None:
+    out = resample(photo, 128, 160, "nearest")
+    np.testing.assert_array_equal(out[::2, ::2], photo)
+
+
+# -- registry ------------------------------------------------------------------------------
+
+
+def test_resolve_names_in_a1111_and_comfy_layouts(tmp_path, shared_models, monkeypatch) -> None:
+    a1111, comfy, env = tmp_path / "a1111", tmp_path / "comfy", tmp_path / "env"
+    (a1111 / "ESRGAN").mkdir(parents=True)
+    (comfy / "upscale_models").mkdir(parents=True)
+    env.mkdir()
+    shutil.copy(
+        shared_models / "RealESRGAN_x4plus_anime_6B.safetensors",
+        a1111 / "ESRGAN" / "4x-Anime.safetensors",
+    )
+    shutil.copy(
+        shared_models / "realesr-animevideov3.safetensors",
+        comfy / "upscale_models" / "4x-Video.safetensors",
+    )
+    shutil.copy(shared_models / "realesrgan-x4fast.safetensors", env / "Fast.safetensors")
+    monkeypatch.setenv("TILEUP_MODELS", str(env))
+    dirs = [str(a1111), str(comfy)]
+    assert resolve_upscaler("4x-Anime", dirs).path == a1111 / "ESRGAN" / "4x-Anime.safetensors"
+    assert (
+        resolve_upscaler("4x-Video", dirs).path == comfy / "upscale_models" / "4x-Video.safetensors"
+    )
+    assert resolve_upscaler("fast", dirs).path == env / "Fast.safetensors"
+    path_spec = resolve_upscaler(str(env / "Fast.safetensors"))
+    assert path_spec.kind == "model" and path_spec.name == "Fast"
+    assert resolve_upscaler("Lanczos").kind == "resampler"
+    assert resolve_upscaler("latent-bislerp").mode == "bislerp"
+    assert resolve_upscaler("latent").mode == "bilinear"
+    with pytest.raises(UpscalerError) as err:
+        resolve_upscaler("4x-UltraSharp", dirs)
+    message = str(err.value)
+    assert "4x-UltraSharp" in message and "4x-Anime" in message and "4x-Video" in message
+    assert "Fast" in message and "\n" not in message
+
+
+def test_default_is_the_builtin_real_model() -> None:
+    spec = resolve_upscaler("default")
+    model = load_sr_model(spec.path)
+    assert model.scale == 4 and model.architecture == "RealESRGAN Compact"
+
+
+def test_unknown_latent_mode() -> None:
+    with pytest.raises(UpscalerError, match="latent-bislerp"):
+        resolve_upscaler("latent-cubic")
+
+
+# -- bad model files -------------------------------------------------------------------------
+
+
+class _Exploit:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch pwned-by-pickle",))
+
+
+def test_code_executing_pickle_is_refused(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    bad = tmp_path / "evil.pth"
+    with bad.open("wb") as fh:
+        pickle.dump({"params": _Exploit()}, fh)
+    torch_bad = tmp_path / "evil2.pth"
+    torch.save({"params": _Exploit()}, torch_bad)
+    for path in (bad, torch_bad):
+        with pytest.raises(UpscalerError, match=r"refused|not a readable") as err:
+            load_sr_model(path)
+        assert path.name in str(err.value)
+    assert not (tmp_path / "pwned-by-pickle").exists()
+
+
+def test_pth_with_real_weights_loads(tmp_path, shared_models, photo) -> None:
+    tensors = safetensors.torch.load_file(str(shared_models / "realesr-animevideov3.safetensors"))
+    pth = tmp_path / "video.pth"
+    torch.save({"params": tensors}, pth)
+    model = load_sr_model(pth)
+    ref = load_sr_model(shared_models / "realesr-animevideov3.safetensors")
+    x = _nchw(photo[:16, :16])
+    a = run_tiled(model, x, device=CPU, dtype=torch.float32, tile=None, report=RunReport())
+    b = run_tiled(ref, x, device=CPU, dtype=torch.float32, tile=None, report=RunReport())
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "match"),
+    [
+        ("empty.safetensors", b"", "empty"),
+        ("text.pth", b"this is not a model\n", "not a readable"),
+        ("text.safetensors", b"hello world, not safetensors", "not a valid safetensors"),
+        ("model.onnx", b"\x08\x01", "unsupported model file type"),
+    ],
+)
+def test_not_a_model_file(tmp_path, name: str, content: bytes, match: str) -> None:
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(UpscalerError, match=match) as err:
+        load_sr_model(path)
+    assert name in str(err.value)
+
+
+def test_weights_of_something_else_are_named(tmp_path) -> None:
+    path = tmp_path / "classifier.safetensors"
+    safetensors.torch.save_file({"fc.weight": torch.zeros(10, 5), "fc.bias": torch.zeros(10)}, path)
+    with pytest.raises(UpscalerError, match="not a super-resolution model") as err:
+        load_sr_model(path)
+    assert "classifier.safetensors" in str(err.value)

@@ -1,0 +1,204 @@
+"""Command line: arguments → UpscaleSettings → one library call; progress, summary, exit codes.
+
+Exit codes: 0 every input succeeded, 1 some input failed (the others were still done),
+2 usage or settings error (nothing was done).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from tileup import __version__
+from tileup.errors import TileupError
+from tileup.pipeline import FileOutcome, upscale_files
+from tileup.settings import UpscaleSettings
+from tileup.upscalers.models import load_sr_model
+from tileup.upscalers.registry import (
+    RESAMPLERS,
+    builtin_model_path,
+    iter_model_files,
+    models_dirs,
+)
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+COMMANDS = ("models",)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _flag(field: dataclasses.Field[Any]) -> str:
+    return field.metadata.get("flag") or "--" + field.name.replace("_", "-")
+
+
+def _add_settings_arguments(parser: argparse.ArgumentParser) -> None:
+    """One option per UpscaleSettings field, typed from its annotation."""
+    for field in dataclasses.fields(UpscaleSettings):
+        kind = str(field.type)
+        kwargs: dict[str, Any] = {
+            "dest": field.name,
+            "help": field.metadata["help"] + _default_note(field),
+            "default": argparse.SUPPRESS,
+        }
+        if field.metadata.get("metavar"):
+            kwargs["metavar"] = field.metadata["metavar"]
+        if field.metadata.get("choices"):
+            kwargs["choices"] = field.metadata["choices"]
+        if kind == "bool":
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif kind.startswith("tuple"):
+            kwargs["action"] = "append"
+        elif kind.startswith("int"):
+            kwargs["type"] = int
+        elif kind.startswith("float"):
+            kwargs["type"] = float
+        parser.add_argument(_flag(field), **kwargs)
+
+
+def _default_note(field: dataclasses.Field[Any]) -> str:
+    if field.default in (None, (), "") or isinstance(field.default, bool):
+        return ""
+    return f" (default: {field.default})"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="tileup",
+        description="Upscale images with SR models, tiled, seamless and in bounded memory. "
+        "Other commands: 'tileup models' lists the upscalers found.",
+    )
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or globs")
+    parser.add_argument("-o", "--output", help="output file (one input) or folder")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    parser.add_argument("--recursive", action="store_true", help="descend into sub-folders")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar or notes")
+    parser.add_argument("--stats", action="store_true", help="print each image's stats as JSON")
+    parser.add_argument("--version", action="version", version=f"tileup {__version__}")
+    _add_settings_arguments(parser)
+    return parser
+
+
+def _models_command(argv: Sequence[str]) -> int:
+    parser = _Parser(prog="tileup models", description="List the upscalers tileup can find.")
+    parser.add_argument("--models-dir", action="append", default=[], metavar="DIR")
+    args = parser.parse_args(argv)
+    dirs = models_dirs(args.models_dir)
+    rows = [("default", builtin_model_path())] + [(p.stem, p) for p in iter_model_files(dirs)]
+    for name, path in rows:
+        try:
+            model = load_sr_model(path)
+            kind = f"{model.architecture} {model.scale}x"
+        except TileupError as exc:
+            kind = f"unusable: {exc}"
+        print(f"{name}\t{kind}\t{path}")
+    print("resamplers:\t" + ", ".join(RESAMPLERS))
+    if not dirs:
+        print("(add folders with --models-dir or $TILEUP_MODELS)")
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "models":
+        return _models_command(argv[1:])
+    args = build_parser().parse_args(argv)
+    known = {f.name for f in dataclasses.fields(UpscaleSettings)}
+    values = {k: v for k, v in vars(args).items() if k in known}
+    if "models_dirs" in values:
+        values["models_dirs"] = tuple(values["models_dirs"])
+    try:
+        settings = UpscaleSettings(**values)
+    except TileupError as exc:
+        return _usage_error(str(exc))
+
+    quiet = args.quiet
+    if not quiet:
+        print("tileup: no --checkpoint given: pixel upscale only", file=sys.stderr)
+    progress = _Bar(disabled=quiet)
+    failures: list[FileOutcome] = []
+
+    def on_outcome(outcome: FileOutcome) -> None:
+        if outcome.error:
+            failures.append(outcome)
+            progress.write(f"tileup: error: {outcome.error}")
+        elif outcome.output is not None and not quiet:
+            progress.write(f"{outcome.source} -> {outcome.output}")
+        if args.stats and outcome.stats is not None:
+            print(json.dumps(outcome.stats.as_dict()), flush=True)
+
+    try:
+        outcomes = upscale_files(
+            args.inputs,
+            settings,
+            output=args.output,
+            overwrite=args.overwrite,
+            recursive=args.recursive,
+            progress=progress,
+            on_outcome=on_outcome,
+        )
+    except TileupError as exc:
+        progress.close()
+        return _usage_error(str(exc))
+    except KeyboardInterrupt:
+        progress.close()
+        print("tileup: interrupted", file=sys.stderr)
+        return 130
+    progress.close()
+    done = len(outcomes) - len(failures)
+    if failures or (len(outcomes) > 1 and not quiet):
+        print(f"tileup: {done} done, {len(failures)} failed", file=sys.stderr)
+    return EXIT_FAILED if failures or not outcomes else EXIT_OK
+
+
+def _usage_error(message: str) -> int:
+    print(f"tileup: error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+class _Bar:
+    """One tqdm bar over every tile of the job, created lazily on stderr."""
+
+    def __init__(self, disabled: bool) -> None:
+        self.disabled = disabled or os.environ.get("TILEUP_NO_PROGRESS") == "1"
+        self._bar: Any = None
+        self._total = 0
+
+    def _get(self) -> Any:
+        if self._bar is None and not self.disabled:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=self._total, unit="tile", dynamic_ncols=True, file=sys.stderr)
+        return self._bar
+
+    def add_total(self, count: int) -> None:
+        self._total += count
+        if self._bar is not None:
+            self._bar.total = self._total
+            self._bar.refresh()
+
+    def advance(self, count: int) -> None:
+        bar = self._get()
+        if bar is not None:
+            bar.update(count)
+
+    def write(self, text: str) -> None:
+        if self._bar is not None:
+            self._bar.write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

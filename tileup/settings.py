@@ -1,0 +1,137 @@
+"""Every knob of tileup, validated once: the CLI, the Python API and the metadata derive from here.
+
+Each field of :class:`UpscaleSettings` carries its CLI flag, help text and metadata key in the
+dataclass field metadata, so adding a knob here adds it everywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from tileup.errors import TileupError
+
+DEFAULT_UPSCALER = "default"
+DEFAULT_MAX_PIXELS = 16384 * 16384
+DTYPES = ("auto", "fp32", "fp16", "bf16")
+MODES = ("fused", "redraw")
+BLENDS = ("gaussian", "cosine", "linear")
+ORDERS = ("linear", "chess")
+SEAM_FIXES = ("none", "band", "half-tile", "half-tile+intersections")
+COLOR_FIXES = ("none", "wavelet", "adain")
+PREDICTIONS = ("auto", "epsilon", "v_prediction")
+
+
+class SettingsError(TileupError, ValueError):
+    """A setting has a value tileup cannot use; the message is one line for the user."""
+
+
+def knob(
+    default: Any,
+    help: str,
+    *,
+    flag: str | None = None,
+    meta: str | None = None,
+    choices: tuple[str, ...] | None = None,
+    metavar: str | None = None,
+) -> Any:
+    """A settings field with its CLI flag (default ``--field-name``), help and metadata key."""
+    return field(
+        default=default,
+        metadata={"help": help, "flag": flag, "meta": meta, "choices": choices, "metavar": metavar},
+    )
+
+
+@dataclass(frozen=True)
+class UpscaleSettings:
+    """All settings of one job; construct with keywords. Invalid values raise SettingsError."""
+
+    # -- pixel upscale ---------------------------------------------------------------------
+    upscaler: str = knob(
+        DEFAULT_UPSCALER,
+        "SR model name or path, a resampler (lanczos, bicubic, bilinear, nearest, area), or a "
+        "latent mode (latent, latent-bislerp, ...); 'default' is the built-in 4x model",
+        meta="Upscaler",
+        metavar="NAME",
+    )
+    models_dirs: tuple[str, ...] = knob(
+        (),
+        "extra folder to search for upscaler models (repeatable; A1111/ComfyUI layouts work)",
+        flag="--models-dir",
+        metavar="DIR",
+    )
+    scale: float = knob(
+        2.0, "upscale factor (ignored when --width/--height is given)", meta="Upscale by"
+    )
+    width: int | None = knob(None, "target width in pixels (alone: keeps the aspect)")
+    height: int | None = knob(None, "target height in pixels (alone: keeps the aspect)")
+    model_tile: int | None = knob(
+        None,
+        "force the SR model's input tile size in pixels (default: from free memory)",
+        metavar="N",
+    )
+    device: str = knob("auto", "auto, cpu, cuda or cuda:N", metavar="DEVICE")
+    dtype: str = knob("auto", "compute precision", choices=DTYPES)
+    max_pixels: int = knob(
+        DEFAULT_MAX_PIXELS, "refuse inputs or outputs with more pixels than this", metavar="N"
+    )
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "models_dirs", tuple(str(d) for d in self.models_dirs))
+        if not self.upscaler or not self.upscaler.strip():
+            raise SettingsError("--upscaler must not be empty")
+        if not (self.scale > 0) or self.scale > 64:
+            raise SettingsError(f"--scale must be in (0, 64], got {self.scale}")
+        for name in ("width", "height", "model_tile"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise SettingsError(f"--{name.replace('_', '-')} must be a positive integer")
+        if self.model_tile is not None and self.model_tile < 16:
+            raise SettingsError("--model-tile must be at least 16 pixels")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device):
+            raise SettingsError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        _check_choice("dtype", self.dtype, DTYPES)
+        if self.max_pixels < 1:
+            raise SettingsError("--max-pixels must be positive")
+
+    def replace(self, **changes: Any) -> UpscaleSettings:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> UpscaleSettings:
+        """Build from keyword values, refusing unknown names with the list of known ones."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise SettingsError(
+                f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
+        return cls(**values)
+
+    def metadata_items(self) -> dict[str, str]:
+        """The settings that carry a metadata key, as ``{key: text}`` in declaration order."""
+        items: dict[str, str] = {}
+        for f in dataclasses.fields(self):
+            key = f.metadata.get("meta")
+            value = getattr(self, f.name)
+            if key and value is not None:
+                items[key] = _format_value(value)
+        return items
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        flag = "--" + name.replace("_", "-")
+        raise SettingsError(f"{flag} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, tuple):
+        return " ".join(str(v) for v in value)
+    return str(value)

@@ -1,0 +1,88 @@
+"""Pixel upscaling to any target: chained SR model passes, then an exact resize."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from tileup.upscalers.models import SRModel
+from tileup.upscalers.resample import resample, resize_exact
+from tileup.upscalers.tiled import RunReport, count_tiles, run_tiled
+
+
+@dataclass(frozen=True, eq=False)
+class ModelRunner:
+    """An SR model placed on a device, with the precision and core tile size to run it at."""
+
+    model: SRModel
+    device: torch.device
+    dtype: torch.dtype
+    tile: int | None
+
+    def run(
+        self, image: np.ndarray, report: RunReport, on_tile: Callable[[int], None] | None
+    ) -> np.ndarray:
+        """One model pass on an HxWx3 float32 image in [0, 1]."""
+        x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))[None]
+        y = run_tiled(
+            self.model,
+            x,
+            device=self.device,
+            dtype=self.dtype,
+            tile=self.tile,
+            report=report,
+            on_tile=on_tile,
+        )
+        return np.ascontiguousarray(y[0].numpy().transpose(1, 2, 0))
+
+
+def model_passes(src: tuple[int, int], target: tuple[int, int], scale: int) -> int:
+    """Fewest passes of a ``scale``× model that reach at least ``target`` (H, W) from ``src``."""
+    if scale <= 1:
+        return 0
+    passes, (h, w) = 0, src
+    while h < target[0] or w < target[1]:
+        h, w, passes = h * scale, w * scale, passes + 1
+    return passes
+
+
+def count_pixel_tiles(
+    src: tuple[int, int], target: tuple[int, int], runner: ModelRunner | None
+) -> int:
+    """Cores the pixel stage will run (0 for a resampler), for progress totals."""
+    if runner is None:
+        return 0
+    total, (h, w) = 0, src
+    for _ in range(model_passes(src, target, runner.model.scale)):
+        total += count_tiles(h, w, runner.tile)
+        h, w = h * runner.model.scale, w * runner.model.scale
+    return total
+
+
+def upscale_pixels(
+    image: np.ndarray,
+    target: tuple[int, int],
+    *,
+    runner: ModelRunner | None,
+    resampler: str = "lanczos",
+    report: RunReport | None = None,
+    on_tile: Callable[[int], None] | None = None,
+) -> np.ndarray:
+    """Upscale an HxWxC float32 image in [0, 1] to exactly ``target`` (H, W).
+
+    With a model: as many model passes as needed to reach the target, then an exact resize
+    (area down, lanczos up). Without: one ``resampler`` resize. C may be 1 (grey, e.g. alpha),
+    which a model sees as three equal channels.
+    """
+    report = report or RunReport()
+    if runner is None:
+        return resample(image, target[0], target[1], resampler)
+    grey = image.shape[2] == 1
+    current = np.repeat(image, 3, axis=2) if grey else image
+    for _ in range(model_passes(image.shape[:2], target, runner.model.scale)):
+        current = runner.run(current, report, on_tile)
+    current = resize_exact(current, *target)
+    return current.mean(axis=2, keepdims=True, dtype=np.float32) if grey else current

@@ -1,0 +1,195 @@
+"""Exact tiled inference of pixel SR models: each tile runs with context, only its centre is kept.
+
+The image is partitioned into *core* boxes. Each core is run through the model together with
+``margin`` input pixels of context on every side (clipped at the image border) and only the
+scaled core is written to the output, so the result equals an untiled run up to the model's
+effective receptive field. On out-of-memory a core is split in four and the run continues.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import spandrel
+import torch
+import torch.nn.functional as F
+
+from tileup.tiler import Box
+from tileup.upscalers.models import SRModel
+
+MIN_TILE = 32
+CPU_BUDGET_BYTES = 4 << 30
+GPU_BUDGET_BYTES = 3 << 29  # 1.5 GiB of activations keeps a run under 2 GiB of VRAM
+_PROBE_SIZE = 96
+
+
+@dataclass
+class RunReport:
+    """What happened during tiled runs (mutable, filled in as tiles complete)."""
+
+    tiles: int = 0
+    tile_size: int = 0
+    fallbacks: list[str] = field(default_factory=list)
+
+
+def split_evenly(length: int, max_size: int) -> list[tuple[int, int]]:
+    """Partition ``range(length)`` into the fewest near-equal runs no longer than max_size.
+
+    Returns ``(start, size)`` pairs covering ``[0, length)`` without overlap.
+    """
+    if length < 1 or max_size < 1:
+        raise ValueError(f"length and max_size must be positive, got {length}, {max_size}")
+    count = math.ceil(length / max_size)
+    edges = [round(i * length / count) for i in range(count + 1)]
+    return [(edges[i], edges[i + 1] - edges[i]) for i in range(count)]
+
+
+def core_boxes(height: int, width: int, tile: int) -> list[Box]:
+    """Cores of at most ``tile``×``tile`` that partition the image, row-major."""
+    return [
+        Box(top, left, h, w)
+        for top, h in split_evenly(height, tile)
+        for left, w in split_evenly(width, tile)
+    ]
+
+
+def count_tiles(height: int, width: int, tile: int | None) -> int:
+    """Number of cores an image is cut into (1 when untiled)."""
+    return 1 if tile is None else len(core_boxes(height, width, tile))
+
+
+def _pad_to_requirements(
+    x: torch.Tensor, req: spandrel.SizeRequirements
+) -> tuple[torch.Tensor, int, int]:
+    """Pad NCHW ``x`` at the bottom/right so the model accepts it; returns padded x, pad h, w."""
+    h, w = x.shape[-2:]
+    pad_w, pad_h = req.get_padding(w, h)
+    if pad_h or pad_w:
+        mode = "reflect" if pad_h < h and pad_w < w else "replicate"
+        x = F.pad(x, (0, pad_w, 0, pad_h), mode=mode)
+    return x, pad_h, pad_w
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and (
+        "out of memory" in text or "can't allocate memory" in text
+    )
+
+
+@torch.inference_mode()
+def _forward(
+    model: SRModel, crop: torch.Tensor, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """Run one NCHW float32 CPU crop; returns the float32 CPU output clamped to [0, 1]."""
+    x, pad_h, pad_w = _pad_to_requirements(crop, model.descriptor.size_requirements)
+    y = model.descriptor(x.to(device=device, dtype=dtype, non_blocking=True))
+    s = model.scale
+    y = y[..., : y.shape[-2] - pad_h * s, : y.shape[-1] - pad_w * s]
+    return y.float().clamp_(0, 1).cpu()
+
+
+def auto_tile_size(
+    model: SRModel, device: torch.device, dtype: torch.dtype, budget_bytes: int | None = None
+) -> int | None:
+    """The largest core size whose run fits the memory budget; None means run untiled.
+
+    On CUDA the bytes per input pixel are measured with a small probe run; on the CPU a
+    budget of 4 GiB and a conservative per-pixel estimate are used.
+    """
+    margin = model.context_margin
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = budget_bytes or min(GPU_BUDGET_BYTES, int(free * 0.6))
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        probe = torch.rand(1, 3, _PROBE_SIZE, _PROBE_SIZE)
+        _forward(model, probe, device, dtype)
+        per_pixel = (torch.cuda.max_memory_allocated(device) - base) / _PROBE_SIZE**2
+    else:
+        budget = budget_bytes or CPU_BUDGET_BYTES
+        per_pixel = 4 * 48 * model.scale**2 + 4096
+    side = int(math.sqrt(budget / max(per_pixel, 1.0))) - 2 * margin
+    return max(MIN_TILE, side)
+
+
+def run_tiled(
+    model: SRModel,
+    image: torch.Tensor,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    tile: int | None,
+    report: RunReport,
+    on_tile: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """Upscale a 1×3×H×W float32 CPU image in [0, 1]; returns 1×3×sH×sW float32 on the CPU.
+
+    ``tile`` is the largest core side in input pixels (None: whole image in one piece). On
+    out-of-memory the failing core is split in four and later cores are limited to the new size;
+    half-precision output with NaN/inf is recomputed in float32. ``on_tile(n)`` is called with
+    the number of cores completed (and with a negative count when a split adds cores).
+    """
+    _, _, height, width = image.shape
+    scale, margin = model.scale, model.context_margin
+    canvas = Box(0, 0, height, width)
+    output = torch.empty(1, 3, height * scale, width * scale)
+    limit = tile or max(height, width)
+    queue = deque(core_boxes(height, width, limit))
+    report.tile_size = limit
+    while queue:
+        core = queue.popleft()
+        if max(core.height, core.width) > limit:
+            parts = _split(core, limit)
+            queue.extendleft(reversed(parts))
+            _notify(on_tile, -(len(parts) - 1))
+            continue
+        region = core.expanded(margin, within=canvas)
+        crop = image[..., region.top : region.bottom, region.left : region.right]
+        try:
+            result = _forward(model, crop, device, dtype)
+            if dtype != torch.float32 and not torch.isfinite(result).all():
+                report.fallbacks.append(
+                    f"{model.name}: non-finite output in {dtype}; tile rerun in fp32"
+                )
+                result = _forward(model, crop, device, torch.float32)
+        except Exception as exc:
+            if not _is_out_of_memory(exc) or limit <= MIN_TILE:
+                raise
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            limit = max(MIN_TILE, max(core.height, core.width) // 2)
+            report.fallbacks.append(f"{model.name}: out of memory; tile reduced to {limit}px")
+            report.tile_size = limit
+            queue.appendleft(core)
+            continue
+        top, left = core.top - region.top, core.left - region.left
+        output[
+            ..., core.top * scale : core.bottom * scale, core.left * scale : core.right * scale
+        ] = result[
+            ...,
+            top * scale : (top + core.height) * scale,
+            left * scale : (left + core.width) * scale,
+        ]
+        report.tiles += 1
+        _notify(on_tile, 1)
+    return output
+
+
+def _split(core: Box, limit: int) -> list[Box]:
+    return [
+        Box(core.top + top, core.left + left, h, w)
+        for top, h in split_evenly(core.height, limit)
+        for left, w in split_evenly(core.width, limit)
+    ]
+
+
+def _notify(on_tile: Callable[[int], None] | None, count: int) -> None:
+    if on_tile is not None and count:
+        on_tile(count)
