@@ -26,7 +26,9 @@ FAMILIES = ("sd1", "sd2", "sd2-v", "sdxl")
 
 TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "tileup/data/tokenizers/clip"
 
-HIDDEN = 32
+HIDDEN = 32  # text hidden size of SD1/SD2 and of SDXL's first encoder
+HIDDEN_XL2 = 64  # SDXL's second encoder: wider than the first, as real ones are (768 vs 1280)
+PROJ_XL2 = 32  # its text_projection output (pooled) size; != HIDDEN_XL2 so mix-ups show
 SD2_TEXT_LAYERS = 23  # diffusers' SD2 text encoder; the single file holds 24, like the real one
 _EXTRA_LAYER_SEED = 4242  # random weights of SD2's extra (unused) single-file text layer
 
@@ -64,12 +66,12 @@ def unet_kwargs(family: str) -> dict[str, Any]:
             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
             transformer_layers_per_block=(1, 2),
             norm_num_groups=32,
-            cross_attention_dim=2 * HIDDEN,
+            cross_attention_dim=HIDDEN + HIDDEN_XL2,
             attention_head_dim=[_heads(c) for c in channels],
             use_linear_projection=True,
             addition_embed_type="text_time",
             addition_time_embed_dim=8,
-            projection_class_embeddings_input_dim=HIDDEN + 6 * 8,
+            projection_class_embeddings_input_dim=PROJ_XL2 + 6 * 8,
         )
     # SD1/SD2: four levels, attention on the first three, like the real (320, 640, 1280, 1280).
     channels = (32, 64, 96, 96)
@@ -111,15 +113,16 @@ def text_encoder_kwargs(family: str, which: int = 1) -> dict[str, Any]:
     _check_family(family)
     openclip = (family in ("sd2", "sd2-v")) or which == 2
     layers = SD2_TEXT_LAYERS if family in ("sd2", "sd2-v") else 5
+    hidden = HIDDEN_XL2 if which == 2 else HIDDEN
     return dict(
         vocab_size=49408,
-        hidden_size=HIDDEN,
-        intermediate_size=64 if openclip else 37,
+        hidden_size=hidden,
+        intermediate_size=4 * hidden if openclip else 37,
         num_hidden_layers=layers,
-        num_attention_heads=_heads(HIDDEN),
+        num_attention_heads=_heads(hidden),
         max_position_embeddings=77,
         hidden_act="gelu" if openclip else "quick_gelu",
-        projection_dim=HIDDEN,
+        projection_dim=PROJ_XL2 if which == 2 else hidden,
         bos_token_id=49406,
         eos_token_id=49407,
         pad_token_id=0 if openclip else 49407,  # "!" for OpenCLIP, "<|endoftext|>" for CLIP-L
@@ -160,18 +163,13 @@ def make_tokenizers(family: str) -> dict[str, Any]:
     return {"tokenizer": tok("!" if family in ("sd2", "sd2-v") else "<|endoftext|>")}
 
 
-def _randn(shape: torch.Size, gen: torch.Generator, std: float, mean: float = 0.0) -> torch.Tensor:
-    return torch.randn(shape, generator=gen) * std + mean
-
-
-def _rand_like(name: str, p: torch.Tensor, gen: torch.Generator, norm: bool) -> torch.Tensor:
-    """Small noise: norm weights ~1, biases ~0.05, matrices ~1/sqrt(fan_in) in [0.02, 0.2]."""
+def _std(name: str, shape: torch.Size, norm: bool) -> tuple[float, float]:
+    """(mean, std): norm weights ~1, biases ~0.05, matrices ~1/sqrt(fan_in) in [0.02, 0.2]."""
     if norm and name.endswith("weight"):
-        return _randn(p.shape, gen, 0.1, 1.0)
-    if p.ndim < 2:
-        return _randn(p.shape, gen, 0.05)
-    std = min(0.2, max(0.02, (p[0].numel()) ** -0.5))
-    return _randn(p.shape, gen, std)
+        return 1.0, 0.1
+    if len(shape) < 2:
+        return 0.0, 0.05
+    return 0.0, min(0.2, max(0.02, (shape[1:].numel()) ** -0.5))
 
 
 def randomize_(model: nn.Module, seed: int) -> nn.Module:
@@ -181,7 +179,7 @@ def randomize_(model: nn.Module, seed: int) -> nn.Module:
         for module in model.modules():
             norm = isinstance(module, (nn.GroupNorm, nn.LayerNorm))
             for name, p in module.named_parameters(recurse=False):
-                p.copy_(_rand_like(name, p, gen, norm))
+                p.normal_(*_std(name, p.shape, norm), generator=gen)
     return model
 
 
@@ -204,7 +202,7 @@ def make_tiny_components(family: str, seed: int = 0) -> dict[str, Any]:
     with torch.random.fork_rng(devices=[]):
         for i, (name, build) in enumerate(builders.items()):
             torch.manual_seed(seed * 100 + i)
-            model = build().to("cpu", torch.float32)
+            model = build()
             out[name] = randomize_(model, seed * 100 + i).eval()
     out["scheduler"] = make_scheduler(family)
     return out
@@ -312,10 +310,20 @@ def _vae_key(key: str, n_up: int) -> str:
     raise KeyError(f"no LDM name for VAE key {key!r}")
 
 
+def hf_clip_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """State dict with the hub/LDM names ("text_model.*").
+
+    transformers >= 5.6 flattened CLIPTextModel (keys "embeddings.*", "encoder.*", ...);
+    CLIPTextModelWithProjection still wraps a ``text_model``.
+    """
+    sd = model.state_dict()
+    return sd if hasattr(model, "text_model") else {"text_model." + k: v for k, v in sd.items()}
+
+
 def _openclip(
     sd: dict[str, torch.Tensor], prefix: str, projection: torch.Tensor
 ) -> dict[str, torch.Tensor]:
-    """HF CLIPTextModel(WithProjection) state dict -> OpenCLIP names; projection is [hidden, proj]."""
+    """HF CLIP text state dict ("text_model.*") -> OpenCLIP names; projection is [hidden, proj]."""
     t = "text_model."
     out = {
         prefix + "token_embedding.weight": sd[t + "embeddings.token_embedding.weight"],
@@ -347,8 +355,8 @@ def _extra_openclip_layer(sd: dict[str, torch.Tensor], index: int, prefix: str) 
     gen = torch.Generator().manual_seed(_EXTRA_LAYER_SEED)
     first = f"{prefix}transformer.resblocks.0."
     return {
-        k.replace(first, f"{prefix}transformer.resblocks.{index}."): _rand_like(
-            k, v, gen, norm=".ln_" in k
+        k.replace(first, f"{prefix}transformer.resblocks.{index}."): torch.empty(v.shape).normal_(
+            *_std(k, v.shape, norm=".ln_" in k), generator=gen
         )
         for k, v in sd.items()
         if k.startswith(first)
@@ -367,13 +375,13 @@ def ldm_state_dict(components: dict[str, Any], family: str) -> dict[str, torch.T
         if ".mid_block.attentions.0.to_" in k and k.endswith(".weight"):
             v = v[:, :, None, None]  # real checkpoints store these as 1x1 convs
         out["first_stage_model." + _vae_key(k, n_up)] = v
-    te_sd = te.state_dict()
+    te_sd = hf_clip_state_dict(te)
     if family == "sd1":
         out.update({"cond_stage_model.transformer." + k: v for k, v in te_sd.items()})
     elif family in ("sd2", "sd2-v"):
         prefix = "cond_stage_model.model."
         gen = torch.Generator().manual_seed(_EXTRA_LAYER_SEED + 1)
-        projection = _randn(torch.Size((HIDDEN, HIDDEN)), gen, HIDDEN**-0.5)  # unused by SD2
+        projection = torch.randn(HIDDEN, HIDDEN, generator=gen) * HIDDEN**-0.5  # unused by SD2
         clip = _openclip(te_sd, prefix, projection)
         clip.update(_extra_openclip_layer(clip, te.config.num_hidden_layers, prefix))
         out.update(clip)
@@ -381,7 +389,7 @@ def ldm_state_dict(components: dict[str, Any], family: str) -> dict[str, torch.T
             out["v_pred"] = torch.zeros(0)
     else:
         out.update({"conditioner.embedders.0.transformer." + k: v for k, v in te_sd.items()})
-        te2_sd = components["text_encoder_2"].state_dict()
+        te2_sd = hf_clip_state_dict(components["text_encoder_2"])
         projection = te2_sd.pop("text_projection.weight").T
         out.update(_openclip(te2_sd, "conditioner.embedders.1.model.", projection))
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in out.items()}

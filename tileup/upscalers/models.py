@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pickle
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,14 +16,47 @@ from tileup.errors import TileupError
 MODEL_SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt")
 
 # Context (in input pixels) around a tile that makes tiled inference match untiled inference
-# within 2/255, by architecture. Measured for ESRGAN (RRDBNet) and Compact; the others get a
-# conservative margin covering their attention windows.
-_CONTEXT_MARGIN = {"ESRGAN": 48, "RealESRGAN Compact": 24, "Compact": 24}
+# within 2/255, by architecture. Measured on an H200 in fp32 (bench/pixel/margin_sweep.py,
+# 512² photo, 128 px tiles): RealESRGAN_x4plus needs 80 (64 leaves 2.4/255), the Compact models
+# 32 (24 leaves 0.6/255). Other architectures get a conservative 64.
+_CONTEXT_MARGIN = {"ESRGAN": 80, "RealESRGAN Compact": 32, "Compact": 32}
 _DEFAULT_CONTEXT_MARGIN = 64
 
 
 class UpscalerError(TileupError):
     """An upscaler could not be found or loaded; the message is one line naming the file."""
+
+
+@dataclass(frozen=True, eq=False)
+class Stages:
+    """A model cut into a deep trunk at input resolution and a shallow upsampling tail.
+
+    ``tail(trunk(x)) == model(x)``; the tail needs only ``tail_margin`` feature pixels of
+    context, so it can run in small chunks while the trunk runs on large tiles.
+    """
+
+    trunk: torch.nn.Module
+    tail: torch.nn.Module
+    channels: int
+    tail_margin: int = 4
+
+
+def split_stages(descriptor: spandrel.ImageModelDescriptor) -> Stages | None:
+    """Stages of an ESRGAN (RRDBNet) model without pixel-unshuffle; None for anything else.
+
+    spandrel's ESRGAN is ``Sequential(conv_first, ShortcutBlock(body), upsampling tail...)``.
+    """
+    net = descriptor.model
+    layers = getattr(net, "model", None)
+    if (
+        descriptor.architecture.name != "ESRGAN"
+        or getattr(net, "shuffle_factor", None)
+        or not isinstance(layers, torch.nn.Sequential)
+        or len(layers) < 3
+        or not isinstance(layers[0], torch.nn.Conv2d)
+    ):
+        return None
+    return Stages(trunk=layers[:2], tail=layers[2:], channels=layers[0].out_channels)
 
 
 @dataclass(frozen=True, eq=False)
@@ -47,6 +79,11 @@ class SRModel:
     def context_margin(self) -> int:
         """Input pixels of context each tile needs so that tiled output equals untiled output."""
         return _CONTEXT_MARGIN.get(self.architecture, _DEFAULT_CONTEXT_MARGIN)
+
+    @property
+    def stages(self) -> Stages | None:
+        """The trunk/tail split when the architecture allows it (lower memory per pixel)."""
+        return split_stages(self.descriptor)
 
     @property
     def prefers_untiled(self) -> bool:
@@ -83,7 +120,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             f"{path}: refused to load: the file holds pickled code or objects that are not plain "
             "weights (only tensors are loaded; convert it to .safetensors)"
         ) from exc
-    except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile) as exc:
+    except Exception as exc:  # torch.load raises many types for non-checkpoint bytes
         raise UpscalerError(
             f"{path}: not a readable PyTorch weights file ({_first_line(exc)})"
         ) from exc

@@ -11,14 +11,14 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import spandrel
 import torch
 import torch.nn.functional as F
 
 from tileup.tiler import Box
-from tileup.upscalers.models import SRModel
+from tileup.upscalers.models import SRModel, Stages
 
 MIN_TILE = 32
 CPU_BUDGET_BYTES = 4 << 30
@@ -82,39 +82,87 @@ def _is_out_of_memory(exc: BaseException) -> bool:
     )
 
 
+class _NonFinite(Exception):
+    """Half-precision output held NaN or inf."""
+
+
 @torch.inference_mode()
-def _forward(
-    model: SRModel, crop: torch.Tensor, device: torch.device, dtype: torch.dtype
-) -> torch.Tensor:
-    """Run one NCHW float32 CPU crop; returns the float32 CPU output clamped to [0, 1]."""
-    x, pad_h, pad_w = _pad_to_requirements(crop, model.descriptor.size_requirements)
-    y = model.descriptor(x.to(device=device, dtype=dtype, non_blocking=True))
+def _forward_core(model: SRModel, crop: torch.Tensor, core: Box, runtime: _Runtime) -> torch.Tensor:
+    """Run one NCHW float32 CPU crop; return the float32 CPU output of ``core`` (crop coords).
+
+    With stages, the trunk runs on the whole crop and the tail in chunks of at most
+    ``runtime.tail_tile`` feature pixels, so the high-resolution activations stay small.
+    """
     s = model.scale
-    y = y[..., : y.shape[-2] - pad_h * s, : y.shape[-1] - pad_w * s]
+    x, pad_h, pad_w = _pad_to_requirements(crop, model.descriptor.size_requirements)
+    x = x.to(device=runtime.device, dtype=runtime.dtype, non_blocking=True)
+    stages = runtime.stages
+    if stages is None:
+        y = model.descriptor(x)[..., : core.bottom * s, : core.right * s]
+        return _finished(y[..., core.top * s :, core.left * s :], runtime)
+    features = stages.trunk(x)
+    out = torch.empty(1, 3, core.height * s, core.width * s)
+    feature_box = Box(0, 0, features.shape[-2], features.shape[-1])
+    for chunk in _split(core, runtime.tail_tile):
+        ctx = chunk.expanded(stages.tail_margin, within=feature_box)
+        y = stages.tail(features[..., ctx.top : ctx.bottom, ctx.left : ctx.right])
+        top, left = (chunk.top - ctx.top) * s, (chunk.left - ctx.left) * s
+        y = y[..., top : top + chunk.height * s, left : left + chunk.width * s]
+        t, c = (chunk.top - core.top) * s, (chunk.left - core.left) * s
+        out[..., t : t + chunk.height * s, c : c + chunk.width * s] = _finished(y, runtime)
+    del pad_h, pad_w  # padding is at the bottom/right, outside every core
+    return out
+
+
+def _finished(y: torch.Tensor, runtime: _Runtime) -> torch.Tensor:
+    if runtime.dtype != torch.float32 and not torch.isfinite(y).all():
+        raise _NonFinite
     return y.float().clamp_(0, 1).cpu()
+
+
+@dataclass(frozen=True)
+class _Runtime:
+    device: torch.device
+    dtype: torch.dtype
+    stages: Stages | None
+    tail_tile: int
+
+
+def _tail_tile(model: SRModel, dtype: torch.dtype, budget: int) -> int:
+    """Feature pixels per tail chunk: ~4 activations of ``channels`` at output resolution."""
+    stages = model.stages
+    if stages is None:
+        return 0
+    per_pixel = 4 * stages.channels * model.scale**2 * torch.finfo(dtype).bits // 8
+    return max(MIN_TILE, int(math.sqrt(budget / 2 / per_pixel)))
 
 
 def auto_tile_size(
     model: SRModel, device: torch.device, dtype: torch.dtype, budget_bytes: int | None = None
-) -> int | None:
-    """The largest core size whose run fits the memory budget; None means run untiled.
+) -> int:
+    """The largest core side (input pixels) whose run fits the memory budget.
 
-    On CUDA the bytes per input pixel are measured with a small probe run; on the CPU a
-    budget of 4 GiB and a conservative per-pixel estimate are used.
+    On CUDA the bytes per input pixel are measured with a small probe run (of the trunk only,
+    for models with stages, whose tail runs in bounded chunks); on the CPU a 4 GiB budget and a
+    conservative estimate are used.
     """
     margin = model.context_margin
+    stages = model.stages
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         budget = budget_bytes or min(GPU_BUDGET_BYTES, int(free * 0.6))
+        probe = torch.rand(1, 3, _PROBE_SIZE, _PROBE_SIZE, device=device, dtype=dtype)
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
-        probe = torch.rand(1, 3, _PROBE_SIZE, _PROBE_SIZE)
-        _forward(model, probe, device, dtype)
+        with torch.inference_mode():
+            (stages.trunk if stages else model.descriptor)(probe)
         per_pixel = (torch.cuda.max_memory_allocated(device) - base) / _PROBE_SIZE**2
+        if stages:
+            budget //= 2  # the other half is the tail's
     else:
         budget = budget_bytes or CPU_BUDGET_BYTES
-        per_pixel = 4 * 48 * model.scale**2 + 4096
+        per_pixel = 4 * 48 * (1 if stages else model.scale**2) + 4096
     side = int(math.sqrt(budget / max(per_pixel, 1.0))) - 2 * margin
     return max(MIN_TILE, side)
 
@@ -128,6 +176,7 @@ def run_tiled(
     tile: int | None,
     report: RunReport,
     on_tile: Callable[[int], None] | None = None,
+    budget_bytes: int | None = None,
 ) -> torch.Tensor:
     """Upscale a 1×3×H×W float32 CPU image in [0, 1]; returns 1×3×sH×sW float32 on the CPU.
 
@@ -141,6 +190,8 @@ def run_tiled(
     canvas = Box(0, 0, height, width)
     output = torch.empty(1, 3, height * scale, width * scale)
     limit = tile or max(height, width)
+    budget = budget_bytes or (GPU_BUDGET_BYTES if device.type == "cuda" else CPU_BUDGET_BYTES)
+    runtime = _Runtime(device, dtype, model.stages, _tail_tile(model, dtype, budget))
     queue = deque(core_boxes(height, width, limit))
     report.tile_size = limit
     while queue:
@@ -152,37 +203,34 @@ def run_tiled(
             continue
         region = core.expanded(margin, within=canvas)
         crop = image[..., region.top : region.bottom, region.left : region.right]
+        local = core.shifted(-region.top, -region.left)
         try:
-            result = _forward(model, crop, device, dtype)
-            if dtype != torch.float32 and not torch.isfinite(result).all():
-                report.fallbacks.append(
-                    f"{model.name}: non-finite output in {dtype}; tile rerun in fp32"
-                )
-                result = _forward(model, crop, device, torch.float32)
+            try:
+                result = _forward_core(model, crop, local, runtime)
+            except _NonFinite:
+                report.fallbacks.append(f"{model.name}: non-finite output in {dtype}; tile in fp32")
+                result = _forward_core(model, crop, local, replace(runtime, dtype=torch.float32))
         except Exception as exc:
             if not _is_out_of_memory(exc) or limit <= MIN_TILE:
                 raise
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             limit = max(MIN_TILE, max(core.height, core.width) // 2)
+            runtime = replace(runtime, tail_tile=max(MIN_TILE, runtime.tail_tile // 2))
             report.fallbacks.append(f"{model.name}: out of memory; tile reduced to {limit}px")
             report.tile_size = limit
             queue.appendleft(core)
             continue
-        top, left = core.top - region.top, core.left - region.left
         output[
             ..., core.top * scale : core.bottom * scale, core.left * scale : core.right * scale
-        ] = result[
-            ...,
-            top * scale : (top + core.height) * scale,
-            left * scale : (left + core.width) * scale,
-        ]
+        ] = result
         report.tiles += 1
         _notify(on_tile, 1)
     return output
 
 
 def _split(core: Box, limit: int) -> list[Box]:
+    """``core`` cut into near-equal boxes of at most limit×limit."""
     return [
         Box(core.top + top, core.left + left, h, w)
         for top, h in split_evenly(core.height, limit)
