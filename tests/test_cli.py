@@ -54,16 +54,33 @@ def test_width_alone_keeps_aspect_and_stats_json(photo_file: Path, tmp_path: Pat
     assert Image.open(target).size == (200, 160)
     stats = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert stats["output_size"] == [200, 160] and stats["input_size"] == [80, 64]
-    for key in ("tiles", "tile_steps", "steps_per_tile", "seconds", "peak_memory_bytes",
-                "fallbacks"):
+    for key in (
+        "tiles",
+        "tile_steps",
+        "steps_per_tile",
+        "seconds",
+        "peak_memory_bytes",
+        "fallbacks",
+    ):
         assert key in stats
 
 
 def test_scale_8_with_a_4x_model_file(photo_file: Path, tmp_path: Path, shared_models) -> None:
     target = tmp_path / "x8.png"
     model = shared_models / "realesr-animevideov3.safetensors"
-    code = main([str(photo_file), "-o", str(target), "--scale", "8", "--upscaler", str(model),
-                 "--quiet", "--stats"])
+    code = main(
+        [
+            str(photo_file),
+            "-o",
+            str(target),
+            "--scale",
+            "8",
+            "--upscaler",
+            str(model),
+            "--quiet",
+            "--stats",
+        ]
+    )
     assert code == 0
     assert Image.open(target).size == (640, 512)
 
@@ -188,8 +205,10 @@ def test_jpeg_output_carries_parameters(photo_file: Path, tmp_path: Path) -> Non
 
 def test_models_command_lists_architecture_and_scale(tmp_path: Path, shared_models, capsys):
     (tmp_path / "ESRGAN").mkdir()
-    shutil.copy(shared_models / "RealESRGAN_x4plus_anime_6B.safetensors",
-                tmp_path / "ESRGAN" / "4x-Anime.safetensors")
+    shutil.copy(
+        shared_models / "RealESRGAN_x4plus_anime_6B.safetensors",
+        tmp_path / "ESRGAN" / "4x-Anime.safetensors",
+    )
     (tmp_path / "broken.pth").write_text("nope")
     assert main(["models", "--models-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
@@ -213,7 +232,9 @@ def test_console_script_gives_no_traceback(tmp_path: Path) -> None:
     bad.write_text("text, not pixels")
     proc = subprocess.run(
         [sys.executable, "-m", "tileup.cli", str(bad), "--quiet"],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr

@@ -72,8 +72,9 @@ def _default_note(field: dataclasses.Field[Any]) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="tileup",
-        description="Upscale images with SR models, tiled, seamless and in bounded memory. "
-        "Other commands: 'tileup models' lists the upscalers found.",
+        description="Upscale images with SR models and re-diffuse the tiles with a Stable "
+        "Diffusion checkpoint, seamless and in bounded memory. Other commands: 'tileup models' "
+        "lists the upscalers found, 'tileup samplers' the samplers and schedules.",
     )
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or globs")
     parser.add_argument("-o", "--output", help="output file (one input) or folder")
@@ -109,6 +110,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "models":
         return _models_command(argv[1:])
+    if argv and argv[0] == "samplers":
+        from tileup.sampler.schedules import describe_samplers
+
+        print(describe_samplers())
+        return EXIT_OK
     args = build_parser().parse_args(argv)
     known = {f.name for f in dataclasses.fields(UpscaleSettings)}
     values = {k: v for k, v in vars(args).items() if k in known}
@@ -120,8 +126,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _usage_error(str(exc))
 
     quiet = args.quiet
-    if not quiet:
-        print("tileup: no --checkpoint given: pixel upscale only", file=sys.stderr)
     progress = _Bar(disabled=quiet)
     failures: list[FileOutcome] = []
 

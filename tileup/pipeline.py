@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import os
+import random
 import resource
 import sys
 import time
@@ -12,7 +13,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import PIL.Image
@@ -26,6 +27,11 @@ from tileup.upscalers.models import load_sr_model
 from tileup.upscalers.pixel import ModelRunner, count_pixel_tiles, upscale_pixels
 from tileup.upscalers.registry import UpscalerSpec, resolve_upscaler
 from tileup.upscalers.tiled import RunReport, auto_tile_size
+
+if TYPE_CHECKING:
+    from tileup.sampler.engine import Rediffuser
+
+CHECKPOINT_ENV = "TILEUP_CHECKPOINT"
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp")
 OUTPUT_SUFFIX = "_tileup"
@@ -141,14 +147,31 @@ class Upscaler:
         self.device = resolve_device(settings.device)
         self.spec: UpscalerSpec = resolve_upscaler(settings.upscaler, settings.models_dirs)
         self.load_fallbacks: list[str] = []
+        self.notes: list[str] = []
         self.runner: ModelRunner | None = None
-        if self.spec.kind == "latent":
+        checkpoint = settings.checkpoint or os.environ.get(CHECKPOINT_ENV) or None
+        if self.spec.kind == "latent" and not checkpoint:
             raise SettingsError(
                 f"--upscaler {self.spec.name} works on latents and needs --checkpoint"
             )
         if self.spec.kind == "model":
             assert self.spec.path is not None
             self.runner = self._place_model(self.spec.path)
+        self.rediffuser: Rediffuser | None = None
+        if checkpoint:
+            from tileup.sampler.engine import Rediffuser  # diffusers loads only when needed
+
+            self.rediffuser = Rediffuser(settings, checkpoint, self.device)
+            if self.spec.kind == "latent" and settings.denoise < 0.5:
+                self.notes.append(
+                    f"hint: latent upscaling needs a higher --denoise (0.5-0.7) to remove the "
+                    f"blur of interpolated latents; --denoise is {settings.denoise:g}"
+                )
+        else:
+            self.notes.append(
+                "no --checkpoint given: pixel upscale only (add --checkpoint MODEL.safetensors "
+                f"or set ${CHECKPOINT_ENV} to re-diffuse the tiles)"
+            )
 
     def _place_model(self, path: Path) -> ModelRunner:
         model = load_sr_model(path, name=self.spec.name)
@@ -181,10 +204,15 @@ class Upscaler:
         return dtype
 
     def planned_tiles(self, height: int, width: int, has_alpha: bool = False) -> int:
-        """Tiles the job over an H×W input will run, for a progress total."""
+        """Progress units the job over an H×W input will take: pixel tiles + tile-steps."""
         target = target_size(height, width, self.settings)
-        pixel = count_pixel_tiles((height, width), target, self.runner)
-        return pixel * (2 if has_alpha else 1)
+        pixel = (
+            0
+            if self.spec.kind == "latent"
+            else count_pixel_tiles((height, width), target, self.runner)
+        )
+        diffusion = self.rediffuser.planned_tile_steps(*target) if self.rediffuser else 0
+        return pixel * (2 if has_alpha else 1) + diffusion
 
     def __call__(self, picture: Picture) -> UpscaleResult:
         """Upscale one picture. Raises TileupError for problems the user can fix."""
@@ -200,34 +228,65 @@ class Upscaler:
                 f"output {target[1]}x{target[0]} = {target[0] * target[1]} pixels exceeds the "
                 f"limit of {settings.max_pixels}; raise it with --max-pixels"
             )
-        # 2. Pixel upscale (model passes + exact resize) of the colour.
+        diffusion = None
+        if self.rediffuser is not None:
+            from tileup.sampler.engine import DiffusionReport, pad_to
+
+            diffusion = DiffusionReport(seed=self._seed())
+        # 2. Upscale: pixel (model passes + exact resize) or, for latent modes, in latent space.
+        latents = None
+        rgb: np.ndarray | None = None
         with clock.stage("pixel_upscale"):
-            rgb = upscale_pixels(
-                picture.rgb,
-                target,
-                runner=self.runner,
-                resampler=self.spec.mode or "lanczos",
-                report=report,
-                on_tile=self._on_tile,
-            )
-        # 3. Alpha, upscaled separately with the same upscaler.
+            if self.spec.kind == "latent":
+                assert self.rediffuser is not None and self.spec.mode is not None
+                latents = self.rediffuser.upscale_latents(picture.rgb, target, self.spec.mode)
+            else:
+                rgb = upscale_pixels(
+                    picture.rgb,
+                    target,
+                    runner=self.runner,
+                    resampler=self.spec.mode or "lanczos",
+                    report=report,
+                    on_tile=self._on_tile,
+                )
+        # 3. Re-diffusion: tiled VAE encode, fused tiled sampling, tiled VAE decode.
+        if self.rediffuser is not None and diffusion is not None:
+            rediffuser = self.rediffuser
+            if latents is None:
+                assert rgb is not None
+                with clock.stage("vae_encode"):
+                    latents = rediffuser.encode(pad_to(rgb, rediffuser.canvas_size(*target)))
+            with clock.stage("diffusion"):
+                latents = rediffuser.sample(
+                    latents, diffusion.seed, diffusion, on_tiles=self._on_tile
+                )
+            with clock.stage("vae_decode"):
+                rgb = rediffuser.decode(latents, diffusion)[: target[0], : target[1]]
+        assert rgb is not None
+        # 4. Alpha, upscaled separately with the same upscaler.
         with clock.stage("alpha"):
             alpha = self._upscale_alpha(picture.alpha, target, report)
-        # 4. Result, stats and metadata.
-        out = dataclasses.replace(picture, rgb=rgb, alpha=alpha)
+        # 5. Result, stats and metadata.
+        out = dataclasses.replace(picture, rgb=np.ascontiguousarray(rgb), alpha=alpha)
+        fallbacks = list(report.fallbacks) + (diffusion.fallbacks if diffusion else [])
         stats = Stats(
-            tiles=report.tiles,
+            tiles=diffusion.tiles if diffusion else report.tiles,
             pixel_tiles=report.tiles,
-            tile_steps=0,
-            steps_per_tile=0,
+            tile_steps=diffusion.tile_steps if diffusion else 0,
+            steps_per_tile=diffusion.steps_per_tile if diffusion else 0,
             seconds=clock.seconds,
             peak_memory_bytes=_peak_memory(self.device),
-            fallbacks=tuple(report.fallbacks),
+            fallbacks=tuple(fallbacks),
             device=str(self.device),
             input_size=(width, height),
             output_size=(target[1], target[0]),
         )
-        return UpscaleResult(picture=out, stats=stats, parameters=self.parameters(target))
+        parameters = self.parameters(target, diffusion.seed if diffusion else None)
+        return UpscaleResult(picture=out, stats=stats, parameters=parameters)
+
+    def _seed(self) -> int:
+        seed = self.settings.seed
+        return seed if seed >= 0 else random.randrange(2**32)
 
     def _upscale_alpha(
         self, alpha: np.ndarray | None, target: tuple[int, int], report: RunReport
@@ -252,15 +311,55 @@ class Upscaler:
         else:
             self.progress.add_total(-count)
 
-    def parameters(self, target: tuple[int, int]) -> str:
-        """The A1111-style ``parameters`` text for a result of size ``target`` (H, W)."""
-        items: dict[str, object] = {"Size": f"{target[1]}x{target[0]}"}
-        items.update(self.settings.metadata_items())
+    def parameters(self, target: tuple[int, int], seed: int | None = None) -> str:
+        """The A1111-style ``parameters`` text for a result of size ``target`` (H, W).
+
+        With re-diffusion: prompt and negative prompt lines, then A1111's keys in A1111's order
+        (Steps, Sampler, Schedule type, CFG scale, Seed, Size, Denoising strength, Model hash),
+        then tileup's own. Without: only the upscale settings.
+        """
+        settings = self.settings
+        size = f"{target[1]}x{target[0]}"
+        known = settings.metadata_items()
+        items: dict[str, object] = {}
+        if self.rediffuser is None:
+            items["Size"] = size
+            items.update({k: v for k, v in known.items() if k not in _DIFFUSION_KEYS})
+        else:
+            model = self.rediffuser.model
+            for key in ("Steps", "Sampler", "Schedule type", "CFG scale"):
+                items[key] = known[key]
+            items["Seed"] = seed
+            items["Size"] = size
+            items["Denoising strength"] = known["Denoising strength"]
+            items["Model hash"] = model.model_hash
+            items["Model"] = model.name
+            if model.vae_name:
+                items["VAE"] = model.vae_name
+            items.update({k: v for k, v in known.items() if k not in items})
         items["Upscaler"] = self.spec.name
         if self.runner is not None:
             items["Upscaler model"] = self.runner.model.architecture
         items["Version"] = f"tileup {__version__}"
-        return format_parameters(None, None, items)
+        if self.rediffuser is None:
+            return format_parameters(None, None, items)
+        return format_parameters(settings.prompt, settings.negative_prompt, items)
+
+
+_DIFFUSION_KEYS = frozenset(
+    {
+        "Steps",
+        "Sampler",
+        "Schedule type",
+        "CFG scale",
+        "Seed",
+        "Denoising strength",
+        "Tile mode",
+        "Tile size",
+        "Tile overlap",
+        "Tile blend",
+    }
+)
 
 
 def _peak_memory(device: torch.device) -> int:
@@ -356,6 +455,7 @@ def upscale_files(
     recursive: bool = False,
     progress: Progress | None = None,
     on_outcome: Callable[[FileOutcome], None] | None = None,
+    on_note: Callable[[str], None] | None = None,
 ) -> list[FileOutcome]:
     """Upscale every input file and write each result atomically; one failure never stops the rest.
 
@@ -371,6 +471,9 @@ def upscale_files(
         return outcomes
     progress = progress or _NoProgress()
     engine = Upscaler(settings, progress)
+    for note in engine.notes:
+        if on_note is not None:
+            on_note(note)
     pictures = _plan_progress(files, engine, progress, settings.max_pixels)
     for path in files:
         outcome = _process_file(path, engine, output, overwrite, pictures.get(path))

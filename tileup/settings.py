@@ -79,6 +79,46 @@ class UpscaleSettings:
         DEFAULT_MAX_PIXELS, "refuse inputs or outputs with more pixels than this", metavar="N"
     )
 
+    # -- re-diffusion ------------------------------------------------------------------------
+    checkpoint: str | None = knob(
+        None,
+        "Stable Diffusion checkpoint (.safetensors/.ckpt or diffusers folder) to re-diffuse "
+        "tiles with (default: $TILEUP_CHECKPOINT; none: pixel upscale only)",
+        metavar="PATH",
+    )
+    vae: str | None = knob(
+        None, "replace the checkpoint's VAE (file or diffusers folder)", metavar="PATH"
+    )
+    prompt: str = knob("", "prompt for re-diffusion")
+    negative_prompt: str = knob("", "negative prompt")
+    cfg: float = knob(7.0, "classifier-free guidance scale", meta="CFG scale")
+    steps: int = knob(20, "denoising steps actually run, whatever --denoise", meta="Steps")
+    denoise: float = knob(
+        0.3, "denoising strength in [0, 1]; 0 skips diffusion", meta="Denoising strength"
+    )
+    seed: int = knob(-1, "noise seed (-1: random, recorded in the metadata)", meta="Seed")
+    sampler: str = knob("Euler a", "sampler (see 'tileup samplers')", meta="Sampler")
+    scheduler: str = knob(
+        "normal", "noise schedule: normal, karras, exponential, simple, ...", meta="Schedule type"
+    )
+    prediction: str = knob("auto", "model prediction type (auto detects)", choices=PREDICTIONS)
+    mode: str = knob(
+        "fused",
+        "fused: all tiles blended every step (seamless); "
+        "redraw: per-tile img2img (Ultimate SD Upscale)",
+        choices=MODES,
+        meta="Tile mode",
+    )
+    tile: int = knob(512, "diffusion tile size in pixels (multiple of 8)", meta="Tile size")
+    overlap: int = knob(64, "overlap between diffusion tiles in pixels", meta="Tile overlap")
+    tile_batch: int | None = knob(
+        None, "tiles per UNet batch (default: from free memory)", metavar="N"
+    )
+    blend: str = knob(
+        "gaussian", "weight window for fused tiles", choices=BLENDS, meta="Tile blend"
+    )
+    vae_tile: int = knob(512, "tiled VAE tile size in pixels", metavar="N")
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "models_dirs", tuple(str(d) for d in self.models_dirs))
         if not self.upscaler or not self.upscaler.strip():
@@ -96,6 +136,36 @@ class UpscaleSettings:
         _check_choice("dtype", self.dtype, DTYPES)
         if self.max_pixels < 1:
             raise SettingsError("--max-pixels must be positive")
+        self._check_diffusion()
+
+    def _check_diffusion(self) -> None:
+        if not 0.0 <= self.denoise <= 1.0:
+            raise SettingsError(f"--denoise must be in [0, 1], got {self.denoise}")
+        if not isinstance(self.steps, int) or not 1 <= self.steps <= 1000:
+            raise SettingsError(f"--steps must be an integer in [1, 1000], got {self.steps}")
+        if not 0.0 <= self.cfg <= 100.0:
+            raise SettingsError(f"--cfg must be in [0, 100], got {self.cfg}")
+        if self.seed < -1 or self.seed >= 2**63:
+            raise SettingsError(f"--seed must be -1 (random) or in [0, 2^63), got {self.seed}")
+        _check_choice("mode", self.mode, MODES)
+        _check_choice("blend", self.blend, BLENDS)
+        _check_choice("prediction", self.prediction, PREDICTIONS)
+        if self.mode == "redraw":
+            raise SettingsError(
+                "--mode redraw (Ultimate SD Upscale-style per-tile redraw) is not available "
+                "in this version; use --mode fused"
+            )
+        if self.tile < 64 or self.tile % 8:
+            raise SettingsError(f"--tile must be a multiple of 8 and at least 64, got {self.tile}")
+        if not 0 <= self.overlap < self.tile or self.overlap % 8:
+            raise SettingsError(
+                f"--overlap must be a multiple of 8 in [0, --tile), got {self.overlap} "
+                f"with --tile {self.tile}"
+            )
+        if self.tile_batch is not None and self.tile_batch < 1:
+            raise SettingsError("--tile-batch must be a positive integer")
+        if self.vae_tile < 64 or self.vae_tile % 8:
+            raise SettingsError("--vae-tile must be a multiple of 8 and at least 64")
 
     def replace(self, **changes: Any) -> UpscaleSettings:
         """A copy with some fields changed (validated again)."""

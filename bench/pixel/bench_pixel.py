@@ -61,7 +61,13 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
                 torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
         report = RunReport()
-        out = run_tiled(model, image, device=device, dtype=dtype, tile=tile, report=report)
+        if args.mode == "untiled":  # plain spandrel inference, the whole image in one piece
+            with torch.inference_mode():
+                x = image.to(device=device, dtype=dtype)
+                out = model.descriptor(x).float().clamp_(0, 1).cpu()
+            report.tiles = 1
+        else:
+            out = run_tiled(model, image, device=device, dtype=dtype, tile=tile, report=report)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         if i > 0 or args.repeats == 0:

@@ -134,7 +134,7 @@ def _tail_tile(model: SRModel, dtype: torch.dtype, budget: int) -> int:
     if stages is None:
         return 0
     per_pixel = 4 * stages.channels * model.scale**2 * torch.finfo(dtype).bits // 8
-    return max(MIN_TILE, int(math.sqrt(budget / 2 / per_pixel)))
+    return max(MIN_TILE, int(math.sqrt(budget / 4 / per_pixel)))
 
 
 def auto_tile_size(
@@ -159,7 +159,7 @@ def auto_tile_size(
             (stages.trunk if stages else model.descriptor)(probe)
         per_pixel = (torch.cuda.max_memory_allocated(device) - base) / _PROBE_SIZE**2
         if stages:
-            budget //= 2  # the other half is the tail's
+            budget = budget * 3 // 4  # the rest is the tail's
     else:
         budget = budget_bytes or CPU_BUDGET_BYTES
         per_pixel = 4 * 48 * (1 if stages else model.scale**2) + 4096
