@@ -1,0 +1,216 @@
+"""Re-diffusion end to end through the CLI, on tiny random-weight SD checkpoints (no downloads)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+from diffusers import UNet2DConditionModel
+from PIL import Image
+from sd_fixtures import make_tiny_components, save_diffusers_folder, save_single_file
+
+from tileup.cli import main
+from tileup.imageio import parse_parameters, read_parameters
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+# 64 px tiles (8 latent cells) overlapping by 16 px: small enough for the CPU, several tiles
+FAST = ["--tile", "64", "--overlap", "16", "--upscaler", "lanczos", "--quiet", "--steps", "4",
+        "--seed", "7", "--prompt", "a photo of an astronaut"]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("checkpoints")
+    made: dict[str, Path] = {}
+    for family in ("sd1", "sdxl", "sd2-v"):
+        components = make_tiny_components(family, seed=0)
+        made[family] = save_single_file(components, root / f"{family}.safetensors", family)
+        if family == "sd1":
+            made["sd1-folder"] = save_diffusers_folder(components, root / "sd1-folder", family)
+    return made
+
+
+@pytest.fixture
+def photo_file(tmp_path: Path, photo: np.ndarray) -> Path:
+    path = tmp_path / "photo.png"
+    Image.fromarray(np.round(photo * 255).astype(np.uint8)).save(path)
+    return path
+
+
+class UNetCalls:
+    """Counts UNet samples per forward call (the real forward still runs)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.batches: list[int] = []
+        real = UNet2DConditionModel.forward
+
+        def counting(unet, sample, *args, **kwargs):
+            self.batches.append(sample.shape[0])
+            return real(unet, sample, *args, **kwargs)
+
+        monkeypatch.setattr(UNet2DConditionModel, "forward", counting)
+
+    @property
+    def samples(self) -> int:
+        return sum(self.batches)
+
+
+def _run(args: list[str], capsys) -> tuple[int, dict, str]:
+    code = main([*args, "--stats"])
+    captured = capsys.readouterr()
+    lines = [line for line in captured.out.splitlines() if line.startswith("{")]
+    return code, (json.loads(lines[-1]) if lines else {}), captured.err
+
+
+@pytest.mark.parametrize("denoise", [1.0, 0.5, 0.3, 0.1])
+def test_steps_actually_run_equal_steps(checkpoints, photo_file, tmp_path, capsys, monkeypatch,
+                                        denoise: float) -> None:
+    calls = UNetCalls(monkeypatch)
+    out = tmp_path / "out.png"
+    code, stats, err = _run([str(photo_file), "-o", str(out), "--checkpoint",
+                             str(checkpoints["sd1"]), *FAST, "--denoise", str(denoise),
+                             "--steps", "5"], capsys)
+    assert code == 0, err
+    tiles = stats["tiles"]
+    assert tiles == 6  # 160x128 canvas, 64 px tiles overlapping by 16: 3 x 2
+    assert calls.samples == tiles * 5 * 2  # every tile, every step, cond + uncond batched
+    assert stats["steps_per_tile"] == 5 and stats["tile_steps"] == tiles * 5
+
+
+def test_same_seed_same_bytes_and_batch_invariance(checkpoints, photo_file, tmp_path) -> None:
+    base = [str(photo_file), "--checkpoint", str(checkpoints["sd1"]), *FAST, "--denoise", "0.5"]
+    outputs = {}
+    for name, extra in {"a": ["--tile-batch", "1"], "b": ["--tile-batch", "1"],
+                        "c": ["--tile-batch", "4"], "d": ["--seed", "8"]}.items():
+        target = tmp_path / f"{name}.png"
+        assert main([*base, "-o", str(target), *extra]) == 0
+        outputs[name] = np.asarray(Image.open(target))
+    assert np.array_equal(outputs["a"], outputs["b"]), "same seed must give the same bytes"
+    assert np.array_equal(outputs["a"], outputs["c"]), "tile batch size must not matter"
+    assert not np.array_equal(outputs["a"], outputs["d"]), "another seed gives another image"
+
+
+def test_diffusers_folder_equals_single_file(checkpoints, photo_file, tmp_path) -> None:
+    images = []
+    for key in ("sd1", "sd1-folder"):
+        target = tmp_path / f"{key}.png"
+        assert main([str(photo_file), "-o", str(target), "--checkpoint", str(checkpoints[key]),
+                     *FAST]) == 0
+        images.append(np.asarray(Image.open(target)))
+    assert np.array_equal(images[0], images[1])
+
+
+def test_rediffusion_changes_the_image_and_denoise_zero_does_not(checkpoints, photo_file,
+                                                                 tmp_path, monkeypatch) -> None:
+    plain, zero, half = tmp_path / "plain.png", tmp_path / "zero.png", tmp_path / "half.png"
+    assert main([str(photo_file), "-o", str(plain), *FAST]) == 0
+    calls = UNetCalls(monkeypatch)
+    ck = ["--checkpoint", str(checkpoints["sd1"])]
+    assert main([str(photo_file), "-o", str(zero), *ck, *FAST, "--denoise", "0"]) == 0
+    assert calls.samples == 0
+    assert main([str(photo_file), "-o", str(half), *ck, *FAST, "--denoise", "0.6"]) == 0
+    a, z, h = (np.asarray(Image.open(p), dtype=float) for p in (plain, zero, half))
+    assert np.abs(h - z).mean() > 2.0, "re-diffusion at 0.6 must change the image"
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd2-v"])
+def test_other_families_run_end_to_end(checkpoints, photo_file, tmp_path, capsys, monkeypatch,
+                                       family: str) -> None:
+    calls = UNetCalls(monkeypatch)
+    out = tmp_path / f"{family}.png"
+    code, stats, err = _run([str(photo_file), "-o", str(out), "--checkpoint",
+                             str(checkpoints[family]), *FAST, "--sampler", "DPM++ 2M",
+                             "--scheduler", "karras"], capsys)
+    assert code == 0, err
+    assert calls.samples == stats["tiles"] * 4 * 2
+    assert Image.open(out).size == (160, 128)
+
+
+def test_latent_upscaler(checkpoints, photo_file, tmp_path, capsys) -> None:
+    out = tmp_path / "latent.png"
+    args = [str(photo_file), "-o", str(out), *FAST, "--upscaler", "latent-bislerp"]
+    code = main([*args, "--checkpoint", str(checkpoints["sd1"]), "--denoise", "0.3"])
+    assert code == 0
+    assert "higher --denoise" in capsys.readouterr().err
+    assert Image.open(out).size == (160, 128)
+
+
+def test_parameters_in_a1111_order(checkpoints, photo_file, tmp_path) -> None:
+    out = tmp_path / "meta.png"
+    assert main([str(photo_file), "-o", str(out), "--checkpoint", str(checkpoints["sd1"]),
+                 *FAST, "--negative-prompt", "blurry, low quality"]) == 0
+    text = read_parameters(out)
+    prompt, negative, items = parse_parameters(text)
+    assert prompt == "a photo of an astronaut" and negative == "blurry, low quality"
+    keys = list(items)
+    expected = ["Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size",
+                "Denoising strength", "Model hash"]
+    assert keys[: len(expected)] == expected
+    assert items["Steps"] == "4" and items["Seed"] == "7" and items["Size"] == "160x128"
+    assert items["Sampler"] == "Euler a" and items["Tile size"] == "64"
+    assert len(items["Model hash"]) == 10
+
+
+# -- bad input: clear error, exit 2, nothing written ---------------------------------------
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("touch pwned-by-ckpt",))
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--sampler", "Euler z"], "Euler a"),
+        (["--tile", "100"], "--tile"),
+        (["--denoise", "1.5"], "--denoise"),
+        (["--denoise", "-0.1"], "--denoise"),
+        (["--overlap", "64"], "--overlap"),
+        (["--mode", "redraw"], "redraw"),
+        (["--scheduler", "weird"], "karras"),
+    ],
+)
+def test_bad_settings(checkpoints, photo_file, capsys, extra, message) -> None:
+    code = main([str(photo_file), "--checkpoint", str(checkpoints["sd1"]), *FAST, *extra])
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not photo_file.with_name("photo_tileup.png").exists()
+
+
+def test_bad_checkpoints(photo_file, tmp_path, shared_models, capsys, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    evil = tmp_path / "evil.ckpt"
+    with evil.open("wb") as fh:
+        pickle.dump({"state_dict": _Exploit()}, fh)
+    cases = {
+        tmp_path / "missing.safetensors": "missing.safetensors",
+        shared_models / "realesr-animevideov3.safetensors": "not a Stable Diffusion checkpoint",
+        evil: "evil.ckpt",
+    }
+    for path, message in cases.items():
+        code = main([str(photo_file), "--checkpoint", str(path), *FAST])
+        err = capsys.readouterr().err
+        assert code == 2, err
+        assert message in err and "Traceback" not in err
+    assert not (tmp_path / "pwned-by-ckpt").exists()
+    assert not photo_file.with_name("photo_tileup.png").exists()
+
+
+def test_checkpoint_from_environment(checkpoints, photo_file, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TILEUP_CHECKPOINT", str(checkpoints["sd1"]))
+    out = tmp_path / "env.png"
+    code, stats, _ = _run([str(photo_file), "-o", str(out), *FAST], capsys)
+    assert code == 0 and stats["tile_steps"] == stats["tiles"] * 4
+
+
+def test_samplers_command(capsys) -> None:
+    assert main(["samplers"]) == 0
+    out = capsys.readouterr().out
+    for name in ("Euler a", "DPM++ 2M", "UniPC", "karras", "exponential"):
+        assert name in out

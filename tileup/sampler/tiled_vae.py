@@ -1,0 +1,667 @@
+"""Tiled VAE encode/decode whose every GroupNorm uses whole-image statistics.
+
+Naive tiling runs each tile through the VAE on its own, so every GroupNorm normalises with that
+tile's mean and variance and colours shift from tile to tile. Here the network is walked op by
+op ("staged" tiling) over all tiles at once:
+
+* An activation lives as a full-size *canvas* (C×H×W) on ``store`` (the CPU by default). Each
+  stage reads, for every tile, its core plus a halo (the receptive field of the stage's one
+  spatial conv: 1 px, or 2 low-res px for an upsampler) from the input canvas(es), runs the
+  stage on the device and writes the core back to a new canvas. Because the neighbours' halo
+  is read from the exact previous activation, the tiled result equals the untiled one.
+* A stage is "GroupNorm (with global statistics) → SiLU → conv", the residual add of a
+  ResnetBlock2D, an up/down sampler, or the mid-block attention. While an output tile is on the
+  device its per-channel mean and M2 over the tile's *owned* region (the owned regions
+  partition the canvas, so every pixel counts once) are reduced in float32 and kept on the
+  device; the next GroupNorm combines them (Chan's parallel variance, float64) into the exact
+  whole-image per-group mean and variance, and applies them with its weight, bias and eps.
+* Tiles have one uniform core size (edge tiles are snapped inward and overlap their neighbour,
+  only the owned region is written), so ``batch`` tiles run through a stage together. Outside
+  the image a crop is zero and is re-zeroed after every pointwise pre-op, which reproduces the
+  convs' zero padding at the image border exactly.
+* The mid-block self-attention is exact and global: pass 1 writes K and V of every owned token
+  to one latent-resolution device buffer (2 × C × h × w values, e.g. 256 MiB in fp16 for a
+  4096² image); pass 2 attends each tile's queries over all of them (queries chunked so the
+  score matrix stays below ~2^27 elements).
+
+Device memory is bounded by one batch of tiles plus the latent-resolution K/V buffers. The
+canvases on ``store`` hold up to three activations at once; the peak is at full resolution:
+decode ≈ (2c₁ + c₀)·H·W elements (c₀, c₁ the first two ``block_out_channels``: 512 channels
+for SD, 16 GiB in fp16 / 32 GiB in fp32 for a 4096² image), encode ≈ 3c₀·H·W (12 GiB fp16).
+Every stage boundary is one host sync (to check the statistics are finite) and, with a CPU
+store, every canvas crosses the host link once per stage; crop/paste work per tile is
+tile-sized, never image-sized.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tileup.tiler import axis_starts
+
+__all__ = ["NonFiniteError", "tiled_decode", "tiled_encode", "vae_scale_factor"]
+
+_SCORES_BUDGET = 1 << 27  # max elements of one attention score matrix (heads × queries × keys)
+
+
+class NonFiniteError(FloatingPointError):
+    """The VAE produced NaN or inf (SD1.5/SDXL VAEs overflow in fp16): re-run in float32."""
+
+
+def vae_scale_factor(vae: nn.Module) -> int:
+    """Pixels per latent pixel of a diffusers AutoencoderKL: ``2 ** (len(block_out_channels) - 1)``."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+# --- geometry ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Tile:
+    """A tile in latent px: its core ``[top, top + tile_h) × [left, left + tile_w)`` and its owned
+    region (inside the core; the owned regions of all tiles partition the canvas)."""
+
+    top: int
+    left: int
+    own_top: int
+    own_left: int
+    own_height: int
+    own_width: int
+
+
+@dataclass(frozen=True)
+class _Grid:
+    """Uniform-size tiles over a ``height × width`` latent canvas."""
+
+    height: int
+    width: int
+    tile_h: int
+    tile_w: int
+    tiles: tuple[_Tile, ...]
+
+
+def _grid(height: int, width: int, tile: int) -> _Grid:
+    """Fewest ``min(tile, side)``-sized cores covering the canvas, evenly spread, snapped in."""
+    th, tw = min(tile, height), min(tile, width)
+
+    def axis(length: int, size: int) -> list[tuple[int, int]]:
+        starts = axis_starts(length, size, 0)
+        return list(zip(starts, [*starts[1:], length], strict=True))
+
+    tiles = tuple(
+        _Tile(top, left, top, left, bottom - top, right - left)
+        for (top, bottom), (left, right) in itertools.product(axis(height, th), axis(width, tw))
+    )
+    return _Grid(height, width, th, tw, tiles)
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """What a stage function needs to know about the tiles of one batch.
+
+    ``pads``: per tile, the rows/cols of the input crop outside the image (top, bottom, left,
+    right; input px). ``owned``: per tile, the owned region inside the output core
+    (y0, y1, x0, x1; output px).
+    """
+
+    pads: tuple[tuple[int, int, int, int], ...]
+    owned: tuple[tuple[int, int, int, int], ...]
+
+    def zero_outside(self, h: torch.Tensor) -> torch.Tensor:
+        """Zero, in place, the crop outside the image (the convs' zero padding); returns ``h``."""
+        rows, cols = h.shape[-2:]
+        for i, (top, bottom, left, right) in enumerate(self.pads):
+            if top:
+                h[i, :, :top] = 0
+            if bottom:
+                h[i, :, rows - bottom :] = 0
+            if left:
+                h[i, :, :, :left] = 0
+            if right:
+                h[i, :, :, cols - right :] = 0
+        return h
+
+
+_StageFn = Callable[[list[torch.Tensor], _Batch], "torch.Tensor | None"]
+
+
+@dataclass
+class _Canvas:
+    """A whole activation, ``data`` C×H×W at ``scale`` px per latent px, with per-tile channel
+    statistics of it (on the compute device): ``mean``/``m2`` T×C, ``count`` T×1."""
+
+    data: torch.Tensor
+    scale: int
+    mean: torch.Tensor | None = None
+    m2: torch.Tensor | None = None
+    count: torch.Tensor | None = None
+
+
+# --- the staged engine -------------------------------------------------------------------------
+
+
+class _Engine:
+    """Runs stages tile batch by tile batch; canvases live on ``store``, tiles on ``device``."""
+
+    def __init__(
+        self, grid: _Grid, device: torch.device, dtype: torch.dtype, store: torch.device, batch: int
+    ) -> None:
+        self.grid, self.device, self.dtype, self.store = grid, device, dtype, store
+        self.batch = batch
+        self.acc = torch.float64 if device.type in ("cpu", "cuda") else torch.float32
+        self.pinned = store.type == "cpu" and device.type == "cuda"
+
+    def canvas(self, data: torch.Tensor, scale: int) -> _Canvas:
+        """Wrap a C×H×W tensor (copied to the store in the compute dtype)."""
+        return _Canvas(data.to(self.store, self.dtype), scale)
+
+    def stage(
+        self,
+        inputs: Sequence[_Canvas],
+        fn: _StageFn,
+        *,
+        channels: int,
+        scale: int,
+        halo: tuple[int, int],
+        out_dtype: torch.dtype | None = None,
+        out_device: torch.device | None = None,
+    ) -> _Canvas:
+        """Run ``fn`` over all tiles; returns the output canvas (C=``channels``, at ``scale``).
+
+        Every input (all at one scale) is cropped to core + ``halo`` = (before, after) input px
+        per axis; ``fn`` maps the batched crops to the batched output cores (B×C×th·s×tw·s) or
+        returns None (side effects only; the returned canvas is then empty).
+        """
+        g, m_in = self.grid, inputs[0].scale
+        if any(c.scale != m_in for c in inputs):
+            raise ValueError("stage inputs must share one scale")
+        out = torch.empty(
+            (channels, g.height * scale, g.width * scale),
+            dtype=out_dtype or self.dtype,
+            device=out_device or self.store,
+        )
+        means: list[torch.Tensor] = []
+        m2s: list[torch.Tensor] = []
+        counts: list[int] = []
+        pending: tuple[torch.Tensor, torch.cuda.Event | None, Sequence[_Tile]] | None = None
+        for start in range(0, len(g.tiles), self.batch):
+            tiles = g.tiles[start : start + self.batch]
+            crops, pads = [], ()
+            for c in inputs:
+                crop, pads = self._gather(c, tiles, halo)
+                crops.append(crop)
+            owned = tuple(_owned(t, scale) for t in tiles)
+            res = fn(crops, _Batch(pads, owned))
+            del crops
+            if res is None:
+                continue
+            for i, (y0, y1, x0, x1) in enumerate(owned):
+                var, mean = torch.var_mean(res[i, :, y0:y1, x0:x1].float(), dim=(1, 2), correction=0)
+                n = (y1 - y0) * (x1 - x0)
+                means.append(mean)
+                m2s.append(var * n)
+                counts.append(n)
+            moved = self._to(res, out)
+            if pending is not None:
+                self._scatter(out, scale, *pending)
+            pending = (*moved, tiles)
+        if pending is not None:
+            self._scatter(out, scale, *pending)
+        result = _Canvas(out, scale)
+        if means:
+            result.mean = torch.stack(means).to(self.acc)
+            result.m2 = torch.stack(m2s).to(self.acc)
+            result.count = torch.tensor(counts, dtype=self.acc, device=self.device)[:, None]
+        return result
+
+    def _gather(
+        self, c: _Canvas, tiles: Sequence[_Tile], halo: tuple[int, int]
+    ) -> tuple[torch.Tensor, tuple[tuple[int, int, int, int], ...]]:
+        """Batched crops (B×C×(th·m + lo + hi)×(tw·m + lo + hi)) on the device, zero outside."""
+        lo, hi = halo
+        m, (channels, rows, cols) = c.scale, c.data.shape
+        ch, cw = self.grid.tile_h * m + lo + hi, self.grid.tile_w * m + lo + hi
+        buf = torch.empty(
+            (len(tiles), channels, ch, cw), dtype=c.data.dtype, device=c.data.device,
+            pin_memory=self.pinned,
+        )
+        pads = []
+        for i, t in enumerate(tiles):
+            y0, x0 = t.top * m - lo, t.left * m - lo
+            sy0, sy1 = max(y0, 0), min(y0 + ch, rows)
+            sx0, sx1 = max(x0, 0), min(x0 + cw, cols)
+            pad = (sy0 - y0, y0 + ch - sy1, sx0 - x0, x0 + cw - sx1)
+            if any(pad):
+                buf[i].zero_()
+            buf[i, :, sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = c.data[:, sy0:sy1, sx0:sx1]
+            pads.append(pad)
+        return buf.to(self.device, self.dtype, non_blocking=self.pinned), tuple(pads)
+
+    def _to(
+        self, res: torch.Tensor, out: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        """Start moving a result batch to ``out``'s device/dtype; (tensor, event to wait on)."""
+        res = res.to(out.dtype)
+        if res.device == out.device:
+            return res, None
+        if out.device.type == "cpu" and res.device.type == "cuda":
+            host = torch.empty(res.shape, dtype=out.dtype, pin_memory=True)
+            host.copy_(res, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            return host, event
+        return res.to(out.device), None
+
+    def _scatter(
+        self,
+        out: torch.Tensor,
+        scale: int,
+        res: torch.Tensor,
+        event: torch.cuda.Event | None,
+        tiles: Sequence[_Tile],
+    ) -> None:
+        """Paste every tile's owned region of a result batch into ``out``."""
+        if event is not None:
+            event.synchronize()
+        for i, t in enumerate(tiles):
+            y0, y1, x0, x1 = _owned(t, scale)
+            top, left = t.top * scale, t.left * scale
+            out[:, top + y0 : top + y1, left + x0 : left + x1] = res[i, :, y0:y1, x0:x1]
+
+    def affine(
+        self, c: _Canvas, norm: nn.GroupNorm
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """GroupNorm ``norm`` with whole-canvas statistics as a per-channel affine ``x·a + b``.
+
+        Returns float32 (1, C, 1, 1) tensors on the device; raises NonFiniteError when the
+        statistics are not finite (one host sync).
+        """
+        if c.mean is None or c.m2 is None or c.count is None:
+            raise RuntimeError("canvas has no statistics")
+        groups, channels = norm.num_groups, c.mean.shape[1]
+        per = channels // groups
+        mean = c.mean.view(-1, groups, per)
+        m2 = c.m2.view(-1, groups, per)
+        n = c.count.view(-1, 1, 1)
+        total = n.sum() * per
+        g_mean = (n * mean).sum((0, 2)) / total
+        g_var = (m2 + n * (mean - g_mean[None, :, None]) ** 2).sum((0, 2)) / total
+        rstd = (g_var + norm.eps).rsqrt().repeat_interleave(per)
+        a, b = rstd, -g_mean.repeat_interleave(per) * rstd
+        if norm.affine:
+            w, bias = norm.weight.to(self.acc), norm.bias.to(self.acc)
+            a, b = a * w, b * w + bias
+        if not bool(torch.isfinite(a).all() & torch.isfinite(b).all()):
+            raise NonFiniteError(f"non-finite activations before a GroupNorm in {self.dtype}")
+        return a.float().view(1, -1, 1, 1), b.float().view(1, -1, 1, 1)
+
+
+def _owned(t: _Tile, scale: int) -> tuple[int, int, int, int]:
+    """Owned region of ``t`` relative to its core, at ``scale``: (y0, y1, x0, x1)."""
+    y0, x0 = (t.own_top - t.top) * scale, (t.own_left - t.left) * scale
+    return y0, y0 + t.own_height * scale, x0, x0 + t.own_width * scale
+
+
+# --- ops ---------------------------------------------------------------------------------------
+
+
+def _norm_act(
+    x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, act: nn.Module | None, dtype: torch.dtype
+) -> torch.Tensor:
+    """``act(x·a + b)`` computed in float32, returned in ``dtype``."""
+    h = torch.addcmul(b, x.float(), a)
+    return (act(h) if act is not None else h).to(dtype)
+
+
+def _conv(conv: nn.Conv2d, h: torch.Tensor) -> torch.Tensor:
+    """``conv`` without its padding (the crop carries the halo / zero border instead)."""
+    return F.conv2d(h, conv.weight, conv.bias, conv.stride, 0, conv.dilation, conv.groups)
+
+
+def _halo(conv: nn.Conv2d) -> tuple[int, int]:
+    """Halo of a stride-1 'same' conv: (p, p)."""
+    k, p = conv.kernel_size, conv.padding
+    ok = (
+        isinstance(p, tuple)
+        and k[0] == k[1]
+        and p[0] == p[1] == (k[0] - 1) // 2
+        and conv.stride == (1, 1)
+        and conv.dilation == (1, 1)
+        and conv.padding_mode == "zeros"
+    )
+    if not ok:
+        raise NotImplementedError(f"unsupported conv for tiling: {conv}")
+    return p[0], p[0]
+
+
+def _unsupported(what: str) -> NotImplementedError:
+    return NotImplementedError(
+        f"tiled VAE supports diffusers AutoencoderKL with GroupNorm blocks; {what}"
+    )
+
+
+def _resnet(eng: _Engine, x: _Canvas, r: nn.Module) -> _Canvas:
+    """ResnetBlock2D (no time embedding, no up/down): two stages."""
+    if (
+        type(r).__name__ != "ResnetBlock2D"
+        or r.time_emb_proj is not None
+        or r.upsample is not None
+        or r.downsample is not None
+    ):
+        raise _unsupported(f"got resnet {type(r).__name__}")
+    dtype, m = eng.dtype, x.scale
+    a1, b1 = eng.affine(x, r.norm1)
+
+    def first(crops: list[torch.Tensor], batch: _Batch) -> torch.Tensor:
+        return _conv(r.conv1, batch.zero_outside(_norm_act(crops[0], a1, b1, r.nonlinearity, dtype)))
+
+    h = eng.stage([x], first, channels=r.conv1.out_channels, scale=m, halo=_halo(r.conv1))
+    a2, b2 = eng.affine(h, r.norm2)
+    lo, hi = _halo(r.conv2)
+
+    def second(crops: list[torch.Tensor], batch: _Batch) -> torch.Tensor:
+        out = _conv(r.conv2, batch.zero_outside(_norm_act(crops[0], a2, b2, r.nonlinearity, dtype)))
+        skip = crops[1][:, :, lo : crops[1].shape[2] - hi, lo : crops[1].shape[3] - hi]
+        if r.conv_shortcut is not None:
+            skip = r.conv_shortcut(skip)
+        return (skip + out) / r.output_scale_factor
+
+    return eng.stage([h, x], second, channels=r.conv2.out_channels, scale=m, halo=(lo, hi))
+
+
+def _attention(eng: _Engine, x: _Canvas, attn: nn.Module) -> _Canvas:
+    """The VAE mid-block self-attention, exact over the whole canvas (two passes)."""
+    if (
+        attn.spatial_norm is not None
+        or attn.norm_q is not None
+        or attn.norm_k is not None
+        or attn.group_norm is None
+        or attn.is_cross_attention
+    ):
+        raise _unsupported("got an attention variant it does not mirror")
+    dtype, m = eng.dtype, x.scale
+    heads, inner = attn.heads, attn.to_q.out_features
+    d, channels = inner // heads, x.data.shape[0]
+    n_tokens = eng.grid.height * eng.grid.width * m * m
+    keys = torch.empty((1, heads, n_tokens, d), device=eng.device, dtype=dtype)
+    values = torch.empty_like(keys)
+    a, b = eng.affine(x, attn.group_norm)
+    filled = 0
+
+    def project(crops: list[torch.Tensor], batch: _Batch) -> None:
+        nonlocal filled
+        h = _norm_act(crops[0], a, b, None, dtype)
+        for i, (y0, y1, x0, x1) in enumerate(batch.owned):
+            tokens = h[i, :, y0:y1, x0:x1].flatten(1).T  # n × C
+            n = tokens.shape[0]
+            keys[0, :, filled : filled + n] = attn.to_k(tokens).view(n, heads, d).transpose(0, 1)
+            values[0, :, filled : filled + n] = attn.to_v(tokens).view(n, heads, d).transpose(0, 1)
+            filled += n
+
+    eng.stage([x], project, channels=0, scale=m, halo=(0, 0))
+    if filled != n_tokens:
+        raise RuntimeError(f"attention saw {filled} tokens, expected {n_tokens}")
+    chunk = max(1, _SCORES_BUDGET // (heads * n_tokens))
+
+    def attend(crops: list[torch.Tensor], batch: _Batch) -> torch.Tensor:
+        x_in = crops[0]
+        bsz, _, rows, cols = x_in.shape
+        h = _norm_act(x_in, a, b, None, dtype).permute(0, 2, 3, 1).reshape(-1, channels)
+        q = attn.to_q(h).view(-1, heads, d).transpose(0, 1)[None]
+        o = torch.cat(
+            [F.scaled_dot_product_attention(qc, keys, values) for qc in q.split(chunk, dim=2)], 2
+        )
+        o = o[0].transpose(0, 1).reshape(-1, inner).to(dtype)
+        o = attn.to_out[1](attn.to_out[0](o))
+        o = o.view(bsz, rows, cols, channels).permute(0, 3, 1, 2)
+        if attn.residual_connection:
+            o = o + x_in
+        return o / attn.rescale_output_factor
+
+    return eng.stage([x], attend, channels=channels, scale=m, halo=(0, 0))
+
+
+def _mid(eng: _Engine, x: _Canvas, mid: nn.Module) -> _Canvas:
+    """UNetMidBlock2D: resnet, then (attention, resnet) pairs."""
+    if type(mid).__name__ != "UNetMidBlock2D":
+        raise _unsupported(f"got mid block {type(mid).__name__}")
+    x = _resnet(eng, x, mid.resnets[0])
+    for attn, resnet in zip(mid.attentions, mid.resnets[1:], strict=True):
+        if attn is not None:
+            x = _attention(eng, x, attn)
+        x = _resnet(eng, x, resnet)
+    return x
+
+
+def _downsample(eng: _Engine, x: _Canvas, ds: nn.Module) -> _Canvas:
+    """Downsample2D with a stride-2 conv (diffusers pads (0, 1, 0, 1) when ``padding == 0``)."""
+    conv = getattr(ds, "conv", None)
+    if (
+        not ds.use_conv
+        or ds.norm is not None
+        or not isinstance(conv, nn.Conv2d)
+        or conv.stride != (2, 2)
+        or conv.kernel_size != (3, 3)
+        or conv.padding[0] != conv.padding[1]
+        or x.scale % 2
+    ):
+        raise _unsupported(f"got downsampler {ds}")
+    p = conv.padding[0]
+    halo = (p, 3 - 2 - p)  # output o reads input 2o - p .. 2o - p + 2
+
+    def down(crops: list[torch.Tensor], batch: _Batch) -> torch.Tensor:
+        return _conv(conv, crops[0])
+
+    return eng.stage([x], down, channels=conv.out_channels, scale=x.scale // 2, halo=halo)
+
+
+def _upsample(eng: _Engine, x: _Canvas, us: nn.Module) -> _Canvas:
+    """Upsample2D: nearest ×2, then a 3×3 conv (halo 1 low-res px, 2 high-res px cropped off)."""
+    conv = us.conv if us.name == "conv" else us.Conv2d_0
+    if us.use_conv_transpose or us.norm is not None or not us.interpolate or not us.use_conv:
+        raise _unsupported(f"got upsampler {us}")
+    lo, hi = _halo(conv)
+    if (lo, hi) != (1, 1):
+        raise _unsupported(f"got upsampler conv {conv}")
+
+    def up(crops: list[torch.Tensor], batch: _Batch) -> torch.Tensor:
+        h = _conv(conv, F.interpolate(crops[0], scale_factor=2.0, mode="nearest"))
+        return h[:, :, 1:-1, 1:-1]
+
+    return eng.stage([x], up, channels=conv.out_channels, scale=x.scale * 2, halo=(1, 1))
+
+
+# --- encoder / decoder walks --------------------------------------------------------------------
+
+
+def _encode_one(
+    eng: _Engine, enc: nn.Module, quant: nn.Module | None, latent: int, image: _Canvas
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encoder → quant_conv → posterior mean; (latent C×h×w float32 CPU, finite flag)."""
+    x = eng.stage(
+        [image], lambda c, b: _conv(enc.conv_in, c[0]),
+        channels=enc.conv_in.out_channels, scale=image.scale, halo=_halo(enc.conv_in),
+    )
+    for block in enc.down_blocks:
+        if type(block).__name__ != "DownEncoderBlock2D":
+            raise _unsupported(f"got down block {type(block).__name__}")
+        for r in block.resnets:
+            x = _resnet(eng, x, r)
+        for ds in block.downsamplers or ():
+            x = _downsample(eng, x, ds)
+    x = _mid(eng, x, enc.mid_block)
+    a, b = eng.affine(x, enc.conv_norm_out)
+    flags: list[torch.Tensor] = []
+
+    def out(crops: list[torch.Tensor], batch: _Batch) -> torch.Tensor:
+        h = batch.zero_outside(_norm_act(crops[0], a, b, enc.conv_act, eng.dtype))
+        h = _conv(enc.conv_out, h)
+        if quant is not None:
+            h = quant(h)
+        h = h[:, :latent]
+        flags.append(torch.isfinite(h).all())
+        return h
+
+    z = eng.stage(
+        [x], out, channels=latent, scale=x.scale, halo=_halo(enc.conv_out),
+        out_dtype=torch.float32, out_device=torch.device("cpu"),
+    )
+    return z.data, torch.stack(flags).all()
+
+
+def _decode_one(
+    eng: _Engine, dec: nn.Module, post: nn.Module | None, z: _Canvas
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """post_quant_conv → Decoder; (image 3×H×W float32 CPU clamped to [-1, 1], finite flag)."""
+    if type(dec.conv_norm_out).__name__ != "GroupNorm":
+        raise _unsupported("got a decoder with spatial norm")
+
+    def conv_in(crops: list[torch.Tensor], batch: _Batch) -> torch.Tensor:
+        h = crops[0] if post is None else batch.zero_outside(post(crops[0]))
+        return _conv(dec.conv_in, h)
+
+    x = eng.stage(
+        [z], conv_in, channels=dec.conv_in.out_channels, scale=z.scale, halo=_halo(dec.conv_in)
+    )
+    x = _mid(eng, x, dec.mid_block)
+    for block in dec.up_blocks:
+        if type(block).__name__ != "UpDecoderBlock2D":
+            raise _unsupported(f"got up block {type(block).__name__}")
+        for r in block.resnets:
+            x = _resnet(eng, x, r)
+        for us in block.upsamplers or ():
+            x = _upsample(eng, x, us)
+    a, b = eng.affine(x, dec.conv_norm_out)
+    flags: list[torch.Tensor] = []
+
+    def out(crops: list[torch.Tensor], batch: _Batch) -> torch.Tensor:
+        h = batch.zero_outside(_norm_act(crops[0], a, b, dec.conv_act, eng.dtype))
+        h = _conv(dec.conv_out, h)
+        flags.append(torch.isfinite(h).all())
+        return h.clamp(-1, 1)
+
+    img = eng.stage(
+        [x], out, channels=dec.conv_out.out_channels, scale=x.scale, halo=_halo(dec.conv_out),
+        out_dtype=torch.float32, out_device=torch.device("cpu"),
+    )
+    return img.data, torch.stack(flags).all()
+
+
+# --- public API ---------------------------------------------------------------------------------
+
+
+def _placed(
+    vae: nn.Module, names: tuple[str, ...], device: torch.device, dtype: torch.dtype
+) -> list[nn.Module | None]:
+    """``vae``'s submodules ``names`` on (device, dtype): the originals when already there,
+    otherwise converted copies (the caller's VAE is never modified)."""
+    mods = [getattr(vae, n, None) for n in names]
+    params = [p for mod in mods if mod is not None for p in mod.parameters()]
+    if all(p.device == device and p.dtype == dtype for p in params):
+        return mods
+    return [None if mod is None else copy.deepcopy(mod).to(device, dtype) for mod in mods]
+
+
+def _setup(
+    vae: nn.Module,
+    device: torch.device | str | None,
+    dtype: torch.dtype | None,
+    store: torch.device | str | None,
+) -> tuple[torch.device, torch.dtype, torch.device]:
+    first = next(vae.parameters())
+    dev = torch.device(device) if device is not None else first.device
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    st = torch.device(store) if store is not None else torch.device("cpu")
+    if st.type == "cuda" and st.index is None:
+        st = dev
+    return dev, dtype or first.dtype, st
+
+
+def tiled_encode(
+    vae: nn.Module,
+    image: torch.Tensor,
+    *,
+    tile: int = 512,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    batch: int = 1,
+    store: torch.device | str | None = "cpu",
+) -> torch.Tensor:
+    """Posterior mean of a diffusers AutoencoderKL, computed tile by tile, exactly.
+
+    ``image``: N×3×H×W float in [-1, 1] (any device), H and W multiples of the scale factor
+    f (:func:`vae_scale_factor`). Returns N×C×H/f×W/f float32 on the CPU, *unscaled* (the
+    caller multiplies by ``vae.config.scaling_factor``); equals
+    ``vae.encode(image).latent_dist.mean`` up to float rounding, deterministically.
+
+    ``tile``: core size in image px (a multiple of f); ``device``/``dtype``: where and in what
+    precision to compute (default: the VAE's); ``batch``: tiles per forward call; ``store``:
+    where full-size activations wait between stages (CPU keeps device memory bounded by the
+    tile; the compute device is faster when the image fits). Raises NonFiniteError on NaN/inf.
+    """
+    f = vae_scale_factor(vae)
+    if image.ndim != 4 or image.shape[1] != vae.config.in_channels:
+        raise ValueError(f"image must be N×{vae.config.in_channels}×H×W, got {tuple(image.shape)}")
+    _, _, height, width = image.shape
+    if height % f or width % f or tile % f or tile < f:
+        raise ValueError(f"image size {height}×{width} and tile {tile} must be multiples of {f}")
+    dev, dt, st = _setup(vae, device, dtype, store)
+    enc, quant = _placed(vae, ("encoder", "quant_conv"), dev, dt)
+    eng = _Engine(_grid(height // f, width // f, tile // f), dev, dt, st, max(1, batch))
+    latent = vae.config.latent_channels
+    outs = []
+    with torch.inference_mode():
+        for one in image:
+            z, finite = _encode_one(eng, enc, quant, latent, eng.canvas(one, f))
+            if not bool(finite):
+                raise NonFiniteError(f"VAE encode produced NaN/inf in {dt}")
+            outs.append(z)
+    return torch.stack(outs)
+
+
+def tiled_decode(
+    vae: nn.Module,
+    latents: torch.Tensor,
+    *,
+    tile: int = 64,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    batch: int = 1,
+    store: torch.device | str | None = "cpu",
+) -> torch.Tensor:
+    """Decode with a diffusers AutoencoderKL tile by tile, exactly.
+
+    ``latents``: N×C×h×w, *unscaled* (already divided by ``scaling_factor``), any device.
+    Returns N×3×h·f×w·f float32 on the CPU, clamped to [-1, 1]; equals
+    ``vae.decode(latents).sample.clamp(-1, 1)`` up to float rounding, deterministically.
+
+    ``tile``: core size in latent px; other arguments as in :func:`tiled_encode`. Raises
+    NonFiniteError when the decoder produces NaN/inf (SD1.5/SDXL VAEs in fp16): re-run in
+    float32.
+    """
+    f = vae_scale_factor(vae)
+    if latents.ndim != 4 or latents.shape[1] != vae.config.latent_channels:
+        raise ValueError(
+            f"latents must be N×{vae.config.latent_channels}×h×w, got {tuple(latents.shape)}"
+        )
+    if tile < 1:
+        raise ValueError(f"tile must be positive, got {tile}")
+    dev, dt, st = _setup(vae, device, dtype, store)
+    dec, post = _placed(vae, ("decoder", "post_quant_conv"), dev, dt)
+    eng = _Engine(_grid(latents.shape[2], latents.shape[3], tile), dev, dt, st, max(1, batch))
+    outs = []
+    with torch.inference_mode():
+        for one in latents:
+            img, finite = _decode_one(eng, dec, post, eng.canvas(one, 1))
+            if not bool(finite):
+                raise NonFiniteError(f"VAE decode produced NaN/inf in {dt}")
+            outs.append(img)
+    return torch.stack(outs)
