@@ -147,6 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             recursive=args.recursive,
             progress=progress,
             on_outcome=on_outcome,
+            on_note=None if quiet else (lambda note: progress.write(f"tileup: {note}")),
         )
     except TileupError as exc:
         progress.close()

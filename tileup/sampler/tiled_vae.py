@@ -26,11 +26,12 @@ op ("staged" tiling) over all tiles at once:
 
 Device memory is bounded by one batch of tiles plus the latent-resolution K/V buffers. The
 canvases on ``store`` hold up to three activations at once; the peak is at full resolution:
-decode ≈ (2c₁ + c₀)·H·W elements (c₀, c₁ the first two ``block_out_channels``: 512 channels
+decode ≈ (c₁ + 2c₀)·H·W elements (c₀, c₁ the first two ``block_out_channels``: 512 channels
 for SD, 16 GiB in fp16 / 32 GiB in fp32 for a 4096² image), encode ≈ 3c₀·H·W (12 GiB fp16).
-Every stage boundary is one host sync (to check the statistics are finite) and, with a CPU
-store, every canvas crosses the host link once per stage; crop/paste work per tile is
-tile-sized, never image-sized.
+With a CPU store every canvas crosses the host link once per stage (measured on an H200, SD
+VAE, bf16, 2048²: decode 3.4 s with ``store="cpu"``, 0.54 s with ``store="device"``, 0.43 s
+untiled). Every stage boundary is one host sync (to check the statistics are finite); crop and
+paste work per tile is tile-sized, never image-sized.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from torch import nn
 
 from tileup.tiler import axis_starts
 
-__all__ = ["NonFiniteError", "tiled_decode", "tiled_encode", "vae_scale_factor"]
+__all__ = ["NonFiniteError", "store_bytes", "tiled_decode", "tiled_encode", "vae_scale_factor"]
 
 _SCORES_BUDGET = 1 << 27  # max elements of one attention score matrix (heads × queries × keys)
 
@@ -56,7 +57,7 @@ class NonFiniteError(FloatingPointError):
 
 
 def vae_scale_factor(vae: nn.Module) -> int:
-    """Pixels per latent pixel of a diffusers AutoencoderKL: ``2 ** (len(block_out_channels) - 1)``."""
+    """Pixels per latent pixel of an AutoencoderKL: ``2 ** (len(block_out_channels) - 1)``."""
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
@@ -203,7 +204,9 @@ class _Engine:
             if res is None:
                 continue
             for i, (y0, y1, x0, x1) in enumerate(owned):
-                var, mean = torch.var_mean(res[i, :, y0:y1, x0:x1].float(), dim=(1, 2), correction=0)
+                var, mean = torch.var_mean(
+                    res[i, :, y0:y1, x0:x1].float(), dim=(1, 2), correction=0
+                )
                 n = (y1 - y0) * (x1 - x0)
                 means.append(mean)
                 m2s.append(var * n)
@@ -229,7 +232,9 @@ class _Engine:
         m, (channels, rows, cols) = c.scale, c.data.shape
         ch, cw = self.grid.tile_h * m + lo + hi, self.grid.tile_w * m + lo + hi
         buf = torch.empty(
-            (len(tiles), channels, ch, cw), dtype=c.data.dtype, device=c.data.device,
+            (len(tiles), channels, ch, cw),
+            dtype=c.data.dtype,
+            device=c.data.device,
             pin_memory=self.pinned,
         )
         pads = []
@@ -275,9 +280,7 @@ class _Engine:
             top, left = t.top * scale, t.left * scale
             out[:, top + y0 : top + y1, left + x0 : left + x1] = res[i, :, y0:y1, x0:x1]
 
-    def affine(
-        self, c: _Canvas, norm: nn.GroupNorm
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def affine(self, c: _Canvas, norm: nn.GroupNorm) -> tuple[torch.Tensor, torch.Tensor]:
         """GroupNorm ``norm`` with whole-canvas statistics as a per-channel affine ``x·a + b``.
 
         Returns float32 (1, C, 1, 1) tensors on the device; raises NonFiniteError when the
@@ -360,7 +363,9 @@ def _resnet(eng: _Engine, x: _Canvas, r: nn.Module) -> _Canvas:
     a1, b1 = eng.affine(x, r.norm1)
 
     def first(crops: list[torch.Tensor], batch: _Batch) -> torch.Tensor:
-        return _conv(r.conv1, batch.zero_outside(_norm_act(crops[0], a1, b1, r.nonlinearity, dtype)))
+        return _conv(
+            r.conv1, batch.zero_outside(_norm_act(crops[0], a1, b1, r.nonlinearity, dtype))
+        )
 
     h = eng.stage([x], first, channels=r.conv1.out_channels, scale=m, halo=_halo(r.conv1))
     a2, b2 = eng.affine(h, r.norm2)
@@ -486,8 +491,11 @@ def _encode_one(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Encoder → quant_conv → posterior mean; (latent C×h×w float32 CPU, finite flag)."""
     x = eng.stage(
-        [image], lambda c, b: _conv(enc.conv_in, c[0]),
-        channels=enc.conv_in.out_channels, scale=image.scale, halo=_halo(enc.conv_in),
+        [image],
+        lambda c, b: _conv(enc.conv_in, c[0]),
+        channels=enc.conv_in.out_channels,
+        scale=image.scale,
+        halo=_halo(enc.conv_in),
     )
     for block in enc.down_blocks:
         if type(block).__name__ != "DownEncoderBlock2D":
@@ -510,8 +518,13 @@ def _encode_one(
         return h
 
     z = eng.stage(
-        [x], out, channels=latent, scale=x.scale, halo=_halo(enc.conv_out),
-        out_dtype=torch.float32, out_device=torch.device("cpu"),
+        [x],
+        out,
+        channels=latent,
+        scale=x.scale,
+        halo=_halo(enc.conv_out),
+        out_dtype=torch.float32,
+        out_device=torch.device("cpu"),
     )
     return z.data, torch.stack(flags).all()
 
@@ -548,8 +561,13 @@ def _decode_one(
         return h.clamp(-1, 1)
 
     img = eng.stage(
-        [x], out, channels=dec.conv_out.out_channels, scale=x.scale, halo=_halo(dec.conv_out),
-        out_dtype=torch.float32, out_device=torch.device("cpu"),
+        [x],
+        out,
+        channels=dec.conv_out.out_channels,
+        scale=x.scale,
+        halo=_halo(dec.conv_out),
+        out_dtype=torch.float32,
+        out_device=torch.device("cpu"),
     )
     return img.data, torch.stack(flags).all()
 
@@ -569,20 +587,38 @@ def _placed(
     return [None if mod is None else copy.deepcopy(mod).to(device, dtype) for mod in mods]
 
 
+def store_bytes(
+    vae: nn.Module, height: int, width: int, dtype: torch.dtype, *, decode: bool
+) -> int:
+    """Approximate peak bytes the canvases need on ``store`` for an H×W image (px)."""
+    c = vae.config.block_out_channels
+    channels = (c[min(1, len(c) - 1)] + 2 * c[0]) if decode else 3 * c[0]
+    return channels * height * width * torch.empty((), dtype=dtype).element_size()
+
+
 def _setup(
     vae: nn.Module,
     device: torch.device | str | None,
     dtype: torch.dtype | None,
-    store: torch.device | str | None,
+    store: torch.device | str,
+    need: Callable[[torch.dtype], int],
 ) -> tuple[torch.device, torch.dtype, torch.device]:
+    """Resolve (device, dtype, store); ``need(dtype)`` is the store's peak in bytes."""
     first = next(vae.parameters())
     dev = torch.device(device) if device is not None else first.device
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
-    st = torch.device(store) if store is not None else torch.device("cpu")
-    if st.type == "cuda" and st.index is None:
+    dt = dtype or first.dtype
+    if store == "device":
         st = dev
-    return dev, dtype or first.dtype, st
+    elif store == "auto":
+        fits = dev.type == "cuda" and need(dt) <= torch.cuda.mem_get_info(dev)[0] // 2
+        st = dev if fits else torch.device("cpu")
+    else:
+        st = torch.device(store)
+        if st.type == dev.type and st.index is None:
+            st = dev
+    return dev, dt, st
 
 
 def tiled_encode(
@@ -593,7 +629,7 @@ def tiled_encode(
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     batch: int = 1,
-    store: torch.device | str | None = "cpu",
+    store: torch.device | str = "cpu",
 ) -> torch.Tensor:
     """Posterior mean of a diffusers AutoencoderKL, computed tile by tile, exactly.
 
@@ -603,9 +639,11 @@ def tiled_encode(
     ``vae.encode(image).latent_dist.mean`` up to float rounding, deterministically.
 
     ``tile``: core size in image px (a multiple of f); ``device``/``dtype``: where and in what
-    precision to compute (default: the VAE's); ``batch``: tiles per forward call; ``store``:
-    where full-size activations wait between stages (CPU keeps device memory bounded by the
-    tile; the compute device is faster when the image fits). Raises NonFiniteError on NaN/inf.
+    precision to compute (default: the VAE's); ``batch``: tiles per forward call (device memory
+    grows with it); ``store``: where the full-size activations wait between stages:
+    ``"cpu"`` keeps device memory bounded by the tile (CPU memory: :func:`store_bytes`),
+    ``"device"`` is several times faster when they fit, ``"auto"`` takes the device when they
+    need at most half of its free memory. Raises NonFiniteError on NaN/inf.
     """
     f = vae_scale_factor(vae)
     if image.ndim != 4 or image.shape[1] != vae.config.in_channels:
@@ -613,7 +651,9 @@ def tiled_encode(
     _, _, height, width = image.shape
     if height % f or width % f or tile % f or tile < f:
         raise ValueError(f"image size {height}×{width} and tile {tile} must be multiples of {f}")
-    dev, dt, st = _setup(vae, device, dtype, store)
+    dev, dt, st = _setup(
+        vae, device, dtype, store, lambda d: store_bytes(vae, height, width, d, decode=False)
+    )
     enc, quant = _placed(vae, ("encoder", "quant_conv"), dev, dt)
     eng = _Engine(_grid(height // f, width // f, tile // f), dev, dt, st, max(1, batch))
     latent = vae.config.latent_channels
@@ -635,7 +675,7 @@ def tiled_decode(
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     batch: int = 1,
-    store: torch.device | str | None = "cpu",
+    store: torch.device | str = "cpu",
 ) -> torch.Tensor:
     """Decode with a diffusers AutoencoderKL tile by tile, exactly.
 
@@ -654,7 +694,10 @@ def tiled_decode(
         )
     if tile < 1:
         raise ValueError(f"tile must be positive, got {tile}")
-    dev, dt, st = _setup(vae, device, dtype, store)
+    h, w = latents.shape[2] * f, latents.shape[3] * f
+    dev, dt, st = _setup(
+        vae, device, dtype, store, lambda d: store_bytes(vae, h, w, d, decode=True)
+    )
     dec, post = _placed(vae, ("decoder", "post_quant_conv"), dev, dt)
     eng = _Engine(_grid(latents.shape[2], latents.shape[3], tile), dev, dt, st, max(1, batch))
     outs = []

@@ -1,0 +1,670 @@
+"""Loading a user's Stable Diffusion checkpoint offline, without executing pickled code.
+
+Accepts what users have: an original single file (LDM / A1111 / ComfyUI layout, ``.safetensors``
+or a ``.ckpt``/``.pt``/``.pth`` pickle read with ``weights_only=True``) or a diffusers pipeline
+folder (``model_index.json``). Single files carry no configs and no tokenizer: the family is read
+from the keys, the configs from the tensor shapes (``tileup.sampler.families``, starting from the
+shipped full-size configs), and the CLIP tokenizer is the one shipped in ``tileup/data``. Nothing
+touches a model hub; every mismatch between weights and architecture is a ``CheckpointError``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import re
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from tileup.errors import TileupError
+from tileup.sampler import families as fam
+from tileup.sampler.families import Family, LayoutError, TextEncoderSpec
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+PREDICTIONS = ("auto", "epsilon", "v_prediction")
+ENV_CHECKPOINT = "TILEUP_CHECKPOINT"
+MAX_TOKENS = 77
+
+_VAE_PARTS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
+# diffusers builds folder models without random init only with accelerate installed.
+_HAS_ACCELERATE = importlib.util.find_spec("accelerate") is not None
+
+
+class CheckpointError(TileupError):
+    """A checkpoint or VAE could not be found or loaded; the message is one line naming the file."""
+
+
+@dataclass(frozen=True, eq=False)
+class SDModel:
+    """A loaded Stable Diffusion model: CPU, float32, eval mode, no gradients.
+
+    ``text_encoders`` is ``(CLIPTextModel,)`` for SD1/SD2 and ``(CLIPTextModel,
+    CLIPTextModelWithProjection)`` for SDXL, with one tokenizer each. ``scheduler_config`` is the
+    training schedule as diffusers scheduler kwargs. ``model_hash`` is A1111's short hash (first
+    10 hex digits of the file's SHA-256; for a folder, of its UNet weights file).
+    """
+
+    family: str  # "sd1" | "sd2" | "sdxl"
+    prediction_type: str  # "epsilon" | "v_prediction"
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoders: tuple[CLIPTextModel | CLIPTextModelWithProjection, ...]
+    tokenizers: tuple[CLIPTokenizer, ...]
+    scheduler_config: dict[str, Any]
+    name: str
+    source: Path
+    model_hash: str
+    vae_name: str | None = None
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent pixel along each axis (8 for every SD VAE)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def components(self) -> dict[str, Any]:
+        """diffusers pipeline component names -> models (scheduler excluded)."""
+        out: dict[str, Any] = {"unet": self.unet, "vae": self.vae}
+        for i, (encoder, tokenizer) in enumerate(
+            zip(self.text_encoders, self.tokenizers, strict=True)
+        ):
+            suffix = f"_{i + 1}" if i else ""
+            out[f"text_encoder{suffix}"] = encoder
+            out[f"tokenizer{suffix}"] = tokenizer
+        return out
+
+
+def resolve_checkpoint(value: str | None) -> Path | None:
+    """``value``, else ``$TILEUP_CHECKPOINT``, as an existing path; None when neither is set."""
+    source = value or os.environ.get(ENV_CHECKPOINT) or None
+    if source is None:
+        return None
+    path = Path(source).expanduser()
+    if not path.exists():
+        where = "" if value else f" (from ${ENV_CHECKPOINT})"
+        raise CheckpointError(f"{source}: no such checkpoint file or folder{where}")
+    return path
+
+
+def load_checkpoint(
+    path: str | Path, *, vae: str | Path | None = None, prediction: str = "auto"
+) -> SDModel:
+    """Load an SD 1.x / 2.x / XL checkpoint (single file or diffusers folder), offline.
+
+    ``vae``: a VAE single file (LDM names, optionally under ``first_stage_model.``) or a diffusers
+    AutoencoderKL folder replacing the checkpoint's VAE; the family's latent scaling is kept.
+    ``prediction``: "auto" (a ``v_pred`` key, the SD2-768-v heuristic, or the folder's scheduler
+    says), "epsilon" or "v_prediction".
+    """
+    path = Path(path).expanduser()
+    if prediction not in PREDICTIONS:
+        raise CheckpointError(
+            f"{path}: unknown prediction type {prediction!r}; use {', '.join(PREDICTIONS)}"
+        )
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint file or folder")
+    vae_path = Path(vae).expanduser() if vae is not None else None
+    if vae_path is not None and not vae_path.exists():
+        raise CheckpointError(f"{vae_path}: no such VAE file or folder")
+    if path.is_dir():
+        return _load_folder(path, vae_path, prediction)
+    return _load_single_file(path, vae_path, prediction)
+
+
+# --- reading tensors ---------------------------------------------------------------------------
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+class _Inert:
+    """Stands in for the few harmless non-tensor globals found in training checkpoints.
+
+    Real SD 1.x ``.ckpt`` files pickle a PyTorch Lightning callback class and numpy scalars next
+    to the weights. ``weights_only`` loading refuses them; mapping just these names to this inert
+    class lets those files load while every other global is still refused. Nothing of the file's
+    own code runs.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+
+_INERT_GLOBALS = (
+    "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint",
+    "numpy.core.multiarray.scalar",
+    "numpy._core.multiarray.scalar",
+    "numpy.dtype",
+    "_codecs.encode",
+)
+
+
+def _torch_load(path: Path, mmap: bool) -> Any:
+    safe_globals = getattr(torch.serialization, "safe_globals", None)
+    allow = safe_globals([(_Inert, name) for name in _INERT_GLOBALS]) if safe_globals else None
+    with allow or nullcontext():
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+
+
+def _sniff(path: Path) -> str:
+    """The container by its first bytes: safetensors, zip (torch.save), pickle, or unknown."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(9)
+    if len(head) == 9 and head[8:9] == b"{":
+        header = int.from_bytes(head[:8], "little")
+        if 2 <= header <= size - 8:
+            return "safetensors"
+    if head[:4] == b"PK\x03\x04":
+        return "zip"
+    if head[:1] == b"\x80":
+        return "pickle"
+    return "unknown"
+
+
+class _Tensors:
+    """A file's tensors: shapes up front, values read and released component by component."""
+
+    def __init__(
+        self,
+        shapes: dict[str, tuple[int, ...]],
+        get: Callable[[str], torch.Tensor],
+        *,
+        release: Callable[[str], None] = lambda key: None,
+    ) -> None:
+        self.shapes = shapes
+        self._get = get
+        self._release = release
+
+    def get(self, key: str) -> torch.Tensor | None:
+        """One tensor, without releasing it (only before ``take`` of its prefix); None if absent."""
+        return self._get(key) if key in self.shapes else None
+
+    def take(self, prefixes: str | tuple[str, ...]) -> dict[str, torch.Tensor]:
+        """Tensors whose keys start with ``prefixes``; the file's own reference is released."""
+        out = {}
+        for key in [k for k in self.shapes if k.startswith(prefixes)]:
+            out[key] = self._get(key)
+            self._release(key)
+        return out
+
+
+@contextmanager
+def _open_tensors(path: Path) -> Iterator[_Tensors]:
+    """The tensors of a safetensors file or of a PyTorch pickle (``weights_only``)."""
+    try:
+        if path.stat().st_size == 0:
+            raise CheckpointError(f"{path}: file is empty")
+        kind = _sniff(path)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read it ({exc.strerror or exc})") from exc
+    if kind == "unknown":
+        raise CheckpointError(f"{path}: not a safetensors file or a PyTorch checkpoint")
+    if kind == "safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+                yield _Tensors(shapes, f.get_tensor)
+        except SafetensorError as exc:
+            raise CheckpointError(
+                f"{path}: not a valid safetensors file ({_first_line(exc)})"
+            ) from exc
+        return
+    try:
+        loaded = _torch_load(path, mmap=kind == "zip")
+    except Exception as exc:  # torch raises many types for damaged or hostile pickles
+        if "weights only load failed" in str(exc).lower():
+            raise CheckpointError(
+                f"{path}: refused to load: the pickle holds code or objects that are not plain "
+                "weights (only tensors are loaded; convert it to .safetensors)"
+            ) from exc
+        raise CheckpointError(
+            f"{path}: not a readable PyTorch checkpoint ({_first_line(exc)})"
+        ) from exc
+    if not isinstance(loaded, Mapping):
+        raise CheckpointError(f"{path}: holds a {type(loaded).__name__}, not a state dict")
+    state = loaded.get("state_dict", loaded)
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"{path}: its state_dict is a {type(state).__name__}, not a dict")
+    tensors = {k: v for k, v in state.items() if isinstance(k, str) and torch.is_tensor(v)}
+    for marker in (fam.V_PRED_KEY, fam.ZTSNR_KEY):
+        if marker in loaded and marker not in tensors:
+            tensors[marker] = torch.zeros(0)
+    if not tensors:
+        keys = ", ".join(map(str, list(state)[:5])) or "none"
+        raise CheckpointError(
+            f"{path}: not a Stable Diffusion checkpoint (no tensors at the top level; keys {keys})"
+        )
+    del loaded, state
+    shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+    yield _Tensors(shapes, tensors.__getitem__, release=tensors.__delitem__)
+
+
+def _short_hash(path: Path) -> str:
+    """A1111's model hash: the first 10 hex digits of the file's SHA-256."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()[:10]
+
+
+# --- building models ---------------------------------------------------------------------------
+
+
+def _adapt_keys(state: dict[str, torch.Tensor], expected: Mapping[str, Any]) -> None:
+    """In place: match the ``text_model.`` prefix to the model's own keys (transformers 5 dropped
+    it from CLIPTextModel, kept it in CLIPTextModelWithProjection); drop legacy ``position_ids``.
+    """
+    for key in list(state):
+        bare = key.removeprefix("text_model.")
+        name = next((k for k in (key, bare, "text_model." + bare) if k in expected), key)
+        if name not in expected and name.endswith("position_ids"):
+            del state[key]
+        elif name != key:
+            state[name] = state.pop(key)
+
+
+def _mismatch(missing: list[str], unexpected: list[str], wrong: list[str]) -> str:
+    parts = []
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+        if keys:
+            more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+            parts.append(f"{label}: {', '.join(keys[:3])}{more}")
+    return "; ".join(parts)
+
+
+def _fill(model: nn.Module, state: dict[str, torch.Tensor], what: str, path: Path) -> nn.Module:
+    """Load ``state`` strictly into ``model`` (built on the meta device) as float32 weights.
+
+    ``state`` is consumed: each value is replaced in place by a float32 copy in fresh memory
+    (file-backed tensors may be memory-mapped or misaligned, which changes float results of some
+    CPU kernels), so source tensors are freed one by one and no weight is held twice for long.
+    """
+    expected = model.state_dict()
+    _adapt_keys(state, expected)
+    missing = sorted(expected.keys() - state.keys())
+    unexpected = sorted(state.keys() - expected.keys())
+    wrong = sorted(
+        k
+        for k in expected.keys() & state.keys()
+        if tuple(state[k].shape) != tuple(expected[k].shape)
+    )
+    if missing or unexpected or wrong:
+        raise CheckpointError(
+            f"{path}: {what} weights do not fit the inferred architecture "
+            f"({_mismatch(missing, unexpected, wrong)})"
+        )
+    for key, value in state.items():
+        state[key] = value.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+    model.load_state_dict(state, strict=True, assign=True)
+    state.clear()
+    for module in model.modules():
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer.is_meta and name == "position_ids":  # CLIP's non-persistent buffer
+                setattr(module, name, torch.arange(buffer.shape[-1]).expand(buffer.shape))
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise CheckpointError(f"{path}: {what}: no values for {', '.join(left[:3])}")
+    return model.eval().requires_grad_(False)
+
+
+def _empty(build: Callable[[], nn.Module]) -> nn.Module:
+    """Build a model without allocating or initialising its weights."""
+    with torch.device("meta"):
+        return build()
+
+
+def _unet_from_file(tensors: _Tensors, config: dict, path: Path) -> nn.Module:
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    model = _empty(lambda: UNet2DConditionModel.from_config(config))
+    state = convert_ldm_unet_checkpoint(tensors.take(fam.UNET_PREFIX), config)
+    return _fill(model, state, "UNet", path)
+
+
+def _vae_from_file(tensors: _Tensors, config: dict, prefix: str, path: Path) -> nn.Module:
+    from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    model = _empty(lambda: AutoencoderKL.from_config(config))
+    raw = tensors.take(tuple(prefix + part for part in _VAE_PARTS))
+    if prefix not in ("", fam.VAE_PREFIX):  # the converter knows only these two
+        raw = {k.removeprefix(prefix): v for k, v in raw.items()}
+    state = convert_ldm_vae_checkpoint(raw, config)
+    del raw
+    return _fill(model, state, "VAE", path)
+
+
+def _text_encoder_from_file(
+    tensors: _Tensors, spec: TextEncoderSpec, config: dict, path: Path
+) -> nn.Module:
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_clip_checkpoint,
+        convert_open_clip_checkpoint,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cls = CLIPTextModelWithProjection if spec.with_projection else CLIPTextModel
+    model = _empty(lambda: cls(CLIPTextConfig.from_dict(config)))
+    raw = tensors.take(spec.prefix)
+    if spec.openclip:
+        used = config["num_hidden_layers"]
+        unused = re.compile(re.escape(spec.prefix) + r"transformer\.resblocks\.(\d+)\.")
+        for key in list(raw):
+            m = unused.match(key)
+            if (m and int(m[1]) >= used) or (
+                key == spec.prefix + "text_projection" and not spec.with_projection
+            ):
+                del raw[key]
+        state = convert_open_clip_checkpoint(model, raw, prefix=spec.prefix)
+    else:
+        state = convert_ldm_clip_checkpoint(raw, remove_prefix=spec.prefix)
+    del raw
+    return _fill(model, state, f"{spec.component} (text encoder)", path)
+
+
+def _shipped_tokenizer(pad_token: str) -> CLIPTokenizer:
+    """CLIP BPE tokenizer from the vocabulary shipped in ``tileup/data/tokenizers/clip``."""
+    from transformers import CLIPTokenizer
+
+    root = resources.files("tileup").joinpath("data/tokenizers/clip")
+    with (
+        resources.as_file(root.joinpath("vocab.json")) as vocab,
+        resources.as_file(root.joinpath("merges.txt")) as merges,
+    ):
+        return CLIPTokenizer(
+            str(vocab), str(merges), pad_token=pad_token, model_max_length=MAX_TOKENS
+        )
+
+
+# --- single files ------------------------------------------------------------------------------
+
+
+def _load_single_file(path: Path, vae_path: Path | None, prediction: str) -> SDModel:
+    with _open_tensors(path) as tensors:
+        try:
+            family = fam.detect_family(tensors.shapes.keys())
+            configs = fam.infer_configs(tensors.shapes, family)
+        except LayoutError as exc:
+            raise CheckpointError(f"{path}: {exc}") from exc
+        if "vae" not in configs and vae_path is None:
+            raise CheckpointError(
+                f"{path}: has no VAE weights ({fam.VAE_PREFIX}); pass a VAE (--vae)"
+            )
+
+        def auto() -> str:
+            v = fam.V_PRED_KEY in tensors.shapes or fam.looks_v_prediction(
+                family, tensors.get(fam.SD2_V_PROBE_KEY)
+            )
+            return "v_prediction" if v else "epsilon"
+
+        prediction_type = auto() if prediction == "auto" else prediction
+        extra = {"rescale_betas_zero_snr": True} if fam.ZTSNR_KEY in tensors.shapes else {}
+        encoders = tuple(
+            _text_encoder_from_file(tensors, spec, configs[spec.component], path)
+            for spec in family.text_encoders
+        )
+        unet = _unet_from_file(tensors, configs["unet"], path)
+        if vae_path is None:
+            vae_model = _vae_from_file(tensors, configs["vae"], fam.VAE_PREFIX, path)
+    if vae_path is not None:  # read after the checkpoint's own file is closed
+        vae_model = _load_vae(vae_path, family, family.scaling_factor, unet.config.in_channels)
+    return SDModel(
+        family=family.name,
+        prediction_type=prediction_type,
+        unet=unet,
+        vae=vae_model,
+        text_encoders=encoders,
+        tokenizers=tuple(_shipped_tokenizer(s.pad_token) for s in family.text_encoders),
+        scheduler_config=fam.scheduler_config(prediction_type, **extra),
+        name=path.stem,
+        source=path,
+        model_hash=_short_hash(path),
+        vae_name=_vae_name(vae_path),
+    )
+
+
+def _vae_name(vae_path: Path | None) -> str | None:
+    if vae_path is None:
+        return None
+    return vae_path.name if vae_path.is_dir() else vae_path.stem
+
+
+def _load_vae(
+    path: Path, family: Family, scaling_factor: float, latent_channels: int
+) -> AutoencoderKL:
+    """A replacement VAE from a single file or a diffusers folder, with ``scaling_factor``."""
+    if path.is_dir():
+        vae = _vae_from_folder(path)
+    else:
+        with _open_tensors(path) as tensors:
+            keys = tensors.shapes.keys()
+            prefix = next(
+                (p for p in (fam.VAE_PREFIX, "vae.", "") if f"{p}encoder.conv_in.weight" in keys),
+                None,
+            )
+            if prefix is None:
+                hint = (
+                    "diffusers-format VAE weights; pass the folder with its config.json"
+                    if any(k.startswith("encoder.down_blocks.") for k in keys)
+                    else f"not a VAE (no encoder.conv_in.weight; {fam.describe_keys(keys)})"
+                )
+                raise CheckpointError(f"{path}: {hint}")
+            try:
+                config = fam.vae_config(tensors.shapes, family, prefix)
+            except LayoutError as exc:
+                raise CheckpointError(f"{path}: {exc}") from exc
+            vae = _vae_from_file(tensors, config, prefix, path)
+    vae.register_to_config(scaling_factor=scaling_factor)
+    if vae.config.latent_channels != latent_channels:
+        raise CheckpointError(
+            f"{path}: the VAE has {vae.config.latent_channels} latent channels but the UNet "
+            f"expects {latent_channels}"
+        )
+    return vae
+
+
+# --- diffusers folders -------------------------------------------------------------------------
+
+
+def _read_json(path: Path, folder: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{folder}: cannot read {path.name} ({_first_line(exc)})") from exc
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{folder}: {path.name} is not a JSON object")
+    return data
+
+
+def _variant(sub: Path) -> str | None:
+    """The weights variant ("fp16", ...) when only variant files are present in ``sub``."""
+    names = [p.name for p in sub.glob("*") if p.suffix in (".safetensors", ".bin")]
+    if not names or any(re.fullmatch(r"[^.]+\.(safetensors|bin)", n) for n in names):
+        return None
+    variants = {n.split(".")[-2] for n in names if n.count(".") >= 2}
+    return variants.pop() if len(variants) == 1 else None
+
+
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """No transformers progress bars while loading (tileup reports progress itself)."""
+    from transformers.utils import logging
+
+    enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            logging.enable_progress_bar()
+
+
+def _pretrained(cls: Any, folder: Path, sub: str) -> Any:
+    """``cls.from_pretrained`` of the local ``folder/sub`` as float32, eval, no gradients."""
+    variant = _variant(folder / sub)
+    try:
+        if cls.__module__.startswith("diffusers"):
+            model = cls.from_pretrained(
+                folder,
+                **({"subfolder": sub} if sub else {}),
+                local_files_only=True,
+                variant=variant,
+                torch_dtype=torch.float32,
+                low_cpu_mem_usage=_HAS_ACCELERATE,
+            )
+        else:
+            with _quiet_transformers():
+                model = cls.from_pretrained(folder / sub, local_files_only=True, variant=variant)
+            model = model.to(torch.float32)
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
+        raise CheckpointError(
+            f"{folder}: cannot load {sub or 'the model'} ({_first_line(exc)})"
+        ) from exc
+    return _aligned(model).eval().requires_grad_(False)
+
+
+def _aligned(model: nn.Module) -> nn.Module:
+    """Move weights that from_pretrained left in misaligned file buffers into fresh memory.
+
+    Some CPU kernels round differently on misaligned data; this keeps a folder and the same
+    weights as a single file numerically identical.
+    """
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if tensor.device.type == "cpu" and tensor.data_ptr() % 64:
+                tensor.data = tensor.data.clone(memory_format=torch.contiguous_format)
+    return model
+
+
+def _vae_from_folder(folder: Path) -> AutoencoderKL:
+    from diffusers import AutoencoderKL
+
+    if (folder / "config.json").is_file():
+        return _pretrained(AutoencoderKL, folder, "")
+    if (folder / "vae" / "config.json").is_file():
+        return _pretrained(AutoencoderKL, folder, "vae")
+    raise CheckpointError(f"{folder}: not a diffusers VAE folder (no config.json)")
+
+
+def _component(index: Mapping[str, Any], name: str) -> bool:
+    entry = index.get(name)
+    return isinstance(entry, list) and len(entry) == 2 and entry[1] is not None
+
+
+def _folder_family(folder: Path, index: Mapping[str, Any]) -> Family:
+    kind = index.get("_class_name", "a diffusers pipeline")
+    if not _component(index, "unet"):
+        raise CheckpointError(
+            f"{folder}: {kind} without a UNet; only SD 1.x, SD 2.x and SDXL base are supported"
+        )
+    if _component(index, "text_encoder_2"):
+        if not _component(index, "text_encoder"):
+            raise CheckpointError(
+                f"{folder}: looks like an SDXL refiner; "
+                "only SD 1.x, SD 2.x and SDXL base are supported"
+            )
+        return fam.FAMILIES["sdxl"]
+    if not _component(index, "text_encoder"):
+        raise CheckpointError(f"{folder}: {kind} without a text encoder")
+    text = _read_json(folder / "text_encoder" / "config.json", folder)
+    return fam.FAMILIES["sd2" if text.get("hidden_act") == "gelu" else "sd1"]
+
+
+def _unet_weights(folder: Path) -> Path:
+    files = sorted((folder / "unet").glob("diffusion_pytorch_model*"))
+    weights = [p for p in files if p.suffix in (".safetensors", ".bin")] or files
+    if not weights:
+        raise CheckpointError(f"{folder}: no UNet weights in unet/")
+    return weights[0]
+
+
+def _load_folder(folder: Path, vae_path: Path | None, prediction: str) -> SDModel:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    if not (folder / "model_index.json").is_file():
+        raise CheckpointError(
+            f"{folder}: a folder but not a diffusers pipeline (no model_index.json)"
+        )
+    index = _read_json(folder / "model_index.json", folder)
+    family = _folder_family(folder, index)
+    sched_file = folder / "scheduler" / "scheduler_config.json"
+    sched = _read_json(sched_file, folder) if sched_file.is_file() else {}
+
+    def auto() -> str:
+        value = sched.get("prediction_type", "epsilon")
+        if value not in PREDICTIONS[1:]:
+            raise CheckpointError(f"{folder}: unsupported scheduler prediction_type {value!r}")
+        return value
+
+    prediction_type = auto() if prediction == "auto" else prediction
+    unet = _pretrained(UNet2DConditionModel, folder, "unet")
+    if unet.config.in_channels != unet.config.out_channels:
+        raise CheckpointError(
+            f"{folder}: the UNet takes {unet.config.in_channels} input channels (an inpainting "
+            "or similar model); only text-to-image checkpoints are supported"
+        )
+    encoders = tuple(
+        _pretrained(
+            CLIPTextModelWithProjection if spec.with_projection else CLIPTextModel,
+            folder,
+            spec.component,
+        )
+        for spec in family.text_encoders
+    )
+    tokenizers = []
+    for i, spec in enumerate(family.text_encoders):
+        sub = folder / ("tokenizer_2" if i else "tokenizer")
+        if sub.is_dir():
+            try:
+                tokenizers.append(CLIPTokenizer.from_pretrained(sub, local_files_only=True))
+            except (OSError, ValueError) as exc:
+                raise CheckpointError(
+                    f"{folder}: cannot load {sub.name} ({_first_line(exc)})"
+                ) from exc
+        else:
+            tokenizers.append(_shipped_tokenizer(spec.pad_token))
+    if vae_path is None:
+        vae_model = _pretrained(AutoencoderKL, folder, "vae")
+    else:
+        own = folder / "vae" / "config.json"
+        scale = _read_json(own, folder) if own.is_file() else {}
+        scaling = scale.get("scaling_factor", family.scaling_factor)
+        vae_model = _load_vae(vae_path, family, scaling, unet.config.in_channels)
+    schedule = {k: sched[k] for k in fam.SCHEDULE if k in sched}
+    if sched.get("rescale_betas_zero_snr"):
+        schedule["rescale_betas_zero_snr"] = True
+    return SDModel(
+        family=family.name,
+        prediction_type=prediction_type,
+        unet=unet,
+        vae=vae_model,
+        text_encoders=encoders,
+        tokenizers=tuple(tokenizers),
+        scheduler_config=fam.scheduler_config(prediction_type, **schedule),
+        name=folder.name,
+        source=folder,
+        model_hash=_short_hash(_unet_weights(folder)),
+        vae_name=_vae_name(vae_path),
+    )

@@ -1,0 +1,578 @@
+"""Sampler and schedule names users know, mapped onto diffusers schedulers; fixed step scheduling.
+
+Samplers are not written here: each name A1111 / ComfyUI users know ("Euler a", "DPM++ 2M",
+"dpmpp_2m_sde", ...) is a frozen registry entry naming a diffusers scheduler class and its
+options; each schedule ("normal", "karras", "exponential", "simple", "ddim_uniform") is a set of
+scheduler config options. A1111's combined names ("DPM++ 2M Karras") carry their schedule.
+
+Fixed step scheduling (A1111's ``img2img_fix_steps``, ComfyUI's KSampler): ``--steps N`` is the
+number of steps actually run for every denoise in (0, 1]. The schedule is built for
+``T = max(N, int(N / denoise))`` steps and its last N steps are run, starting from the init
+latents noised to the first of them (``scheduler.add_noise(latents, noise, plan.first_timestep)``,
+exactly as diffusers' img2img pipelines noise, i.e. ``x0 + σ·noise`` for the σ-based k-samplers
+and ``√ᾱ·x0 + √(1-ᾱ)·noise`` for DDIM, LCM and the DPM-Solver/UniPC/DEIS family, whose samples
+live in variance-preserving space). A pure-noise start (txt2img) is ``add_noise`` of zeros.
+
+``run_sampler`` is the one sampling loop of tileup; the denoiser is any callable
+``(model_input, t) -> prediction`` over the whole canvas (tiling lives inside it).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import textwrap
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DEISMultistepScheduler,
+    DPMSolverMultistepScheduler,
+    DPMSolverSDEScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    KDPM2AncestralDiscreteScheduler,
+    KDPM2DiscreteScheduler,
+    LCMScheduler,
+    LMSDiscreteScheduler,
+    UniPCMultistepScheduler,
+)
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+from tileup.errors import TileupError
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""``(model_input, t) -> prediction`` over the whole canvas, in the scheduler's prediction type."""
+
+StepCallback = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
+"""``(i, t, latents) -> latents`` after model evaluation ``i`` (0-based) at timestep ``t``."""
+
+SD_TRAINING_CONFIG: Mapping[str, Any] = MappingProxyType(
+    {
+        "num_train_timesteps": 1000,
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "steps_offset": 1,
+    }
+)
+"""The noise schedule every SD 1.x / 2.x / XL model was trained with."""
+
+TRAINING_KEYS = (*SD_TRAINING_CONFIG, "trained_betas", "rescale_betas_zero_snr")
+"""The only keys ``make_scheduler`` reads from ``base_config`` (the rest are sampler choices)."""
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+_LMS_ORDER = 4  # k-diffusion's, A1111's and ComfyUI's LMS order
+
+
+class SamplerError(TileupError):
+    """Unknown sampler or schedule, an unsupported combination, or a bad steps/denoise."""
+
+
+def _key(name: str) -> str:
+    """Lookup key: case-insensitive; ``_``, ``-`` and runs of spaces are all one space."""
+    return " ".join(name.lower().replace("_", " ").replace("-", " ").split())
+
+
+def _frozen(**options: Any) -> Mapping[str, Any]:
+    return MappingProxyType(dict(options))
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A noise schedule: scheduler config options layered over the sampler's own options."""
+
+    name: str
+    options: Mapping[str, Any]
+    summary: str
+    aliases: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """A sampler by the A1111 name, as a diffusers scheduler class plus config options.
+
+    ``options`` hold the sampler's "normal" spacing; ``schedules`` are the schedule names this
+    class can do (any other is refused at construction, never silently ignored).
+    """
+
+    name: str
+    scheduler: type[SchedulerMixin]
+    options: Mapping[str, Any]
+    schedules: tuple[str, ...]
+    aliases: tuple[str, ...] = ()
+    stochastic: bool = False
+    note: str = ""
+
+    @property
+    def order(self) -> int:
+        """Model evaluations per step (2 for Heun-like samplers, whose last step takes 1)."""
+        return int(self.scheduler.order)
+
+    def evaluations(self, steps: int) -> int:
+        """Model calls for ``steps`` steps: N for first-order samplers, 2N-1 for second-order."""
+        return steps * self.order - (self.order - 1) if steps > 0 else 0
+
+
+SCHEDULES: tuple[Schedule, ...] = (
+    Schedule(
+        "normal",
+        _frozen(),
+        "the sampler's own spacing: timesteps evenly spaced from 999 to 0 for the k-samplers "
+        "(A1111 Automatic/Uniform, ComfyUI normal), diffusers' linspace (999 down to ~999/N, "
+        "≈ ComfyUI sgm_uniform) for DPM++ 2M/3M, UniPC, DEIS; A1111's uniform DDIM steps "
+        "(1, 1+1000//N, ...) for DDIM; LCM's own distillation grid for LCM",
+        aliases=("automatic", "uniform", "default"),
+    ),
+    Schedule(
+        "karras",
+        _frozen(use_karras_sigmas=True),
+        "use_karras_sigmas: Karras et al. rho=7 between the training sigma_min and sigma_max "
+        "(as k-diffusion/A1111/ComfyUI)",
+    ),
+    Schedule(
+        "exponential",
+        _frozen(use_exponential_sigmas=True),
+        "use_exponential_sigmas: sigmas evenly spaced in log σ between the training extremes",
+    ),
+    Schedule(
+        "simple",
+        _frozen(timestep_spacing="trailing"),
+        "timestep_spacing='trailing': t = round(1000 - k·1000/N) - 1; ComfyUI simple takes "
+        "999 - floor(k·1000/N) and sgm_uniform 999 - k·999/N, so both differ by under one "
+        "training timestep (none when N divides 1000)",
+        aliases=("sgm_uniform", "sgm uniform"),
+    ),
+    Schedule(
+        "ddim_uniform",
+        _frozen(timestep_spacing="leading"),
+        "timestep_spacing='leading' with steps_offset 1: t = 1 + k·(1000//N) (ComfyUI "
+        "ddim_uniform, which runs one step more when N·(1000//N) < 999)",
+    ),
+)
+
+_ALL = ("normal", "karras", "exponential", "simple", "ddim_uniform")
+_SPACING_ONLY = ("normal", "simple", "ddim_uniform")
+_K = _frozen(timestep_spacing="linspace")
+
+
+def _dpm(**options: Any) -> Mapping[str, Any]:
+    return _frozen(timestep_spacing="linspace", lower_order_final=True, **options)
+
+
+SAMPLERS: tuple[Sampler, ...] = (
+    Sampler("Euler", EulerDiscreteScheduler, _K, _ALL, ("euler", "k_euler")),
+    Sampler(
+        "Euler a",
+        EulerAncestralDiscreteScheduler,
+        _K,
+        _SPACING_ONLY,
+        ("euler_ancestral", "k_euler_a", "k_euler_ancestral"),
+        stochastic=True,
+        note="no karras/exponential: diffusers' EulerAncestralDiscreteScheduler lacks them",
+    ),
+    Sampler("Heun", HeunDiscreteScheduler, _K, _ALL, ("heun", "k_heun")),
+    Sampler(
+        "LMS",
+        LMSDiscreteScheduler,
+        _K,
+        _ALL,
+        ("lms", "k_lms"),
+        note="order 4, warmed up from the first step run (as k-diffusion does)",
+    ),
+    Sampler("DPM2", KDPM2DiscreteScheduler, _K, _ALL, ("dpm_2", "k_dpm_2")),
+    Sampler(
+        "DPM2 a",
+        KDPM2AncestralDiscreteScheduler,
+        _K,
+        _ALL,
+        ("dpm_2_ancestral", "k_dpm_2_a", "k_dpm_2_ancestral"),
+        stochastic=True,
+    ),
+    Sampler(
+        "DPM++ 2M",
+        DPMSolverMultistepScheduler,
+        _dpm(algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint"),
+        _ALL,
+        ("dpmpp_2m", "k_dpmpp_2m"),
+    ),
+    Sampler(
+        "DPM++ 2M SDE",
+        DPMSolverMultistepScheduler,
+        _dpm(algorithm_type="sde-dpmsolver++", solver_order=2, solver_type="midpoint"),
+        _ALL,
+        ("dpmpp_2m_sde", "dpmpp_2m_sde_gpu", "k_dpmpp_2m_sde"),
+        stochastic=True,
+        note="fresh Gaussian noise per step from the generator (k-diffusion: a Brownian tree)",
+    ),
+    Sampler(
+        "DPM++ 2M SDE Heun",
+        DPMSolverMultistepScheduler,
+        _dpm(algorithm_type="sde-dpmsolver++", solver_order=2, solver_type="heun"),
+        _ALL,
+        ("dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_gpu", "k_dpmpp_2m_sde_heun"),
+        stochastic=True,
+    ),
+    Sampler(
+        "DPM++ 3M SDE",
+        DPMSolverMultistepScheduler,
+        _dpm(algorithm_type="sde-dpmsolver++", solver_order=3),
+        _ALL,
+        ("dpmpp_3m_sde", "dpmpp_3m_sde_gpu", "k_dpmpp_3m_sde"),
+        stochastic=True,
+        note="diffusers' third-order SDE DPM-Solver++ (k-diffusion's 3M SDE is a variant of it)",
+    ),
+    Sampler(
+        "DPM++ SDE",
+        DPMSolverSDEScheduler,
+        _K,
+        _ALL,
+        ("dpmpp_sde", "dpmpp_sde_gpu", "k_dpmpp_sde"),
+        stochastic=True,
+        note="Brownian-tree noise (torchsde) seeded from the generator",
+    ),
+    Sampler(
+        "DDIM",
+        DDIMScheduler,
+        _frozen(timestep_spacing="leading", clip_sample=False, set_alpha_to_one=False),
+        _SPACING_ONLY,
+        ("ddim",),
+        note="eta 0; ends at ᾱ(0) like A1111 (set_alpha_to_one=False)",
+    ),
+    Sampler(
+        "UniPC",
+        UniPCMultistepScheduler,
+        _dpm(solver_type="bh1", solver_order=3, final_sigmas_type="sigma_min"),
+        _ALL,
+        ("uni_pc", "unipc"),
+        note="bh1, order 3 (A1111/ComfyUI defaults); like A1111 it stops at the smallest "
+        "training σ (diffusers' bh1 step to σ = 0 yields NaN)",
+    ),
+    Sampler(
+        "UniPC bh2",
+        UniPCMultistepScheduler,
+        _dpm(solver_type="bh2", solver_order=3),
+        _ALL,
+        ("uni_pc_bh2",),
+    ),
+    Sampler(
+        "DEIS",
+        DEISMultistepScheduler,
+        _dpm(solver_order=3),
+        _ALL,
+        ("deis",),
+        note="order 3; stops at the smallest training σ (diffusers' DEIS has no final σ = 0)",
+    ),
+    Sampler(
+        "LCM",
+        LCMScheduler,
+        _frozen(),
+        ("normal",),
+        ("lcm",),
+        stochastic=True,
+        note="for LCM models/LoRAs (low CFG); at most 50 scheduled steps (steps / denoise)",
+    ),
+)
+
+_SAMPLER_INDEX: Mapping[str, Sampler] = MappingProxyType(
+    {_key(n): s for s in SAMPLERS for n in (s.name, *s.aliases)}
+)
+_SCHEDULE_INDEX: Mapping[str, Schedule] = MappingProxyType(
+    {_key(n): s for s in SCHEDULES for n in (s.name, *s.aliases)}
+)
+
+
+def _known_samplers() -> str:
+    return ", ".join(s.name for s in SAMPLERS)
+
+
+def _known_schedules() -> str:
+    return ", ".join(s.name for s in SCHEDULES)
+
+
+def resolve_schedule(name: str) -> Schedule:
+    """The schedule called ``name`` (case-insensitive, aliases allowed); else SamplerError."""
+    found = _SCHEDULE_INDEX.get(_key(name))
+    if found is None:
+        raise SamplerError(f"unknown schedule {name!r}; known: {_known_schedules()}")
+    return found
+
+
+def resolve(sampler: str, schedule: str = "normal") -> tuple[Sampler, Schedule]:
+    """Resolve a sampler name (A1111, ComfyUI, case-insensitive) and a schedule name.
+
+    An A1111 combined name ("DPM++ 2M Karras") carries its schedule; an explicit ``schedule``
+    other than "normal" must then agree with it. The combination must be one the diffusers
+    class can do: there is no silent fallback.
+    """
+    chosen = resolve_schedule(schedule)
+    key = _key(sampler)
+    entry = _SAMPLER_INDEX.get(key)
+    if entry is None:
+        words = key.split()
+        for cut in range(len(words) - 1, 0, -1):
+            head = _SAMPLER_INDEX.get(" ".join(words[:cut]))
+            named = _SCHEDULE_INDEX.get(" ".join(words[cut:]))
+            if head is not None and named is not None:
+                if chosen.name not in ("normal", named.name):
+                    raise SamplerError(
+                        f"sampler {sampler!r} names schedule {named.name!r} but schedule "
+                        f"{chosen.name!r} was asked for"
+                    )
+                entry, chosen = head, named
+                break
+    if entry is None:
+        raise SamplerError(
+            f"unknown sampler {sampler!r}; known: {_known_samplers()} (ComfyUI/A1111 aliases "
+            f"and names like 'DPM++ 2M Karras' work too; see 'tileup samplers')"
+        )
+    if chosen.name not in entry.schedules:
+        raise SamplerError(
+            f"sampler {entry.name!r} cannot use schedule {chosen.name!r} "
+            f"(diffusers' {entry.scheduler.__name__} has no such option); "
+            f"{entry.name} supports: {', '.join(entry.schedules)}"
+        )
+    return entry, chosen
+
+
+@functools.cache
+def _init_params(cls: type[SchedulerMixin]) -> frozenset[str]:
+    return frozenset(inspect.signature(cls.__init__).parameters)
+
+
+@functools.cache
+def _step_params(cls: type[SchedulerMixin]) -> frozenset[str]:
+    return frozenset(inspect.signature(cls.step).parameters)
+
+
+def _supports_zsnr(entry: Sampler) -> bool:
+    return "rescale_betas_zero_snr" in _init_params(entry.scheduler)
+
+
+def make_scheduler(
+    sampler: str,
+    schedule: str,
+    base_config: Mapping[str, Any],
+    *,
+    prediction_type: str,
+) -> SchedulerMixin:
+    """A fresh diffusers scheduler for ``sampler`` + ``schedule`` over the model's training noise.
+
+    Reads only the training-noise keys (``TRAINING_KEYS``) of ``base_config`` (missing ones
+    default to ``SD_TRAINING_CONFIG``); spacing, solver and sigma options come from the sampler
+    entry and the schedule. Raises SamplerError for unknown names, unsupported combinations and
+    prediction types other than "epsilon" / "v_prediction".
+    """
+    entry, chosen = resolve(sampler, schedule)
+    if prediction_type not in PREDICTION_TYPES:
+        raise SamplerError(
+            f"unsupported prediction type {prediction_type!r}; known: {', '.join(PREDICTION_TYPES)}"
+        )
+    config: dict[str, Any] = dict(SD_TRAINING_CONFIG)
+    config.update({k: base_config[k] for k in TRAINING_KEYS if base_config.get(k) is not None})
+    if config.get("rescale_betas_zero_snr") and not _supports_zsnr(entry):
+        able = ", ".join(s.name for s in SAMPLERS if _supports_zsnr(s))
+        raise SamplerError(
+            f"this model needs zero-terminal-SNR betas, which diffusers' "
+            f"{entry.scheduler.__name__} ({entry.name}) cannot do; use one of: {able}"
+        )
+    config.update(entry.options)
+    config.update(chosen.options)
+    config["prediction_type"] = prediction_type
+    try:
+        return entry.scheduler(**config)
+    except ImportError as exc:  # DPMSolverSDEScheduler without torchsde
+        raise SamplerError(f"sampler {entry.name!r} needs a missing package: {exc}") from exc
+
+
+@dataclass(frozen=True, eq=False)
+class StepPlan:
+    """The last ``steps`` steps of a ``total_steps`` schedule, as a scheduler will run them.
+
+    ``timesteps`` (CPU) are the entries to iterate, one model evaluation each (second-order
+    schedulers hold two entries per step but one for the last step, which ends at σ = 0);
+    ``begin_index`` is the first entry's index in the full schedule; ``first_timestep`` (shape
+    [1], or None for an empty plan) is the noise level of the start:
+    ``scheduler.add_noise(latents, noise, plan.first_timestep)``.
+    """
+
+    timesteps: torch.Tensor
+    begin_index: int
+    total_steps: int
+    steps: int
+    first_timestep: torch.Tensor | None
+    evaluations: int
+
+    @property
+    def empty(self) -> bool:
+        """True when nothing runs (denoise 0)."""
+        return self.evaluations == 0
+
+
+def _set_schedule(scheduler: SchedulerMixin, total: int, begin: int) -> torch.Tensor:
+    """Set ``total`` steps on ``scheduler``, arm it to start at entry ``begin``; its timesteps."""
+    try:
+        scheduler.set_timesteps(total)
+    except ValueError as exc:
+        raise SamplerError(
+            f"{type(scheduler).__name__} cannot make a {total}-step schedule: "
+            f"{' '.join(str(exc).split())}"
+        ) from exc
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(begin)
+    return scheduler.timesteps
+
+
+def plan_steps(scheduler: SchedulerMixin, steps: int, denoise: float) -> StepPlan:
+    """Fixed step scheduling: run the last ``steps`` steps of a ``int(steps / denoise)`` schedule.
+
+    Sets the scheduler's timesteps and begin index (so ``add_noise`` with ``first_timestep``
+    noises to the right level and the first ``step`` starts there). ``denoise == 0`` gives an
+    empty plan and leaves the scheduler alone. Raises SamplerError for ``steps < 1``,
+    ``denoise`` outside [0, 1], more scheduled steps than training timesteps, or a schedule
+    diffusers gets wrong (its 'trailing' spacing yields an extra, negative timestep for a few
+    step counts such as 61 or 103).
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise SamplerError(f"steps must be a positive integer, got {steps!r}")
+    denoise = float(denoise)
+    if not 0.0 <= denoise <= 1.0:
+        raise SamplerError(f"denoise must be in [0, 1], got {denoise}")
+    if denoise == 0.0:
+        return StepPlan(torch.empty(0), 0, 0, 0, None, 0)
+    total = max(steps, int(steps / denoise))
+    train = int(scheduler.config.num_train_timesteps)
+    if total > train:
+        raise SamplerError(
+            f"steps / denoise = {steps} / {denoise:g} needs a {total}-step schedule, more than "
+            f"the {train} training timesteps; lower --steps or raise --denoise"
+        )
+    order = int(scheduler.order)
+    begin = (total - steps) * order
+    timesteps = _set_schedule(scheduler, total, begin)
+    low, high = float(timesteps.min()), float(timesteps.max())
+    if len(timesteps) != total * order - (order - 1) or low < 0 or high > train - 1:
+        raise SamplerError(
+            f"diffusers' {type(scheduler).__name__} made a broken {total}-step schedule "
+            f"({len(timesteps)} timesteps in [{low:g}, {high:g}]); change --steps or "
+            f"--denoise slightly, or use another schedule"
+        )
+    run = timesteps[begin:]
+    return StepPlan(run, begin, total, steps, run[:1], len(run))
+
+
+def noise_latents(
+    scheduler: SchedulerMixin, plan: StepPlan, latents: torch.Tensor, noise: torch.Tensor
+) -> torch.Tensor:
+    """``latents`` noised to the plan's start (re-arms the scheduler first; same as
+    ``scheduler.add_noise(latents, noise, plan.first_timestep)`` right after ``plan_steps``).
+    An empty plan returns ``latents`` unchanged; zeros give a pure-noise (txt2img) start."""
+    if plan.empty:
+        return latents
+    _rearm(scheduler, plan)
+    return scheduler.add_noise(latents, noise, plan.first_timestep)
+
+
+def _rearm(scheduler: SchedulerMixin, plan: StepPlan) -> None:
+    """Make ``scheduler`` fresh at the plan's start (set_timesteps again only if it has run)."""
+    fresh = (
+        getattr(scheduler, "step_index", None) is None
+        and getattr(scheduler, "begin_index", plan.begin_index) == plan.begin_index
+        and scheduler.num_inference_steps == plan.total_steps
+    )
+    if fresh:
+        timesteps = scheduler.timesteps
+    else:
+        timesteps = _set_schedule(scheduler, plan.total_steps, plan.begin_index)
+    if not torch.equal(timesteps[plan.begin_index :], plan.timesteps):
+        raise SamplerError("this step plan was made for a different scheduler")
+
+
+def run_sampler(
+    scheduler: SchedulerMixin,
+    plan: StepPlan,
+    latents: torch.Tensor,
+    denoiser: Denoiser,
+    *,
+    generator: torch.Generator | None,
+    on_step: StepCallback | None = None,
+) -> torch.Tensor:
+    """Run ``plan`` from ``latents`` (already noised to ``plan.first_timestep``); the result.
+
+    Resets the scheduler to the plan first, so a plan can be run any number of times. Makes
+    exactly ``plan.evaluations`` denoiser calls ``denoiser(scheduler.scale_model_input(x, t), t)``
+    with ``t`` a 0-dim CPU tensor; predictions are cast to the latents' dtype (keep latents
+    float32). ``generator`` (a CPU generator, for device-independent noise) feeds the
+    stochastic samplers; DPM++ SDE seeds its Brownian tree from one draw of it. ``on_step``,
+    if given, sees and may replace the latents after every evaluation. No host syncs of its own.
+    """
+    if plan.empty:
+        return latents
+    _rearm(scheduler, plan)
+    takes_generator = "generator" in _step_params(type(scheduler))
+    if hasattr(scheduler, "noise_sampler_seed") and generator is not None:
+        seed = torch.randint(0, 2**63 - 1, (), generator=generator, device=generator.device)
+        scheduler.noise_sampler_seed = int(seed)
+    extra: dict[str, Any] = {"generator": generator} if takes_generator else {}
+    lms = "order" in _step_params(type(scheduler))  # LMSDiscreteScheduler
+    for i, t in enumerate(plan.timesteps):
+        model_input = scheduler.scale_model_input(latents, t)
+        prediction = denoiser(model_input, t).to(latents.dtype)
+        if lms:  # warm up from the first step run, not from the start of the full schedule
+            extra["order"] = min(i + 1, _LMS_ORDER)
+        latents = scheduler.step(prediction, t, latents, return_dict=False, **extra)[0]
+        if on_step is not None:
+            latents = on_step(i, t, latents)
+    return latents
+
+
+def describe_samplers() -> str:
+    """The text of ``tileup samplers``: samplers with classes and aliases, then schedules."""
+    wrap = functools.partial(textwrap.fill, width=100, break_on_hyphens=False)
+    lines = [
+        wrap(
+            "Samplers (--sampler): case-insensitive; ComfyUI/A1111 aliases and A1111 names "
+            "carrying a schedule ('DPM++ 2M Karras') are accepted. Model calls for --steps N: "
+            "N, or 2N-1 for second-order samplers (two per step, one for the last). "
+            f"Schedules * = {', '.join(_ALL)}."
+        ),
+        "",
+    ]
+    width = max(len(s.name) for s in SAMPLERS)
+    indent = " " * (width + 4)
+    for s in SAMPLERS:
+        hidden = ("timestep_spacing", "lower_order_final")
+        options = ", ".join(f"{k}={v}" for k, v in s.options.items() if k not in hidden)
+        lines.append(f"  {s.name:<{width}}  {s.scheduler.__name__}")
+        schedules = "*" if s.schedules == _ALL else ", ".join(s.schedules)
+        detail = (
+            (f"{options}; " if options else "")
+            + f"calls {'N' if s.order == 1 else '2N-1'}; schedules {schedules}; "
+            + f"aliases {', '.join(s.aliases)}"
+            + ("; stochastic (seeded)" if s.stochastic else "")
+            + (f"; {s.note}" if s.note else "")
+        )
+        lines.append(wrap(detail, initial_indent=indent, subsequent_indent=indent))
+    lines += ["", "Schedules (--scheduler):"]
+    for sch in SCHEDULES:
+        alias = f" (also {', '.join(sch.aliases)})" if sch.aliases else ""
+        lines.append(
+            wrap(
+                f"{sch.name}{alias}: {sch.summary}", initial_indent="  ", subsequent_indent="      "
+            )
+        )
+    lines += [
+        "",
+        wrap(
+            "--steps N runs N steps for every --denoise: the schedule is made for "
+            "int(N / denoise) steps and its last N are run (A1111 img2img_fix_steps, ComfyUI "
+            "KSampler)."
+        ),
+    ]
+    return "\n".join(lines)
