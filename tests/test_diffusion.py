@@ -150,7 +150,7 @@ def test_rediffusion_changes_the_image_and_denoise_zero_does_not(
     assert main([str(photo_file), "-o", str(zero), *ck, *FAST, "--denoise", "0"]) == 0
     assert calls.samples == 0
     assert main([str(photo_file), "-o", str(half), *ck, *FAST, "--denoise", "0.6"]) == 0
-    a, z, h = (np.asarray(Image.open(p), dtype=float) for p in (plain, zero, half))
+    _, z, h = (np.asarray(Image.open(p), dtype=float) for p in (plain, zero, half))
     assert np.abs(h - z).mean() > 2.0, "re-diffusion at 0.6 must change the image"
 
 

@@ -34,16 +34,21 @@ def main(family: str, out: str) -> None:
         encoders.append(("text_encoder_2", "tokenizer_2", CLIPTextModelWithProjection, "!"))
     for sub, tok_sub, cls, pad in encoders:
         cls(CLIPTextConfig(**_config(family, sub))).save_pretrained(folder / sub)
-        CLIPTokenizer(str(vocab / "vocab.json"), str(vocab / "merges.txt"), pad_token=pad,
-                      model_max_length=77).save_pretrained(folder / tok_sub)
-    EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                           steps_offset=1).save_pretrained(folder / "scheduler")
+        CLIPTokenizer(
+            str(vocab / "vocab.json"), str(vocab / "merges.txt"), pad_token=pad, model_max_length=77
+        ).save_pretrained(folder / tok_sub)
+    EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1
+    ).save_pretrained(folder / "scheduler")
     pipeline = "StableDiffusionXLPipeline" if family == "sdxl" else "StableDiffusionPipeline"
-    index = {"_class_name": pipeline, "unet": ["diffusers", "UNet2DConditionModel"],
-             "vae": ["diffusers", "AutoencoderKL"],
-             "text_encoder": ["transformers", "CLIPTextModel"],
-             "tokenizer": ["transformers", "CLIPTokenizer"],
-             "scheduler": ["diffusers", "EulerDiscreteScheduler"]}
+    index = {
+        "_class_name": pipeline,
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+    }
     if family == "sdxl":
         index["text_encoder_2"] = ["transformers", "CLIPTextModelWithProjection"]
         index["tokenizer_2"] = ["transformers", "CLIPTokenizer"]
