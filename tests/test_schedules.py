@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 import math
 
 import numpy as np
@@ -35,10 +37,38 @@ DETERMINISTIC = [s.name for s in SAMPLERS if not s.stochastic]
 DENOISES = (1.0, 0.75, 0.5, 0.3, 0.1)
 SHAPE = (1, 4, 8, 8)
 LCM_MAX = 50  # LCMScheduler's original_inference_steps
+# These stop at the smallest training σ (√(1-ᾱ(0)) ≈ 0.029 of noise left), not at σ = 0.
+STOP_AT_SIGMA_MIN = {"DDIM", "UniPC", "DEIS"}
+# DPM-Solver-family schedulers call the model with the Karras/exponential timestep rounded to an
+# integer while the sample sits at the exact σ: the oracle's ε is off by up to ~0.03 there.
+ROUNDS_T = {"DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler"}
+
+
+@functools.cache
+def _prototype(name: str, schedule: str, prediction: str):
+    return make_scheduler(name, schedule, SD_TRAINING_CONFIG, prediction_type=prediction)
 
 
 def build(name: str, schedule: str = "normal", prediction: str = "epsilon"):
-    return make_scheduler(name, schedule, SD_TRAINING_CONFIG, prediction_type=prediction)
+    """A fresh scheduler (a copy of a cached one: diffusers' KDPM2 __init__ takes ~0.5 s)."""
+    return copy.deepcopy(_prototype(name, schedule, prediction))
+
+
+@functools.cache
+def full_timesteps(name: str, schedule: str, total: int) -> tuple[float, ...]:
+    """The timesteps of a fresh scheduler set to ``total`` steps (an independent reference)."""
+    reference = build(name, schedule)
+    reference.set_timesteps(total)
+    return tuple(reference.timesteps.tolist())
+
+
+def final_tolerance(name: str) -> float:
+    return 0.04 if name in STOP_AT_SIGMA_MIN else 1e-4
+
+
+def first_tolerance(name: str, schedule: str) -> float:
+    rounds = ENTRY[name].scheduler.__name__ in ROUNDS_T and schedule in ("karras", "exponential")
+    return 3e-2 if rounds else 1e-3
 
 
 def fits(name: str, steps: int, denoise: float) -> bool:
@@ -128,9 +158,7 @@ def _check_run(name: str, schedule: str, steps: int, denoise: float) -> None:
     assert len(recorder.timesteps) == plan.evaluations
     assert recorder.steps == steps
     # the timesteps run are the last N steps of the full total_steps schedule
-    reference = build(name, schedule)
-    reference.set_timesteps(total)
-    assert recorder.timesteps == reference.timesteps[-plan.evaluations :].tolist()
+    assert recorder.timesteps == list(full_timesteps(name, schedule, total)[-plan.evaluations :])
     assert out.shape == SHAPE and bool(torch.isfinite(out).all())
 
 
@@ -270,8 +298,7 @@ def test_oracle_recovers_x0_from_pure_noise(name: str, prediction: str) -> None:
     start = noise_latents(scheduler, plan, torch.zeros(SHAPE), noise)
     oracle = Oracle(x0, prediction)
     out = run_sampler(scheduler, plan, start, oracle, generator=torch.Generator().manual_seed(3))
-    # DDIM stops at ᾱ(0) (set_alpha_to_one=False), √(1-ᾱ(0)) ≈ 0.029 short of x0
-    assert rms(out - x0) < (0.04 if name == "DDIM" else 2e-3), rms(out - x0)
+    assert rms(out - x0) < final_tolerance(name), rms(out - x0)
 
 
 @pytest.mark.parametrize("denoise", [1.0, 0.5, 0.3])
@@ -286,12 +313,12 @@ def test_noising_matches_the_first_model_input(name: str, denoise: float) -> Non
         scheduler, plan, noise_latents(scheduler, plan, x0, noise), oracle, generator=None
     )
     assert oracle.first_eps is not None
-    assert torch.allclose(oracle.first_eps, noise, atol=1e-3)
-    assert rms(out - x0) < (0.04 if name == "DDIM" else 2e-3)
+    assert torch.allclose(oracle.first_eps, noise, atol=first_tolerance(name, "normal"))
+    assert rms(out - x0) < final_tolerance(name)
 
 
 @pytest.mark.parametrize("schedule", ["karras", "exponential", "simple", "ddim_uniform"])
-@pytest.mark.parametrize("name", ["Euler", "Heun", "DPM2", "DPM++ 2M", "DPM++ SDE", "UniPC"])
+@pytest.mark.parametrize("name", ["Euler", "Heun", "LMS", "DPM2", "DPM++ 2M", "DPM++ SDE", "UniPC"])
 def test_oracle_with_other_schedules(name: str, schedule: str) -> None:
     scheduler = build(name, schedule)
     plan = plan_steps(scheduler, 12, 0.6)
@@ -300,8 +327,8 @@ def test_oracle_with_other_schedules(name: str, schedule: str) -> None:
     out = run_sampler(
         scheduler, plan, noise_latents(scheduler, plan, x0, noise), oracle, generator=None
     )
-    assert torch.allclose(oracle.first_eps, noise, atol=1e-3)
-    assert rms(out - x0) < 2e-3
+    assert torch.allclose(oracle.first_eps, noise, atol=first_tolerance(name, schedule))
+    assert rms(out - x0) < final_tolerance(name)
 
 
 # --- schedules -----------------------------------------------------------------------------------
@@ -455,6 +482,10 @@ def test_base_config_supplies_only_the_training_noise() -> None:
     ]
     with pytest.raises(SamplerError, match="zero-terminal-SNR"):
         make_scheduler("Heun", "normal", zsnr, prediction_type="epsilon")
+    plain = {**base, "rescale_betas_zero_snr": False}
+    assert type(make_scheduler("Heun", "normal", plain, prediction_type="epsilon")).__name__ == (
+        "HeunDiscreteScheduler"
+    )
 
 
 def test_describe_lists_every_name() -> None:
@@ -466,7 +497,7 @@ def test_describe_lists_every_name() -> None:
     assert max(len(line) for line in text.splitlines()) <= 100
 
 
-# --- a real (tiny) UNet ----------------------------------------------------------------------------
+# --- a real (tiny) UNet --------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -479,8 +510,8 @@ def tiny_unet():
         return UNet2DConditionModel(**unet_kwargs("sd1")).eval()
 
 
-@pytest.mark.parametrize("name", ["Euler a", "Heun", "DPM++ SDE", "DDIM"])
-def test_real_unet_through_the_loop(tiny_unet, name: str) -> None:
+def test_real_unet_through_the_loop(tiny_unet) -> None:
+    name = "DPM++ SDE"  # second order, float64 timesteps, Brownian-tree noise
     context = torch.randn(1, 8, tiny_unet.config.cross_attention_dim, generator=torch.Generator())
     calls = []
 
@@ -492,9 +523,9 @@ def test_real_unet_through_the_loop(tiny_unet, name: str) -> None:
     outs = []
     for _ in range(2):
         scheduler = build(name)
-        plan = plan_steps(scheduler, 3, 0.5)
+        plan = plan_steps(scheduler, 2, 0.5)
         x0, noise = (t.repeat(1, 1, 2, 2) for t in tensors())
         start = noise_latents(scheduler, plan, x0, noise)
         outs.append(run_sampler(scheduler, plan, start, denoiser, generator=torch.Generator()))
-    assert len(calls) == 2 * ENTRY[name].evaluations(3)
+    assert len(calls) == 2 * ENTRY[name].evaluations(2) == 6
     assert torch.equal(outs[0], outs[1]) and bool(torch.isfinite(outs[0]).all())

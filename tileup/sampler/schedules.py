@@ -15,6 +15,24 @@ live in variance-preserving space). A pure-noise start (txt2img) is ``add_noise`
 
 ``run_sampler`` is the one sampling loop of tileup; the denoiser is any callable
 ``(model_input, t) -> prediction`` over the whole canvas (tiling lives inside it).
+
+Where this differs from A1111 / ComfyUI (diffusers' behaviour, kept rather than patched):
+- "normal" for DPM++ 2M/3M, UniPC and DEIS is diffusers' linspace (999 down to ~999/N, about
+  ComfyUI's sgm_uniform), not ComfyUI's normal (999 down to 0); "automatic" means "normal" (A1111
+  1.9+ picks Karras automatically for some samplers: name the schedule to get it).
+- k-samplers interpolate σ linearly between integer timesteps (k-diffusion: in log σ; the two
+  differ by < 1e-5 relative); the DPM-Solver family and DPM2 give the model Karras/exponential
+  timesteps rounded to integers.
+- "simple" is diffusers' trailing spacing (within one training timestep of ComfyUI's simple and
+  sgm_uniform); diffusers' trailing spacing is broken for a few step counts (61, 103, 121, ...):
+  those are refused by ``plan_steps`` rather than run wrong.
+- DDIM, UniPC (bh1) and DEIS stop at the smallest training σ instead of σ = 0, as A1111's DDIM
+  and UniPC do. DPM++ 2M/3M SDE draw Gaussian noise per step (k-diffusion: a Brownian tree).
+- LMS warms its order up from the first step run (as k-diffusion does); diffusers' own counting
+  from the start of the full schedule would use 4th-order weights with one derivative.
+- Not available: Euler a with karras/exponential, DPM++ 2S a, DPM fast/adaptive, Restart, PLMS,
+  and the "beta" schedule (diffusers' use_beta_sigmas spaces σ, ComfyUI's beta spaces timesteps:
+  a different schedule under the same name).
 """
 
 from __future__ import annotations
@@ -376,12 +394,14 @@ def make_scheduler(
         )
     config: dict[str, Any] = dict(SD_TRAINING_CONFIG)
     config.update({k: base_config[k] for k in TRAINING_KEYS if base_config.get(k) is not None})
-    if config.get("rescale_betas_zero_snr") and not _supports_zsnr(entry):
-        able = ", ".join(s.name for s in SAMPLERS if _supports_zsnr(s))
-        raise SamplerError(
-            f"this model needs zero-terminal-SNR betas, which diffusers' "
-            f"{entry.scheduler.__name__} ({entry.name}) cannot do; use one of: {able}"
-        )
+    if config.pop("rescale_betas_zero_snr", False):
+        if not _supports_zsnr(entry):
+            able = ", ".join(s.name for s in SAMPLERS if _supports_zsnr(s))
+            raise SamplerError(
+                f"this model needs zero-terminal-SNR betas, which diffusers' "
+                f"{entry.scheduler.__name__} ({entry.name}) cannot do; use one of: {able}"
+            )
+        config["rescale_betas_zero_snr"] = True
     config.update(entry.options)
     config.update(chosen.options)
     config["prediction_type"] = prediction_type
@@ -463,7 +483,7 @@ def plan_steps(scheduler: SchedulerMixin, steps: int, denoise: float) -> StepPla
             f"({len(timesteps)} timesteps in [{low:g}, {high:g}]); change --steps or "
             f"--denoise slightly, or use another schedule"
         )
-    run = timesteps[begin:]
+    run = timesteps[begin:].clone()
     return StepPlan(run, begin, total, steps, run[:1], len(run))
 
 
