@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from diffusers import UNet2DConditionModel
 from PIL import Image
 from sd_fixtures import make_tiny_components, save_diffusers_folder, save_single_file
@@ -278,6 +279,43 @@ def test_checkpoint_from_environment(checkpoints, photo_file, tmp_path, monkeypa
     out = tmp_path / "env.png"
     code, stats, _ = _run([str(photo_file), "-o", str(out), *FAST], capsys)
     assert code == 0 and stats["tile_steps"] == stats["tiles"] * 4
+
+
+def test_half_precision_vae_overflow_reruns_in_fp32(
+    checkpoints, photo_file, tmp_path, capsys, monkeypatch
+) -> None:
+    """A VAE giving NaN in half precision is re-run in fp32 and the stats say so."""
+    import tileup.sampler.engine as engine
+    from tileup.sampler.tiled_vae import NonFiniteError
+
+    real = engine.tiled_decode
+    dtypes: list[torch.dtype] = []
+
+    def overflowing(vae, z, **kwargs):
+        dtypes.append(kwargs["dtype"])
+        if kwargs["dtype"] != torch.float32:
+            raise NonFiniteError("decoder overflowed")
+        return real(vae, z, **kwargs)
+
+    monkeypatch.setattr(engine, "tiled_decode", overflowing)
+    out = tmp_path / "half.png"
+    code, stats, err = _run(
+        [
+            str(photo_file),
+            "-o",
+            str(out),
+            "--checkpoint",
+            str(checkpoints["sd1"]),
+            *FAST,
+            "--dtype",
+            "bf16",
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    assert dtypes == [torch.bfloat16, torch.float32]
+    assert any("fp32" in f for f in stats["fallbacks"])
+    assert out.is_file()
 
 
 def test_samplers_command(capsys) -> None:

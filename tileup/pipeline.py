@@ -239,7 +239,10 @@ class Upscaler:
         with clock.stage("pixel_upscale"):
             if self.spec.kind == "latent":
                 assert self.rediffuser is not None and self.spec.mode is not None
-                latents = self.rediffuser.upscale_latents(picture.rgb, target, self.spec.mode)
+                assert diffusion is not None
+                latents = self.rediffuser.upscale_latents(
+                    picture.rgb, target, self.spec.mode, diffusion.fallbacks
+                )
             else:
                 rgb = upscale_pixels(
                     picture.rgb,
@@ -255,13 +258,15 @@ class Upscaler:
             if latents is None:
                 assert rgb is not None
                 with clock.stage("vae_encode"):
-                    latents = rediffuser.encode(pad_to(rgb, rediffuser.canvas_size(*target)))
+                    latents = rediffuser.encode(
+                        pad_to(rgb, rediffuser.canvas_size(*target)), diffusion.fallbacks
+                    )
             with clock.stage("diffusion"):
                 latents = rediffuser.sample(
                     latents, diffusion.seed, diffusion, on_tiles=self._on_tile
                 )
             with clock.stage("vae_decode"):
-                rgb = rediffuser.decode(latents, diffusion)[: target[0], : target[1]]
+                rgb = rediffuser.decode(latents, diffusion.fallbacks)[: target[0], : target[1]]
         assert rgb is not None
         # 4. Alpha, upscaled separately with the same upscaler.
         with clock.stage("alpha"):

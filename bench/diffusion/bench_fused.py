@@ -6,7 +6,7 @@ second: seconds per stage, tiles, tile-steps, tile batch and peak device memory.
 ``results-<family>-<device>.json`` and prints a markdown table.
 
     python bench/diffusion/make_random_checkpoint.py sd15 /tmp/sd15
-    python bench/diffusion/bench_fused.py --checkpoint /tmp/sd15 --size 1024 --scale 2 4
+    python bench/diffusion/bench_fused.py --checkpoint /tmp/sd15 --size 1024 --runs 2:auto 4:auto
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from skimage import data
 
-from tileup import UpscaleSettings, Upscaler
+from tileup import Upscaler, UpscaleSettings
 from tileup.imageio import read_image
 
 

@@ -204,8 +204,7 @@ def main() -> None:
         if what == "encode":  # decode the photo's own latents (tiled encoder's if untiled is off)
             latents = outs.get("untiled", outs["tiled"])
         result[what] = runs
-    if device.type == "cpu":
-        result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps(result, indent=2))
 
 

@@ -86,8 +86,12 @@ class Rediffuser:
                 f"--tile and --overlap must be multiples of the VAE scale factor {self.factor}"
             )
         self.model.unet.to(device=device, dtype=self.dtype)
+        # the VAE keeps fp32 weights on the device (a half copy is made per call), so the fp32
+        # re-run after a half-precision overflow uses the full-precision weights
         self.vae_dtype = self.dtype
-        self.model.vae.to(device=device, dtype=self.vae_dtype)
+        self.model.vae.to(device=device)
+        on_gpu = device.type == "cuda"
+        self.vae_options = {"batch": 4 if on_gpu else 1, "store": "auto" if on_gpu else "cpu"}
         for encoder in self.model.text_encoders:
             encoder.to(device=device, dtype=self.dtype)
         self.conditioning: Conditioning = encode_prompts(
@@ -140,41 +144,54 @@ class Rediffuser:
 
     # -- running ----------------------------------------------------------------------------
 
-    def encode(self, rgb: np.ndarray) -> torch.Tensor:
-        """HxWx3 float32 in [0, 1] (multiples of f) → scaled latents 1×C×h×w (CPU fp32)."""
-        image = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))[None] * 2 - 1
-        latents = tiled_encode(
-            self.model.vae,
-            image,
-            tile=self.settings.vae_tile,
-            device=self.device,
-            dtype=self.vae_dtype,
-        )
-        return latents * self.model.vae.config.scaling_factor
-
-    def decode(self, latents: torch.Tensor, report: DiffusionReport) -> np.ndarray:
-        """Scaled latents → HxWx3 float32 in [0, 1]; re-run in fp32 if half precision fails."""
-        z = latents.float().cpu() / self.model.vae.config.scaling_factor
-        tile = max(8, self.settings.vae_tile // self.factor)
+    def _vae(
+        self, run: Callable[..., torch.Tensor], x: torch.Tensor, tile: int, fallbacks: list[str]
+    ) -> torch.Tensor:
+        """Run a tiled VAE pass; on NaN/inf in half precision, once more in fp32 (noted)."""
         try:
-            image = tiled_decode(
-                self.model.vae, z, tile=tile, device=self.device, dtype=self.vae_dtype
+            return run(
+                self.model.vae,
+                x,
+                tile=tile,
+                device=self.device,
+                dtype=self.vae_dtype,
+                **self.vae_options,
             )
         except NonFiniteError:
-            report.fallbacks.append(f"VAE produced NaN/inf in {self.vae_dtype}; decoded in fp32")
+            if self.vae_dtype == torch.float32:
+                raise
+            fallbacks.append(f"VAE produced NaN/inf in {self.vae_dtype}; re-ran it in fp32")
             self.vae_dtype = torch.float32
-            self.model.vae.to(dtype=torch.float32)
-            image = tiled_decode(
-                self.model.vae, z, tile=tile, device=self.device, dtype=torch.float32
+            return run(
+                self.model.vae,
+                x,
+                tile=tile,
+                device=self.device,
+                dtype=torch.float32,
+                **self.vae_options,
             )
+
+    def encode(self, rgb: np.ndarray, fallbacks: list[str]) -> torch.Tensor:
+        """HxWx3 float32 in [0, 1] (multiples of f) → scaled latents 1×C×h×w (CPU fp32)."""
+        image = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))[None] * 2 - 1
+        latents = self._vae(tiled_encode, image, self.settings.vae_tile, fallbacks)
+        return latents * self.model.vae.config.scaling_factor
+
+    def decode(self, latents: torch.Tensor, fallbacks: list[str]) -> np.ndarray:
+        """Scaled latents → HxWx3 float32 in [0, 1]."""
+        z = latents.float().cpu() / self.model.vae.config.scaling_factor
+        tile = max(8, self.settings.vae_tile // self.factor)
+        image = self._vae(tiled_decode, z, tile, fallbacks)
         return ((image[0].permute(1, 2, 0).numpy() + 1) / 2).clip(0, 1).astype(np.float32)
 
-    def upscale_latents(self, rgb: np.ndarray, target: tuple[int, int], mode: str) -> torch.Tensor:
+    def upscale_latents(
+        self, rgb: np.ndarray, target: tuple[int, int], mode: str, fallbacks: list[str]
+    ) -> torch.Tensor:
         """Encode the source and interpolate its latents to the canvas of ``target`` (H, W)."""
         f = self.factor
         h, w = rgb.shape[:2]
         src_canvas = (math.ceil(h / f) * f, math.ceil(w / f) * f)
-        latents = self.encode(pad_to(rgb, src_canvas))
+        latents = self.encode(pad_to(rgb, src_canvas), fallbacks)
         canvas = self.canvas_size(*target)
         return interpolate_latents(latents, canvas[0] // f, canvas[1] // f, mode)
 

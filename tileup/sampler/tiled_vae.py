@@ -19,19 +19,22 @@ op ("staged" tiling) over all tiles at once:
   only the owned region is written), so ``batch`` tiles run through a stage together. Outside
   the image a crop is zero and is re-zeroed after every pointwise pre-op, which reproduces the
   convs' zero padding at the image border exactly.
-* The mid-block self-attention is exact and global: pass 1 writes K and V of every owned token
-  to one latent-resolution device buffer (2 × C × h × w values, e.g. 256 MiB in fp16 for a
-  4096² image); pass 2 attends each tile's queries over all of them (queries chunked so the
-  score matrix stays below ~2^27 elements).
+* The mid-block self-attention is exact and global: pass 1 writes Q, K and V of every owned
+  token to latent-resolution device buffers, one attention call (memory-efficient kernels, or
+  the math kernel on query chunks whose score matrix stays below 2^27 elements) gives O, and
+  pass 2 applies the output projection and residual per tile. Q, K, V and O take 4·C·h·w
+  values on the device (1 GiB in fp16 for a 4096² SD image, C = 512).
 
-Device memory is bounded by one batch of tiles plus the latent-resolution K/V buffers. The
+Device memory is bounded by one batch of tiles plus those latent-resolution buffers. The
 canvases on ``store`` hold up to three activations at once; the peak is at full resolution:
 decode ≈ (c₁ + 2c₀)·H·W elements (c₀, c₁ the first two ``block_out_channels``: 512 channels
 for SD, 16 GiB in fp16 / 32 GiB in fp32 for a 4096² image), encode ≈ 3c₀·H·W (12 GiB fp16).
-With a CPU store every canvas crosses the host link once per stage (measured on an H200, SD
-VAE, bf16, 2048²: decode 3.4 s with ``store="cpu"``, 0.54 s with ``store="device"``, 0.43 s
-untiled). Every stage boundary is one host sync (to check the statistics are finite); crop and
-paste work per tile is tile-sized, never image-sized.
+With a CPU store every canvas crosses the host link once per stage, which dominates the time.
+Measured on an H200 (SD VAE architecture, bf16, tile 512 px, batch 4; bench/vae): decode of
+2048² takes 3.2 s with ``store="cpu"``, 0.43 s with ``store="device"``, 0.43 s untiled; of
+4096², 13.4 s / 2.7 s / 3.0 s, at 3.8 / 18.8 / 38.5 GiB peak device memory. Every stage
+boundary is one host sync (to check the statistics are finite); crop and paste work per tile
+is tile-sized, never image-sized.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ import copy
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -109,11 +113,12 @@ class _Batch:
 
     ``pads``: per tile, the rows/cols of the input crop outside the image (top, bottom, left,
     right; input px). ``owned``: per tile, the owned region inside the output core
-    (y0, y1, x0, x1; output px).
+    (y0, y1, x0, x1; output px). ``cores``: per tile, the core's (top, left) in output px.
     """
 
     pads: tuple[tuple[int, int, int, int], ...]
     owned: tuple[tuple[int, int, int, int], ...]
+    cores: tuple[tuple[int, int], ...]
 
     def zero_outside(self, h: torch.Tensor) -> torch.Tensor:
         """Zero, in place, the crop outside the image (the convs' zero padding); returns ``h``."""
@@ -199,7 +204,8 @@ class _Engine:
                 crop, pads = self._gather(c, tiles, halo)
                 crops.append(crop)
             owned = tuple(_owned(t, scale) for t in tiles)
-            res = fn(crops, _Batch(pads, owned))
+            cores = tuple((t.top * scale, t.left * scale) for t in tiles)
+            res = fn(crops, _Batch(pads, owned, cores))
             del crops
             if res is None:
                 continue
@@ -243,11 +249,11 @@ class _Engine:
             sy0, sy1 = max(y0, 0), min(y0 + ch, rows)
             sx0, sx1 = max(x0, 0), min(x0 + cw, cols)
             pad = (sy0 - y0, y0 + ch - sy1, sx0 - x0, x0 + cw - sx1)
-            if any(pad):
-                buf[i].zero_()
-            buf[i, :, sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = c.data[:, sy0:sy1, sx0:sx1]
+            buf[i, :, pad[0] : ch - pad[1], pad[2] : cw - pad[3]] = c.data[:, sy0:sy1, sx0:sx1]
             pads.append(pad)
-        return buf.to(self.device, self.dtype, non_blocking=self.pinned), tuple(pads)
+        batch = _Batch(tuple(pads), (), ())
+        batch.zero_outside(buf)
+        return buf.to(self.device, self.dtype, non_blocking=self.pinned), batch.pads
 
     def _to(
         self, res: torch.Tensor, out: torch.Tensor
@@ -381,8 +387,40 @@ def _resnet(eng: _Engine, x: _Canvas, r: nn.Module) -> _Canvas:
     return eng.stage([h, x], second, channels=r.conv2.out_channels, scale=m, halo=(lo, hi))
 
 
+def _attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backends: list[Any], chunk: int
+) -> torch.Tensor:
+    """Softmax attention of every query (1×heads×N×d) over all keys, ``chunk`` queries a call."""
+    from torch.nn.attention import sdpa_kernel
+
+    out = torch.empty_like(q)
+    with sdpa_kernel(backends):
+        for s in range(0, q.shape[2], chunk):
+            out[:, :, s : s + chunk] = F.scaled_dot_product_attention(q[:, :, s : s + chunk], k, v)
+    return out
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Exact global attention with bounded memory: memory-efficient kernels (flash, efficient,
+    cuDNN) on 2^16 queries a call; where none applies, the math kernel on chunks whose score
+    matrix stays below ``_SCORES_BUDGET`` elements."""
+    from torch.nn.attention import SDPBackend
+
+    fast = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
+    try:
+        return _attend(q, k, v, fast, 1 << 16)
+    except RuntimeError:  # no memory-efficient kernel for this input (or out of memory)
+        chunk = max(1, _SCORES_BUDGET // (q.shape[1] * k.shape[2]))
+        return _attend(q, k, v, [SDPBackend.MATH], chunk)
+
+
 def _attention(eng: _Engine, x: _Canvas, attn: nn.Module) -> _Canvas:
-    """The VAE mid-block self-attention, exact over the whole canvas (two passes)."""
+    """The VAE mid-block self-attention, exact over the whole latent-resolution canvas.
+
+    Pass 1 projects every owned token to Q, K and V in raster order (device buffers of
+    1×heads×(h·w)×d each), then one global attention gives O; pass 2 applies the output
+    projection and the residual tile by tile.
+    """
     if (
         attn.spatial_norm is not None
         or attn.norm_q is not None
@@ -394,43 +432,36 @@ def _attention(eng: _Engine, x: _Canvas, attn: nn.Module) -> _Canvas:
     dtype, m = eng.dtype, x.scale
     heads, inner = attn.heads, attn.to_q.out_features
     d, channels = inner // heads, x.data.shape[0]
-    n_tokens = eng.grid.height * eng.grid.width * m * m
-    keys = torch.empty((1, heads, n_tokens, d), device=eng.device, dtype=dtype)
-    values = torch.empty_like(keys)
+    rows, cols = eng.grid.height * m, eng.grid.width * m
+    qkv = [torch.empty((1, heads, rows * cols, d), device=eng.device, dtype=dtype) for _ in "qkv"]
     a, b = eng.affine(x, attn.group_norm)
-    filled = 0
+
+    def grid5(t: torch.Tensor) -> torch.Tensor:
+        return t.view(heads, rows, cols, d)
 
     def project(crops: list[torch.Tensor], batch: _Batch) -> None:
-        nonlocal filled
-        h = _norm_act(crops[0], a, b, None, dtype)
-        for i, (y0, y1, x0, x1) in enumerate(batch.owned):
-            tokens = h[i, :, y0:y1, x0:x1].flatten(1).T  # n × C
-            n = tokens.shape[0]
-            keys[0, :, filled : filled + n] = attn.to_k(tokens).view(n, heads, d).transpose(0, 1)
-            values[0, :, filled : filled + n] = attn.to_v(tokens).view(n, heads, d).transpose(0, 1)
-            filled += n
+        h = _norm_act(crops[0], a, b, None, dtype).permute(0, 2, 3, 1)  # B×th×tw×C
+        for proj, dst in zip((attn.to_q, attn.to_k, attn.to_v), qkv, strict=True):
+            p = proj(h).unflatten(-1, (heads, d)).permute(0, 3, 1, 2, 4)  # B×heads×th×tw×d
+            for i, (top, left) in enumerate(batch.cores):
+                y0, y1, x0, x1 = batch.owned[i]
+                grid5(dst[0])[:, top + y0 : top + y1, left + x0 : left + x1] = p[i, :, y0:y1, x0:x1]
 
     eng.stage([x], project, channels=0, scale=m, halo=(0, 0))
-    if filled != n_tokens:
-        raise RuntimeError(f"attention saw {filled} tokens, expected {n_tokens}")
-    chunk = max(1, _SCORES_BUDGET // (heads * n_tokens))
+    o = grid5(_sdpa(*qkv)[0])
+    qkv.clear()
 
-    def attend(crops: list[torch.Tensor], batch: _Batch) -> torch.Tensor:
+    def out(crops: list[torch.Tensor], batch: _Batch) -> torch.Tensor:
         x_in = crops[0]
-        bsz, _, rows, cols = x_in.shape
-        h = _norm_act(x_in, a, b, None, dtype).permute(0, 2, 3, 1).reshape(-1, channels)
-        q = attn.to_q(h).view(-1, heads, d).transpose(0, 1)[None]
-        o = torch.cat(
-            [F.scaled_dot_product_attention(qc, keys, values) for qc in q.split(chunk, dim=2)], 2
-        )
-        o = o[0].transpose(0, 1).reshape(-1, inner).to(dtype)
-        o = attn.to_out[1](attn.to_out[0](o))
-        o = o.view(bsz, rows, cols, channels).permute(0, 3, 1, 2)
+        th, tw = x_in.shape[-2:]
+        h = torch.stack([o[:, top : top + th, left : left + tw] for top, left in batch.cores])
+        h = h.permute(0, 2, 3, 1, 4).flatten(-2)  # B×th×tw×inner
+        h = attn.to_out[1](attn.to_out[0](h)).permute(0, 3, 1, 2)
         if attn.residual_connection:
-            o = o + x_in
-        return o / attn.rescale_output_factor
+            h = h + x_in
+        return h / attn.rescale_output_factor
 
-    return eng.stage([x], attend, channels=channels, scale=m, halo=(0, 0))
+    return eng.stage([x], out, channels=channels, scale=m, halo=(0, 0))
 
 
 def _mid(eng: _Engine, x: _Canvas, mid: nn.Module) -> _Canvas:
