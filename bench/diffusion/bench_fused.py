@@ -115,7 +115,8 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {r['output_size'][0]}x{r['output_size'][1]} | {r['tile_batch']} "
             f"({r['requested_tile_batch']}) | {r['tiles']} | {r['tile_steps']} | "
             f"{s.get('pixel_upscale', 0):.2f} | {s.get('vae_encode', 0):.2f} | "
-            f"{s.get('diffusion', 0):.2f} | {s.get('vae_decode', 0):.2f} | {r['wall_seconds']:.2f} | "
+            f"{s.get('diffusion', 0):.2f} | {s.get('vae_decode', 0):.2f} | "
+            f"{r['wall_seconds']:.2f} | "
             f"{r['peak_memory_bytes'] / 2**30:.2f} GiB |"
         )
     return "\n".join(lines) + "\n"
