@@ -22,10 +22,12 @@ import torch
 from tileup import __version__
 from tileup.errors import TileupError
 from tileup.imageio import Picture, format_parameters, output_path_for, read_image, write_image
+from tileup.seams.colorfix import color_fix
 from tileup.settings import SettingsError, UpscaleSettings
 from tileup.upscalers.models import load_sr_model
 from tileup.upscalers.pixel import ModelRunner, count_pixel_tiles, upscale_pixels
 from tileup.upscalers.registry import UpscalerSpec, resolve_upscaler
+from tileup.upscalers.resample import resample
 from tileup.upscalers.tiled import RunReport, auto_tile_size
 
 if TYPE_CHECKING:
@@ -266,7 +268,13 @@ class Upscaler:
                     latents, diffusion.seed, diffusion, on_tiles=self._on_tile
                 )
             with clock.stage("vae_decode"):
+                source = rgb
                 rgb = rediffuser.decode(latents, diffusion.fallbacks)[: target[0], : target[1]]
+            if settings.color_fix != "none":
+                with clock.stage("color_fix"):
+                    if source is None:  # latent upscale: compare with a resize of the source
+                        source = resample(picture.rgb, target[0], target[1], "lanczos")
+                    rgb = color_fix(rgb, source, settings.color_fix)
         assert rgb is not None
         # 4. Alpha, upscaled separately with the same upscaler.
         with clock.stage("alpha"):
@@ -359,6 +367,7 @@ _DIFFUSION_KEYS = frozenset(
         "CFG scale",
         "Seed",
         "Denoising strength",
+        "Color fix",
         "Tile mode",
         "Tile size",
         "Tile overlap",

@@ -118,6 +118,13 @@ class UpscaleSettings:
         "gaussian", "weight window for fused tiles", choices=BLENDS, meta="Tile blend"
     )
     vae_tile: int = knob(512, "tiled VAE tile size in pixels", metavar="N")
+    color_fix: str = knob(
+        "none",
+        "after re-diffusion, take the low frequencies (wavelet) or the channel mean/std (adain) "
+        "from the pixel-upscaled source, so colours cannot shift",
+        choices=COLOR_FIXES,
+        meta="Color fix",
+    )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "models_dirs", tuple(str(d) for d in self.models_dirs))
@@ -150,6 +157,7 @@ class UpscaleSettings:
         _check_choice("mode", self.mode, MODES)
         _check_choice("blend", self.blend, BLENDS)
         _check_choice("prediction", self.prediction, PREDICTIONS)
+        _check_choice("color_fix", self.color_fix, COLOR_FIXES)
         if self.mode == "redraw":
             raise SettingsError(
                 "--mode redraw (Ultimate SD Upscale-style per-tile redraw) is not available "
