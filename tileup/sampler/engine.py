@@ -27,7 +27,7 @@ from tileup.sampler.schedules import (
     run_sampler,
 )
 from tileup.sampler.tiled_vae import NonFiniteError, tiled_decode, tiled_encode
-from tileup.settings import UpscaleSettings
+from tileup.settings import SettingsError, UpscaleSettings
 from tileup.tiler import TileGrid, plan_grid
 from tileup.upscalers.latent import interpolate_latents
 
@@ -71,17 +71,9 @@ class Rediffuser:
         self.model: SDModel = load_checkpoint(
             checkpoint, vae=settings.vae, prediction=settings.prediction
         )
-        # validate sampler and schedule names before any work
-        make_scheduler(
-            settings.sampler,
-            settings.scheduler,
-            self.model.scheduler_config,
-            prediction_type=self.model.prediction_type,
-        )
+        self._scheduler_and_plan()  # validates sampler, schedule and steps before any work
         self.factor = self.model.vae_scale_factor
         if settings.tile % self.factor or settings.overlap % self.factor:
-            from tileup.settings import SettingsError
-
             raise SettingsError(
                 f"--tile and --overlap must be multiples of the VAE scale factor {self.factor}"
             )
@@ -99,7 +91,6 @@ class Rediffuser:
         )
         for encoder in self.model.text_encoders:  # no longer needed: free the device memory
             encoder.to("cpu")
-        self.load_fallbacks: list[str] = []
 
     # -- planning ---------------------------------------------------------------------------
 
