@@ -54,19 +54,19 @@ class FusedDenoiser:
             self.tiles[i : i + self.tile_batch] for i in range(0, len(self.tiles), self.tile_batch)
         ]
         self.guided = self.cfg != 1.0
+        # everything but the latents is the same at every step: build it once, on the device
+        self.inputs = [self._inputs(batch) for batch in self.batches]
 
-    def _context(self, count: int) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
-        c = self.conditioning
+    def _inputs(self, batch: list[Tile]) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+        """Text states (uncond then cond when guided) and SDXL added conditions for a batch."""
+        c, count = self.conditioning, len(batch)
         embeds = [c.uncond, c.cond] if self.guided else [c.cond]
-        context = torch.cat([e.expand(count, -1, -1) for e in embeds])
-        if c.pooled_cond is None:
+        context = torch.cat([e.expand(count, -1, -1) for e in embeds]).to(self.device)
+        if c.pooled_cond is None or c.pooled_uncond is None:
             return context, None
         pooled = [c.pooled_uncond, c.pooled_cond] if self.guided else [c.pooled_cond]
-        text_embeds = torch.cat([p.expand(count, -1) for p in pooled if p is not None])
-        return context, {"text_embeds": text_embeds}
-
-    def _time_ids(self, batch: list[Tile]) -> torch.Tensor:
-        """SDXL micro-conditioning per tile: canvas size, tile offset, tile size (pixels)."""
+        text_embeds = torch.cat([p.expand(count, -1) for p in pooled]).to(self.device)
+        # SDXL micro-conditioning per tile: canvas size, tile offset, tile size (pixels)
         s = self.pixel_scale
         rows = [
             [
@@ -80,19 +80,17 @@ class FusedDenoiser:
             for t in batch
         ]
         ids = torch.tensor(rows, device=self.device, dtype=self.dtype)
-        return torch.cat([ids, ids]) if self.guided else ids
+        time_ids = torch.cat([ids, ids]) if self.guided else ids
+        return context, {"text_embeds": text_embeds, "time_ids": time_ids}
 
     @torch.inference_mode()
     def __call__(self, latents: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
         """Blended UNet prediction (after CFG) for a 1×C×h×w canvas at timestep ``t``."""
         out = torch.zeros(latents.shape, device=latents.device, dtype=torch.float32)
-        for batch in self.batches:
+        for batch, (context, added) in zip(self.batches, self.inputs, strict=True):
             x = torch.stack([latents[0][(slice(None), *tile.box.slices)] for tile in batch])
             x = x.to(self.dtype)
             model_in = torch.cat([x, x]) if self.guided else x
-            context, added = self._context(len(batch))
-            if added is not None:
-                added["time_ids"] = self._time_ids(batch)
             pred = self.unet(
                 model_in,
                 t,
