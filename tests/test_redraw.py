@@ -1,0 +1,656 @@
+"""Per-tile redraw with locked context and the seam-fix passes (CPU, tiny or stand-in models).
+
+Two kinds of model are used:
+
+- the tiny random-weight SD1 UNet and VAE (tests/sd_fixtures.py): real kernels, for batching,
+  locking and end-to-end behaviour;
+- exact stand-ins where pixel values must mean something: a VAE that is a pixel (un)shuffle
+  (f = 8, 192 latent channels, decode(encode(x)) == x exactly) and an "oracle" UNet whose Euler
+  x0-estimate is the clean photo plus a colour offset distinct for every region (the crop
+  comes in through SDXL's time_ids). The random tiny VAE turns any picture into unrelated
+  texture, so seam ratios measured through it say nothing about the redraw geometry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from sd_fixtures import make_tiny_components, save_single_file
+from skimage import data
+
+from tileup.sampler import redraw as redraw_module
+from tileup.sampler.conditioning import Conditioning
+from tileup.sampler.redraw import (
+    CropVae,
+    PassCounts,
+    RedrawModel,
+    RedrawOptions,
+    batch_schedule,
+    guidance_inputs,
+    guided_prediction,
+    lock_target,
+    plan_passes,
+    planned_tile_steps,
+    rediffuse_pixels,
+    redraw_grid,
+    redraw_regions,
+    run_passes,
+)
+from tileup.sampler.schedules import (
+    SAMPLERS,
+    SD_TRAINING_CONFIG,
+    make_scheduler,
+    noise_latents,
+    plan_steps,
+    run_sampler,
+)
+from tileup.seams import boundary_ratio, seam_ratio
+from tileup.seams.seamfix import crop_box, crop_masks, tile_regions
+from tileup.settings import SettingsError, UpscaleSettings
+from tileup.tiler import Box
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+H, W, TILE, F8 = 128, 192, 64, 8  # a 3 × 2 grid of 64 px tiles
+
+
+# -- stand-ins -------------------------------------------------------------------------------
+
+
+class ShuffleVAE(torch.nn.Module):
+    """An exact VAE stand-in: pixel-unshuffle by 8 (192 latent channels); counts its calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.config = SimpleNamespace(latent_channels=192, scaling_factor=1.0)
+        self.calls = {"encode": 0, "decode": 0}
+
+    def encode(self, x: torch.Tensor) -> SimpleNamespace:
+        self.calls["encode"] += 1
+        return SimpleNamespace(latent_dist=SimpleNamespace(mean=F.pixel_unshuffle(x, F8)))
+
+    def decode(self, z: torch.Tensor) -> SimpleNamespace:
+        self.calls["decode"] += 1
+        return SimpleNamespace(sample=F.pixel_shuffle(z, F8))
+
+
+def _offset(top: int, left: int, height: int, width: int, scale: float = 0.05) -> torch.Tensor:
+    """A colour offset (RGB, ±scale) distinct for every crop."""
+    gen = torch.Generator().manual_seed(((top * 1009 + left) * 1013 + height) * 1019 + width)
+    return (torch.rand(3, generator=gen) * 2 - 1) * scale
+
+
+class OracleUNet(torch.nn.Module):
+    """Predicts the ε that makes Euler's x0-estimate ``clean[crop] + offset(crop)`` exactly.
+
+    An ideal denoiser that regenerates the clean picture, biased by a colour offset distinct
+    for every region (as a real model's colour drifts from tile to tile). Records the crops it
+    sees, in order.
+    """
+
+    def __init__(self, clean: torch.Tensor, offset_scale: float = 0.05) -> None:
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(()))
+        self.clean = F.pixel_unshuffle(clean[None] * 2 - 1, F8)[0]  # latents of the clean photo
+        self.offset_scale = offset_scale
+        scheduler = make_scheduler("Euler", "normal", SD_TRAINING_CONFIG, prediction_type="epsilon")
+        ac = scheduler.alphas_cumprod.double()
+        self.train_sigmas = (((1 - ac) / ac) ** 0.5).numpy()
+        self.seen: list[tuple[int, int, int, int]] = []
+
+    def forward(self, sample, t, encoder_hidden_states=None, added_cond_kwargs=None, **_):
+        sigma = float(np.interp(float(t), np.arange(len(self.train_sigmas)), self.train_sigmas))
+        x = sample.double() * (sigma**2 + 1) ** 0.5
+        out = []
+        for k, ids in enumerate(added_cond_kwargs["time_ids"].long().tolist()):
+            top, left, height, width = ids[2:]
+            self.seen.append((top, left, height, width))
+            target = self.clean[
+                :, top // F8 : (top + height) // F8, left // F8 : (left + width) // F8
+            ]
+            shift = _offset(top, left, height, width, self.offset_scale).repeat_interleave(F8 * F8)
+            target = target + 2 * shift[:, None, None]
+            out.append((x[k] - target) / sigma)
+        return (torch.stack(out).float(),)
+
+
+def _photo(height: int = H, width: int = W) -> torch.Tensor:
+    """A smooth real photo (astronaut, blurred σ = 6, resized) as 3×H×W float32 in [0, 1]."""
+    photo = cv2.GaussianBlur(data.astronaut().astype(np.float32) / 255, (0, 0), 6)
+    photo = cv2.resize(photo, (width, height), interpolation=cv2.INTER_AREA)
+    return torch.from_numpy(np.ascontiguousarray(photo.transpose(2, 0, 1)))
+
+
+def _stand_in_model(
+    clean: torch.Tensor, steps: int = 4, sampler: str = "Euler", offset: float = 0.05
+) -> RedrawModel:
+    pooled = torch.zeros(1, 4)
+    conditioning = Conditioning(
+        cond=torch.zeros(1, 77, 8),
+        uncond=torch.zeros(1, 77, 8),
+        pooled_cond=pooled,
+        pooled_uncond=pooled,
+    )
+    return RedrawModel(
+        unet=OracleUNet(clean, offset),
+        vae=ShuffleVAE(),
+        conditioning=conditioning,
+        scheduler_config=SD_TRAINING_CONFIG,
+        prediction_type="epsilon",
+        sampler=sampler,
+        schedule="normal",
+        cfg=1.0,
+        steps=steps,
+        device=torch.device("cpu"),
+        vae_dtype=torch.float32,
+        factor=F8,
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny() -> dict:
+    return make_tiny_components("sd1", seed=0)
+
+
+def _tiny_model(tiny: dict, sampler: str = "Euler a", steps: int = 3) -> RedrawModel:
+    gen = torch.Generator().manual_seed(5)
+    conditioning = Conditioning(
+        cond=torch.randn(1, 77, 32, generator=gen), uncond=torch.randn(1, 77, 32, generator=gen)
+    )
+    return RedrawModel(
+        unet=tiny["unet"],
+        vae=tiny["vae"],
+        conditioning=conditioning,
+        scheduler_config=dict(tiny["scheduler"].config),
+        prediction_type="epsilon",
+        sampler=sampler,
+        schedule="normal",
+        cfg=5.0,
+        steps=steps,
+        device=torch.device("cpu"),
+        vae_dtype=torch.float32,
+        factor=F8,
+    )
+
+
+def _to_bytes(canvas: torch.Tensor) -> np.ndarray:
+    return np.round(canvas.clamp(0, 1).permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+
+
+def _close_in_8_bit(a: torch.Tensor, b: torch.Tensor) -> None:
+    """At most 1/255 anywhere and on fewer than 0.2 % of the values (GEMM rounding only)."""
+    x, y = _to_bytes(a).astype(int), _to_bytes(b).astype(int)
+    assert np.abs(x - y).max() <= 1 and (x != y).mean() < 0.002, np.abs(x - y).max()
+
+
+# -- context locking -------------------------------------------------------------------------
+
+DETERMINISTIC = [s.name for s in SAMPLERS if not s.stochastic]
+ENDS_ABOVE_ZERO = {"DDIM", "UniPC", "DEIS"}  # they stop at the smallest training σ
+
+
+@pytest.mark.parametrize("sampler", DETERMINISTIC)
+def test_lock_target_is_at_the_samplers_own_noise_level(sampler: str) -> None:
+    """With the true noise as the prediction, the sampler's latents stay exactly on the noised
+    original: the lock target must agree at every evaluation (DPM2's interpolated σ too)."""
+    gen = torch.Generator().manual_seed(0)
+    original, noise = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 4, 8, 8, generator=gen)
+    scheduler = make_scheduler(sampler, "normal", SD_TRAINING_CONFIG, prediction_type="epsilon")
+    plan = plan_steps(scheduler, 5, 0.5)
+    errors: list[float] = []
+
+    def on_step(i: int, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        errors.append(
+            float((latents - lock_target(scheduler, plan, i, original, noise)).abs().max())
+        )
+        return latents
+
+    start = noise_latents(scheduler, plan, original, noise)
+    run_sampler(scheduler, plan, start, lambda x, t: noise, generator=None, on_step=on_step)
+    assert len(errors) == plan.evaluations
+    checked = errors[:-1] if sampler in ENDS_ABOVE_ZERO else errors
+    assert max(checked) < 1e-5, errors
+
+
+def test_context_outside_the_tile_is_unchanged_and_its_latents_locked(tiny, monkeypatch) -> None:
+    model = _tiny_model(tiny, sampler="DPM++ 2M")
+    canvas = _photo()
+    region = tile_regions(redraw_grid(H, W, TILE, F8, "linear"))[4]  # row 1, col 1
+    encoded, sampled = [], []
+    real_encode, real_run = CropVae.encode, redraw_module.run_sampler
+
+    def encode(self, pixels):
+        encoded.append(real_encode(self, pixels))
+        return encoded[-1]
+
+    def run(*args, **kwargs):
+        sampled.append(real_run(*args, **kwargs))
+        return sampled[-1]
+
+    monkeypatch.setattr(CropVae, "encode", encode)
+    monkeypatch.setattr(redraw_module, "run_sampler", run)
+    out, counts = redraw_regions(
+        model, canvas, [region], denoise=0.6, padding=32, mask_blur=8, seed=3
+    )
+    area = Box(0, 0, H, W)
+    crop = crop_box(region.box, 32, area, F8)
+    paste, free = crop_masks(region, crop, area, 8, F8)
+    # latents outside the region are the original's, bit for bit, after the last step
+    assert torch.equal(sampled[0][0][:, ~free], encoded[0][0][:, ~free])
+    assert bool((sampled[0][0][:, free] != encoded[0][0][:, free]).any())
+    # pixels outside the blurred paste mask (and outside the crop) are untouched
+    touched = torch.zeros(H, W, dtype=torch.bool)
+    touched[crop.slices] = paste > 0
+    assert torch.equal(out[:, ~touched], canvas[:, ~touched])
+    inside = (slice(None), *region.box.slices)
+    assert float((out[inside] - canvas[inside]).abs().mean()) > 0.01
+    assert counts == PassCounts("redraw", 1, 1, 3, 3, 3, 0.6)
+
+
+# -- order and batching ----------------------------------------------------------------------
+
+
+def test_batch_schedule_runs_as_if_one_by_one() -> None:
+    crops = [Box(0, 0, 96, 96), Box(0, 32, 96, 128), Box(0, 96, 96, 96), Box(32, 0, 96, 96)]
+    assert batch_schedule(crops, 1) == ((0,), (1,), (2,), (3,))
+    assert batch_schedule(crops, 8) == ((0,), (1,), (2, 3))
+    assert batch_schedule(crops, 8)[2] == (2, 3) and crops[2].intersect(crops[3]) is None
+    gen = np.random.default_rng(0)
+    boxes = [
+        Box(int(gen.integers(0, 20)) * 8, int(gen.integers(0, 20)) * 8, 64, 64) for _ in range(40)
+    ]
+    for max_batch in (2, 3, 64):
+        batches = batch_schedule(boxes, max_batch)
+        where = {j: b for b, batch in enumerate(batches) for j in batch}
+        assert sorted(where) == list(range(40))
+        for batch in batches:
+            assert len(batch) <= max_batch
+            assert all(boxes[a].intersect(boxes[b]) is None for a in batch for b in batch if a < b)
+        for j in range(40):
+            for i in range(j):
+                if boxes[i].intersect(boxes[j]) is not None:
+                    assert where[i] < where[j]
+    with pytest.raises(ValueError, match="max_batch"):
+        batch_schedule(crops, 0)
+
+
+@pytest.mark.parametrize(
+    ("order", "expected"),
+    [
+        ("linear", [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]),
+        ("chess", [(0, 0), (0, 2), (1, 1), (0, 1), (1, 0), (1, 2)]),
+    ],
+)
+def test_tiles_run_in_the_documented_order(order: str, expected: list) -> None:
+    canvas = _photo()
+    model = _stand_in_model(canvas, steps=2)
+    regions = tile_regions(redraw_grid(H, W, TILE, F8, order))
+    assert [r.key for r in regions] == expected
+    ran: list[tuple[int, ...]] = []
+    redraw_regions(
+        model, canvas, regions, denoise=0.5, padding=32, mask_blur=8, seed=1, on_batch=ran.append
+    )
+    assert ran == [(i,) for i in range(6)]
+    # the UNet saw every tile's crop once per step, in that order
+    crops = [crop_box(r.box, 32, Box(0, 0, H, W), F8) for r in regions]
+    seen = model.unet.seen
+    firsts = [seen[2 * i] for i in range(6)]
+    assert firsts == [(c.top, c.left, c.height, c.width) for c in crops]
+
+
+def test_batched_chess_equals_one_by_one_exactly_with_exact_kernels() -> None:
+    """Stand-in UNet and VAE (elementwise, no GEMM): batching changes nothing at all."""
+    canvas = _photo()
+    regions = tile_regions(redraw_grid(H, W, TILE, F8, "chess"))
+    outs, runs = [], []
+    for max_batch in (1, 8):
+        ran: list[tuple[int, ...]] = []
+        out, _ = redraw_regions(
+            _stand_in_model(canvas, sampler="Euler a"),
+            canvas,
+            regions,
+            denoise=0.5,
+            padding=8,
+            mask_blur=8,
+            seed=2,
+            max_batch=max_batch,
+            on_batch=ran.append,
+        )
+        outs.append(out)
+        runs.append(ran)
+    # padding 8: crops 80 px; (0,0) and (0,2) are apart, diagonal neighbours overlap
+    assert runs[1] == [(0, 1), (2,), (3,), (4, 5)]
+    assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("sampler", ["Euler a", "DPM++ SDE"])
+def test_batched_chess_equals_one_by_one_on_the_tiny_model(tiny, sampler: str) -> None:
+    """Real kernels: a GEMM of batch 1 and of batch k round differently (~1e-6), nothing else
+    depends on the batch — stochastic samplers included (per-region generators / trees)."""
+    model = _tiny_model(tiny, sampler=sampler, steps=2)
+    canvas = _photo()
+    regions = tile_regions(redraw_grid(H, W, TILE, F8, "chess"))
+    one, _ = redraw_regions(
+        model, canvas, regions, denoise=0.5, padding=8, mask_blur=8, seed=4, max_batch=1
+    )
+    batched, counts = redraw_regions(
+        model, canvas, regions, denoise=0.5, padding=8, mask_blur=8, seed=4, max_batch=8
+    )
+    evaluations = model.scheduler_and_plan(0.5)[1].evaluations  # 2N - 1 for DPM++ SDE
+    assert counts.batches == 4 and counts.unet_calls == 4 * evaluations
+    _close_in_8_bit(one, batched)
+    assert float((one - batched).abs().max()) < 1e-3
+    other, _ = redraw_regions(
+        model, canvas, regions, denoise=0.5, padding=8, mask_blur=8, seed=5, max_batch=8
+    )
+    assert float((other - batched).abs().max()) > 0.01  # the seed matters
+
+
+def test_guided_prediction_batches_cfg() -> None:
+    class CondUNet(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.anchor = torch.nn.Parameter(torch.zeros(()))
+            self.batches: list[int] = []
+
+        def forward(self, sample, t, encoder_hidden_states=None, added_cond_kwargs=None, **_):
+            self.batches.append(sample.shape[0])
+            value = encoder_hidden_states.mean(dim=(1, 2))
+            return (value[:, None, None, None].expand_as(sample).clone(),)
+
+    cond = Conditioning(cond=torch.ones(1, 77, 8), uncond=torch.zeros(1, 77, 8))
+    unet = CondUNet()
+    inputs = guidance_inputs(cond, 7.5, 3)
+    out = guided_prediction(unet, torch.zeros(3, 4, 8, 8), torch.tensor(5), inputs, 7.5)
+    torch.testing.assert_close(out, torch.full((3, 4, 8, 8), 7.5))
+    assert unet.batches == [6]
+    plain = guided_prediction(unet, torch.zeros(3, 4, 8, 8), 5, guidance_inputs(cond, 1.0, 3), 1.0)
+    torch.testing.assert_close(plain, torch.ones(3, 4, 8, 8))
+    assert unet.batches == [6, 3]
+    pooled = Conditioning(
+        cond=torch.ones(1, 77, 8),
+        uncond=torch.zeros(1, 77, 8),
+        pooled_cond=torch.ones(1, 4),
+        pooled_uncond=torch.zeros(1, 4),
+    )
+    ids = torch.arange(12.0).view(2, 6)
+    context, added = guidance_inputs(pooled, 7.5, 2, time_ids=ids)
+    assert context.shape == (4, 77, 8) and added is not None
+    assert torch.equal(added["time_ids"], torch.cat([ids, ids]))
+    assert added["text_embeds"][:2].sum() == 0 and bool((added["text_embeds"][2:] == 1).all())
+    with pytest.raises(ValueError, match="time_ids"):
+        guidance_inputs(pooled, 7.5, 2)
+
+
+def test_sdxl_gets_pooled_embeds_and_per_crop_time_ids() -> None:
+    parts = make_tiny_components("sdxl", seed=0)
+    gen = torch.Generator().manual_seed(1)
+    conditioning = Conditioning(
+        cond=torch.randn(1, 77, 96, generator=gen),
+        uncond=torch.randn(1, 77, 96, generator=gen),
+        pooled_cond=torch.randn(1, 32, generator=gen),
+        pooled_uncond=torch.randn(1, 32, generator=gen),
+    )
+    model = dataclasses.replace(
+        _tiny_model(parts, sampler="Euler", steps=2),
+        unet=parts["unet"],
+        vae=parts["vae"],
+        conditioning=conditioning,
+        scheduler_config=dict(parts["scheduler"].config),
+    )
+    seen: list[torch.Tensor] = []
+    hook = parts["unet"].register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["added_cond_kwargs"]["time_ids"]),
+        with_kwargs=True,
+    )
+    canvas = _photo()
+    regions = tile_regions(redraw_grid(H, W, TILE, F8, "linear"))[:2]
+    try:
+        out, counts = redraw_regions(
+            model, canvas, regions, denoise=0.5, padding=16, mask_blur=4, seed=0
+        )
+    finally:
+        hook.remove()
+    assert counts.unet_calls == 4 and bool(torch.isfinite(out).all())
+    crops = [crop_box(r.box, 16, Box(0, 0, H, W), F8) for r in regions]
+    expected = [[H, W, c.top, c.left, c.height, c.width] for c in crops]
+    assert [ids[0].tolist() for ids in seen[::2]] == expected  # uncond half, then cond half
+    assert all(torch.equal(ids[0], ids[1]) for ids in seen)
+
+
+def test_half_precision_vae_overflow_reruns_in_fp32() -> None:
+    class OverflowVAE(ShuffleVAE):
+        def decode(self, z: torch.Tensor) -> SimpleNamespace:
+            out = super().decode(z)
+            if z.dtype == torch.float16:  # as SD's VAEs overflow in fp16
+                out.sample = out.sample * float("nan")
+            return out
+
+    canvas = _photo()
+    regions = tile_regions(redraw_grid(H, W, TILE, F8, "linear"))
+    model = dataclasses.replace(_stand_in_model(canvas), vae=OverflowVAE(), vae_dtype=torch.float16)
+    passes = plan_passes(redraw_grid(H, W, TILE, F8, "linear"), "redraw", RedrawOptions(), 0.5)
+    fallbacks: list[str] = []
+    out, _, vae = run_passes(model, canvas, passes, seed=1, fallbacks=fallbacks)
+    assert fallbacks == ["VAE produced NaN/inf in torch.float16; re-ran it in fp32"]
+    assert vae.dtype == torch.float32 and bool(torch.isfinite(out).all())
+    reference, _ = redraw_regions(
+        _stand_in_model(canvas), canvas, regions, denoise=0.5, padding=32, mask_blur=8, seed=1
+    )
+    torch.testing.assert_close(out, reference, atol=2e-3, rtol=0)  # the first encode was fp16
+
+
+# -- seams -----------------------------------------------------------------------------------
+
+
+def test_tile_offsets_leave_a_seam_that_each_seam_fix_lowers() -> None:
+    """USDU's defaults (padding 32, mask blur 8; seam fix padding 16, mask blur 4) with a colour
+    drift of ±0.15 per region (the oracle keys it on the crop); the band is 32 px wide (at 64 it
+    would equal a half tile of 64 px)."""
+    canvas = _photo(192, 256)  # 3 × 4 tiles: every region has its own crop, so its own offset
+    grid = redraw_grid(192, 256, TILE, F8, "linear")
+    ratios = {"photo": seam_ratio(canvas, grid)}
+    for mode in ("none", "band", "half-tile", "half-tile+intersections"):
+        options = RedrawOptions(seam_fix=mode, seam_width=32)
+        passes = plan_passes(grid, "redraw", options, denoise=0.5)
+        model = _stand_in_model(canvas, offset=0.15)
+        out, _, _ = run_passes(model, canvas, passes, seed=1, max_batch=4)
+        ratios[mode] = seam_ratio(out, grid)
+    print("seam ratios:", {k: round(v, 3) for k, v in ratios.items()})
+    assert ratios["photo"] < 1.1
+    assert ratios["none"] > 2.5, ratios
+    for mode in ("band", "half-tile", "half-tile+intersections"):
+        assert ratios[mode] < 0.6 * ratios["none"], ratios
+    assert ratios["half-tile+intersections"] < ratios["half-tile"]
+
+
+def test_seam_fix_after_the_intersections_leaves_the_corners_smoother() -> None:
+    canvas = _photo(192, 256)  # 3 × 4 tiles: every region has its own crop, so its own offset
+    grid = redraw_grid(192, 256, TILE, F8, "linear")
+    near_corner = {}
+    for mode in ("half-tile", "half-tile+intersections"):
+        passes = plan_passes(grid, "redraw", RedrawOptions(seam_fix=mode), denoise=0.5)
+        out, counts, _ = run_passes(_stand_in_model(canvas), canvas, passes, seed=1, max_batch=4)
+        assert [c.name for c in counts][-1] == (
+            "intersections" if mode.endswith("intersections") else "half-tile-cols"
+        )
+        patch = out[:, 48:80, 48:80]  # around the corner (64, 64)
+        near_corner[mode] = boundary_ratio(patch, (16,), (16,))
+    assert near_corner["half-tile+intersections"] <= near_corner["half-tile"] * 1.05
+
+
+def test_seam_denoise_zero_changes_nothing_and_encodes_nothing() -> None:
+    canvas = _photo()
+    grid = redraw_grid(H, W, TILE, F8, "linear")
+    outs, calls = {}, {}
+    for name, options in {
+        "none": RedrawOptions(seam_fix="none"),
+        "zero": RedrawOptions(seam_fix="half-tile+intersections", seam_denoise=0.0),
+    }.items():
+        model = _stand_in_model(canvas)
+        passes = plan_passes(grid, "redraw", options, denoise=0.5)
+        outs[name], counts, _ = run_passes(model, canvas, passes, seed=1)
+        calls[name] = dict(model.vae.calls)
+        if name == "zero":
+            assert [c.skipped for c in counts] == [False, True, True, True]
+    assert torch.equal(outs["none"], outs["zero"])
+    assert calls["none"] == calls["zero"] == {"encode": 6, "decode": 6}
+    # the same for a seam fix alone (after fused mode): the canvas is returned as it was
+    passes = plan_passes(grid, "fused", RedrawOptions(seam_fix="band", seam_denoise=0.0), 0.5)
+    model = _stand_in_model(canvas)
+    out, counts, _ = run_passes(model, canvas, passes, seed=1)
+    assert out is canvas and model.vae.calls == {"encode": 0, "decode": 0}
+    assert [c.name for c in counts] == ["band-rows", "band-cols"]
+
+
+def test_pass_noise_is_seeded_per_pass() -> None:
+    a = redraw_module.pass_noise((4, 8, 8), 7, 0)
+    assert torch.equal(a, redraw_module.pass_noise((4, 8, 8), 7, 0))
+    assert not torch.equal(a, redraw_module.pass_noise((4, 8, 8), 7, 1))
+    assert torch.equal(
+        redraw_module.pass_noise((4, 8, 8), 8, 0), redraw_module.pass_noise((4, 8, 8), 7, 1)
+    )  # seed + pass index, as documented
+    seeds = {redraw_module.region_seed(7, p, i) for p in range(3) for i in range(50)}
+    assert len(seeds) == 150
+
+
+# -- the job level, through a loaded Rediffuser -----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_single_file(tiny, tmp_path_factory.mktemp("ckpt") / "sd1.safetensors", "sd1")
+
+
+def _settings(mode: str, **values) -> UpscaleSettings:
+    """Settings in ``mode``; until settings.py accepts --mode redraw, set it past validation."""
+    base = UpscaleSettings(**values)
+    try:
+        return base.replace(mode=mode)
+    except SettingsError:
+        base = dataclasses.replace(base)
+        object.__setattr__(base, "mode", mode)
+        return base
+
+
+@pytest.mark.parametrize("mode", ["redraw", "fused"])
+def test_job_level_passes_counts_and_progress(checkpoint, mode: str) -> None:
+    from tileup.sampler.engine import DiffusionReport, Rediffuser
+
+    settings = _settings(
+        mode, tile=64, overlap=16, steps=2, denoise=0.4, sampler="Euler a", prompt="a photo"
+    )
+    rediffuser = Rediffuser(settings, str(checkpoint), torch.device("cpu"))
+    options = RedrawOptions(order="chess", seam_fix="half-tile+intersections", seam_denoise=0.3)
+    rgb = _photo(120, 150).permute(1, 2, 0).numpy()  # not a multiple of 8: padded, cropped back
+    progress: list[int] = []
+    report = DiffusionReport()
+    out, counts = rediffuse_pixels(rediffuser, rgb, 11, report, options, on_tiles=progress.append)
+    assert out.shape == rgb.shape and out.dtype == np.float32
+    names = [c.name for c in counts]
+    seam_names = ["half-tile-rows", "half-tile-cols", "intersections"]
+    assert names == (["redraw", *seam_names] if mode == "redraw" else seam_names)
+    assert sum(progress) == sum(c.regions * 2 for c in counts)
+    planned = planned_tile_steps(rediffuser, 120, 150, options)
+    fused = rediffuser.planned_tile_steps(120, 150) if mode == "fused" else 0
+    assert planned == sum(progress) + fused
+    if mode == "redraw":
+        # 120x150 → canvas 120x152: 2 rows x 3 cols of 64 px tiles (snapped inward)
+        assert report.tiles == 6 and report.tile_steps == 12 and report.steps_per_tile == 2
+        assert report.unet_evaluations == counts[0].unet_calls and report.seed == 11
+    again, _ = rediffuse_pixels(rediffuser, rgb, 11, DiffusionReport(), options)
+    assert np.array_equal(out, again), "same seed, same bytes"
+    zero = RedrawOptions(order="chess", seam_fix="band", seam_denoise=0.0)
+    plain = RedrawOptions(order="chess", seam_fix="none")
+    a, _ = rediffuse_pixels(rediffuser, rgb, 11, DiffusionReport(), zero)
+    b, _ = rediffuse_pixels(rediffuser, rgb, 11, DiffusionReport(), plain)
+    assert np.array_equal(a, b), "--seam-denoise 0 must equal no seam fix"
+
+
+def test_job_level_refuses_bad_options(checkpoint) -> None:
+    from tileup.sampler.engine import DiffusionReport, Rediffuser
+
+    settings = _settings("redraw", tile=64, overlap=0, steps=1)
+    rediffuser = Rediffuser(settings, str(checkpoint), torch.device("cpu"))
+    rgb = np.zeros((64, 64, 3), np.float32)
+    for options, message in (
+        (RedrawOptions(padding=-4), "--padding"),
+        (RedrawOptions(seam_fix="band", seam_width=128), "--seam-width"),
+        (RedrawOptions(order="zigzag"), "--order"),
+        (RedrawOptions(seam_fix="full"), "--seam-fix"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            rediffuse_pixels(rediffuser, rgb, 0, DiffusionReport(), options)
+
+
+# -- the CLI (runs once settings.py carries the redraw knobs) ---------------------------------
+
+WIRED = "seam_fix" in {f.name for f in dataclasses.fields(UpscaleSettings)}
+
+
+@pytest.mark.skipif(not WIRED, reason="settings.py does not carry the redraw knobs yet")
+def test_cli_redraw_end_to_end(checkpoint, photo, tmp_path, capsys, monkeypatch) -> None:
+    import json
+
+    from diffusers import UNet2DConditionModel
+    from PIL import Image
+
+    from tileup.cli import main
+    from tileup.imageio import parse_parameters, read_parameters
+
+    source = tmp_path / "photo.png"
+    Image.fromarray(np.round(photo * 255).astype(np.uint8)).save(source)  # 64×80 → 128×160
+    samples: list[int] = []
+    real_forward = UNet2DConditionModel.forward
+
+    def counting(unet, sample, *args, **kwargs):
+        samples.append(sample.shape[0])
+        return real_forward(unet, sample, *args, **kwargs)
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", counting)
+    base = [
+        str(source), "--checkpoint", str(checkpoint), "--upscaler", "lanczos", "--quiet",
+        "--tile", "64", "--overlap", "0", "--steps", "2", "--seed", "7", "--mode", "redraw",
+        "--order", "chess", "--padding", "16", "--mask-blur", "4",
+    ]  # fmt: skip
+    out = tmp_path / "redraw.png"
+    seams = ["--seam-fix", "half-tile+intersections", "--seam-denoise", "0.3"]
+    code = main([*base, *seams, "--seam-padding", "8", "-o", str(out), "--stats"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    stats = json.loads([line for line in captured.out.splitlines() if line.startswith("{")][-1])
+    # 128×160: 2 rows × 3 columns of 64 px tiles (snapped inward); seams y 64, x 56 and 104
+    names = [p["name"] for p in stats["passes"]]
+    assert names == ["redraw", "half-tile-rows", "half-tile-cols", "intersections"]
+    assert [p["regions"] for p in stats["passes"]] == [6, 3, 4, 2]
+    assert stats["tiles"] == 6 and stats["tile_steps"] == 12 and stats["steps_per_tile"] == 2
+    assert stats["seam_fix_jobs"] == 9 and stats["seam_fix_tile_steps"] == 18
+    assert sum(samples) == 2 * 2 * (6 + 9)  # CFG-batched, 2 steps, every region
+    assert Image.open(out).size == (160, 128)
+    _, _, items = parse_parameters(read_parameters(out))
+    assert items["Tile mode"] == "redraw" and items["Tile order"] == "chess"
+    assert items["Tile padding"] == "16" and items["Mask blur"] == "4"
+    assert items["Seam fix"] == "half-tile+intersections" and items["Seam fix denoise"] == "0.3"
+    assert items["Seam fix padding"] == "8" and "Tile overlap" not in items
+    # --seam-denoise 0 writes the very bytes of no seam fix
+    zero, none = tmp_path / "zero.png", tmp_path / "none.png"
+    assert main([*base, "--seam-fix", "band", "--seam-denoise", "0", "-o", str(zero)]) == 0
+    assert main([*base, "-o", str(none)]) == 0
+    assert np.array_equal(np.asarray(Image.open(zero)), np.asarray(Image.open(none)))
+    # bad values: exit 2 with the flag named, nothing written
+    for extra, message in (
+        (["--padding", "-8"], "--padding"),
+        (["--seam-width", "128"], "--seam-width"),
+        (["--seam-denoise", "2"], "--seam-denoise"),
+    ):
+        assert main([*base, *extra, "-o", str(tmp_path / "bad.png")]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "bad.png").exists()
