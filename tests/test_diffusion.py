@@ -244,7 +244,11 @@ class _Exploit:
         (["--denoise", "1.5"], "--denoise"),
         (["--denoise", "-0.1"], "--denoise"),
         (["--overlap", "64"], "--overlap"),
-        (["--mode", "redraw"], "redraw"),
+        (["--mode", "redraw", "--upscaler", "latent"], "--mode fused"),
+        (["--order", "zigzag"], "--order"),
+        (["--seam-fix", "full"], "--seam-fix"),
+        (["--padding", "-8"], "--padding"),
+        (["--seam-width", "128"], "--seam-width"),
         (["--scheduler", "weird"], "karras"),
     ],
 )

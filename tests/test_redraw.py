@@ -54,7 +54,7 @@ from tileup.sampler.schedules import (
 )
 from tileup.seams import boundary_ratio, seam_ratio
 from tileup.seams.seamfix import crop_box, crop_masks, tile_regions
-from tileup.settings import SettingsError, UpscaleSettings
+from tileup.settings import UpscaleSettings
 from tileup.tiler import Box
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -531,14 +531,7 @@ def checkpoint(tiny, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _settings(mode: str, **values) -> UpscaleSettings:
-    """Settings in ``mode``; until settings.py accepts --mode redraw, set it past validation."""
-    base = UpscaleSettings(**values)
-    try:
-        return base.replace(mode=mode)
-    except SettingsError:
-        base = dataclasses.replace(base)
-        object.__setattr__(base, "mode", mode)
-        return base
+    return UpscaleSettings(mode=mode, **values)
 
 
 @pytest.mark.parametrize("mode", ["redraw", "fused"])
@@ -591,12 +584,9 @@ def test_job_level_refuses_bad_options(checkpoint) -> None:
             rediffuse_pixels(rediffuser, rgb, 0, DiffusionReport(), options)
 
 
-# -- the CLI (runs once settings.py carries the redraw knobs) ---------------------------------
-
-WIRED = "seam_fix" in {f.name for f in dataclasses.fields(UpscaleSettings)}
+# -- the CLI --------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not WIRED, reason="settings.py does not carry the redraw knobs yet")
 def test_cli_redraw_end_to_end(checkpoint, photo, tmp_path, capsys, monkeypatch) -> None:
     import json
 
@@ -654,3 +644,33 @@ def test_cli_redraw_end_to_end(checkpoint, photo, tmp_path, capsys, monkeypatch)
         assert main([*base, *extra, "-o", str(tmp_path / "bad.png")]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "bad.png").exists()
+
+
+def test_cli_seam_fix_after_fused_mode(checkpoint, photo, tmp_path, capsys) -> None:
+    import json
+
+    from PIL import Image
+
+    from tileup.cli import main
+    from tileup.imageio import parse_parameters, read_parameters
+
+    source = tmp_path / "photo.png"
+    Image.fromarray(np.round(photo * 255).astype(np.uint8)).save(source)  # 64×80 → 128×160
+    out = tmp_path / "fused.png"
+    args = [
+        str(source), "--checkpoint", str(checkpoint), "--upscaler", "lanczos", "--quiet",
+        "--tile", "64", "--overlap", "16", "--steps", "2", "--seed", "3", "--seam-fix", "band",
+        "--seam-width", "32", "--seam-denoise", "0.5", "-o", str(out), "--stats",
+    ]  # fmt: skip
+    assert main(args) == 0
+    stats = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # fused grid over 128×160 (latent 16×20, tile 8, overlap 2): 3 rows × 3 columns
+    assert stats["tiles"] == 9 and stats["tile_steps"] == 18
+    assert [p["name"] for p in stats["passes"]] == ["band-rows", "band-cols"]
+    assert [p["regions"] for p in stats["passes"]] == [6, 6]
+    assert stats["seam_fix_jobs"] == 12 and stats["seam_fix_tile_steps"] == 24
+    assert "seam_fix" in stats["seconds"] and "redraw" not in stats["seconds"]
+    _, _, items = parse_parameters(read_parameters(out))
+    assert items["Tile mode"] == "fused" and items["Tile overlap"] == "16"
+    assert items["Seam fix"] == "band" and items["Seam fix width"] == "32"
+    assert "Tile padding" not in items and "Mask blur" not in items

@@ -115,7 +115,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(describe_samplers())
         return EXIT_OK
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, --version (0) or a usage error (2): a code, not a raise
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     known = {f.name for f in dataclasses.fields(UpscaleSettings)}
     values = {k: v for k, v in vars(args).items() if k in known}
     if "models_dirs" in values:

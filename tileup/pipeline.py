@@ -31,7 +31,8 @@ from tileup.upscalers.resample import resample
 from tileup.upscalers.tiled import RunReport, auto_tile_size
 
 if TYPE_CHECKING:
-    from tileup.sampler.engine import Rediffuser
+    from tileup.sampler.engine import DiffusionReport, Rediffuser
+    from tileup.sampler.redraw import PassCounts
 
 CHECKPOINT_ENV = "TILEUP_CHECKPOINT"
 
@@ -61,6 +62,8 @@ class Stats:
 
     ``tiles`` counts the re-diffusion tiles when re-diffusion runs, otherwise the pixel model's
     tiles; ``pixel_tiles`` always counts the pixel model's tiles (all passes, alpha included).
+    ``passes`` lists the per-region passes (redraw, seam fix) with their counts and seconds;
+    ``seam_fix_jobs`` and ``seam_fix_tile_steps`` sum the seam-fix regions and their steps.
     """
 
     tiles: int
@@ -73,6 +76,9 @@ class Stats:
     device: str
     input_size: tuple[int, int]
     output_size: tuple[int, int]
+    passes: tuple[dict[str, Any], ...] = ()
+    seam_fix_jobs: int = 0
+    seam_fix_tile_steps: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready dict (sizes as [width, height])."""
@@ -80,6 +86,7 @@ class Stats:
         data["fallbacks"] = list(self.fallbacks)
         data["input_size"] = list(self.input_size)
         data["output_size"] = list(self.output_size)
+        data["passes"] = [dict(p) for p in self.passes]
         return data
 
 
@@ -152,6 +159,11 @@ class Upscaler:
         self.notes: list[str] = []
         self.runner: ModelRunner | None = None
         checkpoint = settings.checkpoint or os.environ.get(CHECKPOINT_ENV) or None
+        if self.spec.kind == "latent" and settings.mode == "redraw":
+            raise SettingsError(
+                f"--mode redraw redraws pixel tiles; the latent upscaler {self.spec.name} needs "
+                "--mode fused (or pick a pixel upscaler)"
+            )
         if self.spec.kind == "latent" and not checkpoint:
             raise SettingsError(
                 f"--upscaler {self.spec.name} works on latents and needs --checkpoint"
@@ -213,7 +225,16 @@ class Upscaler:
             if self.spec.kind == "latent"
             else count_pixel_tiles((height, width), target, self.runner)
         )
-        diffusion = self.rediffuser.planned_tile_steps(*target) if self.rediffuser else 0
+        diffusion = 0
+        if self.rediffuser is not None:
+            settings = self.settings
+            if settings.mode == "redraw" or settings.seam_fix != "none":
+                from tileup.sampler.redraw import RedrawOptions, planned_tile_steps
+
+                options = RedrawOptions.from_settings(settings)
+                diffusion = planned_tile_steps(self.rediffuser, *target, options)
+            else:
+                diffusion = self.rediffuser.planned_tile_steps(*target)
         return pixel * (2 if has_alpha else 1) + diffusion
 
     def __call__(self, picture: Picture) -> UpscaleResult:
@@ -232,7 +253,7 @@ class Upscaler:
             )
         diffusion = None
         if self.rediffuser is not None:
-            from tileup.sampler.engine import DiffusionReport, pad_to
+            from tileup.sampler.engine import DiffusionReport
 
             diffusion = DiffusionReport(seed=self._seed())
         # 2. Upscale: pixel (model passes + exact resize) or, for latent modes, in latent space.
@@ -254,27 +275,11 @@ class Upscaler:
                     report=report,
                     on_tile=self._on_tile,
                 )
-        # 3. Re-diffusion: tiled VAE encode, fused tiled sampling, tiled VAE decode.
+        # 3. Re-diffusion: fused (tiled VAE encode, fused sampling, tiled decode) or per-tile
+        #    redraw; then the seam-fix passes and the colour fix, when asked.
+        passes: tuple[PassCounts, ...] = ()
         if self.rediffuser is not None and diffusion is not None:
-            rediffuser = self.rediffuser
-            if latents is None:
-                assert rgb is not None
-                with clock.stage("vae_encode"):
-                    latents = rediffuser.encode(
-                        pad_to(rgb, rediffuser.canvas_size(*target)), diffusion.fallbacks
-                    )
-            with clock.stage("diffusion"):
-                latents = rediffuser.sample(
-                    latents, diffusion.seed, diffusion, on_tiles=self._on_tile
-                )
-            with clock.stage("vae_decode"):
-                source = rgb
-                rgb = rediffuser.decode(latents, diffusion.fallbacks)[: target[0], : target[1]]
-            if settings.color_fix != "none":
-                with clock.stage("color_fix"):
-                    if source is None:  # latent upscale: compare with a resize of the source
-                        source = resample(picture.rgb, target[0], target[1], "lanczos")
-                    rgb = color_fix(rgb, source, settings.color_fix)
+            rgb, passes = self._rediffuse(picture, rgb, latents, target, diffusion, clock)
         assert rgb is not None
         # 4. Alpha, upscaled separately with the same upscaler.
         with clock.stage("alpha"):
@@ -282,6 +287,7 @@ class Upscaler:
         # 5. Result, stats and metadata.
         out = dataclasses.replace(picture, rgb=np.ascontiguousarray(rgb), alpha=alpha)
         fallbacks = list(report.fallbacks) + (diffusion.fallbacks if diffusion else [])
+        seam_passes = [p for p in passes if p.name != "redraw"]
         stats = Stats(
             tiles=diffusion.tiles if diffusion else report.tiles,
             pixel_tiles=report.tiles,
@@ -293,9 +299,63 @@ class Upscaler:
             device=str(self.device),
             input_size=(width, height),
             output_size=(target[1], target[0]),
+            passes=tuple(p.as_dict() for p in passes),
+            seam_fix_jobs=sum(p.regions for p in seam_passes),
+            seam_fix_tile_steps=sum(p.tile_steps for p in seam_passes),
         )
         parameters = self.parameters(target, diffusion.seed if diffusion else None)
         return UpscaleResult(picture=out, stats=stats, parameters=parameters)
+
+    def _rediffuse(
+        self,
+        picture: Picture,
+        rgb: np.ndarray | None,
+        latents: torch.Tensor | None,
+        target: tuple[int, int],
+        diffusion: DiffusionReport,
+        clock: _StageClock,
+    ) -> tuple[np.ndarray, tuple[PassCounts, ...]]:
+        """Step 3: the re-diffusion of the upscaled canvas (``rgb``, or ``latents`` for a latent
+        upscaler) in the settings' mode, then the seam fix and the colour fix."""
+        from tileup.sampler.engine import pad_to
+        from tileup.sampler.redraw import RedrawOptions, rediffuse_pixels
+
+        settings, rediffuser = self.settings, self.rediffuser
+        assert rediffuser is not None
+        source = rgb
+        if settings.mode == "fused":
+            if latents is None:
+                assert rgb is not None
+                with clock.stage("vae_encode"):
+                    canvas = pad_to(rgb, rediffuser.canvas_size(*target))
+                    latents = rediffuser.encode(canvas, diffusion.fallbacks)
+            with clock.stage("diffusion"):
+                latents = rediffuser.sample(
+                    latents, diffusion.seed, diffusion, on_tiles=self._on_tile
+                )
+            with clock.stage("vae_decode"):
+                rgb = rediffuser.decode(latents, diffusion.fallbacks)[: target[0], : target[1]]
+        passes: tuple[PassCounts, ...] = ()
+        if settings.mode == "redraw" or settings.seam_fix != "none":
+            assert rgb is not None
+            rgb, passes = rediffuse_pixels(
+                rediffuser,
+                rgb,
+                diffusion.seed,
+                diffusion,
+                RedrawOptions.from_settings(settings),
+                on_tiles=self._on_tile,
+            )
+            for p in passes:
+                stage = "redraw" if p.name == "redraw" else "seam_fix"
+                clock.seconds[stage] = round(clock.seconds.get(stage, 0.0) + p.seconds, 4)
+        if settings.color_fix != "none":
+            with clock.stage("color_fix"):
+                if source is None:  # latent upscale: compare with a resize of the source
+                    source = resample(picture.rgb, target[0], target[1], "lanczos")
+                rgb = color_fix(rgb, source, settings.color_fix)
+        assert rgb is not None
+        return rgb, passes
 
     def _seed(self) -> int:
         seed = self.settings.seed
@@ -372,6 +432,14 @@ _DIFFUSION_KEYS = frozenset(
         "Tile size",
         "Tile overlap",
         "Tile blend",
+        "Tile order",
+        "Tile padding",
+        "Mask blur",
+        "Seam fix",
+        "Seam fix denoise",
+        "Seam fix width",
+        "Seam fix mask blur",
+        "Seam fix padding",
     }
 )
 

@@ -13,14 +13,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tileup.errors import TileupError
+from tileup.seams.seamfix import SEAM_FIX_MODES, validate_redraw_settings
+from tileup.tiler.geometry import ORDERS
 
 DEFAULT_UPSCALER = "default"
 DEFAULT_MAX_PIXELS = 16384 * 16384
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 MODES = ("fused", "redraw")
 BLENDS = ("gaussian", "cosine", "linear")
-ORDERS = ("linear", "chess")
-SEAM_FIXES = ("none", "band", "half-tile", "half-tile+intersections")
 COLOR_FIXES = ("none", "wavelet", "adain")
 PREDICTIONS = ("auto", "epsilon", "v_prediction")
 
@@ -118,6 +118,33 @@ class UpscaleSettings:
         "gaussian", "weight window for fused tiles", choices=BLENDS, meta="Tile blend"
     )
     vae_tile: int = knob(512, "tiled VAE tile size in pixels", metavar="N")
+
+    # -- redraw mode and seam fix (Ultimate SD Upscale's knobs, same meaning) -----------------
+    order: str = knob(
+        "linear",
+        "redraw order: linear (row by row) or chess (one colour of a chessboard, then the other)",
+        choices=ORDERS,
+        meta="Tile order",
+    )
+    padding: int = knob(
+        32,
+        "redraw: context pixels around each tile, locked while it is redrawn",
+        meta="Tile padding",
+    )
+    mask_blur: int = knob(
+        8, "redraw: blur of the mask a tile is pasted back through", meta="Mask blur"
+    )
+    seam_fix: str = knob(
+        "none",
+        "re-diffuse the seams after the tiles: band (a strip on every seam), half-tile "
+        "(tile-sized passes centred on the seams), half-tile+intersections (and on every corner)",
+        choices=SEAM_FIX_MODES,
+        meta="Seam fix",
+    )
+    seam_denoise: float = knob(0.35, "seam fix denoising strength", meta="Seam fix denoise")
+    seam_width: int = knob(64, "seam fix band width in pixels", meta="Seam fix width")
+    seam_mask_blur: int = knob(4, "seam fix mask blur", meta="Seam fix mask blur")
+    seam_padding: int = knob(16, "seam fix context pixels", meta="Seam fix padding")
     color_fix: str = knob(
         "none",
         "after re-diffusion, take the low frequencies (wavelet) or the channel mean/std (adain) "
@@ -158,11 +185,6 @@ class UpscaleSettings:
         _check_choice("blend", self.blend, BLENDS)
         _check_choice("prediction", self.prediction, PREDICTIONS)
         _check_choice("color_fix", self.color_fix, COLOR_FIXES)
-        if self.mode == "redraw":
-            raise SettingsError(
-                "--mode redraw (Ultimate SD Upscale-style per-tile redraw) is not available "
-                "in this version; use --mode fused"
-            )
         if self.tile < 64 or self.tile % 8:
             raise SettingsError(f"--tile must be a multiple of 8 and at least 64, got {self.tile}")
         if not 0 <= self.overlap < self.tile or self.overlap % 8:
@@ -174,6 +196,20 @@ class UpscaleSettings:
             raise SettingsError("--tile-batch must be a positive integer")
         if self.vae_tile < 64 or self.vae_tile % 8:
             raise SettingsError("--vae-tile must be a multiple of 8 and at least 64")
+        try:
+            validate_redraw_settings(
+                tile=self.tile,
+                order=self.order,
+                padding=self.padding,
+                mask_blur=self.mask_blur,
+                seam_fix=self.seam_fix,
+                seam_denoise=self.seam_denoise,
+                seam_width=self.seam_width,
+                seam_mask_blur=self.seam_mask_blur,
+                seam_padding=self.seam_padding,
+            )
+        except ValueError as exc:
+            raise SettingsError(str(exc)) from None
 
     def replace(self, **changes: Any) -> UpscaleSettings:
         """A copy with some fields changed (validated again)."""
@@ -191,14 +227,27 @@ class UpscaleSettings:
         return cls(**values)
 
     def metadata_items(self) -> dict[str, str]:
-        """The settings that carry a metadata key, as ``{key: text}`` in declaration order."""
+        """The settings that carry a metadata key and mean something for this job (no overlap
+        or blend in redraw mode, no redraw knobs in fused mode, seam-fix knobs only with a seam
+        fix, the width only for the band), as ``{key: text}`` in declaration order."""
+        unused = self._unused_fields()
         items: dict[str, str] = {}
         for f in dataclasses.fields(self):
             key = f.metadata.get("meta")
             value = getattr(self, f.name)
-            if key and value is not None:
+            if key and value is not None and f.name not in unused:
                 items[key] = _format_value(value)
         return items
+
+    def _unused_fields(self) -> set[str]:
+        unused = (
+            {"overlap", "blend"} if self.mode == "redraw" else {"order", "padding", "mask_blur"}
+        )
+        if self.seam_fix == "none":
+            unused |= {"seam_fix", "seam_denoise", "seam_width", "seam_mask_blur", "seam_padding"}
+        elif self.seam_fix != "band":
+            unused.add("seam_width")
+        return unused
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

@@ -32,8 +32,9 @@ seed, the pass and the region's position), so batching never changes what a regi
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from fractions import Fraction
 from typing import TYPE_CHECKING, Any
 
@@ -170,7 +171,8 @@ class RedrawPass:
 class PassCounts:
     """What one pass did: regions, UNet batches, steps each, region-steps, UNet forward calls.
 
-    ``skipped`` is True for a pass with denoise 0 (nothing encoded, nothing changed).
+    ``skipped`` is True for a pass with denoise 0 (nothing encoded, nothing changed);
+    ``seconds`` its wall time (filled by :func:`run_passes`, not compared).
     """
 
     name: str
@@ -181,6 +183,7 @@ class PassCounts:
     unet_calls: int
     denoise: float
     skipped: bool = False
+    seconds: float = field(default=0.0, compare=False)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -532,6 +535,7 @@ def run_passes(
     vae = CropVae(model, fallbacks if fallbacks is not None else [])
     counts = []
     for p in passes:
+        start = time.perf_counter()
         canvas, c = redraw_regions(
             model,
             canvas,
@@ -546,7 +550,9 @@ def run_passes(
             vae=vae,
             on_tiles=on_tiles,
         )
-        counts.append(c)
+        if canvas.device.type == "cuda":
+            torch.cuda.synchronize(canvas.device)
+        counts.append(replace(c, seconds=round(time.perf_counter() - start, 4)))
     return canvas, tuple(counts), vae
 
 
