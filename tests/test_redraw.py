@@ -674,3 +674,4 @@ def test_cli_seam_fix_after_fused_mode(checkpoint, photo, tmp_path, capsys) -> N
     assert items["Tile mode"] == "fused" and items["Tile overlap"] == "16"
     assert items["Seam fix"] == "band" and items["Seam fix width"] == "32"
     assert "Tile padding" not in items and "Mask blur" not in items
+    assert items["Tile order"] == "linear"  # the seam-fix passes run in that order

@@ -228,8 +228,9 @@ class UpscaleSettings:
 
     def metadata_items(self) -> dict[str, str]:
         """The settings that carry a metadata key and mean something for this job (no overlap
-        or blend in redraw mode, no redraw knobs in fused mode, seam-fix knobs only with a seam
-        fix, the width only for the band), as ``{key: text}`` in declaration order."""
+        or blend in redraw mode, no padding or mask blur in fused mode, the order only where
+        tiles or seams are redrawn, seam-fix knobs only with a seam fix, the width only for the
+        band), as ``{key: text}`` in declaration order."""
         unused = self._unused_fields()
         items: dict[str, str] = {}
         for f in dataclasses.fields(self):
@@ -240,11 +241,11 @@ class UpscaleSettings:
         return items
 
     def _unused_fields(self) -> set[str]:
-        unused = (
-            {"overlap", "blend"} if self.mode == "redraw" else {"order", "padding", "mask_blur"}
-        )
+        unused = {"overlap", "blend"} if self.mode == "redraw" else {"padding", "mask_blur"}
         if self.seam_fix == "none":
             unused |= {"seam_fix", "seam_denoise", "seam_width", "seam_mask_blur", "seam_padding"}
+            if self.mode == "fused":
+                unused.add("order")
         elif self.seam_fix != "band":
             unused.add("seam_width")
         return unused

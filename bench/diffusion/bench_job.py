@@ -71,7 +71,7 @@ def main() -> None:
     parser.add_argument("--order", default="linear", choices=["linear", "chess"])
     parser.add_argument("--seam-fix", nargs="+", default=["none"])
     parser.add_argument("--tag", default="", help="suffix of the results file name")
-    parser.add_argument("--out", default=str(Path(__file__).parent))
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args()
     rows = []
     configs = [
