@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -66,20 +67,26 @@ H, W, TILE, F8 = 128, 192, 64, 8  # a 3 × 2 grid of 64 px tiles
 
 
 class ShuffleVAE(torch.nn.Module):
-    """An exact VAE stand-in: pixel-unshuffle by 8 (192 latent channels); counts its calls."""
+    """An exact VAE stand-in: pixel-unshuffle by 8 (192 latent channels); counts its calls and
+    keeps the latents of its last encode."""
 
     def __init__(self) -> None:
         super().__init__()
         self.config = SimpleNamespace(latent_channels=192, scaling_factor=1.0)
         self.calls = {"encode": 0, "decode": 0}
+        self.last_encoded: torch.Tensor | None = None
 
     def encode(self, x: torch.Tensor) -> SimpleNamespace:
         self.calls["encode"] += 1
-        return SimpleNamespace(latent_dist=SimpleNamespace(mean=F.pixel_unshuffle(x, F8)))
+        self.last_encoded = F.pixel_unshuffle(x, F8)
+        return SimpleNamespace(latent_dist=SimpleNamespace(mean=self.last_encoded))
 
     def decode(self, z: torch.Tensor) -> SimpleNamespace:
         self.calls["decode"] += 1
         return SimpleNamespace(sample=F.pixel_shuffle(z, F8))
+
+
+Crop = tuple[int, int, int, int]  # top, left, height, width in pixels
 
 
 def _offset(top: int, left: int, height: int, width: int, scale: float = 0.05) -> torch.Tensor:
@@ -89,35 +96,49 @@ def _offset(top: int, left: int, height: int, width: int, scale: float = 0.05) -
 
 
 class OracleUNet(torch.nn.Module):
-    """Predicts the ε that makes Euler's x0-estimate ``clean[crop] + offset(crop)`` exactly.
+    """Predicts the ε that makes Euler's x0-estimate ``reference(k, crop) + offset(crop)``.
 
-    An ideal denoiser that regenerates the clean picture, biased by a colour offset distinct
-    for every region (as a real model's colour drifts from tile to tile). Records the crops it
-    sees, in order.
+    An ideal denoiser biased by a colour offset (RGB in [0, 1] units) chosen per crop, as a real
+    model's colour drifts from tile to tile. The reference is the clean photo's latents under
+    the crop (``clean``) or, without it, the latents the VAE has just encoded: the denoiser then
+    returns its input plus the offset. Records the crops it sees, in order.
     """
 
-    def __init__(self, clean: torch.Tensor, offset_scale: float = 0.05) -> None:
+    def __init__(
+        self,
+        clean: torch.Tensor | None = None,
+        offset_scale: float = 0.05,
+        *,
+        vae: ShuffleVAE | None = None,
+        offset: Callable[[Crop], torch.Tensor] | None = None,
+    ) -> None:
         super().__init__()
         self.anchor = torch.nn.Parameter(torch.zeros(()))
-        self.clean = F.pixel_unshuffle(clean[None] * 2 - 1, F8)[0]  # latents of the clean photo
-        self.offset_scale = offset_scale
+        self.clean = None if clean is None else F.pixel_unshuffle(clean[None] * 2 - 1, F8)[0]
+        self.vae = vae
+        self.offset = offset or (lambda crop: _offset(*crop, scale=offset_scale))
         scheduler = make_scheduler("Euler", "normal", SD_TRAINING_CONFIG, prediction_type="epsilon")
         ac = scheduler.alphas_cumprod.double()
         self.train_sigmas = (((1 - ac) / ac) ** 0.5).numpy()
-        self.seen: list[tuple[int, int, int, int]] = []
+        self.seen: list[Crop] = []
+
+    def _reference(self, k: int, crop: Crop) -> torch.Tensor:
+        if self.clean is None:
+            assert self.vae is not None and self.vae.last_encoded is not None
+            encoded = self.vae.last_encoded  # CFG runs the batch twice: sample k is k mod n
+            return encoded[k % len(encoded)].double()
+        top, left, height, width = crop
+        return self.clean[:, top // F8 : (top + height) // F8, left // F8 : (left + width) // F8]
 
     def forward(self, sample, t, encoder_hidden_states=None, added_cond_kwargs=None, **_):
         sigma = float(np.interp(float(t), np.arange(len(self.train_sigmas)), self.train_sigmas))
         x = sample.double() * (sigma**2 + 1) ** 0.5
         out = []
         for k, ids in enumerate(added_cond_kwargs["time_ids"].long().tolist()):
-            top, left, height, width = ids[2:]
-            self.seen.append((top, left, height, width))
-            target = self.clean[
-                :, top // F8 : (top + height) // F8, left // F8 : (left + width) // F8
-            ]
-            shift = _offset(top, left, height, width, self.offset_scale).repeat_interleave(F8 * F8)
-            target = target + 2 * shift[:, None, None]
+            crop: Crop = tuple(ids[2:])
+            self.seen.append(crop)
+            shift = self.offset(crop).double().repeat_interleave(F8 * F8)
+            target = self._reference(k, crop) + 2 * shift[:, None, None]
             out.append((x[k] - target) / sigma)
         return (torch.stack(out).float(),)
 
@@ -584,6 +605,17 @@ def test_job_level_refuses_bad_options(checkpoint) -> None:
             rediffuse_pixels(rediffuser, rgb, 0, DiffusionReport(), options)
 
 
+def test_overlap_is_not_used_by_redraw_tiles() -> None:
+    """Redraw tiles do not overlap (--padding gives context): a tile of 64 px with the default
+    --overlap 64 is fine there, not in fused mode; a bad --overlap is still refused."""
+    from tileup.settings import SettingsError
+
+    assert UpscaleSettings(mode="redraw", tile=64).overlap == 64
+    for values in ({"mode": "fused", "tile": 64}, {"mode": "redraw", "overlap": -8}):
+        with pytest.raises(SettingsError, match="--overlap"):
+            UpscaleSettings(**values)
+
+
 # -- the CLI --------------------------------------------------------------------------------
 
 
@@ -675,3 +707,122 @@ def test_cli_seam_fix_after_fused_mode(checkpoint, photo, tmp_path, capsys) -> N
     assert items["Seam fix"] == "band" and items["Seam fix width"] == "32"
     assert "Tile padding" not in items and "Mask blur" not in items
     assert items["Tile order"] == "linear"  # the seam-fix passes run in that order
+
+
+# -- end to end through the CLI, with the offset denoiser ------------------------------------
+
+
+def _use_offset_denoiser(
+    monkeypatch, offset: Callable[[Crop], torch.Tensor], clean: np.ndarray | None = None
+) -> None:
+    """Jobs load as usual (the tiny checkpoint, its prompts, the upscaler); their per-region
+    passes get the offset denoiser and the exact VAE instead of the tiny UNet and VAE, whose
+    random weights turn any picture into unrelated texture. The denoiser returns ``clean``
+    (HxWx3, the whole canvas) under the crop plus ``offset(crop)``: an ideal model that
+    regenerates the picture with a colour bias; without ``clean``, its input plus the offset."""
+    reference = None if clean is None else torch.from_numpy(clean.transpose(2, 0, 1).copy())
+
+    def from_rediffuser(cls, rediffuser) -> RedrawModel:
+        s, vae = rediffuser.settings, ShuffleVAE()
+        pooled = torch.zeros(1, 4)  # SDXL-style inputs carry each crop to the denoiser
+        conditioning = Conditioning(
+            cond=torch.zeros(1, 77, 8),
+            uncond=torch.zeros(1, 77, 8),
+            pooled_cond=pooled,
+            pooled_uncond=pooled,
+        )
+        return cls(
+            unet=OracleUNet(reference, vae=vae, offset=offset),
+            vae=vae,
+            conditioning=conditioning,
+            scheduler_config=SD_TRAINING_CONFIG,
+            prediction_type="epsilon",
+            sampler=s.sampler,
+            schedule=s.scheduler,
+            cfg=s.cfg,
+            steps=s.steps,
+            device=torch.device("cpu"),
+            vae_dtype=torch.float32,
+            factor=rediffuser.factor,
+            vae_batch=1024,  # one encode per batch: the denoiser reads it back
+        )
+
+    monkeypatch.setattr(RedrawModel, "from_rediffuser", classmethod(from_rediffuser))
+
+
+@pytest.fixture
+def smooth_photo_file(tmp_path: Path) -> Path:
+    """A smooth 96×128 photo (upscaled 2× by lanczos to 192×256: 3 × 4 tiles of 64 px)."""
+    from PIL import Image
+
+    path = tmp_path / "smooth.png"
+    pixels = _photo(96, 128).permute(1, 2, 0).numpy()
+    Image.fromarray(np.round(pixels * 255).astype(np.uint8)).save(path)
+    return path
+
+
+def _read(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(path).convert("RGB")).astype(np.float64) / 255
+
+
+def test_cli_offset_denoiser_seam_and_each_seam_fix(
+    checkpoint, smooth_photo_file, tmp_path, monkeypatch
+) -> None:
+    """A denoiser that adds a different colour offset (±0.15) to every crop leaves a seam after
+    redraw without seam fix; each seam-fix mode lowers the seam ratio of the written PNG.
+
+    The denoiser regenerates the picture (plus the offset), as a real model redraws the content
+    at the seam: one that returned its input would keep the seam it is given."""
+    from tileup.cli import main
+
+    base = [str(smooth_photo_file), "--upscaler", "lanczos", "--quiet"]
+    plain = tmp_path / "plain.png"
+    assert main([*base, "-o", str(plain)]) == 0
+    clean = _read(plain).astype(np.float32)  # what the ideal denoiser regenerates
+    _use_offset_denoiser(monkeypatch, lambda crop: _offset(*crop, scale=0.15), clean)
+    job = [
+        *base, "--checkpoint", str(checkpoint), "--tile", "64", "--mode", "redraw",
+        "--sampler", "Euler", "--steps", "4", "--denoise", "0.5", "--seed", "1",
+        "--seam-width", "32",
+    ]  # fmt: skip
+    grid = redraw_grid(192, 256, TILE, F8, "linear")
+    ratios = {"plain": seam_ratio(_read(plain), grid)}
+    for mode in ("none", "band", "half-tile", "half-tile+intersections"):
+        out = tmp_path / f"{mode}.png"
+        assert main([*job, "--seam-fix", mode, "-o", str(out)]) == 0
+        ratios[mode] = seam_ratio(_read(out), grid)
+    print("seam ratios:", {k: round(v, 3) for k, v in ratios.items()})
+    assert ratios["plain"] < 1.1, ratios
+    assert ratios["none"] > 2.5, ratios
+    for mode in ("band", "half-tile", "half-tile+intersections"):
+        assert ratios[mode] < 0.5 * ratios["none"], ratios
+    assert ratios["half-tile+intersections"] < ratios["half-tile"], ratios
+
+
+@pytest.mark.parametrize("method", ["wavelet", "adain"])
+def test_cli_color_fix_undoes_a_colour_shift_of_the_redraw(
+    checkpoint, smooth_photo_file, tmp_path, monkeypatch, method: str
+) -> None:
+    """Re-diffusion that shifts every tile's colour by the same RGB offset moves the mean colour
+    by about that much; ``--color-fix`` brings it back within 1/255 of the pixel upscale."""
+    from tileup.cli import main
+
+    shift = torch.tensor([0.08, -0.06, 0.05])
+    _use_offset_denoiser(monkeypatch, lambda crop: shift)
+    base = [str(smooth_photo_file), "--upscaler", "lanczos", "--quiet"]
+    plain, shifted, fixed = (tmp_path / f"{n}.png" for n in ("plain", "shifted", "fixed"))
+    assert main([*base, "-o", str(plain)]) == 0
+    job = [
+        *base, "--checkpoint", str(checkpoint), "--tile", "64", "--mode", "redraw",
+        "--sampler", "Euler", "--steps", "4", "--denoise", "0.5", "--seed", "1",
+    ]  # fmt: skip
+    assert main([*job, "-o", str(shifted)]) == 0
+    assert main([*job, "--color-fix", method, "-o", str(fixed)]) == 0
+    source_mean = _read(plain).mean(axis=(0, 1))
+    moved = _read(shifted).mean(axis=(0, 1)) - source_mean
+    assert np.all(np.abs(moved - shift.numpy()) < 0.02), moved  # the shift is there, minus clipping
+    error = np.abs(_read(fixed).mean(axis=(0, 1)) - source_mean)
+    print(f"{method}: shift {np.round(moved * 255, 2)}/255 → {np.round(error * 255, 3)}/255")
+    assert np.all(error <= 1 / 255), error * 255

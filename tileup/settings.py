@@ -110,7 +110,9 @@ class UpscaleSettings:
         meta="Tile mode",
     )
     tile: int = knob(512, "diffusion tile size in pixels (multiple of 8)", meta="Tile size")
-    overlap: int = knob(64, "overlap between diffusion tiles in pixels", meta="Tile overlap")
+    overlap: int = knob(
+        64, "overlap between fused-mode diffusion tiles in pixels", meta="Tile overlap"
+    )
     tile_batch: int | None = knob(
         None, "tiles per UNet batch (default: from free memory)", metavar="N"
     )
@@ -187,7 +189,9 @@ class UpscaleSettings:
         _check_choice("color_fix", self.color_fix, COLOR_FIXES)
         if self.tile < 64 or self.tile % 8:
             raise SettingsError(f"--tile must be a multiple of 8 and at least 64, got {self.tile}")
-        if not 0 <= self.overlap < self.tile or self.overlap % 8:
+        # redraw tiles do not overlap (--padding gives them context): --overlap is not used
+        overlap_limit = self.tile if self.mode == "fused" else self.overlap + 1
+        if not 0 <= self.overlap < overlap_limit or self.overlap % 8:
             raise SettingsError(
                 f"--overlap must be a multiple of 8 in [0, --tile), got {self.overlap} "
                 f"with --tile {self.tile}"
