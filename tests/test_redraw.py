@@ -151,8 +151,16 @@ def _photo(height: int = H, width: int = W) -> torch.Tensor:
 
 
 def _stand_in_model(
-    clean: torch.Tensor, steps: int = 4, sampler: str = "Euler", offset: float = 0.05
+    clean: torch.Tensor | None,
+    steps: int = 4,
+    sampler: str = "Euler",
+    offset: float = 0.05,
+    *,
+    unet: OracleUNet | None = None,
+    vae: ShuffleVAE | None = None,
 ) -> RedrawModel:
+    """The oracle UNet (or ``unet``) and the exact VAE (or ``vae``), with SDXL-style inputs:
+    their time_ids carry each crop to the oracle."""
     pooled = torch.zeros(1, 4)
     conditioning = Conditioning(
         cond=torch.zeros(1, 77, 8),
@@ -161,8 +169,8 @@ def _stand_in_model(
         pooled_uncond=pooled,
     )
     return RedrawModel(
-        unet=OracleUNet(clean, offset),
-        vae=ShuffleVAE(),
+        unet=unet or OracleUNet(clean, offset),
+        vae=vae or ShuffleVAE(),
         conditioning=conditioning,
         scheduler_config=SD_TRAINING_CONFIG,
         prediction_type="epsilon",
@@ -724,25 +732,15 @@ def _use_offset_denoiser(
 
     def from_rediffuser(cls, rediffuser) -> RedrawModel:
         s, vae = rediffuser.settings, ShuffleVAE()
-        pooled = torch.zeros(1, 4)  # SDXL-style inputs carry each crop to the denoiser
-        conditioning = Conditioning(
-            cond=torch.zeros(1, 77, 8),
-            uncond=torch.zeros(1, 77, 8),
-            pooled_cond=pooled,
-            pooled_uncond=pooled,
+        model = _stand_in_model(
+            reference, unet=OracleUNet(reference, vae=vae, offset=offset), vae=vae
         )
-        return cls(
-            unet=OracleUNet(reference, vae=vae, offset=offset),
-            vae=vae,
-            conditioning=conditioning,
-            scheduler_config=SD_TRAINING_CONFIG,
-            prediction_type="epsilon",
+        return dataclasses.replace(
+            model,
             sampler=s.sampler,
             schedule=s.scheduler,
             cfg=s.cfg,
             steps=s.steps,
-            device=torch.device("cpu"),
-            vae_dtype=torch.float32,
             factor=rediffuser.factor,
             vae_batch=1024,  # one encode per batch: the denoiser reads it back
         )
