@@ -40,6 +40,17 @@ def test_default_run_uses_builtin_model_and_writes_beside(photo_file: Path, caps
     assert "pixel upscale only" in err and "photo_tileup.png" in err
 
 
+def test_diffusion_options_without_a_checkpoint_are_named_as_ignored(
+    photo_file: Path, capsys
+) -> None:
+    args = [str(photo_file), "--upscaler", "lanczos", "--mode", "redraw", "--seam-fix", "band"]
+    assert main(args) == 0
+    note = [line for line in capsys.readouterr().err.splitlines() if "no --checkpoint" in line]
+    assert len(note) == 1
+    assert "--mode redraw has no effect; --seam-fix band has no effect" in note[0]
+    assert "--color-fix" not in note[0]  # left at its default: not mentioned
+
+
 def test_model_result_differs_from_resampling(photo_file: Path, tmp_path: Path) -> None:
     assert main([str(photo_file), "-o", str(tmp_path / "m.png"), "--quiet"]) == 0
     assert main([str(photo_file), "-o", str(tmp_path / "l.png"), *FAST]) == 0
@@ -110,6 +121,31 @@ def test_batch_one_bad_file_does_not_stop_others(tmp_path: Path, photo_file: Pat
     assert sorted(p.name for p in outdir.iterdir()) == ["a_tileup.png", "d_tileup.png"]
     assert "b.png" in err and "c.png" in err and "2 done, 2 failed" in err
     assert "Traceback" not in err
+
+
+def test_a_file_whose_job_cannot_be_planned_fails_alone(
+    tmp_path: Path, photo: np.ndarray, monkeypatch, capsys
+) -> None:
+    """Planning the progress of a batch reads every file's size up front; a job that fails
+    there (here: the 32 px high one) fails when its turn comes, with one line, not the batch."""
+    folder, outdir = tmp_path / "in", tmp_path / "out"
+    folder.mkdir()
+    outdir.mkdir()
+    Image.fromarray(np.round(photo * 255).astype(np.uint8)).save(folder / "a.png")
+    Image.fromarray(np.round(photo[:32] * 255).astype(np.uint8)).save(folder / "b.png")
+    planned = tileup.pipeline.Upscaler.planned_tiles
+
+    def planned_tiles(self, height: int, width: int, has_alpha: bool = False) -> int:
+        if height == 32:
+            raise ValueError("cannot plan a 32 px high job")
+        return planned(self, height, width, has_alpha)
+
+    monkeypatch.setattr(tileup.pipeline.Upscaler, "planned_tiles", planned_tiles)
+    code = main([str(folder), "-o", str(outdir), *FAST])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    assert [p.name for p in outdir.iterdir()] == ["a_tileup.png"]
+    assert "b.png: failed: cannot plan a 32 px high job" in err and "1 done, 1 failed" in err
 
 
 def test_recursive_folders_and_globs(tmp_path: Path, photo_file: Path) -> None:

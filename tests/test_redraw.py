@@ -348,14 +348,15 @@ def test_batched_chess_equals_one_by_one_exactly_with_exact_kernels() -> None:
             regions,
             denoise=0.5,
             padding=8,
-            mask_blur=8,
+            mask_blur=3,
             seed=2,
             max_batch=max_batch,
             on_batch=ran.append,
         )
         outs.append(out)
         runs.append(ran)
-    # padding 8: crops 80 px; (0,0) and (0,2) are apart, diagonal neighbours overlap
+    # padding 8 (mask blur 3 reaches 8 px): crops 80 px; (0,0) and (0,2) are apart, diagonal
+    # neighbours overlap
     assert runs[1] == [(0, 1), (2,), (3,), (4, 5)]
     assert torch.equal(outs[0], outs[1])
 
@@ -368,17 +369,17 @@ def test_batched_chess_equals_one_by_one_on_the_tiny_model(tiny, sampler: str) -
     canvas = _photo()
     regions = tile_regions(redraw_grid(H, W, TILE, F8, "chess"))
     one, _ = redraw_regions(
-        model, canvas, regions, denoise=0.5, padding=8, mask_blur=8, seed=4, max_batch=1
+        model, canvas, regions, denoise=0.5, padding=8, mask_blur=3, seed=4, max_batch=1
     )
     batched, counts = redraw_regions(
-        model, canvas, regions, denoise=0.5, padding=8, mask_blur=8, seed=4, max_batch=8
+        model, canvas, regions, denoise=0.5, padding=8, mask_blur=3, seed=4, max_batch=8
     )
     evaluations = model.scheduler_and_plan(0.5)[1].evaluations  # 2N - 1 for DPM++ SDE
     assert counts.batches == 4 and counts.unet_calls == 4 * evaluations
     _close_in_8_bit(one, batched)
     assert float((one - batched).abs().max()) < 1e-3
     other, _ = redraw_regions(
-        model, canvas, regions, denoise=0.5, padding=8, mask_blur=8, seed=5, max_batch=8
+        model, canvas, regions, denoise=0.5, padding=8, mask_blur=3, seed=5, max_batch=8
     )
     assert float((other - batched).abs().max()) > 0.01  # the seed matters
 
@@ -715,6 +716,30 @@ def test_cli_seam_fix_after_fused_mode(checkpoint, photo, tmp_path, capsys) -> N
     assert items["Seam fix"] == "band" and items["Seam fix width"] == "32"
     assert "Tile padding" not in items and "Mask blur" not in items
     assert items["Tile order"] == "linear"  # the seam-fix passes run in that order
+
+
+def test_cli_band_seam_fix_on_a_strip_lower_than_the_band(checkpoint, tmp_path, capsys) -> None:
+    """20×100 → 40×200: vertical seams only, a band of 64 fits the 64 px tiles across them."""
+    import json
+
+    from PIL import Image
+
+    from tileup.cli import main
+
+    source = tmp_path / "strip.png"
+    strip = _photo(20, 100).permute(1, 2, 0).numpy()
+    Image.fromarray(np.round(strip * 255).astype(np.uint8)).save(source)
+    out = tmp_path / "strip_out.png"
+    args = [
+        str(source), "--checkpoint", str(checkpoint), "--upscaler", "lanczos", "--quiet",
+        "--tile", "64", "--steps", "1", "--mode", "redraw", "--seam-fix", "band", "-o", str(out),
+        "--stats",
+    ]  # fmt: skip
+    assert main(args) == 0, capsys.readouterr().err
+    stats = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [p["name"] for p in stats["passes"]] == ["redraw", "band-cols"]
+    assert [p["regions"] for p in stats["passes"]] == [4, 3]  # 200 px: 4 tiles, 3 seams
+    assert Image.open(out).size == (200, 40)
 
 
 # -- end to end through the CLI, with the offset denoiser ------------------------------------

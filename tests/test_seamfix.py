@@ -11,6 +11,7 @@ from tileup.seams.seamfix import (
     band_mask,
     blur_mask,
     blur_radius,
+    context_crop,
     crop_box,
     crop_masks,
     half_tile_mask,
@@ -238,6 +239,25 @@ def test_crop_masks() -> None:
     assert float(paste[-1, -1]) == pytest.approx(1.0) and float(paste[-1, 0]) == 0.0
 
 
+@pytest.mark.parametrize("padding", [0, 8, 16, 32])
+def test_context_crop_holds_the_whole_blurred_mask(padding: int) -> None:
+    """The crop grows to the blur's reach when --padding is smaller (A1111 crops around the
+    blurred mask): the paste weight falls to 0 inside the crop, never cut off at its edge."""
+    canvas = Box(0, 0, 256, 256)
+    region = tile_regions(plan_grid(256, 256, 64, 0, align=8))[5]  # row 1, col 1: inner
+    crop = context_crop(region.box, padding, 8, canvas, 8)
+    reach = max(padding, blur_radius(8))  # 20 px
+    assert crop == crop_box(region.box, reach, canvas, 8)
+    assert crop.top <= region.box.top - reach and crop.bottom >= region.box.bottom + reach
+    paste, _ = crop_masks(region, crop, canvas, 8, 8)
+    edges = torch.cat([paste[0], paste[-1], paste[:, 0], paste[:, -1]])
+    assert float(edges.max()) == 0.0
+    whole = torch.zeros(256, 256)
+    whole[region.box.slices] = 1.0
+    assert float(paste.sum()) == pytest.approx(float(blur_mask(whole, 8).sum()), rel=1e-5)
+    assert context_crop(region.box, 32, 0, canvas, 8) == crop_box(region.box, 32, canvas, 8)
+
+
 # -- validation ------------------------------------------------------------------------------
 
 
@@ -276,5 +296,18 @@ def test_geometry_refuses_bad_values() -> None:
         seam_fix_passes(GRID, "diagonal", 64)
     with pytest.raises(ValueError, match="band width"):
         seam_fix_passes(GRID, "band", 128)
+
+
+def test_band_on_a_canvas_narrower_than_the_band() -> None:
+    """40 px high, 200 px wide: vertical seams only; the band fits the tile across them, so the
+    low canvas does not limit it (it used to be refused with a wrong message)."""
+    grid = plan_grid(40, 200, 64, 0, align=8)
+    assert grid.inner_seams()[0] == () and grid.tile_height == 40
+    (cols,) = seam_fix_passes(grid, "band", 64)
+    assert cols.name == "band-cols" and len(cols.regions) == len(grid.inner_seams()[1])
+    assert all(r.box.height == 40 and r.box.width == 64 for r in cols.regions)
+    tall = plan_grid(200, 40, 64, 0, align=8)  # horizontal seams only, tile 64 across them
+    with pytest.raises(ValueError, match=r"band width 72 must be even, in \[4, 64\]"):
+        seam_fix_passes(tall, "band", 72)
     with pytest.raises(ValueError, match="order"):
         seam_fix_passes(GRID, "band", 32, order="random")

@@ -182,9 +182,10 @@ class Upscaler:
                     f"blur of interpolated latents; --denoise is {settings.denoise:g}"
                 )
         else:
+            ignored = "".join(f"; {flag} has no effect" for flag in _diffusion_only_flags(settings))
             self.notes.append(
                 "no --checkpoint given: pixel upscale only (add --checkpoint MODEL.safetensors "
-                f"or set ${CHECKPOINT_ENV} to re-diffuse the tiles)"
+                f"or set ${CHECKPOINT_ENV} to re-diffuse the tiles){ignored}"
             )
 
     def _place_model(self, path: Path) -> ModelRunner:
@@ -564,6 +565,17 @@ def upscale_files(
     return outcomes
 
 
+def _diffusion_only_flags(settings: UpscaleSettings) -> list[str]:
+    """The re-diffusion options set away from their defaults (``--mode redraw``, …): without a
+    checkpoint they do nothing, which the user should hear."""
+    defaults = {f.name: f.default for f in dataclasses.fields(settings)}
+    return [
+        f"--{name.replace('_', '-')} {getattr(settings, name)}"
+        for name in ("mode", "seam_fix", "color_fix")
+        if getattr(settings, name) != defaults[name]
+    ]
+
+
 def _plan_progress(
     files: list[Path], engine: Upscaler, progress: Progress, max_pixels: int
 ) -> dict[Path, int]:
@@ -577,7 +589,10 @@ def _plan_progress(
         except Exception:
             continue  # reported properly when the file is read
         if width * height <= max_pixels:
-            planned[path] = engine.planned_tiles(height, width, has_alpha)
+            try:
+                planned[path] = engine.planned_tiles(height, width, has_alpha)
+            except Exception:
+                continue  # the same error is raised, and reported, when the file is processed
             progress.add_total(planned[path])
     return planned
 

@@ -3,8 +3,9 @@
 :func:`redraw_regions` is the one primitive. For each region (a pixel box and its mask, see
 :mod:`tileup.seams.seamfix`) it
 
-1. crops the box grown by ``padding`` (rounded outward to the VAE factor f; at the canvas edge
-   shifted inward keeping its size, see ``crop_box``) from the *current* canvas, so it sees every
+1. crops the box grown by ``padding``, or by the reach of the mask blur when that is larger
+   (rounded outward to the VAE factor f; at the canvas edge shifted inward keeping its size,
+   see ``context_crop``) from the *current* canvas, so it sees every
    region redrawn before it, and VAE-encodes it (plain ``vae.encode``: posterior mean × scaling
    factor);
 2. noises it with its crop of one canvas-wide noise drawn once per pass (CPU generator seeded
@@ -52,7 +53,7 @@ from tileup.sampler.schedules import (
 from tileup.sampler.tiled_vae import NonFiniteError
 from tileup.seams.seamfix import (
     Region,
-    crop_box,
+    context_crop,
     crop_masks,
     seam_fix_passes,
     tile_regions,
@@ -424,7 +425,7 @@ def redraw_regions(
     for region in regions:
         if not area.contains(region.box):
             raise ValueError(f"region {region.box} lies outside the canvas {height}x{width}")
-    crops = [crop_box(r.box, padding, area, f) for r in regions]
+    crops = [context_crop(r.box, padding, mask_blur, area, f) for r in regions]
     channels = int(model.vae.config.latent_channels)
     noise = pass_noise((channels, height // f, width // f), seed, pass_index).to(model.device)
     canvas = canvas.clone()

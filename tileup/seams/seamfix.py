@@ -251,7 +251,8 @@ def seam_fix_passes(
     band: "band-rows" (horizontal seams), "band-cols"; half-tile: "half-tile-rows",
     "half-tile-cols"; half-tile+intersections adds "intersections". Passes without regions
     (no seams along that axis) are left out; "none" gives no pass. ``width`` (band only) must
-    be even, at least 4 and at most the tile.
+    be even, at least 4 and at most the tile across the seams (an axis without seams, e.g. a
+    canvas narrower than the tile, does not limit it).
     """
     if mode not in SEAM_FIX_MODES:
         raise ValueError(f"unknown seam-fix mode {mode!r}; expected one of {SEAM_FIX_MODES}")
@@ -260,8 +261,10 @@ def seam_fix_passes(
     rows, cols = _axes(layout, canvas, tile)
     passes: list[SeamPass] = []
     if mode == "band":
-        if width % 2 or width < 4 or width > min(rows.tile, cols.tile):
-            raise ValueError(f"band width {width} must be even, in [4, tile]")
+        # the band lies across the seams: it must fit the tile along the axes that have seams
+        limit = min((axis.tile for axis in (rows, cols) if axis.seams), default=width)
+        if width % 2 or width < 4 or width > limit:
+            raise ValueError(f"band width {width} must be even, in [4, {limit}] (the tile)")
         passes += [
             SeamPass("band-rows", _seam_pieces(rows, cols, width // 2, True, order)),
             SeamPass("band-cols", _seam_pieces(cols, rows, width // 2, False, order)),
@@ -404,6 +407,12 @@ def crop_box(box: Box, padding: int, canvas: Box, factor: int) -> Box:
     top = min(max(top, canvas.top), canvas.bottom - height)
     left = min(max(left, canvas.left), canvas.right - width)
     return Box(top, left, height, width)
+
+
+def context_crop(box: Box, padding: int, mask_blur: float, canvas: Box, factor: int) -> Box:
+    """The crop a region is redrawn in: :func:`crop_box` with ``padding``, or the reach of the
+    ``mask_blur`` when that is larger, so that the blurred paste mask always fits the crop."""
+    return crop_box(box, max(padding, blur_radius(mask_blur)), canvas, factor)
 
 
 def crop_masks(
