@@ -40,6 +40,7 @@ from __future__ import annotations
 import functools
 import inspect
 import textwrap
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -541,6 +542,22 @@ def run_sampler(
         scheduler.noise_sampler_seed = int(seed)
     extra: dict[str, Any] = {"generator": generator} if takes_generator else {}
     lms = "order" in _step_params(type(scheduler))  # LMSDiscreteScheduler
+    with warnings.catch_warnings():
+        # DPM++ SDE with one Brownian tree per sample (redraw batches) queries σ_min ~5e-8
+        # below the tree's rounded start; torchsde warns and clamps the query, which is right
+        warnings.filterwarnings("ignore", "Should have ta>=t0", UserWarning)
+        return _run_steps(scheduler, plan, latents, denoiser, extra, lms, on_step)
+
+
+def _run_steps(
+    scheduler: SchedulerMixin,
+    plan: StepPlan,
+    latents: torch.Tensor,
+    denoiser: Denoiser,
+    extra: dict[str, Any],
+    lms: bool,
+    on_step: StepCallback | None,
+) -> torch.Tensor:
     for i, t in enumerate(plan.timesteps):
         model_input = scheduler.scale_model_input(latents, t)
         prediction = denoiser(model_input, t).to(latents.dtype)
