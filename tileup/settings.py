@@ -189,9 +189,9 @@ class UpscaleSettings:
         _check_choice("color_fix", self.color_fix, COLOR_FIXES)
         if self.tile < 64 or self.tile % 8:
             raise SettingsError(f"--tile must be a multiple of 8 and at least 64, got {self.tile}")
-        # redraw tiles do not overlap (--padding gives them context): --overlap is not used
-        overlap_limit = self.tile if self.mode == "fused" else self.overlap + 1
-        if not 0 <= self.overlap < overlap_limit or self.overlap % 8:
+        # redraw tiles do not overlap (--padding gives them context): --overlap is not used there
+        too_wide = self.mode == "fused" and self.overlap >= self.tile
+        if self.overlap < 0 or self.overlap % 8 or too_wide:
             raise SettingsError(
                 f"--overlap must be a multiple of 8 in [0, --tile), got {self.overlap} "
                 f"with --tile {self.tile}"

@@ -546,27 +546,15 @@ def run_sampler(
         # DPM++ SDE with one Brownian tree per sample (redraw batches) queries σ_min ~5e-8
         # below the tree's rounded start; torchsde warns and clamps the query, which is right
         warnings.filterwarnings("ignore", "Should have ta>=t0", UserWarning)
-        return _run_steps(scheduler, plan, latents, denoiser, extra, lms, on_step)
-
-
-def _run_steps(
-    scheduler: SchedulerMixin,
-    plan: StepPlan,
-    latents: torch.Tensor,
-    denoiser: Denoiser,
-    extra: dict[str, Any],
-    lms: bool,
-    on_step: StepCallback | None,
-) -> torch.Tensor:
-    for i, t in enumerate(plan.timesteps):
-        model_input = scheduler.scale_model_input(latents, t)
-        prediction = denoiser(model_input, t).to(latents.dtype)
-        if lms:  # warm up from the first step run, not from the start of the full schedule
-            extra["order"] = min(i + 1, _LMS_ORDER)
-        latents = scheduler.step(prediction, t, latents, return_dict=False, **extra)[0]
-        if on_step is not None:
-            latents = on_step(i, t, latents)
-    return latents
+        for i, t in enumerate(plan.timesteps):
+            model_input = scheduler.scale_model_input(latents, t)
+            prediction = denoiser(model_input, t).to(latents.dtype)
+            if lms:  # warm up from the first step run, not from the start of the full schedule
+                extra["order"] = min(i + 1, _LMS_ORDER)
+            latents = scheduler.step(prediction, t, latents, return_dict=False, **extra)[0]
+            if on_step is not None:
+                latents = on_step(i, t, latents)
+        return latents
 
 
 def describe_samplers() -> str:
