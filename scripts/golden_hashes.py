@@ -1,0 +1,117 @@
+"""Golden hashes of CPU jobs on tiny random-weight checkpoints: the "no behaviour change" check.
+
+Run before and after a refactor and compare the two JSON files; every job must give the same
+pixel bytes and the same ``parameters`` text (the version line excepted).
+
+    python scripts/golden_hashes.py OUT.json [--compare OTHER.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TILEUP_NO_PROGRESS", "1")
+
+import numpy as np
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+from sd_fixtures import make_tiny_components, save_single_file  # noqa: E402
+
+FAST = ["--tile", "64", "--overlap", "16", "--upscaler", "lanczos", "--steps", "4", "--seed", "7"]
+FAST += ["--prompt", "a photo of an astronaut", "--quiet", "--scale", "2"]
+
+JOBS: dict[str, tuple[str, list[str]]] = {
+    "pixel_default": ("", ["--upscaler", "default", "--quiet"]),
+    "fused_sd1": ("sd1", FAST),
+    "fused_sd1_dpmpp2m_karras_cfg1": (
+        "sd1",
+        [*FAST, "--sampler", "DPM++ 2M", "--scheduler", "karras", "--cfg", "1"],
+    ),
+    "fused_sdxl": ("sdxl", FAST),
+    "fused_sd2v": ("sd2-v", FAST),
+    "latent_bislerp": ("sd1", [*FAST, "--upscaler", "latent-bislerp", "--denoise", "0.6"]),
+    "redraw_linear": ("sd1", [*FAST, "--mode", "redraw"]),
+    "redraw_chess_hti": (
+        "sd1",
+        [*FAST, "--mode", "redraw", "--order", "chess", "--seam-fix", "half-tile+intersections"],
+    ),
+    "fused_band_wavelet": ("sd1", [*FAST, "--seam-fix", "band", "--color-fix", "wavelet"]),
+    "redraw_sdxl_adain": ("sdxl", [*FAST, "--mode", "redraw", "--color-fix", "adain"]),
+    "fused_sd1_batch1_alpha": ("sd1", [*FAST, "--tile-batch", "1"]),
+}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out")
+    parser.add_argument("--compare")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    from tileup.cli import main as cli
+    from tileup.imageio import read_parameters
+
+    from skimage import data
+
+    results: dict[str, dict[str, str]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        photo = data.astronaut()[120:184, 160:240]
+        Image.fromarray(photo).save(root / "photo.png")
+        rgba = np.dstack([photo, np.linspace(0, 255, photo.size // 3).reshape(photo.shape[:2])])
+        Image.fromarray(rgba.astype(np.uint8), "RGBA").save(root / "photo_rgba.png")
+        ckpts = {}
+        for family in ("sd1", "sdxl", "sd2-v"):
+            comps = make_tiny_components(family, seed=0)
+            ckpts[family] = save_single_file(comps, root / f"{family}.safetensors", family)
+        for name, (family, flags) in JOBS.items():
+            src = root / ("photo_rgba.png" if "alpha" in name else "photo.png")
+            out = root / f"{name}.png"
+            extra = ["--checkpoint", str(ckpts[family])] if family else []
+            code = cli([str(src), "-o", str(out), *flags, *extra])
+            if code != 0:
+                results[name] = {"error": f"exit {code}"}
+                continue
+            with Image.open(out) as img:
+                pixels = np.asarray(img)
+                mode = img.mode
+            params = read_parameters(out) or ""
+            params = "\n".join(
+                ", ".join(p for p in line.split(", ") if not p.startswith("Version:"))
+                for line in params.splitlines()
+            )
+            results[name] = {
+                "mode": mode,
+                "shape": str(pixels.shape),
+                "pixels": hashlib.sha256(pixels.tobytes()).hexdigest(),
+                "parameters": hashlib.sha256(params.encode()).hexdigest(),
+                "parameters_text": params,
+            }
+            print(name, results[name]["pixels"][:16], flush=True)
+    Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+    if args.compare:
+        before = json.loads(Path(args.compare).read_text())
+        bad = 0
+        for name, now in results.items():
+            then = before.get(name)
+            for key in ("pixels", "parameters"):
+                if then is None or then.get(key) != now.get(key):
+                    print(f"DIFFERENT: {name} {key}")
+                    bad += 1
+        print("all identical" if not bad else f"{bad} differences")
+        return 1 if bad else 0
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
