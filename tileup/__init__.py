@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
+from tileup.batch import FileOutcome, upscale_files
 from tileup.errors import TileupError
-from tileup.pipeline import (
-    FileOutcome,
-    Stats,
-    Upscaler,
-    UpscaleResult,
-    upscale,
-    upscale_files,
-)
+from tileup.pipeline import Upscaler, upscale
+from tileup.result import Stats, UpscaleResult
 from tileup.settings import SettingsError, UpscaleSettings
+from tileup.version import __version__
 
 __all__ = [
     "FileOutcome",

@@ -14,17 +14,17 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from tileup import __version__
+from tileup.batch import FileOutcome, upscale_files
+from tileup.choices import RESAMPLERS
 from tileup.errors import TileupError
-from tileup.pipeline import FileOutcome, upscale_files
 from tileup.settings import UpscaleSettings
 from tileup.upscalers.models import load_sr_model
 from tileup.upscalers.registry import (
-    RESAMPLERS,
     builtin_model_path,
     iter_model_files,
     models_dirs,
 )
+from tileup.version import __version__
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 COMMANDS = ("models",)
@@ -111,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] == "models":
         return _models_command(argv[1:])
     if argv and argv[0] == "samplers":
-        from tileup.sampler.schedules import describe_samplers
+        from tileup.sampling.schedules import describe_samplers
 
         print(describe_samplers())
         return EXIT_OK

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import os
 import re
 import struct
@@ -35,9 +34,6 @@ __all__ = [
     "WRITE_FORMATS",
     "ImageError",
     "Picture",
-    "format_parameters",
-    "output_path_for",
-    "parse_parameters",
     "read_image",
     "read_parameters",
     "write_image",
@@ -823,97 +819,3 @@ def _tiff_text(value: object) -> str | None:
 
 
 # -- A1111 infotext --------------------------------------------------------------------------
-
-_NEGATIVE = "Negative prompt:"
-_KEY = r"\w[\w \-/]+"
-_PAIR = rf'\s*({_KEY}):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)'
-_PAIR_RE = re.compile(_PAIR)
-_LINE_RE = re.compile(rf"(?:{_PAIR})+")
-
-
-def _quote(value: str) -> str:
-    """A1111's quoting (json for values with ',', ':' or a newline), also for values that would
-    not survive parsing otherwise: containing '"' or surrounded by whitespace."""
-    if any(c in value for c in ',:"\n\r') or value != value.strip():
-        return json.dumps(value, ensure_ascii=False)
-    return value
-
-
-def format_parameters(
-    prompt: str | None, negative_prompt: str | None, items: Mapping[str, object]
-) -> str:
-    """Settings text in A1111's layout: the prompt, a "Negative prompt: ..." line when given, and
-    one ``Key: value, Key: value`` line (None values are left out). Prompts are stripped.
-    Keys must match A1111's ``\\w[\\w \\-/]+``; values are str()-ed and quoted when needed.
-    """
-    parts: list[str] = []
-    if prompt and prompt.strip():
-        parts.append(prompt.strip())
-    if negative_prompt and negative_prompt.strip():
-        parts.append(f"{_NEGATIVE} {negative_prompt.strip()}")
-    pairs = []
-    for key, value in items.items():
-        if not re.fullmatch(_KEY, key):
-            raise ValueError(f"parameter name {key!r} is not letters, digits, ' ', '-', '_', '/'")
-        if value is not None:
-            pairs.append(f"{key}: {_quote(str(value))}")
-    if pairs:
-        parts.append(", ".join(pairs))
-    return "\n".join(parts)
-
-
-def parse_parameters(text: str) -> tuple[str, str, dict[str, str]]:
-    """Split A1111-style settings text into (prompt, negative prompt, {key: value}).
-
-    The last line holds the settings when it consists only of ``Key: value`` pairs; quoted values
-    are unquoted. Inverts :func:`format_parameters` whenever it was given at least one item.
-    """
-    lines = text.strip().split("\n")
-    items: dict[str, str] = {}
-    last = lines[-1].strip()
-    if not last.startswith(_NEGATIVE) and _LINE_RE.fullmatch(last):
-        lines.pop()
-        for key, value in _PAIR_RE.findall(last):
-            items[key] = _unquote(value)
-    prompt: list[str] = []
-    negative: list[str] = []
-    for line in (line.strip() for line in lines):
-        if not negative and line.startswith(_NEGATIVE):
-            negative.append(line[len(_NEGATIVE) :].strip())
-        elif negative:
-            negative.append(line)
-        else:
-            prompt.append(line)
-    return "\n".join(prompt), "\n".join(negative), items
-
-
-def _unquote(value: str) -> str:
-    if len(value) >= 2 and value[0] == value[-1] == '"':
-        with contextlib.suppress(ValueError):
-            unquoted = json.loads(value)
-            if isinstance(unquoted, str):
-                return unquoted
-    return value.strip()
-
-
-# -- paths -----------------------------------------------------------------------------------
-
-
-def output_path_for(
-    src: str | os.PathLike[str],
-    output: str | os.PathLike[str] | None,
-    suffix: str = "_tileup",
-    ext: str = ".png",
-) -> Path:
-    """Where to write the result for ``src``: ``<src dir>/<stem><suffix><ext>`` when ``output``
-    is None, ``<output>/<stem><suffix><ext>`` when it is an existing folder or ends with a path
-    separator, otherwise ``output`` itself (``~`` expanded)."""
-    src = Path(src)
-    name = f"{src.stem}{suffix}{ext}"
-    if output is None:
-        return src.parent / name
-    text = os.fspath(output)
-    out = Path(text).expanduser()
-    if text.endswith(("/", os.sep)) or out.is_dir():
-        return out / name
-    return out

@@ -1,43 +1,50 @@
-"""Orchestration only: read → pixel upscale → (re-diffuse) → alpha back → write, in steps."""
+"""Orchestration only: read → pixel upscale → (re-diffuse) → alpha back → result, in steps.
+
+:class:`Upscaler` is the one engine. Built from :class:`~tileup.settings.UpscaleSettings`, it
+loads what they name once (the upscaler, the checkpoint) and turns the settings into the small
+frozen option objects the stages take (:class:`~tileup.modes.fused.FusedOptions`,
+:class:`~tileup.modes.redraw.RedrawOptions`, sampling and VAE options): nothing below this
+module sees the settings. Calling it runs one picture through the numbered steps of
+:meth:`Upscaler.__call__`.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import glob
 import os
 import random
-import resource
-import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import PIL.Image
 import torch
 
-from tileup import __version__
+from tileup.choices import CHECKPOINT_ENV
+from tileup.devices import peak_memory, resolve_device, sr_dtype
 from tileup.errors import TileupError
-from tileup.imageio import Picture, format_parameters, output_path_for, read_image, write_image
-from tileup.seams.colorfix import color_fix
+from tileup.imageio import Picture, read_image
+from tileup.infotext import job_parameters
+from tileup.result import Stats, UpscaleResult
 from tileup.settings import SettingsError, UpscaleSettings
-from tileup.upscalers.models import load_sr_model
-from tileup.upscalers.pixel import ModelRunner, count_pixel_tiles, upscale_pixels
-from tileup.upscalers.registry import UpscalerSpec, resolve_upscaler
-from tileup.upscalers.resample import resample
-from tileup.upscalers.tiled import RunReport, auto_tile_size
+from tileup.upscalers.registry import (
+    LatentUpscaler,
+    ModelUpscaler,
+    Resampler,
+    UpscalerChoice,
+    resolve_upscaler,
+)
 
 if TYPE_CHECKING:
-    from tileup.sampler.engine import DiffusionReport, Rediffuser
-    from tileup.sampler.redraw import PassCounts
-
-CHECKPOINT_ENV = "TILEUP_CHECKPOINT"
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp")
-OUTPUT_SUFFIX = "_tileup"
+    from tileup.modes.fused import FusedOptions
+    from tileup.modes.model import DiffusionModel, DiffusionReport
+    from tileup.modes.redraw import PassCounts, RedrawOptions, RedrawPass
+    from tileup.tiler import TileGrid
+    from tileup.upscalers.pixel import ModelRunner
+    from tileup.upscalers.tiled import RunReport
 
 
 class Progress(Protocol):
@@ -48,64 +55,14 @@ class Progress(Protocol):
     def advance(self, count: int) -> None: ...
 
 
-class _NoProgress:
+class NoProgress:
+    """Progress that goes nowhere."""
+
     def add_total(self, count: int) -> None:
         pass
 
     def advance(self, count: int) -> None:
         pass
-
-
-@dataclass(frozen=True)
-class Stats:
-    """What one image's job did.
-
-    ``tiles`` counts the re-diffusion tiles when re-diffusion runs, otherwise the pixel model's
-    tiles; ``pixel_tiles`` always counts the pixel model's tiles (all passes, alpha included).
-    ``passes`` lists the per-region passes (redraw, seam fix) with their counts and seconds;
-    ``seam_fix_jobs`` and ``seam_fix_tile_steps`` sum the seam-fix regions and their steps.
-    """
-
-    tiles: int
-    pixel_tiles: int
-    tile_steps: int
-    steps_per_tile: int
-    seconds: dict[str, float]
-    peak_memory_bytes: int
-    fallbacks: tuple[str, ...]
-    device: str
-    input_size: tuple[int, int]
-    output_size: tuple[int, int]
-    passes: tuple[dict[str, Any], ...] = ()
-    seam_fix_jobs: int = 0
-    seam_fix_tile_steps: int = 0
-
-    def as_dict(self) -> dict[str, Any]:
-        """JSON-ready dict (sizes as [width, height])."""
-        data = dataclasses.asdict(self)
-        data["fallbacks"] = list(self.fallbacks)
-        data["input_size"] = list(self.input_size)
-        data["output_size"] = list(self.output_size)
-        data["passes"] = [dict(p) for p in self.passes]
-        return data
-
-
-@dataclass(frozen=True, eq=False)
-class UpscaleResult:
-    """The upscaled picture (float RGB in [0, 1], alpha, bit depth, ICC) and its stats."""
-
-    picture: Picture
-    stats: Stats
-    parameters: str
-
-    @property
-    def image(self) -> PIL.Image.Image:
-        """An 8-bit PIL image (RGBA when there is alpha)."""
-        rgb = np.round(np.clip(self.picture.rgb, 0, 1) * 255).astype(np.uint8)
-        if self.picture.alpha is None:
-            return PIL.Image.fromarray(rgb, "RGB")
-        alpha = np.round(np.clip(self.picture.alpha, 0, 1) * 255).astype(np.uint8)
-        return PIL.Image.fromarray(np.dstack([rgb, alpha]), "RGBA")
 
 
 @dataclass
@@ -118,22 +75,10 @@ class _StageClock:
         try:
             yield
         finally:
-            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 4)
+            self.add(name, time.perf_counter() - start)
 
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` → the first CUDA device when there is one, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SettingsError(f"--device {name}: CUDA is not available on this machine")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise SettingsError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
-    return device
-
-
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    def add(self, name: str, seconds: float) -> None:
+        self.seconds[name] = round(self.seconds.get(name, 0.0) + seconds, 4)
 
 
 def target_size(height: int, width: int, settings: UpscaleSettings) -> tuple[int, int]:
@@ -148,98 +93,177 @@ def target_size(height: int, width: int, settings: UpscaleSettings) -> tuple[int
 
 
 class Upscaler:
-    """Loads what the settings name once, then upscales any number of pictures with it."""
+    """Loads what the settings name once, then upscales any number of pictures with it.
 
-    def __init__(self, settings: UpscaleSettings, progress: Progress | None = None) -> None:
+    ``model`` injects an already loaded :class:`~tileup.modes.model.DiffusionModel` (tests use
+    it to run stand-in UNets and VAEs through the whole pipeline); by default the settings'
+    checkpoint (or ``$TILEUP_CHECKPOINT``) is loaded.
+    """
+
+    def __init__(
+        self,
+        settings: UpscaleSettings,
+        progress: Progress | None = None,
+        *,
+        model: DiffusionModel | None = None,
+    ) -> None:
         self.settings = settings
-        self.progress: Progress = progress or _NoProgress()
+        self.progress: Progress = progress or NoProgress()
         self.device = resolve_device(settings.device)
-        self.spec: UpscalerSpec = resolve_upscaler(settings.upscaler, settings.models_dirs)
+        self.upscaler: UpscalerChoice = resolve_upscaler(settings.upscaler, settings.models_dirs)
         self.load_fallbacks: list[str] = []
         self.notes: list[str] = []
-        self.runner: ModelRunner | None = None
         checkpoint = settings.checkpoint or os.environ.get(CHECKPOINT_ENV) or None
-        if self.spec.kind == "latent" and settings.mode == "redraw":
+        latent = self.upscaler.works_on_latents
+        if latent and settings.mode == "redraw":
             raise SettingsError(
-                f"--mode redraw redraws pixel tiles; the latent upscaler {self.spec.name} needs "
-                "--mode fused (or pick a pixel upscaler)"
+                f"--mode redraw redraws pixel tiles; the latent upscaler {self.upscaler.name} "
+                "needs --mode fused (or pick a pixel upscaler)"
             )
-        if self.spec.kind == "latent" and not checkpoint:
+        if latent and not (checkpoint or model):
             raise SettingsError(
-                f"--upscaler {self.spec.name} works on latents and needs --checkpoint"
+                f"--upscaler {self.upscaler.name} works on latents and needs --checkpoint"
             )
-        if self.spec.kind == "model":
-            assert self.spec.path is not None
-            self.runner = self._place_model(self.spec.path)
-        self.rediffuser: Rediffuser | None = None
-        if checkpoint:
-            from tileup.sampler.engine import Rediffuser  # diffusers loads only when needed
-
-            self.rediffuser = Rediffuser(settings, checkpoint, self.device)
-            if self.spec.kind == "latent" and settings.denoise < 0.5:
-                self.notes.append(
-                    f"hint: latent upscaling needs a higher --denoise (0.5-0.7) to remove the "
-                    f"blur of interpolated latents; --denoise is {settings.denoise:g}"
-                )
-        else:
-            ignored = "".join(f"; {flag} has no effect" for flag in _diffusion_only_flags(settings))
+        self.runner = (
+            self._place_sr_model(self.upscaler)
+            if isinstance(self.upscaler, ModelUpscaler)
+            else None
+        )
+        self.model = model if model is not None or not checkpoint else self._load(checkpoint)
+        if self.model is None:
+            ignored = "".join(
+                f"; {flag} has no effect" for flag in settings.without_checkpoint_effect()
+            )
             self.notes.append(
                 "no --checkpoint given: pixel upscale only (add --checkpoint MODEL.safetensors "
                 f"or set ${CHECKPOINT_ENV} to re-diffuse the tiles){ignored}"
             )
+        elif latent and settings.denoise < 0.5:
+            self.notes.append(
+                f"hint: latent upscaling needs a higher --denoise (0.5-0.7) to remove the "
+                f"blur of interpolated latents; --denoise is {settings.denoise:g}"
+            )
 
-    def _place_model(self, path: Path) -> ModelRunner:
-        model = load_sr_model(path, name=self.spec.name)
-        dtype = self._model_dtype(
-            model.descriptor.supports_half, model.descriptor.supports_bfloat16
+    # -- loading ------------------------------------------------------------------------------
+
+    def _place_sr_model(self, upscaler: ModelUpscaler) -> ModelRunner:
+        from tileup.upscalers.models import load_sr_model
+        from tileup.upscalers.pixel import ModelRunner
+        from tileup.upscalers.tiled import auto_tile_size
+
+        model = load_sr_model(upscaler.path, name=upscaler.name)
+        dtype, note = sr_dtype(
+            self.settings.dtype,
+            self.device,
+            supports_half=model.descriptor.supports_half,
+            supports_bf16=model.descriptor.supports_bfloat16,
         )
+        if note:
+            self.load_fallbacks.append(note)
         model.descriptor.to(device=self.device, dtype=dtype)
         tile = self.settings.model_tile
         if tile is None and not model.prefers_untiled:
             tile = auto_tile_size(model, self.device, dtype)
         return ModelRunner(model=model, device=self.device, dtype=dtype, tile=tile)
 
-    def _model_dtype(self, supports_half: bool, supports_bf16: bool) -> torch.dtype:
-        wanted = self.settings.dtype
-        if wanted == "auto":
-            if self.device.type != "cuda":
-                return torch.float32
-            return (
-                torch.float16
-                if supports_half
-                else torch.bfloat16
-                if supports_bf16
-                else torch.float32
+    def _load(self, checkpoint: str) -> DiffusionModel:
+        from tileup.devices import diffusion_dtype
+        from tileup.modes.model import DiffusionModel, LoadOptions, SamplingOptions
+        from tileup.vae.runner import VaeOptions
+
+        s = self.settings
+        model = DiffusionModel.load(
+            checkpoint,
+            device=self.device,
+            dtype=diffusion_dtype(s.dtype, self.device),
+            load=LoadOptions(s.vae, s.prediction, s.prompt, s.negative_prompt),
+            sampling=SamplingOptions(s.sampler, s.scheduler, s.steps, s.cfg),
+            vae=VaeOptions.for_device(self.device, s.vae_tile),
+        )
+        if s.tile % model.factor or s.overlap % model.factor:
+            raise SettingsError(
+                f"--tile and --overlap must be multiples of the VAE scale factor {model.factor}"
             )
-        dtype = _DTYPES[wanted]
-        allowed = {torch.float32: True, torch.float16: supports_half, torch.bfloat16: supports_bf16}
-        if not allowed[dtype]:
-            self.load_fallbacks.append(f"upscaler does not support {wanted}; using fp32")
-            return torch.float32
-        return dtype
+        return model
+
+    # -- the stage options --------------------------------------------------------------------
+
+    def _fused_options(self) -> FusedOptions:
+        from tileup.modes.fused import FusedOptions
+
+        s = self.settings
+        return FusedOptions(s.tile, s.overlap, s.blend, s.tile_batch)
+
+    def _redraw_options(self) -> RedrawOptions:
+        from tileup.modes.redraw import RedrawOptions
+
+        s = self.settings
+        return RedrawOptions(
+            tile=s.tile,
+            order=s.order,
+            padding=s.padding,
+            mask_blur=s.mask_blur,
+            seam_fix=s.seam_fix,
+            seam_denoise=s.seam_denoise,
+            seam_width=s.seam_width,
+            seam_mask_blur=s.seam_mask_blur,
+            seam_padding=s.seam_padding,
+            tile_batch=s.tile_batch,
+        )
+
+    def _job_grid(self, model: DiffusionModel, height: int, width: int) -> TileGrid | None:
+        """The pixel-unit grid whose tiles are redrawn (mode "redraw") or whose seams the seam
+        fix follows (the fused grid) over a ``height``×``width`` canvas; None without passes."""
+        from tileup.modes.fused import fused_grid
+        from tileup.modes.redraw import redraw_grid
+
+        s = self.settings
+        if s.mode == "redraw":
+            return redraw_grid(height, width, s.tile, model.factor, s.order)
+        if s.seam_fix != "none":
+            return fused_grid(model.factor, height, width, self._fused_options()).scaled(
+                model.factor
+            )
+        return None
+
+    def _passes(self, grid: TileGrid | None) -> tuple[RedrawPass, ...]:
+        """The per-region passes over the job grid: the tile redraw, then the seam fix."""
+        from tileup.modes.redraw import plan_passes
+
+        if grid is None:
+            return ()
+        s = self.settings
+        return plan_passes(grid, self._redraw_options(), s.denoise, redraw_tiles=s.mode == "redraw")
+
+    # -- planning -----------------------------------------------------------------------------
 
     def planned_tiles(self, height: int, width: int, has_alpha: bool = False) -> int:
         """Progress units the job over an H×W input will take: pixel tiles + tile-steps."""
         target = target_size(height, width, self.settings)
-        pixel = (
-            0
-            if self.spec.kind == "latent"
-            else count_pixel_tiles((height, width), target, self.runner)
-        )
-        diffusion = 0
-        if self.rediffuser is not None:
-            settings = self.settings
-            if settings.mode == "redraw" or settings.seam_fix != "none":
-                from tileup.sampler.redraw import RedrawOptions, planned_tile_steps
+        pixel = 0
+        if self.runner is not None:
+            from tileup.upscalers.pixel import count_pixel_tiles
 
-                options = RedrawOptions.from_settings(settings)
-                diffusion = planned_tile_steps(self.rediffuser, *target, options)
-            else:
-                diffusion = self.rediffuser.planned_tile_steps(*target)
+            pixel = count_pixel_tiles((height, width), target, self.runner)
+        diffusion = 0
+        if self.model is not None:
+            from tileup.modes import fused, redraw
+
+            model, s = self.model, self.settings
+            if s.mode == "fused":
+                diffusion = fused.planned_tile_steps(
+                    model, *target, s.denoise, self._fused_options()
+                )
+            grid = self._job_grid(model, *model.canvas_size(*target))
+            diffusion += redraw.planned_tile_steps(model, self._passes(grid))
         return pixel * (2 if has_alpha else 1) + diffusion
+
+    # -- one picture --------------------------------------------------------------------------
 
     def __call__(self, picture: Picture) -> UpscaleResult:
         """Upscale one picture. Raises TileupError for problems the user can fix."""
+        from tileup.upscalers.tiled import RunReport
+
         settings, clock = self.settings, _StageClock()
         report = RunReport(fallbacks=list(self.load_fallbacks))
         if self.device.type == "cuda":
@@ -252,34 +276,19 @@ class Upscaler:
                 f"output {target[1]}x{target[0]} = {target[0] * target[1]} pixels exceeds the "
                 f"limit of {settings.max_pixels}; raise it with --max-pixels"
             )
-        diffusion = None
-        if self.rediffuser is not None:
-            from tileup.sampler.engine import DiffusionReport
-
-            diffusion = DiffusionReport(seed=self._seed())
+        diffusion = self._new_report()
         # 2. Upscale: pixel (model passes + exact resize) or, for latent modes, in latent space.
-        latents = None
-        rgb: np.ndarray | None = None
+        latents, rgb = None, None
         with clock.stage("pixel_upscale"):
-            if self.spec.kind == "latent":
-                assert self.rediffuser is not None and self.spec.mode is not None
-                assert diffusion is not None
-                latents = self.rediffuser.upscale_latents(
-                    picture.rgb, target, self.spec.mode, diffusion.fallbacks
-                )
+            if isinstance(self.upscaler, LatentUpscaler):
+                assert self.model is not None and diffusion is not None
+                latents = self._upscale_latents(picture.rgb, target, diffusion.fallbacks)
             else:
-                rgb = upscale_pixels(
-                    picture.rgb,
-                    target,
-                    runner=self.runner,
-                    resampler=self.spec.mode or "lanczos",
-                    report=report,
-                    on_tile=self._on_tile,
-                )
+                rgb = self._upscale_pixels(picture.rgb, target, report)
         # 3. Re-diffusion: fused (tiled VAE encode, fused sampling, tiled decode) or per-tile
         #    redraw; then the seam-fix passes and the colour fix, when asked.
         passes: tuple[PassCounts, ...] = ()
-        if self.rediffuser is not None and diffusion is not None:
+        if self.model is not None and diffusion is not None:
             rgb, passes = self._rediffuse(picture, rgb, latents, target, diffusion, clock)
         assert rgb is not None
         # 4. Alpha, upscaled separately with the same upscaler.
@@ -295,7 +304,7 @@ class Upscaler:
             tile_steps=diffusion.tile_steps if diffusion else 0,
             steps_per_tile=diffusion.steps_per_tile if diffusion else 0,
             seconds=clock.seconds,
-            peak_memory_bytes=_peak_memory(self.device),
+            peak_memory_bytes=peak_memory(self.device),
             fallbacks=tuple(fallbacks),
             device=str(self.device),
             input_size=(width, height),
@@ -304,8 +313,51 @@ class Upscaler:
             seam_fix_jobs=sum(p.regions for p in seam_passes),
             seam_fix_tile_steps=sum(p.tile_steps for p in seam_passes),
         )
-        parameters = self.parameters(target, diffusion.seed if diffusion else None)
+        parameters = job_parameters(
+            settings,
+            size=target,
+            seed=diffusion.seed if diffusion else None,
+            model=self.model.info if self.model is not None else None,
+            upscaler=self.upscaler.name,
+            upscaler_architecture=self.runner.model.architecture if self.runner else None,
+        )
         return UpscaleResult(picture=out, stats=stats, parameters=parameters)
+
+    def _new_report(self) -> DiffusionReport | None:
+        if self.model is None:
+            return None
+        from tileup.modes.model import DiffusionReport
+
+        seed = self.settings.seed
+        return DiffusionReport(seed=seed if seed >= 0 else random.randrange(2**32))
+
+    def _upscale_pixels(
+        self, image: np.ndarray, target: tuple[int, int], report: RunReport
+    ) -> np.ndarray:
+        from tileup.upscalers.pixel import upscale_pixels
+
+        resampler = self.upscaler.mode if isinstance(self.upscaler, Resampler) else "lanczos"
+        return upscale_pixels(
+            image,
+            target,
+            runner=self.runner,
+            resampler=resampler,
+            report=report,
+            on_tile=self._on_tile,
+        )
+
+    def _upscale_latents(
+        self, rgb: np.ndarray, target: tuple[int, int], notes: list[str]
+    ) -> torch.Tensor:
+        """Step 2 for a latent upscaler: encode the source, interpolate to the target's canvas."""
+        from tileup.upscalers.latent import interpolate_latents
+
+        model = self.model
+        assert model is not None and isinstance(self.upscaler, LatentUpscaler)
+        f = model.factor
+        latents = model.vae.encode_canvas(model.pad_canvas(rgb), notes)
+        canvas = model.canvas_size(*target)
+        return interpolate_latents(latents, canvas[0] // f, canvas[1] // f, self.upscaler.mode)
 
     def _rediffuse(
         self,
@@ -318,49 +370,57 @@ class Upscaler:
     ) -> tuple[np.ndarray, tuple[PassCounts, ...]]:
         """Step 3: the re-diffusion of the upscaled canvas (``rgb``, or ``latents`` for a latent
         upscaler) in the settings' mode, then the seam fix and the colour fix."""
-        from tileup.sampler.engine import pad_to
-        from tileup.sampler.redraw import RedrawOptions, rediffuse_pixels
+        from tileup.modes import redraw
+        from tileup.modes.fused import sample_fused
 
-        settings, rediffuser = self.settings, self.rediffuser
-        assert rediffuser is not None
+        s, model = self.settings, self.model
+        assert model is not None
         source = rgb
-        if settings.mode == "fused":
+        if s.mode == "fused":
             if latents is None:
                 assert rgb is not None
                 with clock.stage("vae_encode"):
-                    canvas = pad_to(rgb, rediffuser.canvas_size(*target))
-                    latents = rediffuser.encode(canvas, diffusion.fallbacks)
+                    latents = model.vae.encode_canvas(model.pad_canvas(rgb), diffusion.fallbacks)
             with clock.stage("diffusion"):
-                latents = rediffuser.sample(
-                    latents, diffusion.seed, diffusion, on_tiles=self._on_tile
+                latents = sample_fused(
+                    model,
+                    latents,
+                    seed=diffusion.seed,
+                    denoise=s.denoise,
+                    options=self._fused_options(),
+                    report=diffusion,
+                    on_tiles=self._on_tile,
                 )
             with clock.stage("vae_decode"):
-                rgb = rediffuser.decode(latents, diffusion.fallbacks)[: target[0], : target[1]]
-        passes: tuple[PassCounts, ...] = ()
-        if settings.mode == "redraw" or settings.seam_fix != "none":
-            assert rgb is not None
-            rgb, passes = rediffuse_pixels(
-                rediffuser,
-                rgb,
-                diffusion.seed,
-                diffusion,
-                RedrawOptions.from_settings(settings),
+                rgb = model.vae.decode_canvas(latents, diffusion.fallbacks)
+                rgb = rgb[: target[0], : target[1]]
+        assert rgb is not None
+        grid = self._job_grid(model, *model.canvas_size(*target))
+        passes = self._passes(grid)
+        counts: tuple[PassCounts, ...] = ()
+        if grid is not None and passes:
+            batch = redraw.max_batch(model, grid, s.padding, s.tile_batch)
+            canvas, counts = redraw.rediffuse_pixels(
+                model,
+                model.pad_canvas(rgb),
+                passes,
+                seed=diffusion.seed,
+                max_batch=batch,
+                report=diffusion,
                 on_tiles=self._on_tile,
             )
-            for p in passes:
-                stage = "redraw" if p.name == "redraw" else "seam_fix"
-                clock.seconds[stage] = round(clock.seconds.get(stage, 0.0) + p.seconds, 4)
-        if settings.color_fix != "none":
+            rgb = canvas[: target[0], : target[1]]
+            for p in counts:
+                clock.add("redraw" if p.name == "redraw" else "seam_fix", p.seconds)
+        if s.color_fix != "none":
+            from tileup.seams.colorfix import color_fix
+            from tileup.upscalers.resample import resample
+
             with clock.stage("color_fix"):
                 if source is None:  # latent upscale: compare with a resize of the source
                     source = resample(picture.rgb, target[0], target[1], "lanczos")
-                rgb = color_fix(rgb, source, settings.color_fix)
-        assert rgb is not None
-        return rgb, passes
-
-    def _seed(self) -> int:
-        seed = self.settings.seed
-        return seed if seed >= 0 else random.randrange(2**32)
+                rgb = color_fix(rgb, source, s.color_fix)
+        return rgb, counts
 
     def _upscale_alpha(
         self, alpha: np.ndarray | None, target: tuple[int, int], report: RunReport
@@ -369,87 +429,13 @@ class Upscaler:
             return None
         if alpha.min() == alpha.max():
             return np.full(target, alpha.flat[0], dtype=np.float32)
-        up = upscale_pixels(
-            alpha[..., None],
-            target,
-            runner=self.runner,
-            resampler=self.spec.mode or "lanczos",
-            report=report,
-            on_tile=self._on_tile,
-        )
-        return up[..., 0]
+        return self._upscale_pixels(alpha[..., None], target, report)[..., 0]
 
     def _on_tile(self, count: int) -> None:
         if count > 0:
             self.progress.advance(count)
         else:
             self.progress.add_total(-count)
-
-    def parameters(self, target: tuple[int, int], seed: int | None = None) -> str:
-        """The A1111-style ``parameters`` text for a result of size ``target`` (H, W).
-
-        With re-diffusion: prompt and negative prompt lines, then A1111's keys in A1111's order
-        (Steps, Sampler, Schedule type, CFG scale, Seed, Size, Denoising strength, Model hash),
-        then tileup's own. Without: only the upscale settings.
-        """
-        settings = self.settings
-        size = f"{target[1]}x{target[0]}"
-        known = settings.metadata_items()
-        items: dict[str, object] = {}
-        if self.rediffuser is None:
-            items["Size"] = size
-            items.update({k: v for k, v in known.items() if k not in _DIFFUSION_KEYS})
-        else:
-            model = self.rediffuser.model
-            for key in ("Steps", "Sampler", "Schedule type", "CFG scale"):
-                items[key] = known[key]
-            items["Seed"] = seed
-            items["Size"] = size
-            items["Denoising strength"] = known["Denoising strength"]
-            items["Model hash"] = model.model_hash
-            items["Model"] = model.name
-            if model.vae_name:
-                items["VAE"] = model.vae_name
-            items.update({k: v for k, v in known.items() if k not in items})
-        items["Upscaler"] = self.spec.name
-        if self.runner is not None:
-            items["Upscaler model"] = self.runner.model.architecture
-        items["Version"] = f"tileup {__version__}"
-        if self.rediffuser is None:
-            return format_parameters(None, None, items)
-        return format_parameters(settings.prompt, settings.negative_prompt, items)
-
-
-_DIFFUSION_KEYS = frozenset(
-    {
-        "Steps",
-        "Sampler",
-        "Schedule type",
-        "CFG scale",
-        "Seed",
-        "Denoising strength",
-        "Color fix",
-        "Tile mode",
-        "Tile size",
-        "Tile overlap",
-        "Tile blend",
-        "Tile order",
-        "Tile padding",
-        "Mask blur",
-        "Seam fix",
-        "Seam fix denoise",
-        "Seam fix width",
-        "Seam fix mask blur",
-        "Seam fix padding",
-    }
-)
-
-
-def _peak_memory(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
 def upscale(
@@ -464,179 +450,13 @@ def upscale(
     Settings come from ``settings`` and/or keyword overrides named as in UpscaleSettings,
     e.g. ``upscale("photo.png", scale=4, upscaler="lanczos")``.
     """
-    settings = _merge_settings(settings, overrides)
+    settings = merge_settings(settings, overrides)
     picture = read_image(image, max_pixels=settings.max_pixels)
     return Upscaler(settings, progress)(picture)
 
 
-def _merge_settings(settings: UpscaleSettings | None, overrides: dict[str, Any]) -> UpscaleSettings:
+def merge_settings(settings: UpscaleSettings | None, overrides: dict[str, Any]) -> UpscaleSettings:
+    """``settings`` with ``overrides`` applied (validated), or settings from the overrides."""
     if settings is None:
         return UpscaleSettings.from_mapping(overrides)
     return settings.replace(**overrides) if overrides else settings
-
-
-# ---------------------------------------------------------------------------------------------
-# Batches of files
-
-
-@dataclass(frozen=True)
-class FileOutcome:
-    """One input's fate: the output written, or the one-line error."""
-
-    source: Path
-    output: Path | None = None
-    error: str | None = None
-    stats: Stats | None = None
-
-
-def expand_inputs(
-    inputs: Sequence[str], recursive: bool = False
-) -> tuple[list[Path], list[FileOutcome]]:
-    """Files, folders and globs → image files in order, plus failures for inputs that match none.
-
-    Folders give their image files (sub-folders too with ``recursive``), skipping earlier
-    tileup outputs (``*_tileup.*``).
-    """
-    files: list[Path] = []
-    missing: list[FileOutcome] = []
-    for item in inputs:
-        path = Path(item).expanduser()
-        if path.is_dir():
-            pattern = "**/*" if recursive else "*"
-            found = sorted(
-                p
-                for p in path.glob(pattern)
-                if p.is_file()
-                and p.suffix.lower() in IMAGE_SUFFIXES
-                and not p.stem.endswith(OUTPUT_SUFFIX)
-            )
-            if not found:
-                missing.append(FileOutcome(path, error=f"{item}: folder holds no images"))
-            files.extend(found)
-        elif path.exists():
-            files.append(path)
-        elif glob.has_magic(item):
-            matched = sorted(
-                Path(p) for p in glob.glob(os.path.expanduser(item), recursive=recursive)
-            )
-            matched = [p for p in matched if p.is_file()]
-            if not matched:
-                missing.append(FileOutcome(path, error=f"{item}: no file matches"))
-            files.extend(matched)
-        else:
-            missing.append(FileOutcome(path, error=f"{item}: no such file or folder"))
-    unique = list(dict.fromkeys(files))
-    return unique, missing
-
-
-def upscale_files(
-    inputs: Sequence[str],
-    settings: UpscaleSettings,
-    *,
-    output: str | None = None,
-    overwrite: bool = False,
-    recursive: bool = False,
-    progress: Progress | None = None,
-    on_outcome: Callable[[FileOutcome], None] | None = None,
-    on_note: Callable[[str], None] | None = None,
-) -> list[FileOutcome]:
-    """Upscale every input file and write each result atomically; one failure never stops the rest.
-
-    ``output`` is a file (one input only) or a folder; default ``<stem>_tileup.png`` beside the
-    input. Settings/model problems common to every file raise TileupError before any work.
-    """
-    files, outcomes = expand_inputs(inputs, recursive)
-    if output is not None and len(files) > 1 and not _is_dir_like(output):
-        raise SettingsError(f"-o {output}: several inputs need an output folder, not a file")
-    for outcome in outcomes:
-        _report(on_outcome, outcome)
-    if not files:
-        return outcomes
-    progress = progress or _NoProgress()
-    engine = Upscaler(settings, progress)
-    for note in engine.notes:
-        if on_note is not None:
-            on_note(note)
-    pictures = _plan_progress(files, engine, progress, settings.max_pixels)
-    for path in files:
-        outcome = _process_file(path, engine, output, overwrite, pictures.get(path))
-        outcomes.append(outcome)
-        _report(on_outcome, outcome)
-    return outcomes
-
-
-def _diffusion_only_flags(settings: UpscaleSettings) -> list[str]:
-    """The re-diffusion options set away from their defaults (``--mode redraw``, …): without a
-    checkpoint they do nothing, which the user should hear."""
-    defaults = {f.name: f.default for f in dataclasses.fields(settings)}
-    return [
-        f"--{name.replace('_', '-')} {getattr(settings, name)}"
-        for name in ("mode", "seam_fix", "color_fix")
-        if getattr(settings, name) != defaults[name]
-    ]
-
-
-def _plan_progress(
-    files: list[Path], engine: Upscaler, progress: Progress, max_pixels: int
-) -> dict[Path, int]:
-    """Add every file's planned tiles to the progress total up front (header reads only)."""
-    planned: dict[Path, int] = {}
-    for path in files:
-        try:
-            with PIL.Image.open(path) as img:
-                width, height = img.size
-                has_alpha = "A" in img.getbands() or "transparency" in img.info
-        except Exception:
-            continue  # reported properly when the file is read
-        if width * height <= max_pixels:
-            try:
-                planned[path] = engine.planned_tiles(height, width, has_alpha)
-            except Exception:
-                continue  # the same error is raised, and reported, when the file is processed
-            progress.add_total(planned[path])
-    return planned
-
-
-def _process_file(
-    path: Path, engine: Upscaler, output: str | None, overwrite: bool, planned: int | None
-) -> FileOutcome:
-    try:
-        destination = output_path_for(path, output, OUTPUT_SUFFIX)
-        if destination.exists() and not overwrite:
-            raise TileupError(f"{destination}: already exists; pass --overwrite to replace it")
-        picture = read_image(path, max_pixels=engine.settings.max_pixels)
-        if planned is None:
-            engine.progress.add_total(
-                engine.planned_tiles(picture.height, picture.width, picture.alpha is not None)
-            )
-        result = engine(picture)
-        written = write_image(
-            destination,
-            result.picture.rgb,
-            alpha=result.picture.alpha,
-            bit_depth=result.picture.bit_depth,
-            icc_profile=result.picture.icc_profile,
-            parameters=result.parameters,
-            overwrite=overwrite,
-        )
-        return FileOutcome(path, output=written, stats=result.stats)
-    except TileupError as exc:
-        return FileOutcome(path, error=str(exc))
-    except torch.OutOfMemoryError:
-        return FileOutcome(
-            path, error=f"{path}: out of memory; try --model-tile 128 or --device cpu"
-        )
-    except Exception as exc:  # one broken file must not stop a batch
-        if os.environ.get("TILEUP_DEBUG"):
-            raise
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return FileOutcome(path, error=f"{path}: failed: {first} (TILEUP_DEBUG=1 shows details)")
-
-
-def _is_dir_like(output: str) -> bool:
-    return output.endswith(("/", os.sep)) or Path(output).is_dir()
-
-
-def _report(on_outcome: Callable[[FileOutcome], None] | None, outcome: FileOutcome) -> None:
-    if on_outcome is not None:
-        on_outcome(outcome)

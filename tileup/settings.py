@@ -1,32 +1,90 @@
 """Every knob of tileup, validated once: the CLI, the Python API and the metadata derive from here.
 
-Each field of :class:`UpscaleSettings` carries its CLI flag, help text and metadata key in the
-dataclass field metadata, so adding a knob here adds it everywhere.
+Each field of :class:`UpscaleSettings` is declared with :func:`knob`: its CLI flag, help text,
+metadata key, allowed values (``choices`` or :class:`Bounds`), whether it needs a checkpoint to
+have any effect, and when it applies to a job at all. Validation, the ``--help`` text, the
+metadata and the "has no effect" notes all read those declarations; nothing below the pipeline
+imports this module (the pipeline turns settings into the small option objects of each stage).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from tileup.choices import (
+    BLENDS,
+    COLOR_FIXES,
+    DTYPES,
+    MODES,
+    ORDERS,
+    PREDICTIONS,
+    SEAM_FIX_MODES,
+)
 from tileup.errors import TileupError
-from tileup.seams.seamfix import SEAM_FIX_MODES, validate_redraw_settings
-from tileup.tiler.geometry import ORDERS
 
 DEFAULT_UPSCALER = "default"
 DEFAULT_MAX_PIXELS = 16384 * 16384
-DTYPES = ("auto", "fp32", "fp16", "bf16")
-MODES = ("fused", "redraw")
-BLENDS = ("gaussian", "cosine", "linear")
-COLOR_FIXES = ("none", "wavelet", "adain")
-PREDICTIONS = ("auto", "epsilon", "v_prediction")
 
 
 class SettingsError(TileupError, ValueError):
     """A setting has a value tileup cannot use; the message is one line for the user."""
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The numbers a field accepts: ``[low, high]`` (either end open, or absent), integers only,
+    a multiple of ``multiple``. ``high`` may name another field (``"tile"``) whose value is the
+    upper end. None as a value is always accepted (an unset optional field)."""
+
+    low: float | None = None
+    high: float | str | None = None
+    low_open: bool = False
+    high_open: bool = False
+    integer: bool = False
+    multiple: int = 1
+
+    def describe(self, settings: UpscaleSettings) -> str:
+        """What a value must be, e.g. "a multiple of 8 in [8, --tile 512]"."""
+        low = "-∞" if self.low is None else _number(self.low)
+        high = self._high_text(settings)
+        interval = f"{'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
+        if self.high is None:
+            interval = interval[:-1] + ")"
+        if self.multiple > 1:
+            return f"a multiple of {self.multiple} in {interval}"
+        return f"an integer in {interval}" if self.integer else f"in {interval}"
+
+    def _high_text(self, settings: UpscaleSettings) -> str:
+        if self.high is None:
+            return "∞"
+        if isinstance(self.high, str):
+            return f"{flag_of(self.high)} {getattr(settings, self.high)}"
+        return _number(self.high)
+
+    def accepts(self, value: Any, settings: UpscaleSettings) -> bool:
+        if value is None:
+            return True
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return False
+        if self.integer and not isinstance(value, int):
+            return False
+        if self.multiple > 1 and value % self.multiple:
+            return False
+        high = getattr(settings, self.high) if isinstance(self.high, str) else self.high
+        above = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        below = high is None or (value < high if self.high_open else value <= high)
+        return bool(above and below)
+
+
+def _number(value: float) -> str:
+    """``1``, ``0.5``, and large powers of two as ``2^63``."""
+    if isinstance(value, int) and value >= 2**32 and value & (value - 1) == 0:
+        return f"2^{value.bit_length() - 1}"
+    return f"{value:g}"
 
 
 def knob(
@@ -36,13 +94,55 @@ def knob(
     flag: str | None = None,
     meta: str | None = None,
     choices: tuple[str, ...] | None = None,
+    bounds: Bounds | None = None,
+    needs_checkpoint: bool = False,
+    applies: Callable[[UpscaleSettings], bool] | None = None,
     metavar: str | None = None,
 ) -> Any:
-    """A settings field with its CLI flag (default ``--field-name``), help and metadata key."""
+    """A settings field with everything that derives from it.
+
+    ``flag``: the CLI option (default ``--field-name``); ``meta``: the key in the image's
+    ``parameters`` (none: not recorded); ``choices``/``bounds``: the values accepted;
+    ``needs_checkpoint``: it does nothing without a Stable Diffusion checkpoint;
+    ``applies(settings)``: whether it means anything for that job (metadata leaves it out
+    otherwise, e.g. the overlap in redraw mode).
+    """
     return field(
         default=default,
-        metadata={"help": help, "flag": flag, "meta": meta, "choices": choices, "metavar": metavar},
+        metadata={
+            "help": help,
+            "flag": flag,
+            "meta": meta,
+            "choices": choices,
+            "bounds": bounds,
+            "needs_checkpoint": needs_checkpoint,
+            "applies": applies,
+            "metavar": metavar,
+        },
     )
+
+
+def flag_of(name: str) -> str:
+    """The CLI flag of the field ``name``."""
+    declared = _FIELDS[name].metadata.get("flag") if name in _FIELDS else None
+    return declared or "--" + name.replace("_", "-")
+
+
+def _fused(s: UpscaleSettings) -> bool:
+    return s.mode == "fused"
+
+
+def _redraw(s: UpscaleSettings) -> bool:
+    return s.mode == "redraw"
+
+
+def _seam_fix(s: UpscaleSettings) -> bool:
+    return s.seam_fix != "none"
+
+
+_INT_POS = Bounds(1, integer=True)
+_UNIT = Bounds(0, 1)
+_TILE_PX = Bounds(64, multiple=8, integer=True)
 
 
 @dataclass(frozen=True)
@@ -64,19 +164,30 @@ class UpscaleSettings:
         metavar="DIR",
     )
     scale: float = knob(
-        2.0, "upscale factor (ignored when --width/--height is given)", meta="Upscale by"
+        2.0,
+        "upscale factor (ignored when --width/--height is given)",
+        meta="Upscale by",
+        bounds=Bounds(0, 64, low_open=True),
     )
-    width: int | None = knob(None, "target width in pixels (alone: keeps the aspect)")
-    height: int | None = knob(None, "target height in pixels (alone: keeps the aspect)")
+    width: int | None = knob(
+        None, "target width in pixels (alone: keeps the aspect)", bounds=_INT_POS
+    )
+    height: int | None = knob(
+        None, "target height in pixels (alone: keeps the aspect)", bounds=_INT_POS
+    )
     model_tile: int | None = knob(
         None,
         "force the SR model's input tile size in pixels (default: from free memory)",
+        bounds=Bounds(16, integer=True),
         metavar="N",
     )
     device: str = knob("auto", "auto, cpu, cuda or cuda:N", metavar="DEVICE")
     dtype: str = knob("auto", "compute precision", choices=DTYPES)
     max_pixels: int = knob(
-        DEFAULT_MAX_PIXELS, "refuse inputs or outputs with more pixels than this", metavar="N"
+        DEFAULT_MAX_PIXELS,
+        "refuse inputs or outputs with more pixels than this",
+        bounds=_INT_POS,
+        metavar="N",
     )
 
     # -- re-diffusion ------------------------------------------------------------------------
@@ -87,39 +198,97 @@ class UpscaleSettings:
         metavar="PATH",
     )
     vae: str | None = knob(
-        None, "replace the checkpoint's VAE (file or diffusers folder)", metavar="PATH"
+        None,
+        "replace the checkpoint's VAE (file or diffusers folder)",
+        needs_checkpoint=True,
+        metavar="PATH",
     )
-    prompt: str = knob("", "prompt for re-diffusion")
-    negative_prompt: str = knob("", "negative prompt")
-    cfg: float = knob(7.0, "classifier-free guidance scale", meta="CFG scale")
-    steps: int = knob(20, "denoising steps actually run, whatever --denoise", meta="Steps")
+    prompt: str = knob("", "prompt for re-diffusion", needs_checkpoint=True)
+    negative_prompt: str = knob("", "negative prompt", needs_checkpoint=True)
+    cfg: float = knob(
+        7.0,
+        "classifier-free guidance scale",
+        meta="CFG scale",
+        bounds=Bounds(0, 100),
+        needs_checkpoint=True,
+    )
+    steps: int = knob(
+        20,
+        "denoising steps actually run, whatever --denoise",
+        meta="Steps",
+        bounds=Bounds(1, 1000, integer=True),
+        needs_checkpoint=True,
+    )
     denoise: float = knob(
-        0.3, "denoising strength in [0, 1]; 0 skips diffusion", meta="Denoising strength"
+        0.3,
+        "denoising strength in [0, 1]; 0 skips diffusion",
+        meta="Denoising strength",
+        bounds=_UNIT,
+        needs_checkpoint=True,
     )
-    seed: int = knob(-1, "noise seed (-1: random, recorded in the metadata)", meta="Seed")
-    sampler: str = knob("Euler a", "sampler (see 'tileup samplers')", meta="Sampler")
+    seed: int = knob(
+        -1,
+        "noise seed (-1: random, recorded in the metadata)",
+        meta="Seed",
+        bounds=Bounds(-1, 2**63, high_open=True, integer=True),
+        needs_checkpoint=True,
+    )
+    sampler: str = knob(
+        "Euler a", "sampler (see 'tileup samplers')", meta="Sampler", needs_checkpoint=True
+    )
     scheduler: str = knob(
-        "normal", "noise schedule: normal, karras, exponential, simple, ...", meta="Schedule type"
+        "normal",
+        "noise schedule: normal, karras, exponential, simple, ...",
+        meta="Schedule type",
+        needs_checkpoint=True,
     )
-    prediction: str = knob("auto", "model prediction type (auto detects)", choices=PREDICTIONS)
+    prediction: str = knob(
+        "auto",
+        "model prediction type (auto detects)",
+        choices=PREDICTIONS,
+        needs_checkpoint=True,
+    )
     mode: str = knob(
         "fused",
         "fused: all tiles blended every step (seamless); "
         "redraw: per-tile img2img (Ultimate SD Upscale)",
         choices=MODES,
         meta="Tile mode",
+        needs_checkpoint=True,
     )
-    tile: int = knob(512, "diffusion tile size in pixels (multiple of 8)", meta="Tile size")
+    tile: int = knob(
+        512,
+        "diffusion tile size in pixels (multiple of 8)",
+        meta="Tile size",
+        bounds=_TILE_PX,
+        needs_checkpoint=True,
+    )
     overlap: int = knob(
-        64, "overlap between fused-mode diffusion tiles in pixels", meta="Tile overlap"
+        64,
+        "overlap between fused-mode diffusion tiles in pixels",
+        meta="Tile overlap",
+        bounds=Bounds(0, multiple=8, integer=True),
+        needs_checkpoint=True,
+        applies=_fused,
     )
     tile_batch: int | None = knob(
-        None, "tiles per UNet batch (default: from free memory)", metavar="N"
+        None,
+        "tiles per UNet batch (default: from free memory)",
+        bounds=_INT_POS,
+        needs_checkpoint=True,
+        metavar="N",
     )
     blend: str = knob(
-        "gaussian", "weight window for fused tiles", choices=BLENDS, meta="Tile blend"
+        "gaussian",
+        "weight window for fused tiles",
+        choices=BLENDS,
+        meta="Tile blend",
+        needs_checkpoint=True,
+        applies=_fused,
     )
-    vae_tile: int = knob(512, "tiled VAE tile size in pixels", metavar="N")
+    vae_tile: int = knob(
+        512, "tiled VAE tile size in pixels", bounds=_TILE_PX, needs_checkpoint=True, metavar="N"
+    )
 
     # -- redraw mode and seam fix (Ultimate SD Upscale's knobs, same meaning) -----------------
     order: str = knob(
@@ -127,14 +296,24 @@ class UpscaleSettings:
         "redraw order: linear (row by row) or chess (one colour of a chessboard, then the other)",
         choices=ORDERS,
         meta="Tile order",
+        needs_checkpoint=True,
+        applies=lambda s: _redraw(s) or _seam_fix(s),
     )
     padding: int = knob(
         32,
         "redraw: context pixels around each tile, locked while it is redrawn",
         meta="Tile padding",
+        bounds=Bounds(0, "tile", integer=True),
+        needs_checkpoint=True,
+        applies=_redraw,
     )
     mask_blur: int = knob(
-        8, "redraw: blur of the mask a tile is pasted back through", meta="Mask blur"
+        8,
+        "redraw: blur of the mask a tile is pasted back through",
+        meta="Mask blur",
+        bounds=Bounds(0, 64, integer=True),
+        needs_checkpoint=True,
+        applies=_redraw,
     )
     seam_fix: str = knob(
         "none",
@@ -142,78 +321,74 @@ class UpscaleSettings:
         "(tile-sized passes centred on the seams), half-tile+intersections (and on every corner)",
         choices=SEAM_FIX_MODES,
         meta="Seam fix",
+        needs_checkpoint=True,
+        applies=_seam_fix,
     )
-    seam_denoise: float = knob(0.35, "seam fix denoising strength", meta="Seam fix denoise")
-    seam_width: int = knob(64, "seam fix band width in pixels", meta="Seam fix width")
-    seam_mask_blur: int = knob(4, "seam fix mask blur", meta="Seam fix mask blur")
-    seam_padding: int = knob(16, "seam fix context pixels", meta="Seam fix padding")
+    seam_denoise: float = knob(
+        0.35,
+        "seam fix denoising strength",
+        meta="Seam fix denoise",
+        bounds=_UNIT,
+        needs_checkpoint=True,
+        applies=_seam_fix,
+    )
+    seam_width: int = knob(
+        64,
+        "seam fix band width in pixels",
+        meta="Seam fix width",
+        bounds=Bounds(8, "tile", multiple=8, integer=True),
+        needs_checkpoint=True,
+        applies=lambda s: s.seam_fix == "band",
+    )
+    seam_mask_blur: int = knob(
+        4,
+        "seam fix mask blur",
+        meta="Seam fix mask blur",
+        bounds=Bounds(0, 64, integer=True),
+        needs_checkpoint=True,
+        applies=_seam_fix,
+    )
+    seam_padding: int = knob(
+        16,
+        "seam fix context pixels",
+        meta="Seam fix padding",
+        bounds=Bounds(0, "tile", integer=True),
+        needs_checkpoint=True,
+        applies=_seam_fix,
+    )
     color_fix: str = knob(
         "none",
         "after re-diffusion, take the low frequencies (wavelet) or the channel mean/std (adain) "
         "from the pixel-upscaled source, so colours cannot shift",
         choices=COLOR_FIXES,
         meta="Color fix",
+        needs_checkpoint=True,
     )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "models_dirs", tuple(str(d) for d in self.models_dirs))
         if not self.upscaler or not self.upscaler.strip():
             raise SettingsError("--upscaler must not be empty")
-        if not (self.scale > 0) or self.scale > 64:
-            raise SettingsError(f"--scale must be in (0, 64], got {self.scale}")
-        for name in ("width", "height", "model_tile"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise SettingsError(f"--{name.replace('_', '-')} must be a positive integer")
-        if self.model_tile is not None and self.model_tile < 16:
-            raise SettingsError("--model-tile must be at least 16 pixels")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device):
             raise SettingsError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
-        _check_choice("dtype", self.dtype, DTYPES)
-        if self.max_pixels < 1:
-            raise SettingsError("--max-pixels must be positive")
-        self._check_diffusion()
-
-    def _check_diffusion(self) -> None:
-        if not 0.0 <= self.denoise <= 1.0:
-            raise SettingsError(f"--denoise must be in [0, 1], got {self.denoise}")
-        if not isinstance(self.steps, int) or not 1 <= self.steps <= 1000:
-            raise SettingsError(f"--steps must be an integer in [1, 1000], got {self.steps}")
-        if not 0.0 <= self.cfg <= 100.0:
-            raise SettingsError(f"--cfg must be in [0, 100], got {self.cfg}")
-        if self.seed < -1 or self.seed >= 2**63:
-            raise SettingsError(f"--seed must be -1 (random) or in [0, 2^63), got {self.seed}")
-        _check_choice("mode", self.mode, MODES)
-        _check_choice("blend", self.blend, BLENDS)
-        _check_choice("prediction", self.prediction, PREDICTIONS)
-        _check_choice("color_fix", self.color_fix, COLOR_FIXES)
-        if self.tile < 64 or self.tile % 8:
-            raise SettingsError(f"--tile must be a multiple of 8 and at least 64, got {self.tile}")
-        # redraw tiles do not overlap (--padding gives them context): --overlap is not used there
-        too_wide = self.mode == "fused" and self.overlap >= self.tile
-        if self.overlap < 0 or self.overlap % 8 or too_wide:
+        for f in dataclasses.fields(self):
+            value, choices = getattr(self, f.name), f.metadata["choices"]
+            bounds = f.metadata["bounds"]
+            if choices and value not in choices:
+                raise SettingsError(
+                    f"{flag_of(f.name)} must be one of {', '.join(choices)}; got {value!r}"
+                )
+            if bounds and not bounds.accepts(value, self):
+                raise SettingsError(
+                    f"{flag_of(f.name)} must be {bounds.describe(self)}, got {value!r}"
+                )
+        # the one rule across fields: fused tiles overlap by less than a tile (redraw tiles do
+        # not overlap at all: --padding gives them context, so --overlap is not used there)
+        if self.mode == "fused" and self.overlap >= self.tile:
             raise SettingsError(
                 f"--overlap must be a multiple of 8 in [0, --tile), got {self.overlap} "
                 f"with --tile {self.tile}"
             )
-        if self.tile_batch is not None and self.tile_batch < 1:
-            raise SettingsError("--tile-batch must be a positive integer")
-        if self.vae_tile < 64 or self.vae_tile % 8:
-            raise SettingsError("--vae-tile must be a multiple of 8 and at least 64")
-        try:
-            validate_redraw_settings(
-                tile=self.tile,
-                order=self.order,
-                padding=self.padding,
-                mask_blur=self.mask_blur,
-                seam_fix=self.seam_fix,
-                seam_denoise=self.seam_denoise,
-                seam_width=self.seam_width,
-                seam_mask_blur=self.seam_mask_blur,
-                seam_padding=self.seam_padding,
-            )
-        except ValueError as exc:
-            raise SettingsError(str(exc)) from None
 
     def replace(self, **changes: Any) -> UpscaleSettings:
         """A copy with some fields changed (validated again)."""
@@ -230,35 +405,39 @@ class UpscaleSettings:
             )
         return cls(**values)
 
-    def metadata_items(self) -> dict[str, str]:
-        """The settings that carry a metadata key and mean something for this job (no overlap
-        or blend in redraw mode, no padding or mask blur in fused mode, the order only where
-        tiles or seams are redrawn, seam-fix knobs only with a seam fix, the width only for the
-        band), as ``{key: text}`` in declaration order."""
-        unused = self._unused_fields()
+    def metadata_items(self, *, with_checkpoint: bool = True) -> dict[str, str]:
+        """The settings that carry a metadata key and mean something for this job, as
+        ``{key: text}`` in declaration order: set (not None), applying to the job (no overlap
+        in redraw mode, no seam-fix knobs without a seam fix, ...) and, without a checkpoint,
+        none of the re-diffusion settings."""
         items: dict[str, str] = {}
         for f in dataclasses.fields(self):
-            key = f.metadata.get("meta")
-            value = getattr(self, f.name)
-            if key and value is not None and f.name not in unused:
-                items[key] = _format_value(value)
+            key, value = f.metadata["meta"], getattr(self, f.name)
+            if not key or value is None or not self.applies(f.name):
+                continue
+            if f.metadata["needs_checkpoint"] and not with_checkpoint:
+                continue
+            items[key] = _format_value(value)
         return items
 
-    def _unused_fields(self) -> set[str]:
-        unused = {"overlap", "blend"} if self.mode == "redraw" else {"padding", "mask_blur"}
-        if self.seam_fix == "none":
-            unused |= {"seam_fix", "seam_denoise", "seam_width", "seam_mask_blur", "seam_padding"}
-            if self.mode == "fused":
-                unused.add("order")
-        elif self.seam_fix != "band":
-            unused.add("seam_width")
-        return unused
+    def applies(self, name: str) -> bool:
+        """Whether the field ``name`` means anything for this job (its ``applies`` rule)."""
+        rule = _FIELDS[name].metadata["applies"]
+        return rule is None or bool(rule(self))
+
+    def without_checkpoint_effect(self) -> list[str]:
+        """``--flag value`` for every setting that needs a checkpoint and was set away from its
+        default: without a checkpoint they do nothing, which the user should hear."""
+        return [
+            f"{flag_of(f.name)} {_format_value(getattr(self, f.name))}"
+            for f in dataclasses.fields(self)
+            if f.metadata["needs_checkpoint"] and getattr(self, f.name) != f.default
+        ]
 
 
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        flag = "--" + name.replace("_", "-")
-        raise SettingsError(f"{flag} must be one of {', '.join(choices)}; got {value!r}")
+_FIELDS: Mapping[str, dataclasses.Field[Any]] = {
+    f.name: f for f in dataclasses.fields(UpscaleSettings)
+}
 
 
 def _format_value(value: Any) -> str:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-COLOR_FIXES = ("none", "wavelet", "adain")
+from tileup.choices import COLOR_FIXES
 
 WAVELET_LEVELS = 5
 """Number of à-trous levels; level ``i`` blurs with the binomial kernel at dilation ``2**i``."""

@@ -3,7 +3,8 @@
 A window is separable: the outer product of a row profile and a column profile. Each profile is
 1 except over the ``n`` overlapping pixels of a side, where pixel ``i`` (0 at the tile edge)
 gets ``f((i + 0.5) / n)`` for a ramp ``f`` with ``f(1) = 1`` and ``f > 0`` on ``(0, 1)``.
-Windows are not a partition of unity by themselves: the accumulator divides by their sum.
+Windows are not a partition of unity by themselves: :func:`normalized_windows` divides each by
+their sum over the grid, once per grid, so blending is a weighted add with no division.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ import math
 
 import torch
 
-from tileup.tiler.geometry import Overlap
+from tileup.choices import BLENDS
+from tileup.tiler.geometry import Overlap, TileGrid
 
-BLEND_KINDS = ("gaussian", "cosine", "linear")
 GAUSSIAN_SIGMA = 0.4  # in units of the overlap width
 
 
@@ -25,8 +26,8 @@ def ramp(n: int, kind: str) -> torch.Tensor:
     opposite linear or cosine ramps sum to exactly 1), "gaussian" is
     ``exp(-((1 - t) / 0.4)^2 / 2)``.
     """
-    if kind not in BLEND_KINDS:
-        raise ValueError(f"unknown blend kind {kind!r}; expected one of {BLEND_KINDS}")
+    if kind not in BLENDS:
+        raise ValueError(f"unknown blend kind {kind!r}; expected one of {BLENDS}")
     if n < 0:
         raise ValueError(f"ramp length must be non-negative, got {n}")
     t = (torch.arange(n, dtype=torch.float64) + 0.5) / max(n, 1)
@@ -62,3 +63,38 @@ def blend_window(
     work = torch.float64 if dtype == torch.float64 else torch.float32
     rows, cols = rows.to(device=device, dtype=work), cols.to(device=device, dtype=work)
     return torch.outer(rows, cols).to(dtype)
+
+
+def work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The precision used for sums and normalisation: float64 stays, anything else is float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def normalized_windows(
+    grid: TileGrid,
+    kind: str = "gaussian",
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, ...]:
+    """Per tile (by ``tile.index``) its blend window divided by the sum of all windows there.
+
+    The windows of all tiles sum to 1 at every canvas pixel (up to rounding), so blending is
+    ``canvas[..., box] += values * window`` with no division. Computed once per grid.
+    """
+    work = work_dtype(dtype)
+    cache: dict[tuple[int, int, Overlap], torch.Tensor] = {}
+    windows = []
+    for tile in grid.tiles:
+        key = (tile.box.height, tile.box.width, tile.overlap)
+        if key not in cache:
+            cache[key] = blend_window(*key, kind, device=device, dtype=work)
+        windows.append(cache[key])
+    total = torch.zeros(grid.height, grid.width, device=device, dtype=work)
+    for tile, window in zip(grid.tiles, windows, strict=True):
+        rows, cols = tile.box.slices
+        total[rows, cols] += window
+    return tuple(
+        (window / total[tile.box.slices]).to(dtype)
+        for tile, window in zip(grid.tiles, windows, strict=True)
+    )

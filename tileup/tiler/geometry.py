@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 
-ORDERS = ("linear", "chess")
+from tileup.choices import ORDERS
 
 
 def _scale(value: int, f: float | Fraction, what: str) -> int:

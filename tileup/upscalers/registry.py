@@ -13,38 +13,46 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import ClassVar
 
+from tileup.choices import LATENT_MODES, MODELS_ENV, RESAMPLERS
 from tileup.upscalers.models import MODEL_SUFFIXES, UpscalerError
 
-MODELS_ENV = "TILEUP_MODELS"
 UPSCALER_SUBDIRS = ("ESRGAN", "RealESRGAN", "SwinIR", "DAT", "HAT", "upscale_models")
-RESAMPLERS = ("lanczos", "bicubic", "bilinear", "nearest", "area")
-LATENT_MODES = (
-    "nearest",
-    "nearest-exact",
-    "bilinear",
-    "bicubic",
-    "area",
-    "bilinear-antialiased",
-    "bicubic-antialiased",
-    "bislerp",
-)
 LATENT_PREFIX = "latent"
 DEFAULT_MODEL_NAME = "realesrgan-x4fast"
 
 
 @dataclass(frozen=True)
-class UpscalerSpec:
-    """What an ``--upscaler`` value resolved to.
+class ModelUpscaler:
+    """An SR model file (any architecture spandrel loads); upscales pixels."""
 
-    kind is ``"model"`` (path set), ``"resampler"`` or ``"latent"`` (mode set to the
-    interpolation mode).
-    """
-
-    kind: str
     name: str
-    path: Path | None = None
-    mode: str | None = None
+    path: Path
+    works_on_latents: ClassVar[bool] = False
+
+
+@dataclass(frozen=True)
+class Resampler:
+    """A plain pixel resampler (``mode`` one of RESAMPLERS)."""
+
+    name: str
+    mode: str
+    works_on_latents: ClassVar[bool] = False
+
+
+@dataclass(frozen=True)
+class LatentUpscaler:
+    """Latent interpolation (``mode`` one of LATENT_MODES): needs a checkpoint to encode the
+    source, and a denoise of about 0.5+ to remove the blur."""
+
+    name: str
+    mode: str
+    works_on_latents: ClassVar[bool] = True
+
+
+UpscalerChoice = ModelUpscaler | Resampler | LatentUpscaler
+"""What an ``--upscaler`` value resolves to."""
 
 
 def builtin_model_path() -> Path:
@@ -82,35 +90,35 @@ def iter_model_files(dirs: Iterable[Path]) -> Iterator[Path]:
                     yield path
 
 
-def resolve_upscaler(name: str, extra_dirs: Sequence[str | Path] = ()) -> UpscalerSpec:
+def resolve_upscaler(name: str, extra_dirs: Sequence[str | Path] = ()) -> UpscalerChoice:
     """Resolve an ``--upscaler`` value; unknown names raise UpscalerError listing what exists."""
     key = name.strip()
     lowered = key.lower()
     if lowered == "default":
-        return UpscalerSpec("model", DEFAULT_MODEL_NAME, path=builtin_model_path())
+        return ModelUpscaler(DEFAULT_MODEL_NAME, builtin_model_path())
     if lowered in RESAMPLERS:
-        return UpscalerSpec("resampler", lowered, mode=lowered)
+        return Resampler(lowered, lowered)
     if lowered == LATENT_PREFIX:
-        return UpscalerSpec("latent", lowered, mode="bilinear")
+        return LatentUpscaler(lowered, "bilinear")
     if lowered.startswith(LATENT_PREFIX + "-"):
         mode = lowered[len(LATENT_PREFIX) + 1 :]
         if mode not in LATENT_MODES:
             known = ", ".join(f"{LATENT_PREFIX}-{m}" for m in LATENT_MODES)
             raise UpscalerError(f"unknown latent upscaler {key!r}; known: latent, {known}")
-        return UpscalerSpec("latent", lowered, mode=mode)
+        return LatentUpscaler(lowered, mode)
     as_path = Path(key).expanduser()
     if as_path.suffix.lower() in MODEL_SUFFIXES or os.sep in key or as_path.is_file():
         if not as_path.is_file():
             raise UpscalerError(f"{key}: no such model file")
-        return UpscalerSpec("model", as_path.stem, path=as_path)
+        return ModelUpscaler(as_path.stem, as_path)
     dirs = models_dirs(extra_dirs)
     found = list(iter_model_files(dirs))
     for path in found:
         if path.stem == key:
-            return UpscalerSpec("model", key, path=path)
+            return ModelUpscaler(key, path)
     for path in found:  # case-insensitive second chance, as Windows users expect
         if path.stem.lower() == lowered:
-            return UpscalerSpec("model", path.stem, path=path)
+            return ModelUpscaler(path.stem, path)
     names = ["default", *RESAMPLERS, *(p.stem for p in found)]
     where = (
         ", ".join(str(d) for d in dirs)

@@ -1,7 +1,7 @@
 """Per-tile img2img with locked context (Ultimate SD Upscale's redraw) and the seam-fix passes.
 
 :func:`redraw_regions` is the one primitive. For each region (a pixel box and its mask, see
-:mod:`tileup.seams.seamfix`) it
+:mod:`tileup.modes.regions`) it
 
 1. crops the box grown by ``padding``, or by the reach of the mask blur when that is larger
    (rounded outward to the VAE factor f; at the canvas edge shifted inward keeping its size,
@@ -10,7 +10,7 @@
    factor);
 2. noises it with its crop of one canvas-wide noise drawn once per pass (CPU generator seeded
    ``seed + pass_index``) and samples exactly ``steps`` steps at the pass's denoise (fixed step
-   scheduling: ``make_scheduler`` → ``plan_steps`` → ``noise_latents`` → ``run_sampler``);
+   scheduling: ``DiffusionModel.step_plan`` → ``noise_latents`` → ``run_sampler``);
 3. locks the context after every model evaluation: latent cells where the region mask is 0
    everywhere are reset to the original crop latents noised to the level the sampler's latents
    are at now (``scheduler.add_noise`` for the next timestep; at the last evaluation the clean
@@ -32,107 +32,34 @@ seed, the pass and the region's position), so batching never changes what a regi
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from fractions import Fraction
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
-from tileup.sampler.conditioning import Conditioning
-from tileup.sampler.schedules import (
-    StepPlan,
-    make_scheduler,
-    noise_latents,
-    plan_steps,
-    run_sampler,
-)
-from tileup.sampler.tiled_vae import NonFiniteError
-from tileup.seams.seamfix import (
-    Region,
-    context_crop,
-    crop_masks,
-    seam_fix_passes,
-    tile_regions,
-    validate_redraw_settings,
-)
+from tileup.modes.model import DiffusionModel, DiffusionReport
+from tileup.modes.regions import Region, context_crop, crop_masks, seam_fix_passes, tile_regions
+from tileup.sampling.guidance import guidance_inputs, guided_prediction
+from tileup.sampling.loop import StepPlan, noise_latents, run_sampler
+from tileup.sampling.protocols import Scheduler
 from tileup.tiler import Box, TileGrid, plan_grid
-
-if TYPE_CHECKING:
-    from tileup.sampler.engine import DiffusionReport, Rediffuser
 
 Progress = Callable[[int], None]
 
 
-# -- the UNet call shared with the fused denoiser ---------------------------------------------
-
-
-def guidance_inputs(
-    conditioning: Conditioning,
-    cfg: float,
-    count: int,
-    *,
-    time_ids: torch.Tensor | None = None,
-    device: torch.device | None = None,
-    dtype: torch.dtype | None = None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
-    """What the UNet gets besides the latents for a batch of ``count`` samples, built once.
-
-    The text states (uncond then cond when ``cfg != 1``) and, when the conditioning has pooled
-    vectors (SDXL), the added conditions: pooled text embeds and ``time_ids`` (count×6: original
-    size, crop top-left, target size, in pixels), doubled alike under guidance.
-    """
-    c, guided = conditioning, cfg != 1.0
-    embeds = [c.uncond, c.cond] if guided else [c.cond]
-    context = torch.cat([e.expand(count, -1, -1) for e in embeds]).to(device)
-    if c.pooled_cond is None or c.pooled_uncond is None:
-        return context, None
-    if time_ids is None:
-        raise ValueError("SDXL conditioning needs time_ids")
-    pooled = [c.pooled_uncond, c.pooled_cond] if guided else [c.pooled_cond]
-    text_embeds = torch.cat([p.expand(count, -1) for p in pooled]).to(device)
-    ids = time_ids.to(device, dtype or text_embeds.dtype)
-    return context, {
-        "text_embeds": text_embeds,
-        "time_ids": torch.cat([ids, ids]) if guided else ids,
-    }
-
-
-def guided_prediction(
-    unet: Any,
-    x: torch.Tensor,
-    t: torch.Tensor | float,
-    inputs: tuple[torch.Tensor, dict[str, torch.Tensor] | None],
-    cfg: float,
-) -> torch.Tensor:
-    """The UNet's prediction for a batch ``x`` (k×C×h×w, in the UNet's dtype) at ``t`` after
-    classifier-free guidance: with ``cfg != 1`` uncond and cond run as one batch of 2k and the
-    result is ``u + cfg·(c − u)``. ``inputs`` from :func:`guidance_inputs`. Returns float32."""
-    context, added = inputs
-    guided = cfg != 1.0
-    pred = unet(
-        torch.cat([x, x]) if guided else x,
-        t,
-        encoder_hidden_states=context,
-        added_cond_kwargs=added,
-        return_dict=False,
-    )[0].float()
-    if guided:
-        uncond, cond = pred.chunk(2)
-        pred = uncond + cfg * (cond - uncond)
-    return pred
-
-
-# -- settings, plans and counts --------------------------------------------------------------
-
-
 @dataclass(frozen=True)
 class RedrawOptions:
-    """The redraw and seam-fix knobs (USDU's defaults); validated against ``tile`` on use."""
+    """The redraw and seam-fix knobs (Ultimate SD Upscale's meaning and defaults), in pixels.
 
+    ``tile`` is the redraw tile (mode "redraw"); ``tile_batch`` caps the regions per UNet batch
+    (None: from free memory).
+    """
+
+    tile: int = 512
     order: str = "linear"
     padding: int = 32
     mask_blur: int = 8
@@ -141,16 +68,7 @@ class RedrawOptions:
     seam_width: int = 64
     seam_mask_blur: int = 4
     seam_padding: int = 16
-
-    @classmethod
-    def from_settings(cls, settings: Any) -> RedrawOptions:
-        """The options named like the settings fields (defaults where a field is missing)."""
-        names = cls.__dataclass_fields__
-        return cls(**{n: getattr(settings, n) for n in names if hasattr(settings, n)})
-
-    def validate(self, tile: int) -> None:
-        """ValueError naming the flag for any value tileup refuses."""
-        validate_redraw_settings(tile=tile, **asdict(self))
+    tile_batch: int | None = None
 
 
 @dataclass(frozen=True)
@@ -196,13 +114,13 @@ def redraw_grid(height: int, width: int, tile: int, factor: int, order: str) -> 
 
 
 def plan_passes(
-    grid: TileGrid, mode: str, options: RedrawOptions, denoise: float
+    grid: TileGrid, options: RedrawOptions, denoise: float, *, redraw_tiles: bool
 ) -> tuple[RedrawPass, ...]:
-    """The passes of a job over a pixel-unit ``grid``: the tile redraw (mode "redraw", index 0)
-    and the seam-fix passes (indices 1, 2, ...). Passes at denoise 0 are kept (counted as
-    skipped when run)."""
+    """The passes of a job over a pixel-unit ``grid``: the tile redraw (``redraw_tiles``, index
+    0, at ``denoise``) and the seam-fix passes on the grid's seams (indices 1, 2, ...). Passes at
+    denoise 0 are kept (counted as skipped when run)."""
     passes = []
-    if mode == "redraw":
+    if redraw_tiles:
         passes.append(
             RedrawPass("redraw", 0, tile_regions(grid), denoise, options.padding, options.mask_blur)
         )
@@ -264,7 +182,7 @@ def pass_noise(shape: tuple[int, ...], seed: int, pass_index: int) -> torch.Tens
 
 
 def lock_target(
-    scheduler: Any, plan: StepPlan, i: int, original: torch.Tensor, noise: torch.Tensor
+    scheduler: Scheduler, plan: StepPlan, i: int, original: torch.Tensor, noise: torch.Tensor
 ) -> torch.Tensor:
     """``original`` at the noise level the sampler's latents have after evaluation ``i``.
 
@@ -284,111 +202,12 @@ def lock_target(
     return scheduler.add_noise(original, noise, following)
 
 
-# -- the model pieces a redraw needs -----------------------------------------------------------
-
-
-@dataclass(frozen=True, eq=False)
-class RedrawModel:
-    """A loaded UNet and VAE (on ``device``), the encoded prompts and the sampling settings."""
-
-    unet: Any
-    vae: Any
-    conditioning: Conditioning
-    scheduler_config: Any
-    prediction_type: str
-    sampler: str
-    schedule: str
-    cfg: float
-    steps: int
-    device: torch.device
-    vae_dtype: torch.dtype
-    factor: int
-    vae_batch: int = 1
-
-    @classmethod
-    def from_rediffuser(cls, rediffuser: Rediffuser) -> RedrawModel:
-        s, m = rediffuser.settings, rediffuser.model
-        return cls(
-            unet=m.unet,
-            vae=m.vae,
-            conditioning=rediffuser.conditioning,
-            scheduler_config=m.scheduler_config,
-            prediction_type=m.prediction_type,
-            sampler=s.sampler,
-            schedule=s.scheduler,
-            cfg=s.cfg,
-            steps=s.steps,
-            device=rediffuser.device,
-            vae_dtype=rediffuser.vae_dtype,
-            factor=rediffuser.factor,
-            vae_batch=int(rediffuser.vae_options.get("batch", 1)),
-        )
-
-    def scheduler_and_plan(self, denoise: float) -> tuple[Any, StepPlan]:
-        scheduler = make_scheduler(
-            self.sampler,
-            self.schedule,
-            self.scheduler_config,
-            prediction_type=self.prediction_type,
-        )
-        return scheduler, plan_steps(scheduler, self.steps, denoise)
-
-
-class CropVae:
-    """Plain VAE encode/decode of crops in the job's VAE precision, with one fp32 re-run.
-
-    The VAE keeps fp32 weights; a copy in ``dtype`` is made once when that differs. On NaN/inf
-    in half precision the call runs again in fp32 (noted in ``fallbacks``) and so do all later
-    calls, as the engine's tiled VAE does.
-    """
-
-    def __init__(self, model: RedrawModel, fallbacks: list[str]) -> None:
-        self.vae, self.device, self.dtype = model.vae, model.device, model.vae_dtype
-        self.batch = max(1, model.vae_batch)
-        self.fallbacks = fallbacks
-        self.scale = float(model.vae.config.scaling_factor)
-        self._cast: Any = None
-        self.calls = 0
-
-    def _module(self) -> Any:
-        params = list(self.vae.parameters())
-        if self.dtype == torch.float32 or not params or params[0].dtype == self.dtype:
-            return self.vae
-        if self._cast is None:
-            self._cast = copy.deepcopy(self.vae).to(self.device, self.dtype)
-        return self._cast
-
-    def _run(self, fn: Callable[[Any, torch.Tensor], torch.Tensor], x: torch.Tensor):
-        outs = []
-        for part in x.split(self.batch):
-            self.calls += 1
-            out = fn(self._module(), part.to(self.device, self.dtype)).float()
-            if not bool(torch.isfinite(out).all()):
-                if self.dtype == torch.float32:
-                    raise NonFiniteError("the VAE produced NaN/inf in float32")
-                self.fallbacks.append(f"VAE produced NaN/inf in {self.dtype}; re-ran it in fp32")
-                self.dtype, self._cast = torch.float32, None
-                out = fn(self.vae, part.to(self.device, torch.float32)).float()
-            outs.append(out)
-        return torch.cat(outs)
-
-    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        """k×3×h×w in [0, 1] → scaled latents k×C×h/f×w/f (float32, on the device)."""
-        z = self._run(lambda vae, x: vae.encode(x).latent_dist.mean, pixels * 2 - 1)
-        return z * self.scale
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled latents → k×3×h×w float32 in [0, 1] (on the device)."""
-        x = self._run(lambda vae, z: vae.decode(z).sample, latents / self.scale)
-        return ((x + 1) / 2).clamp(0, 1)
-
-
 # -- the primitive ---------------------------------------------------------------------------
 
 
 @torch.no_grad()
 def redraw_regions(
-    model: RedrawModel,
+    model: DiffusionModel,
     canvas: torch.Tensor,
     regions: Sequence[Region],
     *,
@@ -399,7 +218,6 @@ def redraw_regions(
     pass_index: int = 0,
     max_batch: int = 1,
     name: str = "redraw",
-    vae: CropVae | None = None,
     fallbacks: list[str] | None = None,
     on_tiles: Progress | None = None,
     on_batch: Callable[[tuple[int, ...]], None] | None = None,
@@ -417,16 +235,16 @@ def redraw_regions(
         raise ValueError(f"canvas {height}x{width} must be a multiple of the VAE factor {f}")
     if padding < 0 or mask_blur < 0:
         raise ValueError(f"padding and mask blur must be non-negative: {padding}, {mask_blur}")
-    scheduler, plan = model.scheduler_and_plan(denoise)
+    scheduler, plan = model.step_plan(denoise)
     if plan.empty or not regions:
         return canvas, PassCounts(name, len(regions), 0, 0, 0, 0, float(denoise), skipped=True)
-    vae = vae or CropVae(model, fallbacks if fallbacks is not None else [])
+    notes = fallbacks if fallbacks is not None else []
     area = Box(0, 0, height, width)
     for region in regions:
         if not area.contains(region.box):
             raise ValueError(f"region {region.box} lies outside the canvas {height}x{width}")
     crops = [context_crop(r.box, padding, mask_blur, area, f) for r in regions]
-    channels = int(model.vae.config.latent_channels)
+    channels = model.vae.latent_channels
     noise = pass_noise((channels, height // f, width // f), seed, pass_index).to(model.device)
     canvas = canvas.clone()
     unet_calls = 0
@@ -439,7 +257,7 @@ def redraw_regions(
             crops=[crops[j] for j in batch],
             seeds=[region_seed(seed, pass_index, j) for j in batch],
         )
-        _redraw_batch(model, canvas, job, noise, vae, scheduler, plan, mask_blur, on_tiles)
+        _redraw_batch(model, canvas, job, noise, scheduler, plan, mask_blur, notes, on_tiles)
         unet_calls += plan.evaluations
     counts = PassCounts(
         name,
@@ -463,14 +281,14 @@ class _Batch:
 
 
 def _redraw_batch(
-    model: RedrawModel,
+    model: DiffusionModel,
     canvas: torch.Tensor,
     job: _Batch,
     noise: torch.Tensor,
-    vae: CropVae,
-    scheduler: Any,
+    scheduler: Scheduler,
     plan: StepPlan,
     mask_blur: float,
+    notes: list[str],
     on_tiles: Progress | None,
 ) -> None:
     """Encode, sample with the context locked, decode and paste one batch (in place)."""
@@ -483,14 +301,14 @@ def _redraw_batch(
     ]
     free = torch.stack([m[1] for m in masks])[:, None]
     pixels = torch.stack([canvas[(slice(None), *c.slices)] for c in job.crops])
-    original = vae.encode(pixels.to(model.device))
+    original = model.vae.encode_crops(pixels.to(model.device), notes)
     latent_boxes = [c.scaled(Fraction(1, f)) for c in job.crops]
     crop_noise = torch.stack([noise[(slice(None), *c.slices)] for c in latent_boxes])
     unet_param = next(model.unet.parameters())
     time_ids = torch.tensor([[height, width, c.top, c.left, c.height, c.width] for c in job.crops])
     inputs = guidance_inputs(
         model.conditioning,
-        model.cfg,
+        model.sampling.cfg,
         len(job.crops),
         time_ids=time_ids,
         device=unet_param.device,
@@ -503,7 +321,7 @@ def _redraw_batch(
         generator = [torch.Generator("cpu").manual_seed(s) for s in job.seeds]
 
     def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        out = guided_prediction(model.unet, x.to(unet_param.dtype), t, inputs, model.cfg)
+        out = guided_prediction(model.unet, x.to(unet_param.dtype), t, inputs, model.sampling.cfg)
         if on_tiles is not None:
             on_tiles(len(job.crops))
         return out
@@ -513,7 +331,7 @@ def _redraw_batch(
 
     start = noise_latents(scheduler, plan, original, crop_noise)
     sampled = run_sampler(scheduler, plan, start, predict, generator=generator, on_step=lock)
-    redrawn = vae.decode(sampled).to(canvas.device)
+    redrawn = model.vae.decode_crops(sampled, notes).to(canvas.device)
     for k, c in enumerate(job.crops):
         paste = masks[k][0].to(canvas.device)
         view = canvas[(slice(None), *c.slices)]
@@ -522,7 +340,7 @@ def _redraw_batch(
 
 
 def run_passes(
-    model: RedrawModel,
+    model: DiffusionModel,
     canvas: torch.Tensor,
     passes: Sequence[RedrawPass],
     *,
@@ -530,10 +348,8 @@ def run_passes(
     max_batch: int = 1,
     fallbacks: list[str] | None = None,
     on_tiles: Progress | None = None,
-) -> tuple[torch.Tensor, tuple[PassCounts, ...], CropVae]:
-    """Run ``passes`` one after another over ``canvas``; the canvas, each pass's counts and the
-    VAE runner (its ``dtype`` says whether an fp32 fallback happened)."""
-    vae = CropVae(model, fallbacks if fallbacks is not None else [])
+) -> tuple[torch.Tensor, tuple[PassCounts, ...]]:
+    """Run ``passes`` one after another over ``canvas``; the canvas and each pass's counts."""
     counts = []
     for p in passes:
         start = time.perf_counter()
@@ -548,31 +364,30 @@ def run_passes(
             pass_index=p.index,
             max_batch=max_batch,
             name=p.name,
-            vae=vae,
+            fallbacks=fallbacks,
             on_tiles=on_tiles,
         )
         if canvas.device.type == "cuda":
             torch.cuda.synchronize(canvas.device)
         counts.append(replace(c, seconds=round(time.perf_counter() - start, 4)))
-    return canvas, tuple(counts), vae
+    return canvas, tuple(counts)
 
 
-# -- the job-level entry points (a loaded Rediffuser) ------------------------------------------
+# -- a job's passes over a pixel canvas ------------------------------------------------------
 
 
-def _job_grid(rediffuser: Rediffuser, height: int, width: int, options: RedrawOptions) -> TileGrid:
-    """The pixel-unit grid of the job on an H×W canvas (multiples of f): the redraw tiles in
-    mode "redraw", else the fused grid (whose seams the seam fix follows)."""
-    if rediffuser.settings.mode == "redraw":
-        f = rediffuser.factor
-        return redraw_grid(height, width, rediffuser.settings.tile, f, options.order)
-    return rediffuser.grid(height, width).scaled(rediffuser.factor)
+def planned_tile_steps(model: DiffusionModel, passes: Sequence[RedrawPass]) -> int:
+    """Progress units (region evaluations) of ``passes``: what :func:`rediffuse_pixels`
+    reports through ``on_tiles``."""
+    return sum(len(p.regions) * model.evaluations(p.denoise) for p in passes)
 
 
-def _max_batch(rediffuser: Rediffuser, grid: TileGrid, padding: int) -> int:
-    """--tile-batch, or the engine's tile batch scaled down by the padded crop's area (CUDA)."""
-    batch = rediffuser.tile_batch(grid.scaled(Fraction(1, rediffuser.factor)))
-    if rediffuser.settings.tile_batch or rediffuser.device.type != "cuda":
+def max_batch(model: DiffusionModel, grid: TileGrid, padding: int, requested: int | None) -> int:
+    """Regions per UNet batch over a pixel-unit ``grid``: ``requested``, or the model's tile
+    batch for the grid's tiles scaled down by the padded crop's area (CUDA)."""
+    latent = grid.scaled(Fraction(1, model.factor))
+    batch = model.tile_batch(latent.tile_height, latent.tile_width, len(latent), requested)
+    if requested or model.device.type != "cuda":
         return batch
     tile = grid.tile_height * grid.tile_width
     crop = (grid.tile_height + 2 * padding) * (grid.tile_width + 2 * padding)
@@ -588,46 +403,25 @@ def _canvas_device(device: torch.device, nbytes: int) -> torch.device:
     return device if 2 * nbytes <= free // 4 else torch.device("cpu")
 
 
-def _to_tensor(rgb: np.ndarray, device: torch.device) -> torch.Tensor:
-    chw = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1), dtype=np.float32))
-    return chw.to(_canvas_device(device, chw.numel() * chw.element_size()))
-
-
-def _to_rgb(canvas: torch.Tensor) -> np.ndarray:
-    return np.ascontiguousarray(canvas.float().cpu().numpy().transpose(1, 2, 0))
-
-
 def rediffuse_pixels(
-    rediffuser: Rediffuser,
+    model: DiffusionModel,
     rgb: np.ndarray,
-    seed: int,
-    report: DiffusionReport,
-    options: RedrawOptions,
+    passes: Sequence[RedrawPass],
     *,
+    seed: int,
+    max_batch: int,
+    report: DiffusionReport,
     on_tiles: Progress | None = None,
 ) -> tuple[np.ndarray, tuple[PassCounts, ...]]:
-    """The per-tile passes of a job on a pixel canvas: HxWx3 float32 in [0, 1] → same size.
-
-    Mode "redraw": the tile redraw at ``--denoise`` then the seam-fix passes; mode "fused"
-    (``rgb`` already decoded): the seam-fix passes only, on the fused grid's seams. The canvas
-    is padded to multiples of f (by reflection) and cropped back. Fills ``report`` (seed,
-    fallbacks; in mode "redraw" also tiles, steps, tile-steps, UNet calls, batch).
-    """
-    from tileup.sampler.engine import pad_to
-
-    settings = rediffuser.settings
-    options.validate(settings.tile)
-    height, width = rgb.shape[:2]
-    canvas_hw = rediffuser.canvas_size(height, width)
-    grid = _job_grid(rediffuser, *canvas_hw, options)
-    passes = plan_passes(grid, settings.mode, options, settings.denoise)
+    """Run ``passes`` over a pixel canvas: HxWx3 float32 in [0, 1] (multiples of the VAE
+    factor) → same size. Fills ``report`` (seed, fallbacks; and, when the first pass is the
+    tile redraw, tiles, steps, tile-steps, UNet calls and batch)."""
     report.seed = seed
     if not passes:
         return rgb, ()
-    model = RedrawModel.from_rediffuser(rediffuser)
-    max_batch = _max_batch(rediffuser, grid, options.padding)
-    canvas = _to_tensor(pad_to(rgb, canvas_hw), rediffuser.device)
-    canvas, counts, vae = run_passes(
+    chw = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1), dtype=np.float32))
+    canvas = chw.to(_canvas_device(model.device, chw.numel() * chw.element_size()))
+    canvas, counts = run_passes(
         model,
         canvas,
         passes,
@@ -636,28 +430,11 @@ def rediffuse_pixels(
         fallbacks=report.fallbacks,
         on_tiles=on_tiles,
     )
-    rediffuser.vae_dtype = vae.dtype  # an fp32 fallback holds for the rest of the job
-    if settings.mode == "redraw":
+    if passes[0].name == "redraw":
         main = counts[0]
         report.tiles = main.regions
         report.steps_per_tile = main.steps
         report.tile_steps = main.tile_steps
         report.unet_evaluations = main.unet_calls
         report.tile_batch = max_batch
-    return _to_rgb(canvas)[:height, :width], counts
-
-
-def planned_tile_steps(
-    rediffuser: Rediffuser, height: int, width: int, options: RedrawOptions
-) -> int:
-    """Progress units (region evaluations) of a job over an H×W target, all passes included:
-    what :func:`rediffuse_pixels` reports through ``on_tiles`` (plus the fused sampling's
-    tile evaluations in mode "fused")."""
-    canvas_hw = rediffuser.canvas_size(height, width)
-    grid = _job_grid(rediffuser, *canvas_hw, options)
-    settings = rediffuser.settings
-    total = rediffuser.planned_tile_steps(height, width) if settings.mode == "fused" else 0
-    model = RedrawModel.from_rediffuser(rediffuser)
-    for p in plan_passes(grid, settings.mode, options, settings.denoise):
-        total += len(p.regions) * model.scheduler_and_plan(p.denoise)[1].evaluations
-    return total
+    return np.ascontiguousarray(canvas.float().cpu().numpy().transpose(1, 2, 0)), counts

@@ -13,8 +13,7 @@ exactly as diffusers' img2img pipelines noise, i.e. ``x0 + σ·noise`` for the �
 and ``√ᾱ·x0 + √(1-ᾱ)·noise`` for DDIM, LCM and the DPM-Solver/UniPC/DEIS family, whose samples
 live in variance-preserving space). A pure-noise start (txt2img) is ``add_noise`` of zeros.
 
-``run_sampler`` is the one sampling loop of tileup; the denoiser is any callable
-``(model_input, t) -> prediction`` over the whole canvas (tiling lives inside it).
+The plan and the loop that runs it are in :mod:`tileup.sampling.loop`.
 
 Where this differs from A1111 / ComfyUI (diffusers' behaviour, kept rather than patched):
 - "normal" for DPM++ 2M/3M, UniPC and DEIS is diffusers' linspace (999 down to ~999/N, about
@@ -40,13 +39,11 @@ from __future__ import annotations
 import functools
 import inspect
 import textwrap
-import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
-import torch
 from diffusers import (
     DDIMScheduler,
     DEISMultistepScheduler,
@@ -63,13 +60,8 @@ from diffusers import (
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
+from tileup.choices import PREDICTIONS
 from tileup.errors import TileupError
-
-Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-"""``(model_input, t) -> prediction`` over the whole canvas, in the scheduler's prediction type."""
-
-StepCallback = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
-"""``(i, t, latents) -> latents`` after model evaluation ``i`` (0-based) at timestep ``t``."""
 
 SD_TRAINING_CONFIG: Mapping[str, Any] = MappingProxyType(
     {
@@ -85,9 +77,10 @@ SD_TRAINING_CONFIG: Mapping[str, Any] = MappingProxyType(
 TRAINING_KEYS = (*SD_TRAINING_CONFIG, "trained_betas", "rescale_betas_zero_snr")
 """The only keys ``make_scheduler`` reads from ``base_config`` (the rest are sampler choices)."""
 
-PREDICTION_TYPES = ("epsilon", "v_prediction")
+PREDICTION_TYPES = PREDICTIONS[1:]
+"""What a loaded model can predict (``auto`` resolved)."""
 
-_LMS_ORDER = 4  # k-diffusion's, A1111's and ComfyUI's LMS order
+LMS_ORDER = 4  # k-diffusion's, A1111's and ComfyUI's LMS order
 
 
 class SamplerError(TileupError):
@@ -366,7 +359,7 @@ def _init_params(cls: type[SchedulerMixin]) -> frozenset[str]:
 
 
 @functools.cache
-def _step_params(cls: type[SchedulerMixin]) -> frozenset[str]:
+def step_params(cls: type[SchedulerMixin]) -> frozenset[str]:
     return frozenset(inspect.signature(cls.step).parameters)
 
 
@@ -410,151 +403,6 @@ def make_scheduler(
         return entry.scheduler(**config)
     except ImportError as exc:  # DPMSolverSDEScheduler without torchsde
         raise SamplerError(f"sampler {entry.name!r} needs a missing package: {exc}") from exc
-
-
-@dataclass(frozen=True, eq=False)
-class StepPlan:
-    """The last ``steps`` steps of a ``total_steps`` schedule, as a scheduler will run them.
-
-    ``timesteps`` (CPU) are the entries to iterate, one model evaluation each (second-order
-    schedulers hold two entries per step but one for the last step, which ends at σ = 0);
-    ``begin_index`` is the first entry's index in the full schedule; ``first_timestep`` (shape
-    [1], or None for an empty plan) is the noise level of the start:
-    ``scheduler.add_noise(latents, noise, plan.first_timestep)``.
-    """
-
-    timesteps: torch.Tensor
-    begin_index: int
-    total_steps: int
-    steps: int
-    first_timestep: torch.Tensor | None
-    evaluations: int
-
-    @property
-    def empty(self) -> bool:
-        """True when nothing runs (denoise 0)."""
-        return self.evaluations == 0
-
-
-def _set_schedule(scheduler: SchedulerMixin, total: int, begin: int) -> torch.Tensor:
-    """Set ``total`` steps on ``scheduler``, arm it to start at entry ``begin``; its timesteps."""
-    try:
-        scheduler.set_timesteps(total)
-    except ValueError as exc:
-        raise SamplerError(
-            f"{type(scheduler).__name__} cannot make a {total}-step schedule: "
-            f"{' '.join(str(exc).split())}"
-        ) from exc
-    if hasattr(scheduler, "set_begin_index"):
-        scheduler.set_begin_index(begin)
-    return scheduler.timesteps
-
-
-def plan_steps(scheduler: SchedulerMixin, steps: int, denoise: float) -> StepPlan:
-    """Fixed step scheduling: run the last ``steps`` steps of a ``int(steps / denoise)`` schedule.
-
-    Sets the scheduler's timesteps and begin index (so ``add_noise`` with ``first_timestep``
-    noises to the right level and the first ``step`` starts there). ``denoise == 0`` gives an
-    empty plan and leaves the scheduler alone. Raises SamplerError for ``steps < 1``,
-    ``denoise`` outside [0, 1], more scheduled steps than training timesteps, or a schedule
-    diffusers gets wrong (its 'trailing' spacing yields an extra, negative timestep for a few
-    step counts such as 61 or 103).
-    """
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise SamplerError(f"steps must be a positive integer, got {steps!r}")
-    denoise = float(denoise)
-    if not 0.0 <= denoise <= 1.0:
-        raise SamplerError(f"denoise must be in [0, 1], got {denoise}")
-    if denoise == 0.0:
-        return StepPlan(torch.empty(0), 0, 0, 0, None, 0)
-    total = max(steps, int(steps / denoise))
-    train = int(scheduler.config.num_train_timesteps)
-    if total > train:
-        raise SamplerError(
-            f"steps / denoise = {steps} / {denoise:g} needs a {total}-step schedule, more than "
-            f"the {train} training timesteps; lower --steps or raise --denoise"
-        )
-    order = int(scheduler.order)
-    begin = (total - steps) * order
-    timesteps = _set_schedule(scheduler, total, begin)
-    low, high = float(timesteps.min()), float(timesteps.max())
-    if len(timesteps) != total * order - (order - 1) or low < 0 or high > train - 1:
-        raise SamplerError(
-            f"diffusers' {type(scheduler).__name__} made a broken {total}-step schedule "
-            f"({len(timesteps)} timesteps in [{low:g}, {high:g}]); change --steps or "
-            f"--denoise slightly, or use another schedule"
-        )
-    run = timesteps[begin:].clone()
-    return StepPlan(run, begin, total, steps, run[:1], len(run))
-
-
-def noise_latents(
-    scheduler: SchedulerMixin, plan: StepPlan, latents: torch.Tensor, noise: torch.Tensor
-) -> torch.Tensor:
-    """``latents`` noised to the plan's start (re-arms the scheduler first; same as
-    ``scheduler.add_noise(latents, noise, plan.first_timestep)`` right after ``plan_steps``).
-    An empty plan returns ``latents`` unchanged; zeros give a pure-noise (txt2img) start."""
-    if plan.empty:
-        return latents
-    _rearm(scheduler, plan)
-    return scheduler.add_noise(latents, noise, plan.first_timestep)
-
-
-def _rearm(scheduler: SchedulerMixin, plan: StepPlan) -> None:
-    """Make ``scheduler`` fresh at the plan's start (set_timesteps again only if it has run)."""
-    fresh = (
-        getattr(scheduler, "step_index", None) is None
-        and getattr(scheduler, "begin_index", plan.begin_index) == plan.begin_index
-        and scheduler.num_inference_steps == plan.total_steps
-    )
-    if fresh:
-        timesteps = scheduler.timesteps
-    else:
-        timesteps = _set_schedule(scheduler, plan.total_steps, plan.begin_index)
-    if not torch.equal(timesteps[plan.begin_index :], plan.timesteps):
-        raise SamplerError("this step plan was made for a different scheduler")
-
-
-def run_sampler(
-    scheduler: SchedulerMixin,
-    plan: StepPlan,
-    latents: torch.Tensor,
-    denoiser: Denoiser,
-    *,
-    generator: torch.Generator | None,
-    on_step: StepCallback | None = None,
-) -> torch.Tensor:
-    """Run ``plan`` from ``latents`` (already noised to ``plan.first_timestep``); the result.
-
-    Resets the scheduler to the plan first, so a plan can be run any number of times. Makes
-    exactly ``plan.evaluations`` denoiser calls ``denoiser(scheduler.scale_model_input(x, t), t)``
-    with ``t`` a 0-dim CPU tensor; predictions are cast to the latents' dtype (keep latents
-    float32). ``generator`` (a CPU generator, for device-independent noise) feeds the
-    stochastic samplers; DPM++ SDE seeds its Brownian tree from one draw of it. ``on_step``,
-    if given, sees and may replace the latents after every evaluation. No host syncs of its own.
-    """
-    if plan.empty:
-        return latents
-    _rearm(scheduler, plan)
-    takes_generator = "generator" in _step_params(type(scheduler))
-    if hasattr(scheduler, "noise_sampler_seed") and generator is not None:
-        seed = torch.randint(0, 2**63 - 1, (), generator=generator, device=generator.device)
-        scheduler.noise_sampler_seed = int(seed)
-    extra: dict[str, Any] = {"generator": generator} if takes_generator else {}
-    lms = "order" in _step_params(type(scheduler))  # LMSDiscreteScheduler
-    with warnings.catch_warnings():
-        # DPM++ SDE with one Brownian tree per sample (redraw batches) queries σ_min ~5e-8
-        # below the tree's rounded start; torchsde warns and clamps the query, which is right
-        warnings.filterwarnings("ignore", "Should have ta>=t0", UserWarning)
-        for i, t in enumerate(plan.timesteps):
-            model_input = scheduler.scale_model_input(latents, t)
-            prediction = denoiser(model_input, t).to(latents.dtype)
-            if lms:  # warm up from the first step run, not from the start of the full schedule
-                extra["order"] = min(i + 1, _LMS_ORDER)
-            latents = scheduler.step(prediction, t, latents, return_dict=False, **extra)[0]
-            if on_step is not None:
-                latents = on_step(i, t, latents)
-        return latents
 
 
 def describe_samplers() -> str:

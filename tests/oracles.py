@@ -1,4 +1,7 @@
-"""Weighted blending of overlapping tiles into one canvas.
+"""Test oracle: a plain weighted accumulator and tile split/merge over a grid.
+
+The engine blends with :func:`tileup.seams.windows.normalized_windows` inside the fused
+denoiser; these straightforward versions check the windows and the seam metric against it.
 
 Per-tile work touches only the tile's box (views of the canvas, in-place adds); nothing per tile
 is proportional to the canvas.
@@ -10,13 +13,9 @@ from collections.abc import Sequence
 
 import torch
 
-from tileup.seams.windows import blend_window
-from tileup.tiler.geometry import Box, Overlap, TileGrid
-
-
-def _work_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The precision used for sums and normalisation: float64 stays, anything else is float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from tileup.modes.regions import Layout, Region, region_mask, seam_fix_passes
+from tileup.seams.windows import normalized_windows, work_dtype
+from tileup.tiler.geometry import Box, TileGrid
 
 
 class WeightedAccumulator:
@@ -66,36 +65,6 @@ class WeightedAccumulator:
         return self._sum / self._weight
 
 
-def normalized_windows(
-    grid: TileGrid,
-    kind: str = "gaussian",
-    *,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> tuple[torch.Tensor, ...]:
-    """Per tile (by ``tile.index``) its blend window divided by the sum of all windows there.
-
-    The windows of all tiles sum to 1 at every canvas pixel (up to rounding), so blending is
-    ``canvas[..., box] += values * window`` with no division. Computed once per grid.
-    """
-    work = _work_dtype(dtype)
-    cache: dict[tuple[int, int, Overlap], torch.Tensor] = {}
-    windows = []
-    for tile in grid.tiles:
-        key = (tile.box.height, tile.box.width, tile.overlap)
-        if key not in cache:
-            cache[key] = blend_window(*key, kind, device=device, dtype=work)
-        windows.append(cache[key])
-    total = torch.zeros(grid.height, grid.width, device=device, dtype=work)
-    for tile, window in zip(grid.tiles, windows, strict=True):
-        rows, cols = tile.box.slices
-        total[rows, cols] += window
-    return tuple(
-        (window / total[tile.box.slices]).to(dtype)
-        for tile, window in zip(grid.tiles, windows, strict=True)
-    )
-
-
 def merge_tiles(
     grid: TileGrid, tiles: Sequence[torch.Tensor], kind: str = "gaussian"
 ) -> torch.Tensor:
@@ -106,7 +75,7 @@ def merge_tiles(
     if len(tiles) != len(grid):
         raise ValueError(f"got {len(tiles)} tiles for a grid of {len(grid)}")
     first = tiles[0]
-    work = _work_dtype(first.dtype)
+    work = work_dtype(first.dtype)
     windows = normalized_windows(grid, kind, device=first.device, dtype=work)
     out = torch.zeros((*first.shape[:-2], grid.height, grid.width), device=first.device, dtype=work)
     for tile, values, window in zip(grid.tiles, tiles, windows, strict=True):
@@ -125,3 +94,49 @@ def split_tiles(canvas: torch.Tensor, grid: TileGrid) -> list[torch.Tensor]:
             f"canvas {tuple(canvas.shape)} does not match the grid {grid.height}x{grid.width}"
         )
     return [canvas[(..., *tile.box.slices)] for tile in grid.tiles]
+
+
+# -- seam-fix regions and masks by name (the engine builds them from Region recipes) ------
+
+
+def seam_fix_regions(
+    layout: Layout,
+    mode: str,
+    width: int,
+    *,
+    order: str = "linear",
+    canvas: tuple[int, int] | None = None,
+    tile: int | tuple[int, int] | None = None,
+) -> tuple[Region, ...]:
+    """Every region of :func:`seam_fix_passes`, pass after pass."""
+    passes = seam_fix_passes(layout, mode, width, order=order, canvas=canvas, tile=tile)
+    return tuple(r for p in passes for r in p.regions)
+
+
+def band_mask(height: int, width: int, line: int, seam_width: int, axis: str) -> torch.Tensor:
+    """Band-pass mask of a ``height × width`` box: a tent across the seam at ``line`` (box
+    coordinates) along ``axis`` ("y": horizontal seam, "x": vertical), reach ``seam_width / 2``."""
+    return _tent_mask(height, width, line, seam_width // 2, axis)
+
+
+def half_tile_mask(height: int, width: int, line: int, axis: str) -> torch.Tensor:
+    """Half-tile mask of a tile-sized box: a tent across the seam at ``line`` (box coordinates)
+    along ``axis``, reaching 0 half the box away."""
+    return _tent_mask(height, width, line, (height if axis == "y" else width) // 2, axis)
+
+
+def radial_mask(height: int, width: int, line_y: int, line_x: int) -> torch.Tensor:
+    """Intersection mask of a tile-sized box: 1 around the corner ``(line_y, line_x)`` (box
+    coordinates), 0 from half the box away (an ellipse for non-square boxes)."""
+    box = Box(0, 0, height, width)
+    region = Region(box, box, line_y, line_x, height // 2, width // 2)
+    return region_mask(region)
+
+
+def _tent_mask(height: int, width: int, line: int, reach: int, axis: str) -> torch.Tensor:
+    if axis not in ("x", "y"):
+        raise ValueError(f"axis must be 'x' or 'y', got {axis!r}")
+    box = Box(0, 0, height, width)
+    if axis == "y":
+        return region_mask(Region(box, box, line_y=line, reach_y=reach))
+    return region_mask(Region(box, box, line_x=line, reach_x=reach))

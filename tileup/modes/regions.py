@@ -36,9 +36,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tileup.tiler.geometry import ORDERS, Box, TileGrid
-
-SEAM_FIX_MODES = ("none", "band", "half-tile", "half-tile+intersections")
+from tileup.choices import ORDERS, SEAM_FIX_MODES
+from tileup.tiler.geometry import Box, TileGrid
 
 Layout = TileGrid | tuple[Sequence[int], Sequence[int]]
 """A pixel-unit tile grid, or the seams ``(ys, xs)`` alone (then ``canvas`` and ``tile``)."""
@@ -76,49 +75,6 @@ class SeamPass:
 
     name: str
     regions: tuple[Region, ...]
-
-
-# -- validation ------------------------------------------------------------------------------
-
-
-def validate_redraw_settings(
-    *,
-    tile: int,
-    order: str = "linear",
-    padding: int = 32,
-    mask_blur: int = 8,
-    seam_fix: str = "none",
-    seam_denoise: float = 0.35,
-    seam_width: int = 64,
-    seam_mask_blur: int = 4,
-    seam_padding: int = 16,
-) -> None:
-    """Raise ValueError (one line naming the flag) for a redraw / seam-fix value tileup refuses.
-
-    order: linear|chess; padding, seam_padding: integers in [0, tile]; mask_blur,
-    seam_mask_blur: integers in [0, 64]; seam_fix: a SEAM_FIX_MODES name; seam_denoise in
-    [0, 1]; seam_width: a multiple of 8 in [8, tile].
-    """
-    if order not in ORDERS:
-        raise ValueError(f"--order must be one of {', '.join(ORDERS)}; got {order!r}")
-    if seam_fix not in SEAM_FIX_MODES:
-        raise ValueError(f"--seam-fix must be one of {', '.join(SEAM_FIX_MODES)}; got {seam_fix!r}")
-    for flag, value in (("--padding", padding), ("--seam-padding", seam_padding)):
-        if not _is_int(value) or not 0 <= value <= tile:
-            raise ValueError(f"{flag} must be an integer in [0, --tile {tile}], got {value!r}")
-    for flag, value in (("--mask-blur", mask_blur), ("--seam-mask-blur", seam_mask_blur)):
-        if not _is_int(value) or not 0 <= value <= 64:
-            raise ValueError(f"{flag} must be an integer in [0, 64], got {value!r}")
-    if not 0.0 <= seam_denoise <= 1.0:
-        raise ValueError(f"--seam-denoise must be in [0, 1], got {seam_denoise}")
-    if not _is_int(seam_width) or seam_width % 8 or not 8 <= seam_width <= tile:
-        raise ValueError(
-            f"--seam-width must be a multiple of 8 in [8, --tile {tile}], got {seam_width!r}"
-        )
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 # -- geometry --------------------------------------------------------------------------------
@@ -279,20 +235,6 @@ def seam_fix_passes(
     return tuple(p for p in passes if p.regions)
 
 
-def seam_fix_regions(
-    layout: Layout,
-    mode: str,
-    width: int,
-    *,
-    order: str = "linear",
-    canvas: tuple[int, int] | None = None,
-    tile: int | tuple[int, int] | None = None,
-) -> tuple[Region, ...]:
-    """Every region of :func:`seam_fix_passes`, pass after pass."""
-    passes = seam_fix_passes(layout, mode, width, order=order, canvas=canvas, tile=tile)
-    return tuple(r for p in passes for r in p.regions)
-
-
 # -- masks -----------------------------------------------------------------------------------
 
 
@@ -315,35 +257,6 @@ def region_mask(
     keep = torch.zeros_like(mask)
     keep[s.top - box.top : s.bottom - box.top, s.left - box.left : s.right - box.left] = 1.0
     return (mask * keep).to(device=device, dtype=dtype)
-
-
-def band_mask(height: int, width: int, line: int, seam_width: int, axis: str) -> torch.Tensor:
-    """Band-pass mask of a ``height × width`` box: a tent across the seam at ``line`` (box
-    coordinates) along ``axis`` ("y": horizontal seam, "x": vertical), reach ``seam_width / 2``."""
-    return _tent_mask(height, width, line, seam_width // 2, axis)
-
-
-def half_tile_mask(height: int, width: int, line: int, axis: str) -> torch.Tensor:
-    """Half-tile mask of a tile-sized box: a tent across the seam at ``line`` (box coordinates)
-    along ``axis``, reaching 0 half the box away."""
-    return _tent_mask(height, width, line, (height if axis == "y" else width) // 2, axis)
-
-
-def radial_mask(height: int, width: int, line_y: int, line_x: int) -> torch.Tensor:
-    """Intersection mask of a tile-sized box: 1 around the corner ``(line_y, line_x)`` (box
-    coordinates), 0 from half the box away (an ellipse for non-square boxes)."""
-    box = Box(0, 0, height, width)
-    region = Region(box, box, line_y, line_x, height // 2, width // 2)
-    return region_mask(region)
-
-
-def _tent_mask(height: int, width: int, line: int, reach: int, axis: str) -> torch.Tensor:
-    if axis not in ("x", "y"):
-        raise ValueError(f"axis must be 'x' or 'y', got {axis!r}")
-    box = Box(0, 0, height, width)
-    if axis == "y":
-        return region_mask(Region(box, box, line_y=line, reach_y=reach))
-    return region_mask(Region(box, box, line_x=line, reach_x=reach))
 
 
 def blur_radius(sigma: float) -> int:

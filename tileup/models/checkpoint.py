@@ -3,7 +3,7 @@
 Accepts what users have: an original single file (LDM / A1111 / ComfyUI layout, ``.safetensors``
 or a ``.ckpt``/``.pt``/``.pth`` pickle read with ``weights_only=True``) or a diffusers pipeline
 folder (``model_index.json``). Single files carry no configs and no tokenizer: the family is read
-from the keys, the configs from the tensor shapes (``tileup.sampler.families``, starting from the
+from the keys, the configs from the tensor shapes (``tileup.models.families``, starting from the
 shipped full-size configs), and the CLIP tokenizer is the one shipped in ``tileup/data``. Nothing
 touches a model hub; every mismatch between weights and architecture is a ``CheckpointError``.
 """
@@ -25,16 +25,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from tileup.choices import CHECKPOINT_ENV, PREDICTIONS
 from tileup.errors import TileupError
-from tileup.sampler import families as fam
-from tileup.sampler.families import Family, LayoutError, TextEncoderSpec
+from tileup.models import families as fam
+from tileup.models.families import Family, LayoutError, TextEncoderSpec
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-PREDICTIONS = ("auto", "epsilon", "v_prediction")
-ENV_CHECKPOINT = "TILEUP_CHECKPOINT"
 MAX_TOKENS = 77
 
 _VAE_PARTS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
@@ -87,12 +86,12 @@ class SDModel:
 
 def resolve_checkpoint(value: str | None) -> Path | None:
     """``value``, else ``$TILEUP_CHECKPOINT``, as an existing path; None when neither is set."""
-    source = value or os.environ.get(ENV_CHECKPOINT) or None
+    source = value or os.environ.get(CHECKPOINT_ENV) or None
     if source is None:
         return None
     path = Path(source).expanduser()
     if not path.exists():
-        where = "" if value else f" (from ${ENV_CHECKPOINT})"
+        where = "" if value else f" (from ${CHECKPOINT_ENV})"
         raise CheckpointError(f"{source}: no such checkpoint file or folder{where}")
     return path
 

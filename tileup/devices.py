@@ -1,0 +1,70 @@
+"""Where and in what precision things run: the device by name, and the two precision rules.
+
+SR models prefer fp16 (what most ESRGAN-family weights are made for, per spandrel's flags);
+Stable Diffusion runs in bf16 where the GPU has it (fp16 UNets and VAEs overflow more often).
+Both fall back to fp32 on the CPU, and both rules live here.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tileup.errors import TileupError
+
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class DeviceError(TileupError):
+    """The device asked for does not exist on this machine."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → the first CUDA device when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError(f"--device {name}: CUDA is not available on this machine")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise DeviceError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def sr_dtype(
+    setting: str, device: torch.device, *, supports_half: bool, supports_bf16: bool
+) -> tuple[torch.dtype, str | None]:
+    """An SR model's precision and, when the asked one is not supported, the note saying so.
+
+    ``auto``: fp32 off CUDA; on CUDA fp16 if the model supports it, else bf16, else fp32.
+    """
+    if setting == "auto":
+        if device.type != "cuda":
+            return torch.float32, None
+        if supports_half:
+            return torch.float16, None
+        return (torch.bfloat16 if supports_bf16 else torch.float32), None
+    dtype = _DTYPES[setting]
+    allowed = {torch.float32: True, torch.float16: supports_half, torch.bfloat16: supports_bf16}
+    if not allowed[dtype]:
+        return torch.float32, f"upscaler does not support {setting}; using fp32"
+    return dtype, None
+
+
+def diffusion_dtype(setting: str, device: torch.device) -> torch.dtype:
+    """fp32 on CPU; on CUDA bf16 where supported, else fp16; or what ``setting`` names."""
+    if setting == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return _DTYPES[setting]
+
+
+def peak_memory(device: torch.device) -> int:
+    """Peak bytes: CUDA's max allocated on that device, else this process's max RSS."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)

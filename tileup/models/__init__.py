@@ -1,0 +1,1 @@
+"""Checkpoint loading and family detection (offline), and the one safe weights reader."""

@@ -1,0 +1,172 @@
+"""Fused mode: the whole latent canvas sampled at once, all tiles blended at every step.
+
+The canvas is noised once with one seeded canvas-wide noise; the scheduler runs unchanged on the
+whole canvas with :class:`FusedDenoiser` as its model: every call cuts the canvas into the
+grid's overlapping tiles, runs them through the UNet in batches (guidance batched alongside, see
+:mod:`tileup.sampling.guidance`) and blends the predictions with precomputed normalised weight
+windows. Every latent cell gets one prediction, a convex combination of the tiles covering it,
+so no seam can form.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from tileup.modes.model import DiffusionModel, DiffusionReport
+from tileup.sampling.conditioning import Conditioning
+from tileup.sampling.guidance import GuidanceInputs, guidance_inputs, guided_prediction
+from tileup.sampling.loop import noise_latents, run_sampler
+from tileup.sampling.protocols import UNet
+from tileup.seams.windows import normalized_windows
+from tileup.tiler import Tile, TileGrid, plan_grid
+
+
+@dataclass(frozen=True)
+class FusedOptions:
+    """Tile and overlap in pixels (multiples of the VAE factor), blend window, UNet batch."""
+
+    tile: int = 512
+    overlap: int = 64
+    blend: str = "gaussian"
+    tile_batch: int | None = None
+
+
+def fused_grid(factor: int, height: int, width: int, options: FusedOptions) -> TileGrid:
+    """The latent-unit grid over a pixel canvas of ``height``×``width`` (multiples of f)."""
+    f = factor
+    return plan_grid(height // f, width // f, options.tile // f, options.overlap // f)
+
+
+def planned_tile_steps(
+    model: DiffusionModel, height: int, width: int, denoise: float, options: FusedOptions
+) -> int:
+    """Progress units (tile evaluations) of sampling a target of ``height``×``width`` pixels."""
+    grid = fused_grid(model.factor, *model.canvas_size(height, width), options)
+    return len(grid) * model.evaluations(denoise)
+
+
+@dataclass
+class DenoiseCounter:
+    """Tile evaluations and canvas calls made so far (plain ints: no device sync)."""
+
+    tile_evaluations: int = 0
+    calls: int = 0
+
+
+@dataclass(eq=False)
+class FusedDenoiser:
+    """Whole-canvas denoiser that runs a latent-unit ``grid`` of tiles through ``unet``.
+
+    ``pixel_scale`` converts latent cells to pixels (the VAE scale factor), for SDXL's size and
+    crop conditioning. Tiles are accumulated in index order whatever the batching.
+    """
+
+    unet: UNet
+    grid: TileGrid
+    conditioning: Conditioning
+    cfg: float
+    tile_batch: int
+    blend: str = "gaussian"
+    pixel_scale: int = 8
+    counter: DenoiseCounter = field(default_factory=DenoiseCounter)
+
+    def __post_init__(self) -> None:
+        param = next(self.unet.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.windows = normalized_windows(self.grid, self.blend, device=self.device)
+        self.tiles: list[Tile] = sorted(self.grid.tiles, key=lambda t: t.index)
+        self.batches = [
+            self.tiles[i : i + self.tile_batch] for i in range(0, len(self.tiles), self.tile_batch)
+        ]
+        # everything but the latents is the same at every step: build it once, on the device
+        self.inputs = [self._inputs(batch) for batch in self.batches]
+
+    def _inputs(self, batch: list[Tile]) -> GuidanceInputs:
+        """Guidance inputs of a batch; SDXL's per-tile canvas size, offset and size (pixels)."""
+        s, g = self.pixel_scale, self.grid
+        rows = [
+            [
+                g.height * s,
+                g.width * s,
+                t.box.top * s,
+                t.box.left * s,
+                t.box.height * s,
+                t.box.width * s,
+            ]
+            for t in batch
+        ]
+        return guidance_inputs(
+            self.conditioning,
+            self.cfg,
+            len(batch),
+            time_ids=torch.tensor(rows),
+            device=self.device,
+            dtype=self.dtype,
+        )
+
+    @torch.inference_mode()
+    def __call__(self, latents: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+        """Blended UNet prediction (after CFG) for a 1×C×h×w canvas at timestep ``t``."""
+        out = torch.zeros(latents.shape, device=latents.device, dtype=torch.float32)
+        for batch, inputs in zip(self.batches, self.inputs, strict=True):
+            x = torch.stack([latents[0][(slice(None), *tile.box.slices)] for tile in batch])
+            pred = guided_prediction(self.unet, x.to(self.dtype), t, inputs, self.cfg)
+            for i, tile in enumerate(batch):
+                out[0][(slice(None), *tile.box.slices)] += pred[i] * self.windows[tile.index]
+        self.counter.tile_evaluations += len(self.tiles)
+        self.counter.calls += 1
+        return out.to(latents.dtype)
+
+
+def sample_fused(
+    model: DiffusionModel,
+    latents: torch.Tensor,
+    *,
+    seed: int,
+    denoise: float,
+    options: FusedOptions,
+    report: DiffusionReport,
+    on_tiles: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """Noise scaled latents (1×C×h×w) once with a seeded canvas-wide noise and sample them.
+
+    Runs exactly ``steps`` steps (fixed step scheduling) through the fused tiled denoiser;
+    returns the sampled latents on the device; denoise 0 returns the input. One CPU generator
+    seeded ``seed`` draws the canvas noise, then the stochastic samplers' step noise.
+    """
+    f = model.factor
+    grid = fused_grid(f, latents.shape[-2] * f, latents.shape[-1] * f, options)
+    report.seed, report.tiles = seed, len(grid)
+    if denoise == 0:
+        return latents
+    scheduler, plan = model.step_plan(denoise)
+    generator = torch.Generator("cpu").manual_seed(seed)
+    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
+    latents = latents.to(model.device, torch.float32)
+    start = noise_latents(scheduler, plan, latents, noise.to(model.device))
+    batch = model.tile_batch(grid.tile_height, grid.tile_width, len(grid), options.tile_batch)
+    denoiser = FusedDenoiser(
+        unet=model.unet,
+        grid=grid,
+        conditioning=model.conditioning,
+        cfg=model.sampling.cfg,
+        tile_batch=batch,
+        blend=options.blend,
+        pixel_scale=f,
+    )
+    report.tile_batch = batch
+
+    def counted(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        out = denoiser(x, t)
+        if on_tiles is not None:
+            on_tiles(len(grid))
+        return out
+
+    sampled = run_sampler(scheduler, plan, start, counted, generator=generator)
+    report.unet_evaluations = denoiser.counter.calls
+    report.steps_per_tile = plan.steps
+    report.tile_steps = report.tiles * plan.steps
+    return sampled

@@ -1,0 +1,207 @@
+"""The one loaded diffusion model every mode runs on.
+
+A :class:`DiffusionModel` holds what a job needs from a checkpoint, placed on the device once:
+the UNet, the prompts encoded once, one :class:`~tileup.vae.runner.VaeRunner` (which owns the
+VAE's precision and its fp32 fallback) and the sampling options, from which
+:meth:`DiffusionModel.step_plan` makes the scheduler and fixed-step plan of any denoise. The
+modes (fused, redraw and its seam-fix passes) are functions over it; none of them writes state
+back into it.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from tileup.models.checkpoint import load_checkpoint
+from tileup.sampling.conditioning import Conditioning, encode_prompts
+from tileup.sampling.loop import StepPlan, plan_steps
+from tileup.sampling.protocols import Scheduler, UNet
+from tileup.sampling.schedules import make_scheduler
+from tileup.vae.runner import VaeOptions, VaeRunner
+
+# Bytes of UNet activations per tile sample at a 64×64 latent (SD1.5 measured ≈ 90 MB at batch
+# 64 in bf16); scaled by area and doubled by CFG to size the tile batch from free memory.
+_BYTES_PER_TILE_64 = 96 << 20
+_MAX_TILE_BATCH = 32
+
+
+@contextmanager
+def _quiet_diffusers() -> Iterator[None]:
+    """diffusers' logger at error level for the duration (its casting warnings are noise)."""
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(level)
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """Sampler and schedule names (A1111/ComfyUI), steps actually run, guidance scale."""
+
+    sampler: str = "Euler a"
+    schedule: str = "normal"
+    steps: int = 20
+    cfg: float = 7.0
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """What loading a checkpoint needs besides its path."""
+
+    vae: str | None = None
+    prediction: str = "auto"
+    prompt: str = ""
+    negative_prompt: str = ""
+
+
+@dataclass
+class DiffusionReport:
+    """Counts and fallbacks of one canvas's re-diffusion (filled in by the modes)."""
+
+    seed: int = 0
+    tiles: int = 0
+    tile_steps: int = 0
+    steps_per_tile: int = 0
+    unet_evaluations: int = 0
+    tile_batch: int = 0
+    fallbacks: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the metadata says of a loaded model: A1111's name, short hash and VAE name."""
+
+    name: str = ""
+    model_hash: str = ""
+    vae_name: str | None = None
+    family: str = ""
+
+
+class DiffusionModel:
+    """A UNet in ``dtype`` on ``device``, the prompts encoded once, one VAE runner, the sampling
+    options and the model's training noise schedule. Built by :meth:`load` from a checkpoint,
+    or from any parts that fit (tests inject stand-ins this way)."""
+
+    def __init__(
+        self,
+        *,
+        unet: UNet,
+        vae: VaeRunner,
+        conditioning: Conditioning,
+        sampling: SamplingOptions,
+        scheduler_config: Mapping[str, Any],
+        prediction_type: str = "epsilon",
+        device: torch.device,
+        dtype: torch.dtype,
+        info: ModelInfo | None = None,
+    ) -> None:
+        self.unet = unet
+        self.vae = vae
+        self.conditioning = conditioning
+        self.sampling = sampling
+        self.scheduler_config = scheduler_config
+        self.prediction_type = prediction_type
+        self.device = device
+        self.dtype = dtype
+        self.info = info or ModelInfo()
+        self.factor = vae.factor
+        self.step_plan(1.0)  # refuses a bad sampler, schedule or step count before any work
+
+    @classmethod
+    def load(
+        cls,
+        checkpoint: str,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        load: LoadOptions,
+        sampling: SamplingOptions,
+        vae: VaeOptions,
+    ) -> DiffusionModel:
+        """Load ``checkpoint`` (offline), place it and encode the prompts once.
+
+        The text encoders run on ``device`` for the prompts and go back to the host after; the
+        VAE keeps float32 weights on the device (its runner makes a half copy when asked).
+        """
+        sd = load_checkpoint(checkpoint, vae=load.vae, prediction=load.prediction)
+        with _quiet_diffusers():  # no dtype-cast chatter on the user's terminal
+            sd.unet.to(device=device, dtype=dtype)
+        runner = VaeRunner(sd.vae, device, dtype, vae)
+        for encoder in sd.text_encoders:
+            encoder.to(device=device, dtype=dtype)
+        conditioning = encode_prompts(
+            sd, load.prompt, load.negative_prompt, device=device, dtype=dtype
+        )
+        for encoder in sd.text_encoders:  # no longer needed: free the device memory
+            encoder.to("cpu")
+        info = ModelInfo(sd.name, sd.model_hash, sd.vae_name, sd.family)
+        return cls(
+            unet=sd.unet,
+            vae=runner,
+            conditioning=conditioning,
+            sampling=sampling,
+            scheduler_config=sd.scheduler_config,
+            prediction_type=sd.prediction_type,
+            device=device,
+            dtype=dtype,
+            info=info,
+        )
+
+    # -- planning ---------------------------------------------------------------------------
+
+    def step_plan(self, denoise: float) -> tuple[Scheduler, StepPlan]:
+        """A fresh scheduler and the fixed-step plan of ``denoise`` (``steps`` steps run)."""
+        scheduler = make_scheduler(
+            self.sampling.sampler,
+            self.sampling.schedule,
+            self.scheduler_config,
+            prediction_type=self.prediction_type,
+        )
+        return scheduler, plan_steps(scheduler, self.sampling.steps, denoise)
+
+    @functools.cache  # noqa: B019 (one model per job; a handful of denoise values)
+    def evaluations(self, denoise: float) -> int:
+        """Model evaluations a run at ``denoise`` makes (0 for denoise 0)."""
+        return self.step_plan(denoise)[1].evaluations
+
+    def canvas_size(self, height: int, width: int) -> tuple[int, int]:
+        """The pixel canvas actually diffused: ``height``×``width`` rounded up to the factor."""
+        f = self.factor
+        return math.ceil(height / f) * f, math.ceil(width / f) * f
+
+    def pad_canvas(self, rgb: np.ndarray) -> np.ndarray:
+        """An HxWxC image padded at the bottom/right to :meth:`canvas_size` by reflection (edge
+        where the image is too small to reflect)."""
+        height, width = self.canvas_size(*rgb.shape[:2])
+        pad_h, pad_w = height - rgb.shape[0], width - rgb.shape[1]
+        if pad_h == 0 and pad_w == 0:
+            return rgb
+        mode = "reflect" if pad_h < rgb.shape[0] and pad_w < rgb.shape[1] else "edge"
+        return np.pad(rgb, ((0, pad_h), (0, pad_w), (0, 0)), mode=mode)
+
+    def tile_batch(
+        self, tile_height: int, tile_width: int, count: int, requested: int | None
+    ) -> int:
+        """Tiles (latent ``tile_height``×``tile_width``) per UNet batch: ``requested``, or as
+        many as fit in half the free device memory (CUDA, at most 32), or 4 on the CPU."""
+        if requested:
+            return min(requested, count)
+        if self.device.type != "cuda":
+            return min(4, count)
+        free, _ = torch.cuda.mem_get_info(self.device)
+        area = tile_height * tile_width / 64**2
+        per_tile = _BYTES_PER_TILE_64 * area * (2 if self.sampling.cfg != 1 else 1)
+        fits = max(1, int(free * 0.5 // per_tile))
+        return min(count, fits, _MAX_TILE_BATCH)

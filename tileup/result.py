@@ -1,0 +1,64 @@
+"""What one job returns: the picture, its stats and its ``parameters`` text."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import PIL.Image
+
+from tileup.imageio import Picture
+
+
+@dataclass(frozen=True)
+class Stats:
+    """What one image's job did.
+
+    ``tiles`` counts the re-diffusion tiles when re-diffusion runs, otherwise the pixel model's
+    tiles; ``pixel_tiles`` always counts the pixel model's tiles (all passes, alpha included).
+    ``passes`` lists the per-region passes (redraw, seam fix) with their counts and seconds;
+    ``seam_fix_jobs`` and ``seam_fix_tile_steps`` sum the seam-fix regions and their steps.
+    """
+
+    tiles: int
+    pixel_tiles: int
+    tile_steps: int
+    steps_per_tile: int
+    seconds: dict[str, float]
+    peak_memory_bytes: int
+    fallbacks: tuple[str, ...]
+    device: str
+    input_size: tuple[int, int]
+    output_size: tuple[int, int]
+    passes: tuple[dict[str, Any], ...] = ()
+    seam_fix_jobs: int = 0
+    seam_fix_tile_steps: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (sizes as [width, height])."""
+        data = dataclasses.asdict(self)
+        data["fallbacks"] = list(self.fallbacks)
+        data["input_size"] = list(self.input_size)
+        data["output_size"] = list(self.output_size)
+        data["passes"] = [dict(p) for p in self.passes]
+        return data
+
+
+@dataclass(frozen=True, eq=False)
+class UpscaleResult:
+    """The upscaled picture (float RGB in [0, 1], alpha, bit depth, ICC) and its stats."""
+
+    picture: Picture
+    stats: Stats
+    parameters: str
+
+    @property
+    def image(self) -> PIL.Image.Image:
+        """An 8-bit PIL image (RGBA when there is alpha)."""
+        rgb = np.round(np.clip(self.picture.rgb, 0, 1) * 255).astype(np.uint8)
+        if self.picture.alpha is None:
+            return PIL.Image.fromarray(rgb, "RGB")
+        alpha = np.round(np.clip(self.picture.alpha, 0, 1) * 255).astype(np.uint8)
+        return PIL.Image.fromarray(np.dstack([rgb, alpha]), "RGBA")

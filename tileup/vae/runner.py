@@ -1,0 +1,136 @@
+"""The one VAE runner of a loaded model: precision, placement and the fp32 fallback, once.
+
+Every VAE call of every mode goes through :class:`VaeRunner`: whole canvases through the exact
+tiled VAE (:mod:`tileup.vae.tiled`), small crops (redraw regions) through the plain VAE. The VAE
+keeps float32 weights on the device; a copy in the compute precision is made once when that
+differs. When a half-precision pass produces NaN/inf (the SD 1.5 and SDXL VAEs overflow in fp16)
+the pass runs again in float32, the fallback is noted, and every later call of the runner stays
+in float32.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from tileup.vae.tiled import NonFiniteError, tiled_decode, tiled_encode, vae_scale_factor
+
+
+@dataclass(frozen=True)
+class VaeOptions:
+    """How the VAE runs: tiled-VAE tile (pixels), tiles or crops per call, activation store."""
+
+    tile: int = 512
+    batch: int = 1
+    store: str = "cpu"
+
+    @classmethod
+    def for_device(cls, device: torch.device, tile: int = 512) -> VaeOptions:
+        """Batch 4 with the store chosen by free memory on CUDA; batch 1, host store on CPU."""
+        if device.type == "cuda":
+            return cls(tile=tile, batch=4, store="auto")
+        return cls(tile=tile, batch=1, store="cpu")
+
+
+class VaeRunner:
+    """A diffusers AutoencoderKL on ``device``, run in ``dtype`` with one sticky fp32 fallback."""
+
+    def __init__(
+        self, vae: Any, device: torch.device, dtype: torch.dtype, options: VaeOptions
+    ) -> None:
+        self.vae = vae.to(device=device)
+        self.device = device
+        self.dtype = dtype
+        self.options = options
+        self.factor = vae_scale_factor(vae)
+        self.scale = float(vae.config.scaling_factor)
+        self.latent_channels = int(vae.config.latent_channels)
+        self._cast: Any = None
+        self.calls = 0
+
+    def _module(self) -> Any:
+        """The VAE in the current precision (the fp32 original, or its cached cast copy)."""
+        params = list(self.vae.parameters())
+        if self.dtype == torch.float32 or not params or params[0].dtype == self.dtype:
+            return self.vae
+        if self._cast is None:
+            self._cast = copy.deepcopy(self.vae).to(self.device, self.dtype)
+        return self._cast
+
+    def _guarded(self, run: Callable[[Any, torch.dtype], torch.Tensor], notes: list[str]):
+        """``run(module, dtype)``; on NaN/inf in half precision, noted and once more in fp32."""
+        try:
+            return run(self._module(), self.dtype)
+        except NonFiniteError:
+            if self.dtype == torch.float32:
+                raise
+            notes.append(f"VAE produced NaN/inf in {self.dtype}; re-ran it in fp32")
+            self.dtype, self._cast = torch.float32, None
+            return run(self.vae, torch.float32)
+
+    # -- whole canvases (exact tiled VAE) ---------------------------------------------------
+
+    def encode_canvas(self, rgb: np.ndarray, notes: list[str]) -> torch.Tensor:
+        """HxWx3 float32 in [0, 1] (multiples of f) → scaled latents 1×C×h×w (CPU float32)."""
+        image = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))[None] * 2 - 1
+        o = self.options
+
+        def run(vae: Any, dtype: torch.dtype) -> torch.Tensor:
+            return tiled_encode(
+                vae,
+                image,
+                tile=o.tile,
+                device=self.device,
+                dtype=dtype,
+                batch=o.batch,
+                store=o.store,
+            )
+
+        return self._guarded(run, notes) * self.scale
+
+    def decode_canvas(self, latents: torch.Tensor, notes: list[str]) -> np.ndarray:
+        """Scaled latents 1×C×h×w → HxWx3 float32 in [0, 1]."""
+        z = latents.float().cpu() / self.scale
+        o = self.options
+        tile = max(8, o.tile // self.factor)
+
+        def run(vae: Any, dtype: torch.dtype) -> torch.Tensor:
+            return tiled_decode(
+                vae, z, tile=tile, device=self.device, dtype=dtype, batch=o.batch, store=o.store
+            )
+
+        image = self._guarded(run, notes)
+        return ((image[0].permute(1, 2, 0).numpy() + 1) / 2).clip(0, 1).astype(np.float32)
+
+    # -- crops (plain VAE, batched) ---------------------------------------------------------
+
+    def _crops(
+        self, fn: Callable[[Any, torch.Tensor], torch.Tensor], x: torch.Tensor, notes: list[str]
+    ) -> torch.Tensor:
+        outs = []
+        for part in x.split(max(1, self.options.batch)):
+            self.calls += 1
+
+            def run(vae: Any, dtype: torch.dtype, part: torch.Tensor = part) -> torch.Tensor:
+                out = fn(vae, part.to(self.device, dtype)).float()
+                if not bool(torch.isfinite(out).all()):
+                    raise NonFiniteError(f"the VAE produced NaN/inf in {dtype}")
+                return out
+
+            outs.append(self._guarded(run, notes))
+        return torch.cat(outs)
+
+    def encode_crops(self, pixels: torch.Tensor, notes: list[str]) -> torch.Tensor:
+        """k×3×h×w in [0, 1] → scaled latents k×C×h/f×w/f (float32, on the device)."""
+        z = self._crops(lambda vae, x: vae.encode(x).latent_dist.mean, pixels * 2 - 1, notes)
+        return z * self.scale
+
+    def decode_crops(self, latents: torch.Tensor, notes: list[str]) -> torch.Tensor:
+        """Scaled latents → k×3×h×w float32 in [0, 1] (on the device)."""
+        x = self._crops(lambda vae, z: vae.decode(z).sample, latents / self.scale, notes)
+        return ((x + 1) / 2).clamp(0, 1)
