@@ -8,7 +8,7 @@ import pytest
 import torch
 from sd_fixtures import make_tiny_components, make_tokenizers
 
-from tileup.sampler.conditioning import CHUNK_TOKENS, encode_prompts, token_chunks
+from tileup.sampling.conditioning import CHUNK_TOKENS, encode_prompts, token_chunks
 
 CPU = torch.device("cpu")
 LONG = ", ".join(f"word{i}" for i in range(60))  # far more than 75 tokens

@@ -8,9 +8,9 @@ import pytest
 import torch
 from skimage import data
 
-from tileup.sampler.conditioning import Conditioning
-from tileup.sampler.denoiser import FusedDenoiser
-from tileup.seams import seam_ratio
+from tileup.modes.fused import FusedDenoiser
+from tileup.sampling.conditioning import Conditioning
+from tileup.seams.metrics import seam_ratio
 from tileup.tiler import plan_grid
 
 

@@ -15,7 +15,8 @@ from PIL import Image
 from sd_fixtures import make_tiny_components, save_diffusers_folder, save_single_file
 
 from tileup.cli import main
-from tileup.imageio import parse_parameters, read_parameters
+from tileup.imageio import read_parameters
+from tileup.infotext import parse_parameters
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -289,10 +290,10 @@ def test_half_precision_vae_overflow_reruns_in_fp32(
     checkpoints, photo_file, tmp_path, capsys, monkeypatch
 ) -> None:
     """A VAE giving NaN in half precision is re-run in fp32 and the stats say so."""
-    import tileup.sampler.engine as engine
-    from tileup.sampler.tiled_vae import NonFiniteError
+    import tileup.vae.runner as runner
+    from tileup.vae.tiled import NonFiniteError
 
-    real = engine.tiled_decode
+    real = runner.tiled_decode
     dtypes: list[torch.dtype] = []
 
     def overflowing(vae, z, **kwargs):
@@ -301,7 +302,7 @@ def test_half_precision_vae_overflow_reruns_in_fp32(
             raise NonFiniteError("decoder overflowed")
         return real(vae, z, **kwargs)
 
-    monkeypatch.setattr(engine, "tiled_decode", overflowing)
+    monkeypatch.setattr(runner, "tiled_decode", overflowing)
     out = tmp_path / "half.png"
     code, stats, err = _run(
         [
@@ -332,19 +333,20 @@ def test_color_fix_restores_the_source_colour(
     source with a colour shift (+0.08 red, x0.9 green, -0.05 blue): the colour fix, the pipeline
     wiring and the reference it compares with are real.
     """
-    import tileup.sampler.engine as engine
     from tileup.upscalers.resample import resample
+    from tileup.vae.runner import VaeRunner
 
     source = resample(
         np.asarray(Image.open(photo_file), dtype=np.float32) / 255, 128, 160, "lanczos"
     )
 
-    def shifted_decode(self, latents, fallbacks):
+    def shifted_decode(self, latents, notes):
         h, w = latents.shape[-2] * 8, latents.shape[-1] * 8
         shifted = source * np.array([1.0, 0.9, 1.0]) + np.array([0.08, 0.0, -0.05])
-        return engine.pad_to(np.clip(shifted, 0, 1).astype(np.float32), (h, w))
+        pads = ((0, h - source.shape[0]), (0, w - source.shape[1]), (0, 0))
+        return np.pad(np.clip(shifted, 0, 1).astype(np.float32), pads, mode="edge")
 
-    monkeypatch.setattr(engine.Rediffuser, "decode", shifted_decode)
+    monkeypatch.setattr(VaeRunner, "decode_canvas", shifted_decode)
     outputs = {}
     for fix in ("none", method):
         out = tmp_path / f"{fix}.png"

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from tileup.upscalers.latent import bislerp, interpolate_latents, slerp
-from tileup.upscalers.registry import LATENT_MODES
+from tileup.choices import LATENT_MODES
 
 
 @pytest.mark.parametrize("mode", LATENT_MODES)

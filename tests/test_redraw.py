@@ -13,7 +13,6 @@ Two kinds of model are used:
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -27,36 +26,29 @@ import torch.nn.functional as F
 from sd_fixtures import make_tiny_components, save_single_file
 from skimage import data
 
-from tileup.sampler import redraw as redraw_module
-from tileup.sampler.conditioning import Conditioning
-from tileup.sampler.redraw import (
-    CropVae,
+from tileup.imageio import Picture
+from tileup.modes import redraw as redraw_module
+from tileup.modes.model import DiffusionModel, SamplingOptions
+from tileup.modes.redraw import (
     PassCounts,
-    RedrawModel,
     RedrawOptions,
     batch_schedule,
-    guidance_inputs,
-    guided_prediction,
     lock_target,
     plan_passes,
-    planned_tile_steps,
-    rediffuse_pixels,
     redraw_grid,
     redraw_regions,
     run_passes,
 )
-from tileup.sampler.schedules import (
-    SAMPLERS,
-    SD_TRAINING_CONFIG,
-    make_scheduler,
-    noise_latents,
-    plan_steps,
-    run_sampler,
-)
-from tileup.seams import boundary_ratio, seam_ratio
-from tileup.seams.seamfix import crop_box, crop_masks, tile_regions
-from tileup.settings import UpscaleSettings
+from tileup.modes.regions import crop_box, crop_masks, tile_regions
+from tileup.pipeline import Upscaler
+from tileup.sampling.conditioning import Conditioning
+from tileup.sampling.guidance import guidance_inputs, guided_prediction
+from tileup.sampling.loop import noise_latents, plan_steps, run_sampler
+from tileup.sampling.schedules import SAMPLERS, SD_TRAINING_CONFIG, make_scheduler
+from tileup.seams.metrics import boundary_ratio, seam_ratio
+from tileup.settings import SettingsError, UpscaleSettings
 from tileup.tiler import Box
+from tileup.vae.runner import VaeOptions, VaeRunner
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -72,7 +64,9 @@ class ShuffleVAE(torch.nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.config = SimpleNamespace(latent_channels=192, scaling_factor=1.0)
+        self.config = SimpleNamespace(
+            latent_channels=192, scaling_factor=1.0, block_out_channels=(1, 1, 1, 1)
+        )
         self.calls = {"encode": 0, "decode": 0}
         self.last_encoded: torch.Tensor | None = None
 
@@ -150,6 +144,42 @@ def _photo(height: int = H, width: int = W) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(photo.transpose(2, 0, 1)))
 
 
+def _model(
+    unet: torch.nn.Module,
+    vae: torch.nn.Module,
+    conditioning: Conditioning,
+    *,
+    sampler: str,
+    steps: int,
+    cfg: float,
+    scheduler_config: dict | None = None,
+    vae_dtype: torch.dtype = torch.float32,
+    vae_batch: int = 1,
+) -> DiffusionModel:
+    """A DiffusionModel of the given parts on the CPU (the model's injection point)."""
+    cpu = torch.device("cpu")
+    return DiffusionModel(
+        unet=unet,
+        vae=VaeRunner(vae, cpu, vae_dtype, VaeOptions(batch=vae_batch)),
+        conditioning=conditioning,
+        sampling=SamplingOptions(sampler, "normal", steps, cfg),
+        scheduler_config=scheduler_config or dict(SD_TRAINING_CONFIG),
+        prediction_type="epsilon",
+        device=cpu,
+        dtype=torch.float32,
+    )
+
+
+def _stand_in_conditioning() -> Conditioning:
+    pooled = torch.zeros(1, 4)
+    return Conditioning(
+        cond=torch.zeros(1, 77, 8),
+        uncond=torch.zeros(1, 77, 8),
+        pooled_cond=pooled,
+        pooled_uncond=pooled,
+    )
+
+
 def _stand_in_model(
     clean: torch.Tensor | None,
     steps: int = 4,
@@ -158,29 +188,18 @@ def _stand_in_model(
     *,
     unet: OracleUNet | None = None,
     vae: ShuffleVAE | None = None,
-) -> RedrawModel:
+    vae_dtype: torch.dtype = torch.float32,
+) -> DiffusionModel:
     """The oracle UNet (or ``unet``) and the exact VAE (or ``vae``), with SDXL-style inputs:
     their time_ids carry each crop to the oracle."""
-    pooled = torch.zeros(1, 4)
-    conditioning = Conditioning(
-        cond=torch.zeros(1, 77, 8),
-        uncond=torch.zeros(1, 77, 8),
-        pooled_cond=pooled,
-        pooled_uncond=pooled,
-    )
-    return RedrawModel(
-        unet=unet or OracleUNet(clean, offset),
-        vae=vae or ShuffleVAE(),
-        conditioning=conditioning,
-        scheduler_config=SD_TRAINING_CONFIG,
-        prediction_type="epsilon",
+    return _model(
+        unet or OracleUNet(clean, offset),
+        vae or ShuffleVAE(),
+        _stand_in_conditioning(),
         sampler=sampler,
-        schedule="normal",
-        cfg=1.0,
         steps=steps,
-        device=torch.device("cpu"),
-        vae_dtype=torch.float32,
-        factor=F8,
+        cfg=1.0,
+        vae_dtype=vae_dtype,
     )
 
 
@@ -189,24 +208,19 @@ def tiny() -> dict:
     return make_tiny_components("sd1", seed=0)
 
 
-def _tiny_model(tiny: dict, sampler: str = "Euler a", steps: int = 3) -> RedrawModel:
+def _tiny_model(tiny: dict, sampler: str = "Euler a", steps: int = 3) -> DiffusionModel:
     gen = torch.Generator().manual_seed(5)
     conditioning = Conditioning(
         cond=torch.randn(1, 77, 32, generator=gen), uncond=torch.randn(1, 77, 32, generator=gen)
     )
-    return RedrawModel(
-        unet=tiny["unet"],
-        vae=tiny["vae"],
-        conditioning=conditioning,
-        scheduler_config=dict(tiny["scheduler"].config),
-        prediction_type="epsilon",
+    return _model(
+        tiny["unet"],
+        tiny["vae"],
+        conditioning,
         sampler=sampler,
-        schedule="normal",
-        cfg=5.0,
         steps=steps,
-        device=torch.device("cpu"),
-        vae_dtype=torch.float32,
-        factor=F8,
+        cfg=5.0,
+        scheduler_config=dict(tiny["scheduler"].config),
     )
 
 
@@ -254,17 +268,17 @@ def test_context_outside_the_tile_is_unchanged_and_its_latents_locked(tiny, monk
     canvas = _photo()
     region = tile_regions(redraw_grid(H, W, TILE, F8, "linear"))[4]  # row 1, col 1
     encoded, sampled = [], []
-    real_encode, real_run = CropVae.encode, redraw_module.run_sampler
+    real_encode, real_run = VaeRunner.encode_crops, redraw_module.run_sampler
 
-    def encode(self, pixels):
-        encoded.append(real_encode(self, pixels))
+    def encode(self, pixels, notes):
+        encoded.append(real_encode(self, pixels, notes))
         return encoded[-1]
 
     def run(*args, **kwargs):
         sampled.append(real_run(*args, **kwargs))
         return sampled[-1]
 
-    monkeypatch.setattr(CropVae, "encode", encode)
+    monkeypatch.setattr(VaeRunner, "encode_crops", encode)
     monkeypatch.setattr(redraw_module, "run_sampler", run)
     out, counts = redraw_regions(
         model, canvas, [region], denoise=0.6, padding=32, mask_blur=8, seed=3
@@ -374,7 +388,7 @@ def test_batched_chess_equals_one_by_one_on_the_tiny_model(tiny, sampler: str) -
     batched, counts = redraw_regions(
         model, canvas, regions, denoise=0.5, padding=8, mask_blur=3, seed=4, max_batch=8
     )
-    evaluations = model.scheduler_and_plan(0.5)[1].evaluations  # 2N - 1 for DPM++ SDE
+    evaluations = model.evaluations(0.5)  # 2N - 1 for DPM++ SDE
     assert counts.batches == 4 and counts.unet_calls == 4 * evaluations
     _close_in_8_bit(one, batched)
     assert float((one - batched).abs().max()) < 1e-3
@@ -399,6 +413,7 @@ def test_guided_prediction_batches_cfg() -> None:
     cond = Conditioning(cond=torch.ones(1, 77, 8), uncond=torch.zeros(1, 77, 8))
     unet = CondUNet()
     inputs = guidance_inputs(cond, 7.5, 3)
+    assert inputs.guided and inputs.added is None
     out = guided_prediction(unet, torch.zeros(3, 4, 8, 8), torch.tensor(5), inputs, 7.5)
     torch.testing.assert_close(out, torch.full((3, 4, 8, 8), 7.5))
     assert unet.batches == [6]
@@ -412,7 +427,8 @@ def test_guided_prediction_batches_cfg() -> None:
         pooled_uncond=torch.zeros(1, 4),
     )
     ids = torch.arange(12.0).view(2, 6)
-    context, added = guidance_inputs(pooled, 7.5, 2, time_ids=ids)
+    inputs = guidance_inputs(pooled, 7.5, 2, time_ids=ids)
+    context, added = inputs.context, inputs.added
     assert context.shape == (4, 77, 8) and added is not None
     assert torch.equal(added["time_ids"], torch.cat([ids, ids]))
     assert added["text_embeds"][:2].sum() == 0 and bool((added["text_embeds"][2:] == 1).all())
@@ -429,11 +445,13 @@ def test_sdxl_gets_pooled_embeds_and_per_crop_time_ids() -> None:
         pooled_cond=torch.randn(1, 32, generator=gen),
         pooled_uncond=torch.randn(1, 32, generator=gen),
     )
-    model = dataclasses.replace(
-        _tiny_model(parts, sampler="Euler", steps=2),
-        unet=parts["unet"],
-        vae=parts["vae"],
-        conditioning=conditioning,
+    model = _model(
+        parts["unet"],
+        parts["vae"],
+        conditioning,
+        sampler="Euler",
+        steps=2,
+        cfg=5.0,
         scheduler_config=dict(parts["scheduler"].config),
     )
     seen: list[torch.Tensor] = []
@@ -466,12 +484,13 @@ def test_half_precision_vae_overflow_reruns_in_fp32() -> None:
 
     canvas = _photo()
     regions = tile_regions(redraw_grid(H, W, TILE, F8, "linear"))
-    model = dataclasses.replace(_stand_in_model(canvas), vae=OverflowVAE(), vae_dtype=torch.float16)
-    passes = plan_passes(redraw_grid(H, W, TILE, F8, "linear"), "redraw", RedrawOptions(), 0.5)
+    model = _stand_in_model(canvas, vae=OverflowVAE(), vae_dtype=torch.float16)
+    grid = redraw_grid(H, W, TILE, F8, "linear")
+    passes = plan_passes(grid, RedrawOptions(), 0.5, redraw_tiles=True)
     fallbacks: list[str] = []
-    out, _, vae = run_passes(model, canvas, passes, seed=1, fallbacks=fallbacks)
+    out, _ = run_passes(model, canvas, passes, seed=1, fallbacks=fallbacks)
     assert fallbacks == ["VAE produced NaN/inf in torch.float16; re-ran it in fp32"]
-    assert vae.dtype == torch.float32 and bool(torch.isfinite(out).all())
+    assert model.vae.dtype == torch.float32 and bool(torch.isfinite(out).all())
     reference, _ = redraw_regions(
         _stand_in_model(canvas), canvas, regions, denoise=0.5, padding=32, mask_blur=8, seed=1
     )
@@ -490,9 +509,9 @@ def test_tile_offsets_leave_a_seam_that_each_seam_fix_lowers() -> None:
     ratios = {"photo": seam_ratio(canvas, grid)}
     for mode in ("none", "band", "half-tile", "half-tile+intersections"):
         options = RedrawOptions(seam_fix=mode, seam_width=32)
-        passes = plan_passes(grid, "redraw", options, denoise=0.5)
+        passes = plan_passes(grid, options, 0.5, redraw_tiles=True)
         model = _stand_in_model(canvas, offset=0.15)
-        out, _, _ = run_passes(model, canvas, passes, seed=1, max_batch=4)
+        out, _ = run_passes(model, canvas, passes, seed=1, max_batch=4)
         ratios[mode] = seam_ratio(out, grid)
     print("seam ratios:", {k: round(v, 3) for k, v in ratios.items()})
     assert ratios["photo"] < 1.1
@@ -507,8 +526,8 @@ def test_seam_fix_after_the_intersections_leaves_the_corners_smoother() -> None:
     grid = redraw_grid(192, 256, TILE, F8, "linear")
     near_corner = {}
     for mode in ("half-tile", "half-tile+intersections"):
-        passes = plan_passes(grid, "redraw", RedrawOptions(seam_fix=mode), denoise=0.5)
-        out, counts, _ = run_passes(_stand_in_model(canvas), canvas, passes, seed=1, max_batch=4)
+        passes = plan_passes(grid, RedrawOptions(seam_fix=mode), 0.5, redraw_tiles=True)
+        out, counts = run_passes(_stand_in_model(canvas), canvas, passes, seed=1, max_batch=4)
         assert [c.name for c in counts][-1] == (
             "intersections" if mode.endswith("intersections") else "half-tile-cols"
         )
@@ -526,18 +545,19 @@ def test_seam_denoise_zero_changes_nothing_and_encodes_nothing() -> None:
         "zero": RedrawOptions(seam_fix="half-tile+intersections", seam_denoise=0.0),
     }.items():
         model = _stand_in_model(canvas)
-        passes = plan_passes(grid, "redraw", options, denoise=0.5)
-        outs[name], counts, _ = run_passes(model, canvas, passes, seed=1)
-        calls[name] = dict(model.vae.calls)
+        passes = plan_passes(grid, options, 0.5, redraw_tiles=True)
+        outs[name], counts = run_passes(model, canvas, passes, seed=1)
+        calls[name] = dict(model.vae.vae.calls)
         if name == "zero":
             assert [c.skipped for c in counts] == [False, True, True, True]
     assert torch.equal(outs["none"], outs["zero"])
     assert calls["none"] == calls["zero"] == {"encode": 6, "decode": 6}
     # the same for a seam fix alone (after fused mode): the canvas is returned as it was
-    passes = plan_passes(grid, "fused", RedrawOptions(seam_fix="band", seam_denoise=0.0), 0.5)
+    options = RedrawOptions(seam_fix="band", seam_denoise=0.0)
+    passes = plan_passes(grid, options, 0.5, redraw_tiles=False)
     model = _stand_in_model(canvas)
-    out, counts, _ = run_passes(model, canvas, passes, seed=1)
-    assert out is canvas and model.vae.calls == {"encode": 0, "decode": 0}
+    out, counts = run_passes(model, canvas, passes, seed=1)
+    assert out is canvas and model.vae.vae.calls == {"encode": 0, "decode": 0}
     assert [c.name for c in counts] == ["band-rows", "band-cols"]
 
 
@@ -552,7 +572,7 @@ def test_pass_noise_is_seeded_per_pass() -> None:
     assert len(seeds) == 150
 
 
-# -- the job level, through a loaded Rediffuser -----------------------------------------------
+# -- the job level, through the engine --------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -560,65 +580,68 @@ def checkpoint(tiny, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_single_file(tiny, tmp_path_factory.mktemp("ckpt") / "sd1.safetensors", "sd1")
 
 
-def _settings(mode: str, **values) -> UpscaleSettings:
-    return UpscaleSettings(mode=mode, **values)
+class _Progress:
+    def __init__(self) -> None:
+        self.total = self.done = 0
+
+    def add_total(self, count: int) -> None:
+        self.total += count
+
+    def advance(self, count: int) -> None:
+        self.done += count
+
+
+def _engine(checkpoint: Path, mode: str, progress: _Progress | None = None, **values) -> Upscaler:
+    settings = UpscaleSettings(
+        checkpoint=str(checkpoint), upscaler="lanczos", scale=1.0, mode=mode, tile=64,
+        overlap=16, steps=2, denoise=0.4, sampler="Euler a", prompt="a photo", seed=11,
+        order="chess", **values,
+    )  # fmt: skip
+    return Upscaler(settings, progress)
 
 
 @pytest.mark.parametrize("mode", ["redraw", "fused"])
 def test_job_level_passes_counts_and_progress(checkpoint, mode: str) -> None:
-    from tileup.sampler.engine import DiffusionReport, Rediffuser
-
-    settings = _settings(
-        mode, tile=64, overlap=16, steps=2, denoise=0.4, sampler="Euler a", prompt="a photo"
-    )
-    rediffuser = Rediffuser(settings, str(checkpoint), torch.device("cpu"))
-    options = RedrawOptions(order="chess", seam_fix="half-tile+intersections", seam_denoise=0.3)
     rgb = _photo(120, 150).permute(1, 2, 0).numpy()  # not a multiple of 8: padded, cropped back
-    progress: list[int] = []
-    report = DiffusionReport()
-    out, counts = rediffuse_pixels(rediffuser, rgb, 11, report, options, on_tiles=progress.append)
+    picture = Picture(rgb, None, 8)
+    progress = _Progress()
+    seams = {"seam_fix": "half-tile+intersections", "seam_denoise": 0.3}
+    engine = _engine(checkpoint, mode, progress, **seams)
+    result = engine(picture)
+    out, stats = result.picture.rgb, result.stats
     assert out.shape == rgb.shape and out.dtype == np.float32
-    names = [c.name for c in counts]
+    names = [p["name"] for p in stats.passes]
     seam_names = ["half-tile-rows", "half-tile-cols", "intersections"]
     assert names == (["redraw", *seam_names] if mode == "redraw" else seam_names)
-    assert sum(progress) == sum(c.regions * 2 for c in counts)
-    planned = planned_tile_steps(rediffuser, 120, 150, options)
-    fused = rediffuser.planned_tile_steps(120, 150) if mode == "fused" else 0
-    assert planned == sum(progress) + fused
+    regions = sum(p["regions"] for p in stats.passes)
+    fused = stats.tiles * 2 if mode == "fused" else 0  # 2 steps per tile
+    assert progress.done == regions * 2 + fused
+    assert engine.planned_tiles(120, 150) == progress.done
     if mode == "redraw":
         # 120x150 → canvas 120x152: 2 rows x 3 cols of 64 px tiles (snapped inward)
-        assert report.tiles == 6 and report.tile_steps == 12 and report.steps_per_tile == 2
-        assert report.unet_evaluations == counts[0].unet_calls and report.seed == 11
-    again, _ = rediffuse_pixels(rediffuser, rgb, 11, DiffusionReport(), options)
+        assert stats.tiles == 6 and stats.tile_steps == 12 and stats.steps_per_tile == 2
+        assert stats.passes[0]["unet_calls"] == stats.passes[0]["batches"] * 2
+    again = engine(picture).picture.rgb
     assert np.array_equal(out, again), "same seed, same bytes"
-    zero = RedrawOptions(order="chess", seam_fix="band", seam_denoise=0.0)
-    plain = RedrawOptions(order="chess", seam_fix="none")
-    a, _ = rediffuse_pixels(rediffuser, rgb, 11, DiffusionReport(), zero)
-    b, _ = rediffuse_pixels(rediffuser, rgb, 11, DiffusionReport(), plain)
-    assert np.array_equal(a, b), "--seam-denoise 0 must equal no seam fix"
+    zero = _engine(checkpoint, mode, seam_fix="band", seam_denoise=0.0)(picture).picture.rgb
+    plain = _engine(checkpoint, mode, seam_fix="none")(picture).picture.rgb
+    assert np.array_equal(zero, plain), "--seam-denoise 0 must equal no seam fix"
 
 
-def test_job_level_refuses_bad_options(checkpoint) -> None:
-    from tileup.sampler.engine import DiffusionReport, Rediffuser
-
-    settings = _settings("redraw", tile=64, overlap=0, steps=1)
-    rediffuser = Rediffuser(settings, str(checkpoint), torch.device("cpu"))
-    rgb = np.zeros((64, 64, 3), np.float32)
-    for options, message in (
-        (RedrawOptions(padding=-4), "--padding"),
-        (RedrawOptions(seam_fix="band", seam_width=128), "--seam-width"),
-        (RedrawOptions(order="zigzag"), "--order"),
-        (RedrawOptions(seam_fix="full"), "--seam-fix"),
+def test_job_level_refuses_bad_options() -> None:
+    for values, message in (
+        ({"padding": -4}, "--padding"),
+        ({"seam_fix": "band", "seam_width": 128}, "--seam-width"),
+        ({"order": "zigzag"}, "--order"),
+        ({"seam_fix": "full"}, "--seam-fix"),
     ):
-        with pytest.raises(ValueError, match=message):
-            rediffuse_pixels(rediffuser, rgb, 0, DiffusionReport(), options)
+        with pytest.raises(SettingsError, match=message):
+            UpscaleSettings(mode="redraw", tile=64, overlap=0, steps=1, **values)
 
 
 def test_overlap_is_not_used_by_redraw_tiles() -> None:
     """Redraw tiles do not overlap (--padding gives context): a tile of 64 px with the default
     --overlap 64 is fine there, not in fused mode; a bad --overlap is still refused."""
-    from tileup.settings import SettingsError
-
     assert UpscaleSettings(mode="redraw", tile=64).overlap == 64
     for values in ({"mode": "fused", "tile": 64}, {"mode": "redraw", "overlap": -8}):
         with pytest.raises(SettingsError, match="--overlap"):
@@ -635,7 +658,8 @@ def test_cli_redraw_end_to_end(checkpoint, photo, tmp_path, capsys, monkeypatch)
     from PIL import Image
 
     from tileup.cli import main
-    from tileup.imageio import parse_parameters, read_parameters
+    from tileup.imageio import read_parameters
+    from tileup.infotext import parse_parameters
 
     source = tmp_path / "photo.png"
     Image.fromarray(np.round(photo * 255).astype(np.uint8)).save(source)  # 64×80 → 128×160
@@ -693,7 +717,8 @@ def test_cli_seam_fix_after_fused_mode(checkpoint, photo, tmp_path, capsys) -> N
     from PIL import Image
 
     from tileup.cli import main
-    from tileup.imageio import parse_parameters, read_parameters
+    from tileup.imageio import read_parameters
+    from tileup.infotext import parse_parameters
 
     source = tmp_path / "photo.png"
     Image.fromarray(np.round(photo * 255).astype(np.uint8)).save(source)  # 64×80 → 128×160
@@ -748,29 +773,27 @@ def test_cli_band_seam_fix_on_a_strip_lower_than_the_band(checkpoint, tmp_path, 
 def _use_offset_denoiser(
     monkeypatch, offset: Callable[[Crop], torch.Tensor], clean: np.ndarray | None = None
 ) -> None:
-    """Jobs load as usual (the tiny checkpoint, its prompts, the upscaler); their per-region
-    passes get the offset denoiser and the exact VAE instead of the tiny UNet and VAE, whose
-    random weights turn any picture into unrelated texture. The denoiser returns ``clean``
+    """Jobs run as usual through the CLI with the sampling settings given, but the model the
+    engine loads is the offset denoiser and the exact VAE instead of the tiny UNet and VAE,
+    whose random weights turn any picture into unrelated texture. The denoiser returns ``clean``
     (HxWx3, the whole canvas) under the crop plus ``offset(crop)``: an ideal model that
     regenerates the picture with a colour bias; without ``clean``, its input plus the offset."""
     reference = None if clean is None else torch.from_numpy(clean.transpose(2, 0, 1).copy())
 
-    def from_rediffuser(cls, rediffuser) -> RedrawModel:
-        s, vae = rediffuser.settings, ShuffleVAE()
-        model = _stand_in_model(
-            reference, unet=OracleUNet(reference, vae=vae, offset=offset), vae=vae
-        )
-        return dataclasses.replace(
-            model,
-            sampler=s.sampler,
-            schedule=s.scheduler,
-            cfg=s.cfg,
-            steps=s.steps,
-            factor=rediffuser.factor,
+    def load(cls, checkpoint, *, device, dtype, load, sampling, vae) -> DiffusionModel:
+        shuffle = ShuffleVAE()
+        unet = OracleUNet(reference, vae=shuffle, offset=offset)
+        return _model(
+            unet,
+            shuffle,
+            _stand_in_conditioning(),
+            sampler=sampling.sampler,
+            steps=sampling.steps,
+            cfg=sampling.cfg,
             vae_batch=1024,  # one encode per batch: the denoiser reads it back
         )
 
-    monkeypatch.setattr(RedrawModel, "from_rediffuser", classmethod(from_rediffuser))
+    monkeypatch.setattr(DiffusionModel, "load", classmethod(load))
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tileup.errors import TileupError
-from tileup.sampler.schedules import (
+from tileup.sampling.schedules import (
     SAMPLERS,
     SCHEDULES,
     SD_TRAINING_CONFIG,
@@ -19,11 +19,9 @@ from tileup.sampler.schedules import (
     SamplerError,
     describe_samplers,
     make_scheduler,
-    noise_latents,
-    plan_steps,
     resolve,
-    run_sampler,
 )
+from tileup.sampling.loop import noise_latents, plan_steps, run_sampler
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore::DeprecationWarning",  # diffusers' schedulers under NumPy 2

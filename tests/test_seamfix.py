@@ -5,23 +5,21 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tileup.seams.seamfix import (
-    SEAM_FIX_MODES,
+from oracles import band_mask, half_tile_mask, radial_mask, seam_fix_regions
+
+from tileup.choices import SEAM_FIX_MODES
+from tileup.modes.regions import (
     Region,
-    band_mask,
     blur_mask,
     blur_radius,
     context_crop,
     crop_box,
     crop_masks,
-    half_tile_mask,
-    radial_mask,
     region_mask,
     seam_fix_passes,
-    seam_fix_regions,
     tile_regions,
-    validate_redraw_settings,
 )
+from tileup.settings import SettingsError, UpscaleSettings
 from tileup.tiler import Box, plan_grid
 
 # 3 columns × 2 rows of 64 px tiles, no overlap: seams at y = 64 and x = 64, 128
@@ -262,10 +260,11 @@ def test_context_crop_holds_the_whole_blurred_mask(padding: int) -> None:
 
 
 def test_validation_accepts_the_defaults() -> None:
-    validate_redraw_settings(tile=512)
-    validate_redraw_settings(
-        tile=64, order="chess", padding=0, mask_blur=0, seam_fix="half-tile+intersections",
-        seam_denoise=0.0, seam_width=64, seam_mask_blur=0, seam_padding=64,
+    UpscaleSettings(tile=512)
+    UpscaleSettings(
+        tile=64, overlap=0, order="chess", padding=0, mask_blur=0,
+        seam_fix="half-tile+intersections", seam_denoise=0.0, seam_width=64, seam_mask_blur=0,
+        seam_padding=64,
     )  # fmt: skip
 
 
@@ -287,8 +286,8 @@ def test_validation_accepts_the_defaults() -> None:
     ],
 )
 def test_validation_refuses_bad_values(change: dict, message: str) -> None:
-    with pytest.raises(ValueError, match=message):
-        validate_redraw_settings(tile=512, **change)
+    with pytest.raises(SettingsError, match=message):
+        UpscaleSettings(tile=512, **change)
 
 
 def test_geometry_refuses_bad_values() -> None:

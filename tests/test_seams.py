@@ -1,4 +1,4 @@
-"""Blend windows, the weighted accumulator and the seam metric."""
+"""Blend windows, their normalisation (checked against the accumulator oracle), seam metric."""
 
 from __future__ import annotations
 
@@ -6,17 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from tileup.seams import (
-    BLEND_KINDS,
-    WeightedAccumulator,
-    blend_window,
-    boundary_ratio,
-    merge_tiles,
-    normalized_windows,
-    ramp,
-    seam_ratio,
-    split_tiles,
-)
+from oracles import WeightedAccumulator, merge_tiles, split_tiles
+
+from tileup.choices import BLENDS as BLEND_KINDS
+from tileup.seams.metrics import boundary_ratio, seam_ratio
+from tileup.seams.windows import blend_window, normalized_windows, ramp
 from tileup.tiler import Box, Overlap, TileGrid, plan_grid
 
 GRIDS = {

@@ -16,8 +16,8 @@ import pytest
 import torch
 from sd_fixtures import make_tiny_components
 
-from tileup.sampler import tiled_vae as tv
-from tileup.sampler.tiled_vae import NonFiniteError, tiled_decode, tiled_encode
+from tileup.vae import tiled as tv
+from tileup.vae.tiled import NonFiniteError, tiled_decode, tiled_encode
 
 DECODE_TOL = 5e-5
 ENCODE_TOL = 2e-5
