@@ -14,7 +14,8 @@ from PIL import Image
 
 import tileup
 from tileup.cli import main
-from tileup.imageio import parse_parameters, read_image, read_parameters
+from tileup.imageio import read_image, read_parameters
+from tileup.infotext import parse_parameters
 
 FAST = ["--upscaler", "lanczos", "--quiet"]
 
@@ -99,7 +100,7 @@ def test_scale_8_with_a_4x_model_file(photo_file: Path, tmp_path: Path, shared_m
 def test_existing_output_is_kept_without_overwrite(photo_file: Path, capsys) -> None:
     out = photo_file.with_name("photo_tileup.png")
     out.write_bytes(b"precious")
-    assert main([str(photo_file), *FAST]) == 1
+    assert main([str(photo_file), *FAST]) == 2  # outputs are checked before any work
     assert out.read_bytes() == b"precious"
     assert "--overwrite" in capsys.readouterr().err
     assert main([str(photo_file), "--overwrite", *FAST]) == 0
@@ -201,7 +202,7 @@ def test_several_inputs_need_an_output_folder(photo_file: Path, tmp_path: Path, 
 
 def test_unwritable_output_dir(photo_file: Path, tmp_path: Path, capsys) -> None:
     code = main([str(photo_file), "-o", str(tmp_path / "missing" / "x.png"), *FAST])
-    assert code == 1
+    assert code == 2  # outputs are checked before any work; a file's folder is not created
     assert "missing" in capsys.readouterr().err
     assert not (tmp_path / "missing").exists()
 

@@ -11,23 +11,26 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import tifffile
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageCms, ImageOps
 from skimage import data
 
-from tileup import imageio
 from tileup.errors import TileupError
 from tileup.imageio import (
     ImageError,
     Picture,
-    format_parameters,
-    output_path_for,
-    parse_parameters,
+    read_header,
     read_image,
     read_parameters,
     write_image,
 )
+from tileup.imageio import png as imageio_png
+from tileup.imageio import write as imageio_write
+from tileup.imageio.picture import unit_float
+from tileup.imageio.png import png_add_chunks
+from tileup.infotext import format_parameters, parse_parameters
 
 LIMIT = 1 << 24
 
@@ -182,7 +185,6 @@ def test_16bit_colour_exact(
 
 
 def test_our_tiff_is_standard(tmp_path: Path, photo16: np.ndarray, srgb_icc: bytes) -> None:
-    tifffile = pytest.importorskip("tifffile")
     write_image(
         tmp_path / "a.tiff",
         photo16 / 65535,
@@ -195,6 +197,20 @@ def test_our_tiff_is_standard(tmp_path: Path, photo16: np.ndarray, srgb_icc: byt
         np.testing.assert_array_equal(page.asarray(), photo16)
         assert page.description == "Steps: 20, café ☕"
         assert page.tags["InterColorProfile"].value == srgb_icc
+
+
+def test_tiff_alpha_is_unassociated_and_libtiff_reads_it(
+    tmp_path: Path, photo: np.ndarray, alpha8: np.ndarray
+) -> None:
+    write_image(tmp_path / "a.tif", photo / 255, alpha=alpha8 / 255, parameters="Steps: 20")
+    with tifffile.TiffFile(tmp_path / "a.tif") as tif:
+        page = tif.pages[0]
+        assert page.extrasamples == (tifffile.EXTRASAMPLE.UNASSALPHA,)
+        assert page.compression == tifffile.COMPRESSION.ADOBE_DEFLATE
+    with Image.open(tmp_path / "a.tif") as img:  # Pillow decodes through libtiff
+        assert img.mode == "RGBA"
+        np.testing.assert_array_equal(np.asarray(img), np.dstack([photo, alpha8]))
+    assert read_parameters(tmp_path / "a.tif") == "Steps: 20"
 
 
 def test_float_tiff_is_clipped(tmp_path: Path) -> None:
@@ -265,7 +281,7 @@ def test_quantisation_is_exact_for_every_value() -> None:
     for dtype in (np.uint8, np.uint16):
         values = np.arange(np.iinfo(dtype).max + 1, dtype=dtype)
         out = np.empty_like(values)
-        imageio._quantise(imageio._unit_float(values), out)
+        imageio_write.quantise(unit_float(values), out)
         np.testing.assert_array_equal(out, values)
 
 
@@ -296,7 +312,7 @@ def test_orientation_same_on_8bit_and_16bit_paths(
     expected = np.asarray(ImageOps.exif_transpose(Image.open(tmp_path / "a.png")))
     _, encoded = cv2.imencode(".png", photo16[..., ::-1])
     payload = exif.tobytes()[6:]  # the eXIf chunk holds the TIFF structure without "Exif\0\0"
-    png16 = imageio._png_add_chunks(encoded.tobytes(), [(b"eXIf", payload)])
+    png16 = png_add_chunks(encoded.tobytes(), [(b"eXIf", payload)])
     (tmp_path / "b.png").write_bytes(png16)
     pic8 = read_image(tmp_path / "a.png", max_pixels=LIMIT)
     pic16 = read_image(tmp_path / "b.png", max_pixels=LIMIT)
@@ -413,6 +429,65 @@ def test_parameters_round_trip_property(
     assert parse_parameters(text) == (prompt or "", negative or "", items)
 
 
+# -- headers ---------------------------------------------------------------------------------
+
+
+def png_with_late_exif(rgb16: np.ndarray, orientation: int) -> bytes:
+    """A 16-bit PNG whose eXIf chunk comes after the pixels (Pillow decodes to find it)."""
+    _, encoded = cv2.imencode(".png", rgb16[..., ::-1])
+    png = encoded.tobytes()
+    payload = exif_with_orientation(orientation).tobytes()[6:]
+    chunk = struct.pack(">I", len(payload)) + b"eXIf" + payload
+    chunk += struct.pack(">I", zlib.crc32(b"eXIf" + payload))
+    return png[:-12] + chunk + png[-12:]  # before IEND
+
+
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_read_header_agrees_with_read_image(
+    tmp_path: Path, photo: np.ndarray, photo16: np.ndarray, alpha8: np.ndarray, orientation: int
+) -> None:
+    exif = exif_with_orientation(orientation)
+    Image.fromarray(photo).save(tmp_path / "a.jpg", exif=exif)
+    Image.fromarray(np.dstack([photo, alpha8])).save(tmp_path / "b.webp", exif=exif)
+    palette = Image.fromarray(photo).convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    palette.save(tmp_path / "c.png", transparency=0)
+    (tmp_path / "d.png").write_bytes(png_with_late_exif(photo16, orientation))
+    for name, fmt in (("a.jpg", "JPEG"), ("b.webp", "WEBP"), ("c.png", "PNG"), ("d.png", "PNG")):
+        header = read_header(tmp_path / name)
+        pic = read_image(tmp_path / name, max_pixels=LIMIT)
+        assert (header.height, header.width) == (pic.height, pic.width), name
+        assert header.has_alpha == (pic.alpha is not None), name
+        assert header.format == fmt
+    header = read_header(tmp_path / "d.png")  # the late eXIf turns it too
+    assert (header.height, header.width) == ((64, 48) if orientation == 6 else (48, 64))
+    turned = np.rot90(photo16, -1) if orientation == 6 else photo16
+    np.testing.assert_array_equal(
+        to16(read_image(tmp_path / "d.png", max_pixels=LIMIT).rgb), turned
+    )
+
+
+def test_read_header_decodes_nothing(tmp_path: Path) -> None:
+    """A PNG declaring 12000² pixels with almost no data: decoding it would fail (truncated)
+    after allocating 432 MB; its header reads instantly."""
+    ihdr = struct.pack(">IIBBBBB", 12000, 12000, 8, 6, 0, 0, 0)
+    png = (
+        imageio_png.PNG_SIGNATURE
+        + imageio_png.png_chunk(b"IHDR", ihdr)
+        + imageio_png.png_chunk(b"IDAT", zlib.compress(bytes(100)))
+        + imageio_png.png_chunk(b"IEND", b"")
+    )
+    (tmp_path / "big.png").write_bytes(png)
+    header = read_header(tmp_path / "big.png")
+    assert (header.height, header.width, header.has_alpha) == (12000, 12000, True)
+    for name, expected in (("missing.png", "no such file"), ("", "is a folder")):
+        with pytest.raises(ImageError) as excinfo:
+            read_header(tmp_path / name)
+        assert expected in assert_one_line_error(excinfo, str(tmp_path / name))
+    (tmp_path / "text.png").write_text("hello")
+    with pytest.raises(ImageError, match=r"text\.png: not an image file"):
+        read_header(tmp_path / "text.png")
+
+
 # -- errors ----------------------------------------------------------------------------------
 
 
@@ -501,7 +576,7 @@ def test_unwritable_folder(
     def refuse(**kwargs: object) -> tuple[int, str]:
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(imageio.tempfile, "mkstemp", refuse)
+    monkeypatch.setattr(imageio_write.tempfile, "mkstemp", refuse)
     with pytest.raises(ImageError, match=r"out\.png: cannot write to .*Permission denied"):
         write_image(tmp_path / "out.png", photo / 255)
 
@@ -511,7 +586,7 @@ def test_atomic_write_leaves_nothing_behind(
 ) -> None:
     write_image(tmp_path / "ok.png", photo / 255)
     assert os.listdir(tmp_path) == ["ok.png"]
-    assert (tmp_path / "ok.png").stat().st_mode & 0o777 == 0o666 & ~imageio._umask()
+    assert (tmp_path / "ok.png").stat().st_mode & 0o777 == 0o666 & ~imageio_write.umask()
 
     seen: list[str] = []
 
@@ -521,7 +596,7 @@ def test_atomic_write_leaves_nothing_behind(
         seen.extend(os.listdir(tmp_path))
         raise RuntimeError("encoder crashed")
 
-    monkeypatch.setattr(imageio, "_encode", broken)
+    monkeypatch.setattr(imageio_write, "encode", broken)
     with pytest.raises(ImageError, match=r"bad\.png: cannot encode PNG") as excinfo:
         write_image(tmp_path / "bad.png", photo / 255)
     assert isinstance(excinfo.value.__cause__, RuntimeError)
@@ -536,13 +611,13 @@ def test_atomic_write_leaves_nothing_behind(
 def test_no_overwrite_even_when_file_appears_during_write(
     tmp_path: Path, photo: np.ndarray, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    encode = imageio._encode
+    encode = imageio_write.encode
 
     def racing(fh: io.BufferedWriter, *args: object) -> None:
         (tmp_path / "out.png").write_bytes(b"someone else's")
         encode(fh, *args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(imageio, "_encode", racing)
+    monkeypatch.setattr(imageio_write, "encode", racing)
     with pytest.raises(ImageError, match="already exists"):
         write_image(tmp_path / "out.png", photo / 255)
     assert (tmp_path / "out.png").read_bytes() == b"someone else's"
@@ -552,21 +627,9 @@ def test_no_overwrite_even_when_file_appears_during_write(
 def test_png_add_chunks_crc(photo: np.ndarray) -> None:
     buffer = io.BytesIO()
     Image.fromarray(photo).save(buffer, format="PNG")
-    png = imageio._png_add_chunks(buffer.getvalue(), [(b"tEXt", b"k\0v")])
+    png = png_add_chunks(buffer.getvalue(), [(b"tEXt", b"k\0v")])
     length, kind = struct.unpack(">I4s", png[33:41])
     assert (length, kind) == (3, b"tEXt")
     assert png[41:44] == b"k\0v" and png[44:48] == struct.pack(">I", zlib.crc32(b"tEXtk\0v"))
     with pytest.raises(ValueError):
-        imageio._png_add_chunks(b"GIF89a", [])
-
-
-# -- paths -----------------------------------------------------------------------------------
-
-
-def test_output_path_for(tmp_path: Path) -> None:
-    src = tmp_path / "in" / "photo.jpg"
-    assert output_path_for(src, None) == tmp_path / "in" / "photo_tileup.png"
-    assert output_path_for(src, tmp_path) == tmp_path / "photo_tileup.png"
-    assert output_path_for(src, f"{tmp_path}/new/") == tmp_path / "new" / "photo_tileup.png"
-    assert output_path_for(src, tmp_path / "x.webp") == tmp_path / "x.webp"
-    assert output_path_for(src, None, suffix="_4x", ext=".tif") == src.with_name("photo_4x.tif")
+        png_add_chunks(b"GIF89a", [])

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tileup.upscalers.latent import bislerp, interpolate_latents, slerp
 from tileup.choices import LATENT_MODES
+from tileup.upscalers.latent import bislerp, interpolate_latents, slerp
 
 
 @pytest.mark.parametrize("mode", LATENT_MODES)

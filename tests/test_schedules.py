@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tileup.errors import TileupError
+from tileup.sampling.loop import noise_latents, plan_steps, run_sampler
 from tileup.sampling.schedules import (
     SAMPLERS,
     SCHEDULES,
@@ -21,7 +22,6 @@ from tileup.sampling.schedules import (
     make_scheduler,
     resolve,
 )
-from tileup.sampling.loop import noise_latents, plan_steps, run_sampler
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore::DeprecationWarning",  # diffusers' schedulers under NumPy 2

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from oracles import band_mask, half_tile_mask, radial_mask, seam_fix_regions
 
 from tileup.choices import SEAM_FIX_MODES

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from oracles import WeightedAccumulator, merge_tiles, split_tiles
 
 from tileup.choices import BLENDS as BLEND_KINDS

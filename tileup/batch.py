@@ -1,28 +1,37 @@
-"""Batches of files: inputs (files, folders, globs) → output paths → one outcome per input.
+"""Batches of files: inputs (files, folders, globs) → checked output paths → one outcome per input.
 
-Each file is read, upscaled by one shared :class:`~tileup.pipeline.Upscaler` and written
-atomically; a failure is recorded in that file's :class:`FileOutcome` and never stops the rest.
+1. :func:`expand_inputs` turns files, folders and globs into :class:`Source` files, each with the
+   folder its output path is taken relative to.
+2. :func:`plan_outputs` gives every source its output path (sub-folders mirrored under an output
+   folder) and checks them all before any work: a bad one raises :class:`OutputError`.
+3. :func:`upscale_files` reads, upscales (one shared :class:`~tileup.pipeline.Upscaler`) and
+   writes each file atomically; a failure is recorded in that file's :class:`FileOutcome` and
+   never stops the rest.
 """
 
 from __future__ import annotations
 
 import glob
+import itertools
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import PIL.Image
 import torch
 
 from tileup.choices import IMAGE_SUFFIXES
 from tileup.errors import TileupError
-from tileup.imageio import read_image, write_image
-from tileup.pipeline import NoProgress, Progress, Upscaler
+from tileup.imageio import ImageHeader, check_output, read_header, read_image, write_image
+from tileup.pipeline import NoProgress, Progress, Upscaler, target_size
 from tileup.result import Stats
-from tileup.settings import SettingsError, UpscaleSettings
+from tileup.settings import UpscaleSettings
 
 OUTPUT_SUFFIX = "_tileup"
+
+
+class OutputError(TileupError):
+    """An output of the batch cannot be written; found before any work, nothing is written."""
 
 
 @dataclass(frozen=True)
@@ -35,15 +44,34 @@ class FileOutcome:
     stats: Stats | None = None
 
 
+@dataclass(frozen=True)
+class Source:
+    """An input image file. ``root`` is the folder given as input (or the fixed start of a
+    glob) that it was found under; its path below ``root`` is mirrored under an output folder.
+    None for a file named directly: its output goes straight into the output folder."""
+
+    path: Path
+    root: Path | None = None
+
+
+@dataclass(frozen=True)
+class Job:
+    """One input file and the output path its result is written to."""
+
+    source: Path
+    output: Path
+
+
 def expand_inputs(
     inputs: Sequence[str], recursive: bool = False
-) -> tuple[list[Path], list[FileOutcome]]:
-    """Files, folders and globs → image files in order, plus failures for inputs that match none.
+) -> tuple[list[Source], list[FileOutcome]]:
+    """Files, folders and globs → image files in order (each file once), plus failures for
+    inputs that match none.
 
     Folders give their image files (sub-folders too with ``recursive``), skipping earlier
-    tileup outputs (``*_tileup.*``).
+    tileup outputs (``*_tileup.*``); ``**`` in a glob descends only with ``recursive``.
     """
-    files: list[Path] = []
+    sources: list[Source] = []
     missing: list[FileOutcome] = []
     for item in inputs:
         path = Path(item).expanduser()
@@ -58,21 +86,138 @@ def expand_inputs(
             )
             if not found:
                 missing.append(FileOutcome(path, error=f"{item}: folder holds no images"))
-            files.extend(found)
+            sources.extend(Source(p, path) for p in found)
         elif path.exists():
-            files.append(path)
+            sources.append(Source(path))
         elif glob.has_magic(item):
-            matched = sorted(
-                Path(p) for p in glob.glob(os.path.expanduser(item), recursive=recursive)
-            )
+            pattern = os.path.expanduser(item)
+            matched = sorted(Path(p) for p in glob.glob(pattern, recursive=recursive))
             matched = [p for p in matched if p.is_file()]
             if not matched:
                 missing.append(FileOutcome(path, error=f"{item}: no file matches"))
-            files.extend(matched)
+            root = _glob_root(pattern)
+            sources.extend(Source(p, root) for p in matched)
         else:
             missing.append(FileOutcome(path, error=f"{item}: no such file or folder"))
-    unique = list(dict.fromkeys(files))
-    return unique, missing
+    unique: dict[Path, Source] = {}
+    for source in sources:
+        unique.setdefault(source.path.resolve(), source)
+    return list(unique.values()), missing
+
+
+def _glob_root(pattern: str) -> Path:
+    """The folders at the start of a glob pattern, before its first wildcard ("." if none)."""
+    return Path(*itertools.takewhile(lambda p: not glob.has_magic(p), Path(pattern).parts[:-1]))
+
+
+def output_path_for(
+    src: str | os.PathLike[str],
+    output: str | os.PathLike[str] | None,
+    suffix: str = OUTPUT_SUFFIX,
+    ext: str = ".png",
+    *,
+    root: str | os.PathLike[str] | None = None,
+) -> Path:
+    """Where to write the result for ``src``: ``<src dir>/<stem><suffix><ext>`` when ``output``
+    is None; ``<output>/<sub>/<stem><suffix><ext>`` when it is an existing folder or ends with a
+    path separator, ``<sub>`` being the folder of ``src`` below ``root`` (none without a root);
+    otherwise ``output`` itself (``~`` expanded)."""
+    src = Path(src)
+    name = f"{src.stem}{suffix}{ext}"
+    if output is None:
+        return src.parent / name
+    out = Path(output).expanduser()
+    if not is_folder_output(output):
+        return out
+    sub = Path(os.path.relpath(src.parent, root)) if root is not None else Path()
+    return out / (Path() if ".." in sub.parts else sub) / name
+
+
+def is_folder_output(output: str | os.PathLike[str]) -> bool:
+    """Whether ``-o output`` names a folder: it ends with a path separator or is a folder."""
+    text = os.fspath(output)
+    return text.endswith(("/", os.sep)) or Path(text).expanduser().is_dir()
+
+
+def plan_outputs(
+    sources: Sequence[Source], output: str | None, *, overwrite: bool = False
+) -> list[Job]:
+    """Every source with its output path, all checked before any work is done.
+
+    Raises OutputError naming the first bad output (and how many more there are) when an output
+    has an unknown suffix, is a folder, exists without ``overwrite``, is one of the inputs
+    (even with ``overwrite``), is the output of another input too, or lies in a folder that
+    cannot be written or created (only an output folder given with ``output`` and the
+    sub-folders below it are created; a file's folder must exist).
+    """
+    if output is not None and len(sources) > 1 and not is_folder_output(output):
+        raise OutputError(
+            f"-o {output}: several inputs need an output folder, not a file "
+            "(end it with / to create the folder)"
+        )
+    if output is not None and not is_folder_output(output) and not Path(output).suffix:
+        raise OutputError(
+            f"-o {output}: names no image file (no suffix such as .png) and no folder; "
+            "end it with / to write into a new folder"
+        )
+    creatable = Path(output).expanduser() if output and is_folder_output(output) else None
+    inputs = {source.path.resolve(): source.path for source in sources}
+    claimed: dict[Path, Path] = {}
+    folders: dict[Path, str | None] = {}
+    jobs: list[Job] = []
+    problems: list[str] = []
+    for source in sources:
+        out = output_path_for(source.path, output, root=source.root)
+        key = out.resolve()
+        problem: str | None = None
+        if key in inputs:
+            problem = f"{out}: is the input {inputs[key]}; tileup never replaces its inputs"
+        else:
+            try:
+                check_output(out, overwrite=overwrite)
+            except TileupError as exc:
+                problem = str(exc)
+        if problem is None and key in claimed:
+            problem = (
+                f"{claimed[key]} and {source.path} would both be written to {out}; "
+                "upscale them in separate runs"
+            )
+        if problem is None:
+            if out.parent not in folders:
+                folders[out.parent] = _folder_problem(out, creatable)
+            problem = folders[out.parent]
+        if problem is not None:
+            problems.append(problem)
+        claimed.setdefault(key, source.path)
+        jobs.append(Job(source.path, out))
+    if problems:
+        more = len(problems) - 1
+        tail = f" (and {more} more bad output{'s' * (more > 1)})" if more else ""
+        raise OutputError(problems[0] + tail)
+    return jobs
+
+
+def _folder_problem(out: Path, creatable: Path | None) -> str | None:
+    """Why ``out`` cannot be written into its folder, or None. A missing folder is fine when it
+    is ``creatable`` or below it and its nearest existing parent is a writable folder."""
+    folder = out.parent
+    if folder.is_dir():
+        if not os.access(folder, os.W_OK | os.X_OK):
+            return f"{out}: cannot write into {folder} (permission denied)"
+        return None
+    may_create = creatable is not None and (folder == creatable or creatable in folder.parents)
+    if not may_create:
+        if os.path.lexists(folder):
+            return f"{out}: output folder {folder} is not a folder"
+        return f"{out}: output folder {folder} does not exist; create it first"
+    existing = folder
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{out}: {existing} is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{out}: cannot create {folder} in {existing} (permission denied)"
+    return None
 
 
 def upscale_files(
@@ -88,59 +233,96 @@ def upscale_files(
 ) -> list[FileOutcome]:
     """Upscale every input file and write each result atomically; one failure never stops the rest.
 
-    ``output`` is a file (one input only) or a folder; default ``<stem>_tileup.png`` beside the
-    input. Settings/model problems common to every file raise TileupError before any work.
+    ``output`` is a file (one input only) or a folder (created when missing; sub-folders of
+    folder inputs are mirrored below it); default ``<stem>_tileup.png`` beside the input. Bad
+    outputs (see :func:`plan_outputs`) and settings or model problems common to every file raise
+    TileupError before any work, with nothing written.
     """
-    files, outcomes = expand_inputs(inputs, recursive)
-    if output is not None and len(files) > 1 and not _is_dir_like(output):
-        raise SettingsError(f"-o {output}: several inputs need an output folder, not a file")
+    sources, outcomes = expand_inputs(inputs, recursive)
+    # 1. Every output checked before anything is loaded or written.
+    jobs = plan_outputs(sources, output, overwrite=overwrite)
     for outcome in outcomes:
         _report(on_outcome, outcome)
-    if not files:
+    if not jobs:
         return outcomes
+    # 2. One engine for every file.
     progress = progress or NoProgress()
     engine = Upscaler(settings, progress)
     for note in engine.notes:
         if on_note is not None:
             on_note(note)
-    pictures = _plan_progress(files, engine, progress, settings.max_pixels)
-    for path in files:
-        outcome = _process_file(path, engine, output, overwrite, pictures.get(path))
+    # 3. Headers: the progress total and the output size of every file, nothing decoded.
+    headers = _read_headers(jobs, engine, progress)
+    # 4. The files, one by one.
+    for job in jobs:
+        outcome = _process_file(job, engine, overwrite, headers.get(job.source))
         outcomes.append(outcome)
         _report(on_outcome, outcome)
     return outcomes
 
 
-def _plan_progress(
-    files: list[Path], engine: Upscaler, progress: Progress, max_pixels: int
-) -> dict[Path, int]:
-    """Add every file's planned tiles to the progress total up front (header reads only)."""
-    planned: dict[Path, int] = {}
-    for path in files:
+@dataclass(frozen=True)
+class Header:
+    """A file's header and the progress units planned for it (None: not planned)."""
+
+    image: ImageHeader
+    planned: int | None
+
+
+def _read_headers(jobs: list[Job], engine: Upscaler, progress: Progress) -> dict[Path, Header]:
+    """Every readable file's header and planned tiles; the tiles go to the progress total up
+    front. A file missing here fails when its turn comes, with the reader's message."""
+    headers: dict[Path, Header] = {}
+    for job in jobs:
         try:
-            with PIL.Image.open(path) as img:
-                width, height = img.size
-                has_alpha = "A" in img.getbands() or "transparency" in img.info
+            header = read_header(job.source)
         except Exception:
-            continue  # reported properly when the file is read
-        if width * height <= max_pixels:
+            continue
+        planned: int | None = None
+        if _size_problem(job.source, header, engine.settings) is None:
             try:
-                planned[path] = engine.planned_tiles(height, width, has_alpha)
+                planned = engine.planned_tiles(header.height, header.width, header.has_alpha)
             except Exception:
-                continue  # the same error is raised, and reported, when the file is processed
-            progress.add_total(planned[path])
-    return planned
+                pass  # the same error is raised, and reported, when the file is processed
+            else:
+                progress.add_total(planned)
+        headers[job.source] = Header(header, planned)
+    return headers
+
+
+def _size_problem(path: Path, header: ImageHeader, settings: UpscaleSettings) -> str | None:
+    """Why the job over ``header``'s image is refused for its size (input or output), or None."""
+    limit = settings.max_pixels
+    height, width = header.height, header.width
+    what = ""
+    if height * width <= limit:
+        height, width = target_size(height, width, settings)
+        what = "output "
+    if height * width <= limit:
+        return None
+    return (
+        f"{path}: {what}{width}x{height} = {width * height} pixels exceeds the limit of {limit}; "
+        "raise it with --max-pixels"
+    )
 
 
 def _process_file(
-    path: Path, engine: Upscaler, output: str | None, overwrite: bool, planned: int | None
+    job: Job, engine: Upscaler, overwrite: bool, header: Header | None
 ) -> FileOutcome:
+    path, destination = job.source, job.output
     try:
-        destination = output_path_for(path, output, OUTPUT_SUFFIX)
-        if destination.exists() and not overwrite:
-            raise TileupError(f"{destination}: already exists; pass --overwrite to replace it")
+        if header is not None:
+            problem = _size_problem(path, header.image, engine.settings)
+            if problem is not None:
+                raise TileupError(problem)
+        check_output(destination, overwrite=overwrite)  # it may have appeared meanwhile
+        try:
+            destination.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            reason = exc.strerror or exc
+            raise TileupError(f"{destination.parent}: cannot create the folder ({reason})") from exc
         picture = read_image(path, max_pixels=engine.settings.max_pixels)
-        if planned is None:
+        if header is None or header.planned is None:
             engine.progress.add_total(
                 engine.planned_tiles(picture.height, picture.width, picture.alpha is not None)
             )
@@ -168,30 +350,6 @@ def _process_file(
         return FileOutcome(path, error=f"{path}: failed: {first} (TILEUP_DEBUG=1 shows details)")
 
 
-def _is_dir_like(output: str) -> bool:
-    return output.endswith(("/", os.sep)) or Path(output).is_dir()
-
-
 def _report(on_outcome: Callable[[FileOutcome], None] | None, outcome: FileOutcome) -> None:
     if on_outcome is not None:
         on_outcome(outcome)
-
-
-def output_path_for(
-    src: str | os.PathLike[str],
-    output: str | os.PathLike[str] | None,
-    suffix: str = "_tileup",
-    ext: str = ".png",
-) -> Path:
-    """Where to write the result for ``src``: ``<src dir>/<stem><suffix><ext>`` when ``output``
-    is None, ``<output>/<stem><suffix><ext>`` when it is an existing folder or ends with a path
-    separator, otherwise ``output`` itself (``~`` expanded)."""
-    src = Path(src)
-    name = f"{src.stem}{suffix}{ext}"
-    if output is None:
-        return src.parent / name
-    text = os.fspath(output)
-    out = Path(text).expanduser()
-    if text.endswith(("/", os.sep)) or out.is_dir():
-        return out / name
-    return out

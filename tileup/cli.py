@@ -1,7 +1,8 @@
 """Command line: arguments → UpscaleSettings → one library call; progress, summary, exit codes.
 
 Exit codes: 0 every input succeeded, 1 some input failed (the others were still done),
-2 usage or settings error (nothing was done).
+2 usage, settings or output error (nothing was done), 130 interrupted (SIGINT), 128 + N
+stopped by signal N (SIGTERM: 143). However the job stops, no temporary file is left behind.
 """
 
 from __future__ import annotations
@@ -10,8 +11,12 @@ import argparse
 import dataclasses
 import json
 import os
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from types import FrameType
 from typing import Any
 
 from tileup.batch import FileOutcome, upscale_files
@@ -142,16 +147,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps(outcome.stats.as_dict()), flush=True)
 
     try:
-        outcomes = upscale_files(
-            args.inputs,
-            settings,
-            output=args.output,
-            overwrite=args.overwrite,
-            recursive=args.recursive,
-            progress=progress,
-            on_outcome=on_outcome,
-            on_note=None if quiet else (lambda note: progress.write(f"tileup: {note}")),
-        )
+        with _signals_raise():
+            outcomes = upscale_files(
+                args.inputs,
+                settings,
+                output=args.output,
+                overwrite=args.overwrite,
+                recursive=args.recursive,
+                progress=progress,
+                on_outcome=on_outcome,
+                on_note=None if quiet else (lambda note: progress.write(f"tileup: {note}")),
+            )
     except TileupError as exc:
         progress.close()
         return _usage_error(str(exc))
@@ -159,11 +165,51 @@ def main(argv: Sequence[str] | None = None) -> int:
         progress.close()
         print("tileup: interrupted", file=sys.stderr)
         return 130
+    except _Terminated as stop:
+        progress.close()
+        print(f"tileup: stopped by {signal.Signals(stop.signum).name}", file=sys.stderr)
+        return 128 + stop.signum
     progress.close()
     done = len(outcomes) - len(failures)
     if failures or (len(outcomes) > 1 and not quiet):
         print(f"tileup: {done} done, {len(failures)} failed", file=sys.stderr)
     return EXIT_FAILED if failures or not outcomes else EXIT_OK
+
+
+class _Terminated(BaseException):
+    """Raised in the main thread by SIGTERM/SIGHUP, as SIGINT raises KeyboardInterrupt, so every
+    ``finally`` block on the way out (the removal of a half-written temporary file) still runs."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextmanager
+def _signals_raise() -> Iterator[None]:
+    """While the job runs, SIGTERM and SIGHUP raise :class:`_Terminated` instead of killing the
+    process on the spot; the previous handlers come back afterwards. A signal that is ignored
+    (``nohup``) or already handled stays as it is; only the main thread can set handlers:
+    elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise _Terminated(signum)
+
+    names = ("SIGTERM", "SIGHUP")  # SIGHUP: not on Windows
+    caught = [getattr(signal, name) for name in names if hasattr(signal, name)]
+    previous = {
+        signum: signal.signal(signum, handler)
+        for signum in caught
+        if signal.getsignal(signum) is signal.SIG_DFL
+    }
+    try:
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
 
 
 def _usage_error(message: str) -> int:
