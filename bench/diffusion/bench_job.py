@@ -47,14 +47,19 @@ def run(settings: UpscaleSettings, size: int) -> dict[str, Any]:
     wall = time.perf_counter() - start
     stats = result.stats.as_dict()
     stats["wall_seconds"] = round(wall, 3)
-    assert engine.rediffuser is not None
+    model = engine.model
+    assert model is not None
     if settings.mode == "fused":
-        stats["tile_batch"] = engine.rediffuser.tile_batch(
-            engine.rediffuser.grid(*engine.rediffuser.canvas_size(*result.picture.rgb.shape[:2]))
+        from tileup.modes.fused import fused_grid
+
+        h, w = model.canvas_size(*result.picture.rgb.shape[:2])
+        grid = fused_grid(model.factor, h, w, engine._fused_options())
+        stats["tile_batch"] = model.tile_batch(
+            grid.tile_height, grid.tile_width, len(grid), settings.tile_batch
         )
     else:
         stats["tile_batch"] = max(p["regions"] / p["batches"] for p in stats["passes"][:1])
-    stats["dtype"] = str(engine.rediffuser.dtype)
+    stats["dtype"] = str(model.dtype)
     return stats
 
 

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tileup.sampler.tiled_vae import tiled_decode, tiled_encode
+from tileup.vae.tiled import tiled_decode, tiled_encode
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
