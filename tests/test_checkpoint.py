@@ -8,9 +8,11 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import hashlib
 import json
+import pickle
 import sys
 import types
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -33,13 +35,11 @@ from sd_fixtures import (
 )
 
 from tileup.errors import TileupError
-from tileup.sampler import families as fam
-from tileup.sampler.checkpoint import (
-    CheckpointError,
-    SDModel,
-    load_checkpoint,
-    resolve_checkpoint,
-)
+from tileup.models import families as fam
+from tileup.models.checkpoint import CheckpointError, SDModel, load_checkpoint
+from tileup.models.weights import REFUSED, WeightsError, open_tensors, read_weights
+from tileup.upscalers.models import load_sr_model
+from tileup.vae.tiled import vae_scale_factor
 
 FORMATS = {"safetensors": "model.safetensors", "ckpt": "model.ckpt", "folder": "repo"}
 FAMILY = {"sd1": "sd1", "sd2": "sd2", "sd2-v": "sd2", "sdxl": "sdxl"}
@@ -115,9 +115,26 @@ def _assert_same_weights(got: torch.nn.Module, want: torch.nn.Module) -> None:
     assert not bad, bad[:5]
 
 
-def _raises(match: str, path: Path | str, **kwargs: Any) -> str:
-    """Load ``path``, expect a one-line CheckpointError naming the file; returns the message."""
-    with pytest.raises(CheckpointError) as info:
+def _components(model: SDModel) -> dict[str, Any]:
+    """diffusers pipeline component names -> models (scheduler excluded)."""
+    out: dict[str, Any] = {"unet": model.unet, "vae": model.vae}
+    for i, (encoder, tokenizer) in enumerate(
+        zip(model.text_encoders, model.tokenizers, strict=True)
+    ):
+        suffix = f"_{i + 1}" if i else ""
+        out[f"text_encoder{suffix}"] = encoder
+        out[f"tokenizer{suffix}"] = tokenizer
+    return out
+
+
+def _raises(
+    match: str, path: Path | str, error: type[TileupError] = CheckpointError, **kwargs: Any
+) -> str:
+    """Load ``path``, expect a one-line ``error`` naming the file; returns the message.
+
+    ``WeightsError`` for a file that is not readable weights, else ``CheckpointError``.
+    """
+    with pytest.raises(error) as info:
         load_checkpoint(path, **kwargs)
     message = str(info.value)
     assert isinstance(info.value, TileupError)
@@ -141,7 +158,7 @@ def test_loads_the_weights_that_made_it(store: Store, family: str, model: SDMode
     assert isinstance(model.vae, AutoencoderKL)
     classes = [CLIPTextModel] + ([CLIPTextModelWithProjection] if family == "sdxl" else [])
     assert [type(m) for m in model.text_encoders] == classes
-    parts = model.components()
+    parts = _components(model)
     assert set(parts) == {k for k in comps if k != "scheduler"} | {
         "tokenizer" + s for s in ("", "_2")[: len(classes)]
     }
@@ -152,7 +169,7 @@ def test_loads_the_weights_that_made_it(store: Store, family: str, model: SDMode
         assert not module.training
         assert all(p.dtype == torch.float32 and not p.requires_grad for p in module.parameters())
         assert all(t.device.type == "cpu" for t in [*module.parameters(), *module.buffers()])
-    assert model.vae_scale_factor == 8
+    assert vae_scale_factor(model.vae) == 8
     assert model.vae.config.scaling_factor == (0.13025 if family == "sdxl" else 0.18215)
 
 
@@ -207,11 +224,11 @@ def test_scheduler_config(family: str, model: SDModel) -> None:
     }
 
 
-def test_name_source_and_hash(store: Store, family: str, fmt: str, model: SDModel) -> None:
+def test_name_and_hash(store: Store, family: str, fmt: str, model: SDModel) -> None:
     path = store.saved(family) / FORMATS[fmt]
     hashed = path / "unet" / "diffusion_pytorch_model.safetensors" if fmt == "folder" else path
     assert model.model_hash == hashlib.sha256(hashed.read_bytes()).hexdigest()[:10]
-    assert (model.name, model.source, model.vae_name) == (path.stem, path, None)
+    assert (model.name, model.vae_name) == (path.stem, None)
 
 
 # --- family specifics --------------------------------------------------------------------------
@@ -330,9 +347,9 @@ def test_bad_vae_files(store: Store, shared_models: Path) -> None:
 def test_missing_empty_and_text_files(tmp_path: Path) -> None:
     _raises("no such checkpoint", tmp_path / "nope.safetensors")
     (tmp_path / "empty.safetensors").write_bytes(b"")
-    _raises("empty", tmp_path / "empty.safetensors")
+    _raises("the file is empty", tmp_path / "empty.safetensors", WeightsError)
     (tmp_path / "notes.safetensors").write_text("these are my favourite prompts\n" * 20)
-    _raises("not a safetensors file or a PyTorch checkpoint", tmp_path / "notes.safetensors")
+    _raises("not a weights file", tmp_path / "notes.safetensors", WeightsError)
     (tmp_path / "folder").mkdir()
     _raises("no model_index.json", tmp_path / "folder")
 
@@ -340,10 +357,10 @@ def test_missing_empty_and_text_files(tmp_path: Path) -> None:
 def test_corrupt_files(store: Store, tmp_path: Path) -> None:
     data = (store.saved("sd1") / "model.safetensors").read_bytes()
     (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
-    _raises("not a valid safetensors file", tmp_path / "cut.safetensors")
+    _raises("not a valid safetensors file", tmp_path / "cut.safetensors", WeightsError)
     data = (store.saved("sd1") / "model.ckpt").read_bytes()
     (tmp_path / "cut.ckpt").write_bytes(data[: len(data) // 2])
-    _raises("not a readable PyTorch checkpoint", tmp_path / "cut.ckpt")
+    _raises("not a readable PyTorch checkpoint", tmp_path / "cut.ckpt", WeightsError)
 
 
 class _Payload:
@@ -358,7 +375,7 @@ def test_code_executing_pickle_is_refused(tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {"w": torch.zeros(2)}, "payload": _Payload(marker)}, path)
-    _raises("refused", path)
+    _raises("refused", path, WeightsError)
     assert not marker.exists()
 
 
@@ -400,7 +417,7 @@ def test_not_stable_diffusion(store: Store, shared_models: Path) -> None:
     _raises("no tensors at the top level; keys params_ema", nested)
     bare = store.root / "misc" / "tensor.pt"
     torch.save(torch.zeros(2), bare)
-    _raises("holds a Tensor, not a state dict", bare)
+    _raises("holds a Tensor, not a state dict", bare, WeightsError)
 
 
 def test_vae_only_file_as_checkpoint(other_vae: tuple[Any, dict[str, Path]]) -> None:
@@ -453,19 +470,87 @@ def test_refiner_folder(store: Store, tmp_path: Path) -> None:
         load_checkpoint(tmp_path)
 
 
-def test_resolve_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("TILEUP_CHECKPOINT", raising=False)
-    assert resolve_checkpoint(None) is None
-    file = tmp_path / "m.safetensors"
-    file.write_bytes(b"x")
-    assert resolve_checkpoint(str(file)) == file
-    monkeypatch.setenv("TILEUP_CHECKPOINT", str(file))
-    assert resolve_checkpoint(None) == file
-    monkeypatch.setenv("TILEUP_CHECKPOINT", str(tmp_path / "gone.ckpt"))
-    with pytest.raises(CheckpointError, match=r"gone\.ckpt.*TILEUP_CHECKPOINT"):
-        resolve_checkpoint(None)
-    with pytest.raises(CheckpointError, match="nope"):
-        resolve_checkpoint(str(tmp_path / "nope"))
+# --- the one weights reader (tileup.models.weights), shared with SR models ----------------------
+
+
+def _bad_files(root: Path) -> dict[str, tuple[Path, str]]:
+    """Files no loader may accept -> (path, what the message says)."""
+    root.mkdir(parents=True, exist_ok=True)
+    files: dict[str, tuple[Path, str]] = {}
+
+    def add(name: str, what: str, data: bytes | None = None, obj: Any = None) -> Path:
+        path = root / name
+        if data is not None:
+            path.write_bytes(data)
+        else:
+            torch.save(obj, path)
+        files[name] = (path, what)
+        return path
+
+    add("empty.ckpt", "the file is empty", b"")
+    add("notes.safetensors", "not a weights file", b"my favourite prompts\n" * 20)
+    add("bad.pth", "not a readable PyTorch checkpoint", b"\x80\x02 damaged pickle")
+    add("list.pt", "holds a list, not a state dict", obj=[torch.zeros(2)])
+    add("evil.ckpt", REFUSED, obj={"w": torch.zeros(2), "x": _Payload(root / "pwned")})
+    plain = root / "plain.pkl"  # pickle.dump, protocol 5: torch's safe reader cannot parse it
+    with plain.open("wb") as fh:
+        pickle.dump({"w": torch.zeros(2), "x": _Payload(root / "pwned")}, fh, protocol=5)
+    files[plain.name] = (plain, "uses instructions the safe reader does not support")
+    return files
+
+
+def test_every_loader_gives_the_same_answer(tmp_path: Path) -> None:
+    """Checkpoints and SR models are refused alike, in one line naming the file."""
+    loaders: tuple[Callable[[Path], Any], ...] = (load_checkpoint, load_sr_model, read_weights)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's "Detected pickle protocol 5" stays inside
+        for name, (path, what) in _bad_files(tmp_path).items():
+            messages = set()
+            for load in loaders:
+                with pytest.raises(WeightsError) as info:
+                    load(path)
+                messages.add(str(info.value))
+            assert len(messages) == 1, messages
+            message = messages.pop()
+            assert message.startswith(f"{path}: ") and what in message, name
+            assert "\n" not in message
+    assert not (tmp_path / "pwned").exists()  # no pickled code ran
+
+
+def test_lazy_view_reads_and_releases(tmp_path: Path) -> None:
+    state = {"a.w": torch.ones(2, 3), "a.b": torch.zeros(2), "b.w": torch.full((4,), 2.0)}
+    ckpt = tmp_path / "m.ckpt"
+    torch.save({"state_dict": state, "v_pred": None, "global_step": 7}, ckpt, pickle_protocol=3)
+    safe = tmp_path / "m.safetensors"
+    save_file(state, str(safe))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # protocol 3: torch would warn
+        with open_tensors(ckpt) as tensors:
+            assert tensors.shapes == {"a.w": (2, 3), "a.b": (2,), "b.w": (4,)}
+            assert tensors.other_keys == ("v_pred", "global_step")
+            assert torch.equal(tensors.get("b.w"), state["b.w"]) and tensors.get("c") is None
+            taken = tensors.take("a.")
+            assert set(taken) == {"a.w", "a.b"} and torch.equal(taken["a.w"], state["a.w"])
+            with pytest.raises(KeyError):  # the reader's own reference is gone
+                tensors.read("a.w")
+    wrapped = tmp_path / "wrapped.ckpt"
+    torch.save({"state_dict": [1]}, wrapped)
+    with pytest.raises(WeightsError, match=r"wrapped\.ckpt: its state_dict is a list, not a dict"):
+        open_tensors(wrapped).__enter__()
+    with open_tensors(safe) as tensors:
+        assert tensors.shapes == {"a.w": (2, 3), "a.b": (2,), "b.w": (4,)}
+        assert tensors.other_keys == ()
+        assert all(torch.equal(v, state[k]) for k, v in tensors.take(("a.", "b.")).items())
+
+
+def test_whole_dict_keeps_nesting(tmp_path: Path) -> None:
+    inner = {"body.0.weight": torch.ones(2)}
+    path = tmp_path / "RealESRGAN_x2plus.pth"
+    torch.save({"params_ema": inner, "iter": np.int64(3)}, path)
+    loaded = read_weights(path)
+    assert set(loaded) == {"params_ema", "iter"} and torch.equal(
+        loaded["params_ema"]["body.0.weight"], inner["body.0.weight"]
+    )
 
 
 # --- shape inference on the shipped full-size configs ------------------------------------------

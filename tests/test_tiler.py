@@ -1,14 +1,25 @@
-"""Tile geometry: properties over random grids, exact tables, errors."""
+"""Tile geometry: properties over random axes, boxes and grids, exact tables, errors."""
 
 from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tileup.tiler import Box, Overlap, Tile, TileGrid, axis_starts, chess_groups, plan_grid
+from tileup.tiler import (
+    Box,
+    Overlap,
+    Tile,
+    TileGrid,
+    axis_starts,
+    chess_groups,
+    even_steps,
+    plan_grid,
+    split_box,
+)
 
 
 @st.composite
@@ -31,6 +42,90 @@ def grid_cases(draw: st.DrawFn) -> tuple[int, int, tuple[int, int], int, int]:
     height = align * draw(st.integers(1, 400 // align))
     width = align * draw(st.integers(1, 400 // align))
     return height, width, (tile_h, tile_w), overlap, align
+
+
+# -- even_steps: the one rule that spreads points along an axis ------------------------------
+
+
+@given(st.integers(0, 5000), st.integers(1, 700))
+@settings(max_examples=300, deadline=None)
+def test_even_steps_properties(total: int, max_step: int) -> None:
+    points = even_steps(total, max_step)
+    assert points == even_steps(total, max_step)  # deterministic
+    assert points[0] == 0 and points[-1] == total
+    steps = [b - a for a, b in itertools.pairwise(points)]
+    assert len(steps) == -(-total // max_step)  # the fewest steps of at most max_step
+    assert all(1 <= s <= max_step for s in steps)
+    assert not steps or max(steps) - min(steps) <= 1  # evenly spread
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        ((100, 40), (0, 33, 67, 100)),
+        ((7, 7), (0, 7)),
+        ((6, 2), (0, 2, 4, 6)),
+        ((5, 2), (0, 2, 3, 5)),  # halves round up: 5/3 -> 2, 10/3 -> 3
+        ((0, 4), (0,)),
+        ((3, 100), (0, 3)),
+    ],
+)
+def test_even_steps_table(args: tuple[int, int], expected: tuple[int, ...]) -> None:
+    assert even_steps(*args) == expected
+
+
+@pytest.mark.parametrize("args", [(-1, 4), (10, 0)])
+def test_even_steps_errors(args: tuple[int, int]) -> None:
+    with pytest.raises(ValueError, match="need total >= 0 and max_step >= 1"):
+        even_steps(*args)
+
+
+# -- split_box ------------------------------------------------------------------------------
+
+
+@given(
+    st.integers(-50, 50),
+    st.integers(-50, 50),
+    st.integers(0, 150),
+    st.integers(0, 150),
+    st.integers(1, 80),
+)
+@settings(max_examples=200, deadline=None)
+def test_split_box_partitions(top: int, left: int, height: int, width: int, size: int) -> None:
+    box = Box(top, left, height, width)
+    parts = split_box(box, size)
+    assert parts == split_box(box, size)
+    if box.area == 0:
+        assert parts == ()
+        return
+    rows, cols = -(-height // size), -(-width // size)
+    assert len(parts) == rows * cols  # the fewest parts of at most size x size
+    assert all(box.contains(p) and 0 < p.height <= size and 0 < p.width <= size for p in parts)
+    seen = np.zeros((height, width), int)
+    for p in parts:
+        seen[p.shifted(-top, -left).slices] += 1
+    assert (seen == 1).all()  # each pixel in exactly one part
+    assert max(p.height for p in parts) - min(p.height for p in parts) <= 1  # near-equal
+    assert max(p.width for p in parts) - min(p.width for p in parts) <= 1
+    assert list(parts) == sorted(parts, key=lambda p: (p.top, p.left))  # row-major
+
+
+def test_split_box_layout() -> None:
+    assert split_box(Box(10, 20, 100, 7), 40) == (
+        Box(10, 20, 33, 7),
+        Box(43, 20, 34, 7),
+        Box(77, 20, 33, 7),
+    )
+    assert split_box(Box(0, 0, 50, 70), 35) == (
+        Box(0, 0, 25, 35),
+        Box(0, 35, 25, 35),
+        Box(25, 0, 25, 35),
+        Box(25, 35, 25, 35),
+    )
+    assert split_box(Box(0, 0, 50, 70), 70) == (Box(0, 0, 50, 70),)
+    assert split_box(Box(0, 0, 0, 9), 4) == ()
+    with pytest.raises(ValueError, match="max_size must be positive"):
+        split_box(Box(0, 0, 4, 4), 0)
 
 
 # -- axis_starts ----------------------------------------------------------------------------

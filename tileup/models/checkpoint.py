@@ -5,7 +5,9 @@ or a ``.ckpt``/``.pt``/``.pth`` pickle read with ``weights_only=True``) or a dif
 folder (``model_index.json``). Single files carry no configs and no tokenizer: the family is read
 from the keys, the configs from the tensor shapes (``tileup.models.families``, starting from the
 shipped full-size configs), and the CLIP tokenizer is the one shipped in ``tileup/data``. Nothing
-touches a model hub; every mismatch between weights and architecture is a ``CheckpointError``.
+touches a model hub. Files are opened by :mod:`tileup.models.weights` (a file that is not readable
+weights is a ``WeightsError``); every other problem, such as weights that do not fit the
+architecture, is a ``CheckpointError``.
 """
 
 from __future__ import annotations
@@ -13,10 +15,9 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
 import re
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -25,10 +26,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from tileup.choices import CHECKPOINT_ENV, PREDICTIONS
+from tileup.choices import PREDICTIONS
 from tileup.errors import TileupError
 from tileup.models import families as fam
 from tileup.models.families import Family, LayoutError, TextEncoderSpec
+from tileup.models.weights import Tensors, first_line, open_tensors
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -63,37 +65,8 @@ class SDModel:
     tokenizers: tuple[CLIPTokenizer, ...]
     scheduler_config: dict[str, Any]
     name: str
-    source: Path
     model_hash: str
     vae_name: str | None = None
-
-    @property
-    def vae_scale_factor(self) -> int:
-        """Pixels per latent pixel along each axis (8 for every SD VAE)."""
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    def components(self) -> dict[str, Any]:
-        """diffusers pipeline component names -> models (scheduler excluded)."""
-        out: dict[str, Any] = {"unet": self.unet, "vae": self.vae}
-        for i, (encoder, tokenizer) in enumerate(
-            zip(self.text_encoders, self.tokenizers, strict=True)
-        ):
-            suffix = f"_{i + 1}" if i else ""
-            out[f"text_encoder{suffix}"] = encoder
-            out[f"tokenizer{suffix}"] = tokenizer
-        return out
-
-
-def resolve_checkpoint(value: str | None) -> Path | None:
-    """``value``, else ``$TILEUP_CHECKPOINT``, as an existing path; None when neither is set."""
-    source = value or os.environ.get(CHECKPOINT_ENV) or None
-    if source is None:
-        return None
-    path = Path(source).expanduser()
-    if not path.exists():
-        where = "" if value else f" (from ${CHECKPOINT_ENV})"
-        raise CheckpointError(f"{source}: no such checkpoint file or folder{where}")
-    return path
 
 
 def load_checkpoint(
@@ -121,140 +94,7 @@ def load_checkpoint(
     return _load_single_file(path, vae_path, prediction)
 
 
-# --- reading tensors ---------------------------------------------------------------------------
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
-
-
-class _Inert:
-    """Stands in for the few harmless non-tensor globals found in training checkpoints.
-
-    Real SD 1.x ``.ckpt`` files pickle a PyTorch Lightning callback class and numpy scalars next
-    to the weights. ``weights_only`` loading refuses them; mapping just these names to this inert
-    class lets those files load while every other global is still refused. Nothing of the file's
-    own code runs.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def __setstate__(self, state: Any) -> None:
-        pass
-
-
-_INERT_GLOBALS = (
-    "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint",
-    "numpy.core.multiarray.scalar",
-    "numpy._core.multiarray.scalar",
-    "numpy.dtype",
-    "_codecs.encode",
-)
-
-
-def _torch_load(path: Path, mmap: bool) -> Any:
-    safe_globals = getattr(torch.serialization, "safe_globals", None)
-    allow = safe_globals([(_Inert, name) for name in _INERT_GLOBALS]) if safe_globals else None
-    with allow or nullcontext():
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-
-
-def _sniff(path: Path) -> str:
-    """The container by its first bytes: safetensors, zip (torch.save), pickle, or unknown."""
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        head = f.read(9)
-    if len(head) == 9 and head[8:9] == b"{":
-        header = int.from_bytes(head[:8], "little")
-        if 2 <= header <= size - 8:
-            return "safetensors"
-    if head[:4] == b"PK\x03\x04":
-        return "zip"
-    if head[:1] == b"\x80":
-        return "pickle"
-    return "unknown"
-
-
-class _Tensors:
-    """A file's tensors: shapes up front, values read and released component by component."""
-
-    def __init__(
-        self,
-        shapes: dict[str, tuple[int, ...]],
-        get: Callable[[str], torch.Tensor],
-        *,
-        release: Callable[[str], None] = lambda key: None,
-    ) -> None:
-        self.shapes = shapes
-        self._get = get
-        self._release = release
-
-    def get(self, key: str) -> torch.Tensor | None:
-        """One tensor, without releasing it (only before ``take`` of its prefix); None if absent."""
-        return self._get(key) if key in self.shapes else None
-
-    def take(self, prefixes: str | tuple[str, ...]) -> dict[str, torch.Tensor]:
-        """Tensors whose keys start with ``prefixes``; the file's own reference is released."""
-        out = {}
-        for key in [k for k in self.shapes if k.startswith(prefixes)]:
-            out[key] = self._get(key)
-            self._release(key)
-        return out
-
-
-@contextmanager
-def _open_tensors(path: Path) -> Iterator[_Tensors]:
-    """The tensors of a safetensors file or of a PyTorch pickle (``weights_only``)."""
-    try:
-        if path.stat().st_size == 0:
-            raise CheckpointError(f"{path}: file is empty")
-        kind = _sniff(path)
-    except OSError as exc:
-        raise CheckpointError(f"{path}: cannot read it ({exc.strerror or exc})") from exc
-    if kind == "unknown":
-        raise CheckpointError(f"{path}: not a safetensors file or a PyTorch checkpoint")
-    if kind == "safetensors":
-        from safetensors import SafetensorError, safe_open
-
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
-                yield _Tensors(shapes, f.get_tensor)
-        except SafetensorError as exc:
-            raise CheckpointError(
-                f"{path}: not a valid safetensors file ({_first_line(exc)})"
-            ) from exc
-        return
-    try:
-        loaded = _torch_load(path, mmap=kind == "zip")
-    except Exception as exc:  # torch raises many types for damaged or hostile pickles
-        if "weights only load failed" in str(exc).lower():
-            raise CheckpointError(
-                f"{path}: refused to load: the pickle holds code or objects that are not plain "
-                "weights (only tensors are loaded; convert it to .safetensors)"
-            ) from exc
-        raise CheckpointError(
-            f"{path}: not a readable PyTorch checkpoint ({_first_line(exc)})"
-        ) from exc
-    if not isinstance(loaded, Mapping):
-        raise CheckpointError(f"{path}: holds a {type(loaded).__name__}, not a state dict")
-    state = loaded.get("state_dict", loaded)
-    if not isinstance(state, Mapping):
-        raise CheckpointError(f"{path}: its state_dict is a {type(state).__name__}, not a dict")
-    tensors = {k: v for k, v in state.items() if isinstance(k, str) and torch.is_tensor(v)}
-    for marker in (fam.V_PRED_KEY, fam.ZTSNR_KEY):
-        if marker in loaded and marker not in tensors:
-            tensors[marker] = torch.zeros(0)
-    if not tensors:
-        keys = ", ".join(map(str, list(state)[:5])) or "none"
-        raise CheckpointError(
-            f"{path}: not a Stable Diffusion checkpoint (no tensors at the top level; keys {keys})"
-        )
-    del loaded, state
-    shapes = {k: tuple(v.shape) for k, v in tensors.items()}
-    yield _Tensors(shapes, tensors.__getitem__, release=tensors.__delitem__)
+# --- the model hash ----------------------------------------------------------------------------
 
 
 def _short_hash(path: Path) -> str:
@@ -332,7 +172,7 @@ def _empty(build: Callable[[], nn.Module]) -> nn.Module:
         return build()
 
 
-def _unet_from_file(tensors: _Tensors, config: dict, path: Path) -> nn.Module:
+def _unet_from_file(tensors: Tensors, config: dict, path: Path) -> nn.Module:
     from diffusers import UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
@@ -341,7 +181,7 @@ def _unet_from_file(tensors: _Tensors, config: dict, path: Path) -> nn.Module:
     return _fill(model, state, "UNet", path)
 
 
-def _vae_from_file(tensors: _Tensors, config: dict, prefix: str, path: Path) -> nn.Module:
+def _vae_from_file(tensors: Tensors, config: dict, prefix: str, path: Path) -> nn.Module:
     from diffusers import AutoencoderKL
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
@@ -355,7 +195,7 @@ def _vae_from_file(tensors: _Tensors, config: dict, prefix: str, path: Path) -> 
 
 
 def _text_encoder_from_file(
-    tensors: _Tensors, spec: TextEncoderSpec, config: dict, path: Path
+    tensors: Tensors, spec: TextEncoderSpec, config: dict, path: Path
 ) -> nn.Module:
     from diffusers.loaders.single_file_utils import (
         convert_ldm_clip_checkpoint,
@@ -400,7 +240,14 @@ def _shipped_tokenizer(pad_token: str) -> CLIPTokenizer:
 
 
 def _load_single_file(path: Path, vae_path: Path | None, prediction: str) -> SDModel:
-    with _open_tensors(path) as tensors:
+    with open_tensors(path) as tensors:
+        if tensors.other_keys and not tensors.shapes:  # e.g. an SR model's nested dict
+            keys = ", ".join(tensors.other_keys[:5]) or "none"
+            raise CheckpointError(
+                f"{path}: not a Stable Diffusion checkpoint (no tensors at the top level; "
+                f"keys {keys})"
+            )
+        markers = {*tensors.shapes, *tensors.other_keys}  # A1111 may store them as non-tensors
         try:
             family = fam.detect_family(tensors.shapes.keys())
             configs = fam.infer_configs(tensors.shapes, family)
@@ -412,13 +259,13 @@ def _load_single_file(path: Path, vae_path: Path | None, prediction: str) -> SDM
             )
 
         def auto() -> str:
-            v = fam.V_PRED_KEY in tensors.shapes or fam.looks_v_prediction(
+            v = fam.V_PRED_KEY in markers or fam.looks_v_prediction(
                 family, tensors.get(fam.SD2_V_PROBE_KEY)
             )
             return "v_prediction" if v else "epsilon"
 
         prediction_type = auto() if prediction == "auto" else prediction
-        extra = {"rescale_betas_zero_snr": True} if fam.ZTSNR_KEY in tensors.shapes else {}
+        extra = {"rescale_betas_zero_snr": True} if fam.ZTSNR_KEY in markers else {}
         encoders = tuple(
             _text_encoder_from_file(tensors, spec, configs[spec.component], path)
             for spec in family.text_encoders
@@ -437,7 +284,6 @@ def _load_single_file(path: Path, vae_path: Path | None, prediction: str) -> SDM
         tokenizers=tuple(_shipped_tokenizer(s.pad_token) for s in family.text_encoders),
         scheduler_config=fam.scheduler_config(prediction_type, **extra),
         name=path.stem,
-        source=path,
         model_hash=_short_hash(path),
         vae_name=_vae_name(vae_path),
     )
@@ -456,7 +302,7 @@ def _load_vae(
     if path.is_dir():
         vae = _vae_from_folder(path)
     else:
-        with _open_tensors(path) as tensors:
+        with open_tensors(path) as tensors:
             keys = tensors.shapes.keys()
             prefix = next(
                 (p for p in (fam.VAE_PREFIX, "vae.", "") if f"{p}encoder.conv_in.weight" in keys),
@@ -490,7 +336,7 @@ def _read_json(path: Path, folder: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{folder}: cannot read {path.name} ({_first_line(exc)})") from exc
+        raise CheckpointError(f"{folder}: cannot read {path.name} ({first_line(exc)})") from exc
     if not isinstance(data, dict):
         raise CheckpointError(f"{folder}: {path.name} is not a JSON object")
     return data
@@ -538,7 +384,7 @@ def _pretrained(cls: Any, folder: Path, sub: str) -> Any:
             model = model.to(torch.float32)
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
         raise CheckpointError(
-            f"{folder}: cannot load {sub or 'the model'} ({_first_line(exc)})"
+            f"{folder}: cannot load {sub or 'the model'} ({first_line(exc)})"
         ) from exc
     return _aligned(model).eval().requires_grad_(False)
 
@@ -640,7 +486,7 @@ def _load_folder(folder: Path, vae_path: Path | None, prediction: str) -> SDMode
                 tokenizers.append(CLIPTokenizer.from_pretrained(sub, local_files_only=True))
             except (OSError, ValueError) as exc:
                 raise CheckpointError(
-                    f"{folder}: cannot load {sub.name} ({_first_line(exc)})"
+                    f"{folder}: cannot load {sub.name} ({first_line(exc)})"
                 ) from exc
         else:
             tokenizers.append(_shipped_tokenizer(spec.pad_token))
@@ -663,7 +509,6 @@ def _load_folder(folder: Path, vae_path: Path | None, prediction: str) -> SDMode
         tokenizers=tuple(tokenizers),
         scheduler_config=fam.scheduler_config(prediction_type, **schedule),
         name=folder.name,
-        source=folder,
         model_hash=_short_hash(_unet_weights(folder)),
         vae_name=_vae_name(vae_path),
     )

@@ -3,23 +3,25 @@
 from __future__ import annotations
 
 from tileup.tiler.geometry import (
-    ORDERS,
     Box,
     Overlap,
     Tile,
     TileGrid,
     axis_starts,
     chess_groups,
+    even_steps,
     plan_grid,
+    split_box,
 )
 
 __all__ = [
-    "ORDERS",
     "Box",
     "Overlap",
     "Tile",
     "TileGrid",
     "axis_starts",
     "chess_groups",
+    "even_steps",
     "plan_grid",
+    "split_box",
 ]

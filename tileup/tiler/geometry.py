@@ -7,6 +7,10 @@ between units and refuses any result that is not an integer. Boxes are half-open
 Grids follow the blended-tiling convention: the first tile starts at 0, the last one is snapped
 inward so that it ends exactly at the canvas edge, and the interior starts are spread evenly, so
 every tile has the full tile size whenever the canvas is at least one tile.
+
+One rule spreads points along an axis (:func:`even_steps`): it places the starts of overlapping
+fixed-size tiles (:func:`axis_starts`, :func:`plan_grid`) and the edges of non-overlapping
+near-equal parts (:func:`split_box`, the cores of exact tiled SR inference).
 """
 
 from __future__ import annotations
@@ -256,25 +260,57 @@ def _check_axis(name: str, length: int, tile: int, overlap: int, align: int) -> 
         raise ValueError(f"{name} {length} is not a multiple of {align}")
 
 
+def even_steps(total: int, max_step: int) -> tuple[int, ...]:
+    """The fewest integer points from 0 to ``total`` whose steps are at most ``max_step``.
+
+    Returns ``(p0, ..., pn)`` with ``p0 == 0``, ``pn == total``, ``n == ceil(total / max_step)``
+    and ``pi`` the nearest integer to ``i * total / n`` (halves round up), so every step is the
+    floor or the ceiling of ``total / n``. ``total == 0`` gives ``(0,)``. ``total >= 0`` and
+    ``max_step >= 1``, else ValueError.
+    """
+    if total < 0 or max_step < 1:
+        raise ValueError(f"need total >= 0 and max_step >= 1, got {total}, {max_step}")
+    steps = -(-total // max_step)
+    if steps == 0:
+        return (0,)
+    return tuple((2 * i * total + steps) // (2 * steps) for i in range(steps + 1))
+
+
 def axis_starts(length: int, tile: int, overlap: int, align: int = 1) -> tuple[int, ...]:
-    """Tile start positions along one axis.
+    """Start positions of fixed-size, overlapping tiles along one axis.
 
     ``length <= tile`` gives ``(0,)`` (the caller clips the tile to ``length``). Otherwise the
     fewest tiles whose consecutive starts differ by at most ``tile - overlap`` (rounded down to
     a multiple of ``align``): the first at 0, the last at ``length - tile``, the others evenly
-    spread and rounded to the nearest multiple of ``align``. Starts are strictly increasing,
-    aligned, and consecutive tiles share at least ``overlap`` pixels. ``length`` and ``tile``
-    must be multiples of ``align``.
+    spread (:func:`even_steps` in units of ``align``). Starts are strictly increasing, aligned,
+    and consecutive tiles share at least ``overlap`` pixels. ``length`` and ``tile`` must be
+    multiples of ``align``.
     """
     _check_axis("length", length, tile, overlap, align)
     if length <= tile:
         return (0,)
-    span = (length - tile) // align  # in units of align
+    span = (length - tile) // align  # in units of align, >= 1
     stride = (tile - overlap) // align  # the largest allowed step, >= 1
-    steps = -(-span // stride)
-    # i * span / steps rounded to nearest: consecutive differences are floor or ceil of
-    # span / steps, which lies in [1, stride], so no overlap drops below the request.
-    return tuple(align * ((2 * i * span + steps) // (2 * steps)) for i in range(steps + 1))
+    return tuple(align * p for p in even_steps(span, stride))
+
+
+def split_box(box: Box, max_size: int) -> tuple[Box, ...]:
+    """``box`` cut into the fewest near-equal boxes of at most ``max_size`` x ``max_size``.
+
+    The parts partition ``box`` (no overlap, no gap), row-major; along each axis their edges are
+    :func:`even_steps`, so sizes differ by at most one. An empty box gives no parts.
+    """
+    if max_size < 1:
+        raise ValueError(f"max_size must be positive, got {max_size}")
+    if box.area == 0:
+        return ()
+    ys = even_steps(box.height, max_size)
+    xs = even_steps(box.width, max_size)
+    return tuple(
+        Box(box.top + top, box.left + left, bottom - top, right - left)
+        for top, bottom in itertools.pairwise(ys)
+        for left, right in itertools.pairwise(xs)
+    )
 
 
 def plan_grid(

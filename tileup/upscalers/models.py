@@ -1,19 +1,22 @@
-"""Loading super-resolution models through spandrel, without ever executing pickled code."""
+"""Loading super-resolution models through spandrel, without ever executing pickled code.
+
+Files are read by :mod:`tileup.models.weights` (safetensors or a ``weights_only`` pickle, told
+apart by content; a file that is not readable weights is a ``WeightsError``).
+"""
 
 from __future__ import annotations
 
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
-import safetensors
-import safetensors.torch
 import spandrel
 import torch
 
 from tileup.errors import TileupError
+from tileup.models.weights import first_line, read_weights
 
 MODEL_SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt")
+"""Suffixes of the SR model files looked up by name in the models folders."""
 
 # Context (in input pixels) around a tile that makes tiled inference match untiled inference
 # within 2/255, by architecture. Measured on an H200 in fp32 (bench/pixel/margin_sweep.py,
@@ -24,7 +27,7 @@ _DEFAULT_CONTEXT_MARGIN = 64
 
 
 class UpscalerError(TileupError):
-    """An upscaler could not be found or loaded; the message is one line naming the file."""
+    """An upscaler could not be found or built; the message is one line naming it."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -64,7 +67,6 @@ class SRModel:
     """A loaded image-to-image SR model: input NCHW RGB in [0, 1], output ``scale``× larger."""
 
     name: str
-    path: Path
     descriptor: spandrel.ImageModelDescriptor
 
     @property
@@ -91,61 +93,23 @@ class SRModel:
         return self.descriptor.tiling is not spandrel.ModelTiling.SUPPORTED
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Read tensors from .safetensors or a pickle checkpoint with ``weights_only=True``.
-
-    Raises UpscalerError (one line, naming the file) for anything that is not a readable
-    weights file, including pickles that would execute code on load.
-    """
-    if not path.is_file():
-        raise UpscalerError(f"{path}: no such model file")
-    if path.stat().st_size == 0:
-        raise UpscalerError(f"{path}: model file is empty")
-    suffix = path.suffix.lower()
-    if suffix not in MODEL_SUFFIXES:
-        raise UpscalerError(
-            f"{path}: unsupported model file type {suffix!r}; use {', '.join(MODEL_SUFFIXES)}"
-        )
-    if suffix == ".safetensors":
-        try:
-            return safetensors.torch.load_file(str(path), device="cpu")
-        except (safetensors.SafetensorError, OSError, ValueError) as exc:
-            raise UpscalerError(
-                f"{path}: not a valid safetensors file ({_first_line(exc)})"
-            ) from exc
-    try:
-        loaded = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise UpscalerError(
-            f"{path}: refused to load: the file holds pickled code or objects that are not plain "
-            "weights (only tensors are loaded; convert it to .safetensors)"
-        ) from exc
-    except Exception as exc:  # torch.load raises many types for non-checkpoint bytes
-        raise UpscalerError(
-            f"{path}: not a readable PyTorch weights file ({_first_line(exc)})"
-        ) from exc
-    if not isinstance(loaded, dict):
-        raise UpscalerError(f"{path}: holds a {type(loaded).__name__}, not a state dict of weights")
-    return loaded
-
-
 def load_sr_model(path: str | Path, name: str | None = None) -> SRModel:
-    """Load an SR model file (any spandrel architecture) on the CPU in eval mode, fp32."""
+    """Load an SR model file (any spandrel architecture) on the CPU in eval mode, fp32.
+
+    ``name`` defaults to the file's stem. Raises WeightsError for a file that is not readable
+    weights, UpscalerError for weights that are not an RGB image-to-image model.
+    """
     path = Path(path)
-    state_dict = read_state_dict(path)
+    state_dict = spandrel.canonicalize_state_dict(read_weights(path))
     try:
-        descriptor = spandrel.ModelLoader().load_from_state_dict(
-            spandrel.canonicalize_state_dict(state_dict)
-        )
+        descriptor = spandrel.ModelLoader().load_from_state_dict(state_dict)
     except spandrel.UnsupportedModelError as exc:
         raise UpscalerError(
             f"{path}: not a super-resolution model spandrel recognises "
             f"({len(state_dict)} tensors, none of a known architecture)"
         ) from exc
     except Exception as exc:  # spandrel raises assorted errors for malformed weights
-        raise UpscalerError(
-            f"{path}: could not build a model from it ({_first_line(exc)})"
-        ) from exc
+        raise UpscalerError(f"{path}: could not build a model from it ({first_line(exc)})") from exc
     if not isinstance(descriptor, spandrel.ImageModelDescriptor):
         raise UpscalerError(
             f"{path}: a {descriptor.architecture.name} {descriptor.purpose} model, "
@@ -157,9 +121,4 @@ def load_sr_model(path: str | Path, name: str | None = None) -> SRModel:
             f"{descriptor.output_channels} channels; only RGB→RGB models are supported"
         )
     descriptor.eval()
-    return SRModel(name=name or path.stem, path=path, descriptor=descriptor)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__
+    return SRModel(name=name or path.stem, descriptor=descriptor)

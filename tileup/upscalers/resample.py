@@ -5,7 +5,9 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-_INTERPOLATION = {
+from tileup.choices import RESAMPLERS
+
+_INTERPOLATION = {  # one OpenCV mode per name in RESAMPLERS
     "lanczos": cv2.INTER_LANCZOS4,
     "bicubic": cv2.INTER_CUBIC,
     "bilinear": cv2.INTER_LINEAR,
@@ -17,11 +19,11 @@ _INTERPOLATION = {
 def resample(image: np.ndarray, height: int, width: int, method: str) -> np.ndarray:
     """Resize an HxW or HxWxC float32 image in [0, 1] to height×width; result clipped to [0, 1].
 
-    ``method`` is lanczos, bicubic, bilinear, nearest or area. Returns the input unchanged
-    (not a copy) when the size already matches.
+    ``method`` is one of ``tileup.choices.RESAMPLERS``. Returns the input unchanged (not a copy)
+    when the size already matches.
     """
-    if method not in _INTERPOLATION:
-        raise ValueError(f"unknown resampler {method!r}; known: {', '.join(_INTERPOLATION)}")
+    if method not in RESAMPLERS:
+        raise ValueError(f"unknown resampler {method!r}; known: {', '.join(RESAMPLERS)}")
     if image.shape[:2] == (height, width):
         return image
     out = cv2.resize(image, (width, height), interpolation=_INTERPOLATION[method])

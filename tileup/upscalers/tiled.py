@@ -1,9 +1,10 @@
 """Exact tiled inference of pixel SR models: each tile runs with context, only its centre is kept.
 
-The image is partitioned into *core* boxes. Each core is run through the model together with
-``margin`` input pixels of context on every side (clipped at the image border) and only the
-scaled core is written to the output, so the result equals an untiled run up to the model's
-effective receptive field. On out-of-memory a core is split in four and the run continues.
+The image is partitioned into near-equal *core* boxes (:func:`tileup.tiler.split_box`). Each
+core is run through the model together with ``margin`` input pixels of context on every side
+(clipped at the image border) and only the scaled core is written to the output, so the result
+equals an untiled run up to the model's effective receptive field. On out-of-memory a core is
+split into parts of half its size and the run continues.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import spandrel
 import torch
 import torch.nn.functional as F
 
-from tileup.tiler import Box
+from tileup.tiler import Box, split_box
 from tileup.upscalers.models import SRModel, Stages
 
 MIN_TILE = 32
@@ -28,49 +29,25 @@ _PROBE_SIZE = 96
 
 @dataclass
 class RunReport:
-    """What happened during tiled runs (mutable, filled in as tiles complete)."""
+    """What happened during tiled runs (mutable, filled in as cores complete)."""
 
     tiles: int = 0
-    tile_size: int = 0
     fallbacks: list[str] = field(default_factory=list)
-
-
-def split_evenly(length: int, max_size: int) -> list[tuple[int, int]]:
-    """Partition ``range(length)`` into the fewest near-equal runs no longer than max_size.
-
-    Returns ``(start, size)`` pairs covering ``[0, length)`` without overlap.
-    """
-    if length < 1 or max_size < 1:
-        raise ValueError(f"length and max_size must be positive, got {length}, {max_size}")
-    count = math.ceil(length / max_size)
-    edges = [round(i * length / count) for i in range(count + 1)]
-    return [(edges[i], edges[i + 1] - edges[i]) for i in range(count)]
-
-
-def core_boxes(height: int, width: int, tile: int) -> list[Box]:
-    """Cores of at most ``tile``×``tile`` that partition the image, row-major."""
-    return [
-        Box(top, left, h, w)
-        for top, h in split_evenly(height, tile)
-        for left, w in split_evenly(width, tile)
-    ]
 
 
 def count_tiles(height: int, width: int, tile: int | None) -> int:
     """Number of cores an image is cut into (1 when untiled)."""
-    return 1 if tile is None else len(core_boxes(height, width, tile))
+    return 1 if tile is None else len(split_box(Box(0, 0, height, width), tile))
 
 
-def _pad_to_requirements(
-    x: torch.Tensor, req: spandrel.SizeRequirements
-) -> tuple[torch.Tensor, int, int]:
-    """Pad NCHW ``x`` at the bottom/right so the model accepts it; returns padded x, pad h, w."""
+def _pad_to_requirements(x: torch.Tensor, req: spandrel.SizeRequirements) -> torch.Tensor:
+    """NCHW ``x`` padded at the bottom/right (outside every core) so the model accepts it."""
     h, w = x.shape[-2:]
     pad_w, pad_h = req.get_padding(w, h)
     if pad_h or pad_w:
         mode = "reflect" if pad_h < h and pad_w < w else "replicate"
         x = F.pad(x, (0, pad_w, 0, pad_h), mode=mode)
-    return x, pad_h, pad_w
+    return x
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
@@ -94,7 +71,7 @@ def _forward_core(model: SRModel, crop: torch.Tensor, core: Box, runtime: _Runti
     ``runtime.tail_tile`` feature pixels, so the high-resolution activations stay small.
     """
     s = model.scale
-    x, pad_h, pad_w = _pad_to_requirements(crop, model.descriptor.size_requirements)
+    x = _pad_to_requirements(crop, model.descriptor.size_requirements)
     x = x.to(device=runtime.device, dtype=runtime.dtype, non_blocking=True)
     stages = runtime.stages
     if stages is None:
@@ -103,14 +80,13 @@ def _forward_core(model: SRModel, crop: torch.Tensor, core: Box, runtime: _Runti
     features = stages.trunk(x)
     out = torch.empty(1, 3, core.height * s, core.width * s)
     feature_box = Box(0, 0, features.shape[-2], features.shape[-1])
-    for chunk in _split(core, runtime.tail_tile):
+    for chunk in split_box(core, runtime.tail_tile):
         ctx = chunk.expanded(stages.tail_margin, within=feature_box)
         y = stages.tail(features[..., ctx.top : ctx.bottom, ctx.left : ctx.right])
         top, left = (chunk.top - ctx.top) * s, (chunk.left - ctx.left) * s
         y = y[..., top : top + chunk.height * s, left : left + chunk.width * s]
         t, c = (chunk.top - core.top) * s, (chunk.left - core.left) * s
         out[..., t : t + chunk.height * s, c : c + chunk.width * s] = _finished(y, runtime)
-    del pad_h, pad_w  # padding is at the bottom/right, outside every core
     return out
 
 
@@ -192,12 +168,11 @@ def run_tiled(
     limit = tile or max(height, width)
     budget = budget_bytes or (GPU_BUDGET_BYTES if device.type == "cuda" else CPU_BUDGET_BYTES)
     runtime = _Runtime(device, dtype, model.stages, _tail_tile(model, dtype, budget))
-    queue = deque(core_boxes(height, width, limit))
-    report.tile_size = limit
+    queue = deque(split_box(canvas, limit))
     while queue:
         core = queue.popleft()
         if max(core.height, core.width) > limit:
-            parts = _split(core, limit)
+            parts = split_box(core, limit)
             queue.extendleft(reversed(parts))
             _notify(on_tile, -(len(parts) - 1))
             continue
@@ -218,7 +193,6 @@ def run_tiled(
             limit = max(MIN_TILE, max(core.height, core.width) // 2)
             runtime = replace(runtime, tail_tile=max(MIN_TILE, runtime.tail_tile // 2))
             report.fallbacks.append(f"{model.name}: out of memory; tile reduced to {limit}px")
-            report.tile_size = limit
             queue.appendleft(core)
             continue
         output[
@@ -227,15 +201,6 @@ def run_tiled(
         report.tiles += 1
         _notify(on_tile, 1)
     return output
-
-
-def _split(core: Box, limit: int) -> list[Box]:
-    """``core`` cut into near-equal boxes of at most limit×limit."""
-    return [
-        Box(core.top + top, core.left + left, h, w)
-        for top, h in split_evenly(core.height, limit)
-        for left, w in split_evenly(core.width, limit)
-    ]
 
 
 def _notify(on_tile: Callable[[int], None] | None, count: int) -> None:
