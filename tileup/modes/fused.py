@@ -112,10 +112,11 @@ class FusedDenoiser:
         """Blended UNet prediction (after CFG) for a 1×C×h×w canvas at timestep ``t``."""
         out = torch.zeros(latents.shape, device=latents.device, dtype=torch.float32)
         for batch, inputs in zip(self.batches, self.inputs, strict=True):
-            x = torch.stack([latents[0][(slice(None), *tile.box.slices)] for tile in batch])
+            x = torch.stack([latents[0][:, ys, xs] for ys, xs in (t.box.slices for t in batch)])
             pred = guided_prediction(self.unet, x.to(self.dtype), t, inputs, self.cfg)
             for i, tile in enumerate(batch):
-                out[0][(slice(None), *tile.box.slices)] += pred[i] * self.windows[tile.index]
+                ys, xs = tile.box.slices
+                out[0][:, ys, xs] += pred[i] * self.windows[tile.index]
         self.counter.tile_evaluations += len(self.tiles)
         self.counter.calls += 1
         return out.to(latents.dtype)

@@ -15,10 +15,11 @@ import math
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
+from torch import nn
 
 from tileup.models.checkpoint import load_checkpoint
 from tileup.sampling.conditioning import Conditioning, encode_prompts
@@ -139,12 +140,13 @@ class DiffusionModel:
         with _quiet_diffusers():  # no dtype-cast chatter on the user's terminal
             sd.unet.to(device=device, dtype=dtype)
         runner = VaeRunner(sd.vae, device, dtype, vae)
-        for encoder in sd.text_encoders:
+        encoders: tuple[nn.Module, ...] = sd.text_encoders
+        for encoder in encoders:
             encoder.to(device=device, dtype=dtype)
         conditioning = encode_prompts(
             sd, load.prompt, load.negative_prompt, device=device, dtype=dtype
         )
-        for encoder in sd.text_encoders:  # no longer needed: free the device memory
+        for encoder in encoders:  # no longer needed: free the device memory
             encoder.to("cpu")
         info = ModelInfo(sd.name, sd.model_hash, sd.vae_name, sd.family)
         return cls(
@@ -188,7 +190,8 @@ class DiffusionModel:
         pad_h, pad_w = height - rgb.shape[0], width - rgb.shape[1]
         if pad_h == 0 and pad_w == 0:
             return rgb
-        mode = "reflect" if pad_h < rgb.shape[0] and pad_w < rgb.shape[1] else "edge"
+        reflect = pad_h < rgb.shape[0] and pad_w < rgb.shape[1]
+        mode: Literal["reflect", "edge"] = "reflect" if reflect else "edge"
         return np.pad(rgb, ((0, pad_h), (0, pad_w), (0, 0)), mode=mode)
 
     def tile_batch(

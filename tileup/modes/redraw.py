@@ -194,7 +194,11 @@ def lock_target(
     if i + 1 >= plan.evaluations:
         return original
     following = plan.timesteps[i + 1 : i + 2]
-    if hasattr(scheduler, "sigmas_interpol") and not scheduler.state_in_first_order:
+    if (
+        hasattr(scheduler, "sigmas_interpol")  # DPM2 (both members probed, for the type checker)
+        and hasattr(scheduler, "state_in_first_order")
+        and not scheduler.state_in_first_order
+    ):
         one = torch.ones((), dtype=torch.float64)
         scale = scheduler.scale_model_input(one, following[0]).double().cpu()
         sigma = float((1.0 / scale**2 - 1.0).clamp(min=0).sqrt())
@@ -300,10 +304,10 @@ def _redraw_batch(
         for r, c in zip(job.regions, job.crops, strict=True)
     ]
     free = torch.stack([m[1] for m in masks])[:, None]
-    pixels = torch.stack([canvas[(slice(None), *c.slices)] for c in job.crops])
+    pixels = torch.stack([canvas[:, ys, xs] for ys, xs in (c.slices for c in job.crops)])
     original = model.vae.encode_crops(pixels.to(model.device), notes)
     latent_boxes = [c.scaled(Fraction(1, f)) for c in job.crops]
-    crop_noise = torch.stack([noise[(slice(None), *c.slices)] for c in latent_boxes])
+    crop_noise = torch.stack([noise[:, ys, xs] for ys, xs in (c.slices for c in latent_boxes)])
     unet_param = next(model.unet.parameters())
     time_ids = torch.tensor([[height, width, c.top, c.left, c.height, c.width] for c in job.crops])
     inputs = guidance_inputs(
@@ -314,7 +318,7 @@ def _redraw_batch(
         device=unet_param.device,
         dtype=unet_param.dtype,
     )
-    generator: Any = None  # diffusers' schedulers take a list: one generator per sample
+    generator: list[torch.Generator] | None = None  # diffusers takes one per sample
     if hasattr(scheduler, "noise_sampler_seed"):  # a Brownian tree per sample
         scheduler.noise_sampler_seed = list(job.seeds)
     else:  # diffusers draws each sample's step noise from its own generator
@@ -333,10 +337,11 @@ def _redraw_batch(
     sampled = run_sampler(scheduler, plan, start, predict, generator=generator, on_step=lock)
     redrawn = model.vae.decode_crops(sampled, notes).to(canvas.device)
     for k, c in enumerate(job.crops):
+        ys, xs = c.slices
         paste = masks[k][0].to(canvas.device)
-        view = canvas[(slice(None), *c.slices)]
+        view = canvas[:, ys, xs]
         blended = view * (1 - paste) + redrawn[k] * paste
-        canvas[(slice(None), *c.slices)] = torch.where(paste > 0, blended, view)
+        canvas[:, ys, xs] = torch.where(paste > 0, blended, view)
 
 
 def run_passes(

@@ -106,7 +106,9 @@ def _axis(length: int, tile: int, seams: Sequence[int], starts: Sequence[int] | 
     return _Axis(length, size, seams, cells, tuple(starts))
 
 
-def _axes(layout: Layout, canvas: tuple[int, int] | None, tile: int | tuple[int, int] | None):
+def _axes(
+    layout: Layout, canvas: tuple[int, int] | None, tile: int | tuple[int, int] | None
+) -> tuple[_Axis, _Axis]:
     if isinstance(layout, TileGrid):
         ys, xs = layout.inner_seams()
         tops = [layout.tiles[r * layout.cols].box.top for r in range(layout.rows)]
@@ -118,8 +120,8 @@ def _axes(layout: Layout, canvas: tuple[int, int] | None, tile: int | tuple[int,
     if canvas is None or tile is None:
         raise ValueError("seams alone need the canvas (height, width) and the tile size")
     th, tw = (tile, tile) if isinstance(tile, int) else tile
-    ys, xs = layout
-    return _axis(canvas[0], th, ys, None), _axis(canvas[1], tw, xs, None)
+    seams_y, seams_x = layout
+    return _axis(canvas[0], th, seams_y, None), _axis(canvas[1], tw, seams_x, None)
 
 
 def _ordered(regions: list[Region], order: str) -> tuple[Region, ...]:

@@ -9,6 +9,7 @@ and the pooled projection of the second encoder's first chunk.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,10 +49,17 @@ def token_chunks(tokenizer: Any, text: str) -> list[list[int]]:
 
 @torch.inference_mode()
 def _encode_chunks(
-    family: str, encoders: tuple[Any, ...], ids: list[torch.Tensor], device: torch.device
+    family: str,
+    encoders: tuple[Any, ...],
+    ids: Sequence[Sequence[torch.Tensor]],
+    device: torch.device,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Hidden states [1, 77·k, D] and (SDXL) the pooled vector [1, P] of the first chunk."""
-    states, pooled = [], None
+    """Hidden states [1, 77·k, D] and (SDXL) the pooled vector [1, P] of the first chunk.
+
+    ``ids[e][k]``: the token ids of chunk k for encoder e (every encoder has the same count).
+    """
+    states: list[torch.Tensor] = []
+    pooled: torch.Tensor | None = None
     for index, chunk in enumerate(zip(*ids, strict=True)):
         per_encoder = []
         for encoder, token_ids in zip(encoders, chunk, strict=True):
@@ -71,15 +79,15 @@ def encode_prompts(
 ) -> Conditioning:
     """Encode both prompts once per job with the model's text encoders (on ``device``)."""
     tokenizers, encoders = model.tokenizers, model.text_encoders
-    per_text = []
+    per_text: list[list[list[list[int]]]] = []  # [text][tokenizer][chunk][token]
     for text in (prompt, negative_prompt):
         per_text.append([token_chunks(tok, text) for tok in tokenizers])
-    count = max(len(chunks) for text in per_text for chunks in text)
+    count = max(len(chunks) for tokenized in per_text for chunks in tokenized)
     empty = [token_chunks(tok, "")[0] for tok in tokenizers]
     results = []
-    for text in per_text:
-        ids = []
-        for tok_index, chunks in enumerate(text):
+    for tokenized in per_text:
+        ids: list[list[torch.Tensor]] = []
+        for tok_index, chunks in enumerate(tokenized):
             padded = chunks + [empty[tok_index]] * (count - len(chunks))
             ids.append([torch.tensor(c, dtype=torch.long) for c in padded])
         results.append(_encode_chunks(model.family, tuple(encoders), ids, device))

@@ -109,10 +109,11 @@ def noise_latents(
     """``latents`` noised to the plan's start (re-arms the scheduler first; same as
     ``scheduler.add_noise(latents, noise, plan.first_timestep)`` right after ``plan_steps``).
     An empty plan returns ``latents`` unchanged; zeros give a pure-noise (txt2img) start."""
-    if plan.empty:
+    first = plan.first_timestep
+    if plan.empty or first is None:  # None only in the empty plan
         return latents
     _rearm(scheduler, plan)
-    return scheduler.add_noise(latents, noise, plan.first_timestep)
+    return scheduler.add_noise(latents, noise, first)
 
 
 def _rearm(scheduler: Scheduler, plan: StepPlan) -> None:
@@ -136,7 +137,7 @@ def run_sampler(
     latents: torch.Tensor,
     denoiser: Denoiser,
     *,
-    generator: torch.Generator | None,
+    generator: torch.Generator | list[torch.Generator] | None,
     on_step: StepCallback | None = None,
 ) -> torch.Tensor:
     """Run ``plan`` from ``latents`` (already noised to ``plan.first_timestep``); the result.
@@ -144,15 +145,16 @@ def run_sampler(
     Resets the scheduler to the plan first, so a plan can be run any number of times. Makes
     exactly ``plan.evaluations`` denoiser calls ``denoiser(scheduler.scale_model_input(x, t), t)``
     with ``t`` a 0-dim CPU tensor; predictions are cast to the latents' dtype (keep latents
-    float32). ``generator`` (a CPU generator, for device-independent noise) feeds the
-    stochastic samplers; DPM++ SDE seeds its Brownian tree from one draw of it. ``on_step``,
+    float32). ``generator`` (a CPU generator, for device-independent noise; or one per sample,
+    which diffusers' schedulers accept) feeds the stochastic samplers; DPM++ SDE seeds its
+    Brownian tree from one draw of a single generator. ``on_step``,
     if given, sees and may replace the latents after every evaluation. No host syncs of its own.
     """
     if plan.empty:
         return latents
     _rearm(scheduler, plan)
     takes_generator = "generator" in step_params(type(scheduler))
-    if hasattr(scheduler, "noise_sampler_seed") and generator is not None:
+    if hasattr(scheduler, "noise_sampler_seed") and isinstance(generator, torch.Generator):
         seed = torch.randint(0, 2**63 - 1, (), generator=generator, device=generator.device)
         scheduler.noise_sampler_seed = int(seed)
     extra: dict[str, Any] = {"generator": generator} if takes_generator else {}

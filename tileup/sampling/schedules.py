@@ -58,10 +58,10 @@ from diffusers import (
     LMSDiscreteScheduler,
     UniPCMultistepScheduler,
 )
-from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from tileup.choices import PREDICTIONS
 from tileup.errors import TileupError
+from tileup.sampling.protocols import Scheduler
 
 SD_TRAINING_CONFIG: Mapping[str, Any] = MappingProxyType(
     {
@@ -115,7 +115,7 @@ class Sampler:
     """
 
     name: str
-    scheduler: type[SchedulerMixin]
+    scheduler: type[Scheduler]
     options: Mapping[str, Any]
     schedules: tuple[str, ...]
     aliases: tuple[str, ...] = ()
@@ -354,12 +354,12 @@ def resolve(sampler: str, schedule: str = "normal") -> tuple[Sampler, Schedule]:
 
 
 @functools.cache
-def _init_params(cls: type[SchedulerMixin]) -> frozenset[str]:
+def _init_params(cls: type[Scheduler]) -> frozenset[str]:
     return frozenset(inspect.signature(cls.__init__).parameters)
 
 
 @functools.cache
-def step_params(cls: type[SchedulerMixin]) -> frozenset[str]:
+def step_params(cls: type[Scheduler]) -> frozenset[str]:
     return frozenset(inspect.signature(cls.step).parameters)
 
 
@@ -373,7 +373,7 @@ def make_scheduler(
     base_config: Mapping[str, Any],
     *,
     prediction_type: str,
-) -> SchedulerMixin:
+) -> Scheduler:
     """A fresh diffusers scheduler for ``sampler`` + ``schedule`` over the model's training noise.
 
     Reads only the training-noise keys (``TRAINING_KEYS``) of ``base_config`` (missing ones

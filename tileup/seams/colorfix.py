@@ -56,7 +56,7 @@ def wavelet_low(image: np.ndarray, levels: int = WAVELET_LEVELS) -> np.ndarray:
     Level ``i`` convolves with ``[1, 2, 1] / 4`` at dilation ``2**i`` along each axis (reflected
     borders). The high band is ``image - wavelet_low(image)``. Returns float32, same shape.
     """
-    low = np.asarray(image, dtype=np.float32)
+    low: np.ndarray = np.asarray(image, dtype=np.float32)  # stays float32 (ddepth -1)
     shape = low.shape
     for level in range(levels):
         kernel = _dilated_binomial(2**level)

@@ -18,8 +18,8 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     vectors are (anti)parallel or zero.
     """
     eps = 1e-6
-    a_norm = a.norm(dim=1, keepdim=True)
-    b_norm = b.norm(dim=1, keepdim=True)
+    a_norm: torch.Tensor = a.norm(dim=1, keepdim=True)  # Tensor.norm is untyped in torch
+    b_norm: torch.Tensor = b.norm(dim=1, keepdim=True)
     a_unit = a / a_norm.clamp_min(eps)
     b_unit = b / b_norm.clamp_min(eps)
     dot = (a_unit * b_unit).sum(dim=1, keepdim=True).clamp(-1.0, 1.0)

@@ -13,12 +13,15 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 
+from tileup.vae.protocols import Vae
 from tileup.vae.tiled import NonFiniteError, tiled_decode, tiled_encode, vae_scale_factor
+
+_Run = Callable[[Vae, torch.dtype], torch.Tensor]
+"""``run(vae, dtype)``: one VAE pass with ``vae`` in ``dtype``."""
 
 
 @dataclass(frozen=True)
@@ -41,7 +44,7 @@ class VaeRunner:
     """A diffusers AutoencoderKL on ``device``, run in ``dtype`` with one sticky fp32 fallback."""
 
     def __init__(
-        self, vae: Any, device: torch.device, dtype: torch.dtype, options: VaeOptions
+        self, vae: Vae, device: torch.device, dtype: torch.dtype, options: VaeOptions
     ) -> None:
         self.vae = vae.to(device=device)
         self.device = device
@@ -50,10 +53,10 @@ class VaeRunner:
         self.factor = vae_scale_factor(vae)
         self.scale = float(vae.config.scaling_factor)
         self.latent_channels = int(vae.config.latent_channels)
-        self._cast: Any = None
+        self._cast: Vae | None = None
         self.calls = 0
 
-    def _module(self) -> Any:
+    def _module(self) -> Vae:
         """The VAE in the current precision (the fp32 original, or its cached cast copy)."""
         params = list(self.vae.parameters())
         if self.dtype == torch.float32 or not params or params[0].dtype == self.dtype:
@@ -62,7 +65,7 @@ class VaeRunner:
             self._cast = copy.deepcopy(self.vae).to(self.device, self.dtype)
         return self._cast
 
-    def _guarded(self, run: Callable[[Any, torch.dtype], torch.Tensor], notes: list[str]):
+    def _guarded(self, run: _Run, notes: list[str]) -> torch.Tensor:
         """``run(module, dtype)``; on NaN/inf in half precision, noted and once more in fp32."""
         try:
             return run(self._module(), self.dtype)
@@ -80,7 +83,7 @@ class VaeRunner:
         image = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))[None] * 2 - 1
         o = self.options
 
-        def run(vae: Any, dtype: torch.dtype) -> torch.Tensor:
+        def run(vae: Vae, dtype: torch.dtype) -> torch.Tensor:
             return tiled_encode(
                 vae,
                 image,
@@ -99,7 +102,7 @@ class VaeRunner:
         o = self.options
         tile = max(8, o.tile // self.factor)
 
-        def run(vae: Any, dtype: torch.dtype) -> torch.Tensor:
+        def run(vae: Vae, dtype: torch.dtype) -> torch.Tensor:
             return tiled_decode(
                 vae, z, tile=tile, device=self.device, dtype=dtype, batch=o.batch, store=o.store
             )
@@ -110,13 +113,13 @@ class VaeRunner:
     # -- crops (plain VAE, batched) ---------------------------------------------------------
 
     def _crops(
-        self, fn: Callable[[Any, torch.Tensor], torch.Tensor], x: torch.Tensor, notes: list[str]
+        self, fn: Callable[[Vae, torch.Tensor], torch.Tensor], x: torch.Tensor, notes: list[str]
     ) -> torch.Tensor:
         outs = []
-        for part in x.split(max(1, self.options.batch)):
+        for part in torch.split(x, max(1, self.options.batch)):
             self.calls += 1
 
-            def run(vae: Any, dtype: torch.dtype, part: torch.Tensor = part) -> torch.Tensor:
+            def run(vae: Vae, dtype: torch.dtype, part: torch.Tensor = part) -> torch.Tensor:
                 out = fn(vae, part.to(self.device, dtype)).float()
                 if not bool(torch.isfinite(out).all()):
                     raise NonFiniteError(f"the VAE produced NaN/inf in {dtype}")

@@ -43,13 +43,27 @@ import copy
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from tileup.tiler import axis_starts
+from tileup.vae.protocols import (
+    Attention,
+    Decoder,
+    Downsample,
+    Encoder,
+    MidBlock,
+    Placeable,
+    ResnetBlock,
+    Upsample,
+    Vae,
+)
+
+if TYPE_CHECKING:
+    from torch.nn.attention import SDPBackend
 
 __all__ = ["NonFiniteError", "store_bytes", "tiled_decode", "tiled_encode", "vae_scale_factor"]
 
@@ -60,9 +74,10 @@ class NonFiniteError(FloatingPointError):
     """The VAE produced NaN or inf (SD1.5/SDXL VAEs overflow in fp16): re-run in float32."""
 
 
-def vae_scale_factor(vae: nn.Module) -> int:
+def vae_scale_factor(vae: Vae) -> int:
     """Pixels per latent pixel of an AutoencoderKL: ``2 ** (len(block_out_channels) - 1)``."""
-    return 2 ** (len(vae.config.block_out_channels) - 1)
+    factor: int = 2 ** (len(vae.config.block_out_channels) - 1)  # int ** int is Any to mypy
+    return factor
 
 
 # --- geometry ----------------------------------------------------------------------------------
@@ -199,7 +214,8 @@ class _Engine:
         pending: tuple[torch.Tensor, torch.cuda.Event | None, Sequence[_Tile]] | None = None
         for start in range(0, len(g.tiles), self.batch):
             tiles = g.tiles[start : start + self.batch]
-            crops, pads = [], ()
+            crops: list[torch.Tensor] = []
+            pads: tuple[tuple[int, int, int, int], ...] = ()
             for c in inputs:
                 crop, pads = self._gather(c, tiles, halo)
                 crops.append(crop)
@@ -265,7 +281,7 @@ class _Engine:
         if out.device.type == "cpu" and res.device.type == "cuda":
             host = torch.empty(res.shape, dtype=out.dtype, pin_memory=True)
             host.copy_(res, non_blocking=True)
-            event = torch.cuda.Event()
+            event = torch.cuda.Event()  # type: ignore[no-untyped-call]  # unannotated in torch
             event.record()
             return host, event
         return res.to(out.device), None
@@ -337,15 +353,14 @@ def _conv(conv: nn.Conv2d, h: torch.Tensor) -> torch.Tensor:
 def _halo(conv: nn.Conv2d) -> tuple[int, int]:
     """Halo of a stride-1 'same' conv: (p, p)."""
     k, p = conv.kernel_size, conv.padding
-    ok = (
+    if not (
         isinstance(p, tuple)
         and k[0] == k[1]
         and p[0] == p[1] == (k[0] - 1) // 2
         and conv.stride == (1, 1)
         and conv.dilation == (1, 1)
         and conv.padding_mode == "zeros"
-    )
-    if not ok:
+    ):
         raise NotImplementedError(f"unsupported conv for tiling: {conv}")
     return p[0], p[0]
 
@@ -356,7 +371,7 @@ def _unsupported(what: str) -> NotImplementedError:
     )
 
 
-def _resnet(eng: _Engine, x: _Canvas, r: nn.Module) -> _Canvas:
+def _resnet(eng: _Engine, x: _Canvas, r: ResnetBlock) -> _Canvas:
     """ResnetBlock2D (no time embedding, no up/down): two stages."""
     if (
         type(r).__name__ != "ResnetBlock2D"
@@ -388,7 +403,7 @@ def _resnet(eng: _Engine, x: _Canvas, r: nn.Module) -> _Canvas:
 
 
 def _attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backends: list[Any], chunk: int
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backends: list[SDPBackend], chunk: int
 ) -> torch.Tensor:
     """Softmax attention of every query (1×heads×N×d) over all keys, ``chunk`` queries a call."""
     from torch.nn.attention import sdpa_kernel
@@ -414,7 +429,7 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return _attend(q, k, v, [SDPBackend.MATH], chunk)
 
 
-def _attention(eng: _Engine, x: _Canvas, attn: nn.Module) -> _Canvas:
+def _attention(eng: _Engine, x: _Canvas, attn: Attention) -> _Canvas:
     """The VAE mid-block self-attention, exact over the whole latent-resolution canvas.
 
     Pass 1 projects every owned token to Q, K and V in raster order (device buffers of
@@ -464,7 +479,7 @@ def _attention(eng: _Engine, x: _Canvas, attn: nn.Module) -> _Canvas:
     return eng.stage([x], out, channels=channels, scale=m, halo=(0, 0))
 
 
-def _mid(eng: _Engine, x: _Canvas, mid: nn.Module) -> _Canvas:
+def _mid(eng: _Engine, x: _Canvas, mid: MidBlock) -> _Canvas:
     """UNetMidBlock2D: resnet, then (attention, resnet) pairs."""
     if type(mid).__name__ != "UNetMidBlock2D":
         raise _unsupported(f"got mid block {type(mid).__name__}")
@@ -476,7 +491,7 @@ def _mid(eng: _Engine, x: _Canvas, mid: nn.Module) -> _Canvas:
     return x
 
 
-def _downsample(eng: _Engine, x: _Canvas, ds: nn.Module) -> _Canvas:
+def _downsample(eng: _Engine, x: _Canvas, ds: Downsample) -> _Canvas:
     """Downsample2D with a stride-2 conv (diffusers pads (0, 1, 0, 1) when ``padding == 0``)."""
     conv = getattr(ds, "conv", None)
     if (
@@ -485,6 +500,7 @@ def _downsample(eng: _Engine, x: _Canvas, ds: nn.Module) -> _Canvas:
         or not isinstance(conv, nn.Conv2d)
         or conv.stride != (2, 2)
         or conv.kernel_size != (3, 3)
+        or not isinstance(conv.padding, tuple)  # not "same"/"valid"
         or conv.padding[0] != conv.padding[1]
         or x.scale % 2
     ):
@@ -498,7 +514,7 @@ def _downsample(eng: _Engine, x: _Canvas, ds: nn.Module) -> _Canvas:
     return eng.stage([x], down, channels=conv.out_channels, scale=x.scale // 2, halo=halo)
 
 
-def _upsample(eng: _Engine, x: _Canvas, us: nn.Module) -> _Canvas:
+def _upsample(eng: _Engine, x: _Canvas, us: Upsample) -> _Canvas:
     """Upsample2D: nearest ×2, then a 3×3 conv (halo 1 low-res px, 2 high-res px cropped off)."""
     conv = us.conv if us.name == "conv" else us.Conv2d_0
     if us.use_conv_transpose or us.norm is not None or not us.interpolate or not us.use_conv:
@@ -518,7 +534,7 @@ def _upsample(eng: _Engine, x: _Canvas, us: nn.Module) -> _Canvas:
 
 
 def _encode_one(
-    eng: _Engine, enc: nn.Module, quant: nn.Module | None, latent: int, image: _Canvas
+    eng: _Engine, enc: Encoder, quant: nn.Module | None, latent: int, image: _Canvas
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Encoder → quant_conv → posterior mean; (latent C×h×w float32 CPU, finite flag)."""
     x = eng.stage(
@@ -561,10 +577,11 @@ def _encode_one(
 
 
 def _decode_one(
-    eng: _Engine, dec: nn.Module, post: nn.Module | None, z: _Canvas
+    eng: _Engine, dec: Decoder, post: nn.Module | None, z: _Canvas
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """post_quant_conv → Decoder; (image 3×H×W float32 CPU clamped to [-1, 1], finite flag)."""
-    if type(dec.conv_norm_out).__name__ != "GroupNorm":
+    norm_out = dec.conv_norm_out
+    if type(norm_out).__name__ != "GroupNorm" or not isinstance(norm_out, nn.GroupNorm):
         raise _unsupported("got a decoder with spatial norm")
 
     def conv_in(crops: list[torch.Tensor], batch: _Batch) -> torch.Tensor:
@@ -582,7 +599,7 @@ def _decode_one(
             x = _resnet(eng, x, r)
         for us in block.upsamplers or ():
             x = _upsample(eng, x, us)
-    a, b = eng.affine(x, dec.conv_norm_out)
+    a, b = eng.affine(x, norm_out)
     flags: list[torch.Tensor] = []
 
     def out(crops: list[torch.Tensor], batch: _Batch) -> torch.Tensor:
@@ -606,21 +623,25 @@ def _decode_one(
 # --- public API ---------------------------------------------------------------------------------
 
 
+_M = TypeVar("_M", bound=Placeable)
+
+
 def _placed(
-    vae: nn.Module, names: tuple[str, ...], device: torch.device, dtype: torch.dtype
-) -> list[nn.Module | None]:
-    """``vae``'s submodules ``names`` on (device, dtype): the originals when already there,
-    otherwise converted copies (the caller's VAE is never modified)."""
-    mods = [getattr(vae, n, None) for n in names]
-    params = [p for mod in mods if mod is not None for p in mod.parameters()]
+    main: _M, conv: nn.Module | None, device: torch.device, dtype: torch.dtype
+) -> tuple[_M, nn.Module | None]:
+    """The VAE's ``main`` module (encoder or decoder) and its optional quant ``conv`` on
+    (device, dtype): the originals when already there, otherwise converted copies (the caller's
+    VAE is never modified)."""
+    params = [*main.parameters(), *(conv.parameters() if conv is not None else ())]
     if all(p.device == device and p.dtype == dtype for p in params):
-        return mods
-    return [None if mod is None else copy.deepcopy(mod).to(device, dtype) for mod in mods]
+        return main, conv
+    return (
+        copy.deepcopy(main).to(device, dtype),
+        None if conv is None else copy.deepcopy(conv).to(device, dtype),
+    )
 
 
-def store_bytes(
-    vae: nn.Module, height: int, width: int, dtype: torch.dtype, *, decode: bool
-) -> int:
+def store_bytes(vae: Vae, height: int, width: int, dtype: torch.dtype, *, decode: bool) -> int:
     """Approximate peak bytes the canvases need on ``store`` for an H×W image (px)."""
     c = vae.config.block_out_channels
     channels = (c[min(1, len(c) - 1)] + 2 * c[0]) if decode else 3 * c[0]
@@ -628,7 +649,7 @@ def store_bytes(
 
 
 def _setup(
-    vae: nn.Module,
+    vae: Vae,
     device: torch.device | str | None,
     dtype: torch.dtype | None,
     store: torch.device | str,
@@ -653,7 +674,7 @@ def _setup(
 
 
 def tiled_encode(
-    vae: nn.Module,
+    vae: Vae,
     image: torch.Tensor,
     *,
     tile: int = 512,
@@ -685,7 +706,7 @@ def tiled_encode(
     dev, dt, st = _setup(
         vae, device, dtype, store, lambda d: store_bytes(vae, height, width, d, decode=False)
     )
-    enc, quant = _placed(vae, ("encoder", "quant_conv"), dev, dt)
+    enc, quant = _placed(vae.encoder, getattr(vae, "quant_conv", None), dev, dt)
     eng = _Engine(_grid(height // f, width // f, tile // f), dev, dt, st, max(1, batch))
     latent = vae.config.latent_channels
     outs = []
@@ -699,7 +720,7 @@ def tiled_encode(
 
 
 def tiled_decode(
-    vae: nn.Module,
+    vae: Vae,
     latents: torch.Tensor,
     *,
     tile: int = 64,
@@ -729,7 +750,7 @@ def tiled_decode(
     dev, dt, st = _setup(
         vae, device, dtype, store, lambda d: store_bytes(vae, h, w, d, decode=True)
     )
-    dec, post = _placed(vae, ("decoder", "post_quant_conv"), dev, dt)
+    dec, post = _placed(vae.decoder, getattr(vae, "post_quant_conv", None), dev, dt)
     eng = _Engine(_grid(latents.shape[2], latents.shape[3], tile), dev, dt, st, max(1, batch))
     outs = []
     with torch.inference_mode():
