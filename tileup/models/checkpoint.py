@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from torch import nn
@@ -41,6 +41,9 @@ MAX_TOKENS = 77
 _VAE_PARTS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
 # diffusers builds folder models without random init only with accelerate installed.
 _HAS_ACCELERATE = importlib.util.find_spec("accelerate") is not None
+
+
+_M = TypeVar("_M", bound=nn.Module)
 
 
 class CheckpointError(TileupError):
@@ -131,7 +134,7 @@ def _mismatch(missing: list[str], unexpected: list[str], wrong: list[str]) -> st
     return "; ".join(parts)
 
 
-def _fill(model: nn.Module, state: dict[str, torch.Tensor], what: str, path: Path) -> nn.Module:
+def _fill(model: _M, state: dict[str, torch.Tensor], what: str, path: Path) -> _M:
     """Load ``state`` strictly into ``model`` (built on the meta device) as float32 weights.
 
     ``state`` is consumed: each value is replaced in place by a float32 copy in fresh memory
@@ -166,13 +169,13 @@ def _fill(model: nn.Module, state: dict[str, torch.Tensor], what: str, path: Pat
     return model.eval().requires_grad_(False)
 
 
-def _empty(build: Callable[[], nn.Module]) -> nn.Module:
+def _empty(build: Callable[[], _M]) -> _M:
     """Build a model without allocating or initialising its weights."""
     with torch.device("meta"):
         return build()
 
 
-def _unet_from_file(tensors: Tensors, config: dict, path: Path) -> nn.Module:
+def _unet_from_file(tensors: Tensors, config: dict, path: Path) -> UNet2DConditionModel:
     from diffusers import UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
@@ -181,7 +184,7 @@ def _unet_from_file(tensors: Tensors, config: dict, path: Path) -> nn.Module:
     return _fill(model, state, "UNet", path)
 
 
-def _vae_from_file(tensors: Tensors, config: dict, prefix: str, path: Path) -> nn.Module:
+def _vae_from_file(tensors: Tensors, config: dict, prefix: str, path: Path) -> AutoencoderKL:
     from diffusers import AutoencoderKL
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
@@ -196,14 +199,16 @@ def _vae_from_file(tensors: Tensors, config: dict, prefix: str, path: Path) -> n
 
 def _text_encoder_from_file(
     tensors: Tensors, spec: TextEncoderSpec, config: dict, path: Path
-) -> nn.Module:
+) -> CLIPTextModel | CLIPTextModelWithProjection:
     from diffusers.loaders.single_file_utils import (
         convert_ldm_clip_checkpoint,
         convert_open_clip_checkpoint,
     )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    cls = CLIPTextModelWithProjection if spec.with_projection else CLIPTextModel
+    cls: type[CLIPTextModel | CLIPTextModelWithProjection] = (
+        CLIPTextModelWithProjection if spec.with_projection else CLIPTextModel
+    )
     model = _empty(lambda: cls(CLIPTextConfig.from_dict(config)))
     raw = tensors.take(spec.prefix)
     if spec.openclip:
