@@ -27,11 +27,11 @@ from sd_fixtures import make_tiny_components, save_single_file
 from skimage import data
 
 from tileup.imageio import Picture
+from tileup.models.families import SD_TRAINING_CONFIG
 from tileup.modes import redraw as redraw_module
 from tileup.modes.model import DiffusionModel, SamplingOptions
 from tileup.modes.redraw import (
     PassCounts,
-    RedrawOptions,
     batch_schedule,
     lock_target,
     plan_passes,
@@ -40,11 +40,11 @@ from tileup.modes.redraw import (
     run_passes,
 )
 from tileup.modes.regions import crop_box, crop_masks, tile_regions
-from tileup.pipeline import Upscaler
+from tileup.pipeline import Upscaler, redraw_options, sampling_options
 from tileup.sampling.conditioning import Conditioning
 from tileup.sampling.guidance import guidance_inputs, guided_prediction
 from tileup.sampling.loop import noise_latents, plan_steps, run_sampler
-from tileup.sampling.schedules import SAMPLERS, SD_TRAINING_CONFIG, make_scheduler
+from tileup.sampling.schedules import SAMPLERS, make_scheduler
 from tileup.seams.metrics import boundary_ratio, seam_ratio
 from tileup.settings import SettingsError, UpscaleSettings
 from tileup.tiler import Box
@@ -160,7 +160,7 @@ def _model(
     cpu = torch.device("cpu")
     return DiffusionModel(
         unet=unet,
-        vae=VaeRunner(vae, cpu, vae_dtype, VaeOptions(batch=vae_batch)),
+        vae=VaeRunner(vae, cpu, vae_dtype, VaeOptions(tile=512, batch=vae_batch, store="cpu")),
         conditioning=conditioning,
         sampling=SamplingOptions(sampler, "normal", steps, cfg),
         scheduler_config=scheduler_config or dict(SD_TRAINING_CONFIG),
@@ -486,7 +486,7 @@ def test_half_precision_vae_overflow_reruns_in_fp32() -> None:
     regions = tile_regions(redraw_grid(H, W, TILE, F8, "linear"))
     model = _stand_in_model(canvas, vae=OverflowVAE(), vae_dtype=torch.float16)
     grid = redraw_grid(H, W, TILE, F8, "linear")
-    passes = plan_passes(grid, RedrawOptions(), 0.5, redraw_tiles=True)
+    passes = plan_passes(grid, redraw_options(UpscaleSettings()), 0.5, redraw_tiles=True)
     fallbacks: list[str] = []
     out, _ = run_passes(model, canvas, passes, seed=1, fallbacks=fallbacks)
     assert fallbacks == ["VAE produced NaN/inf in torch.float16; re-ran it in fp32"]
@@ -508,7 +508,7 @@ def test_tile_offsets_leave_a_seam_that_each_seam_fix_lowers() -> None:
     grid = redraw_grid(192, 256, TILE, F8, "linear")
     ratios = {"photo": seam_ratio(canvas, grid)}
     for mode in ("none", "band", "half-tile", "half-tile+intersections"):
-        options = RedrawOptions(seam_fix=mode, seam_width=32)
+        options = redraw_options(UpscaleSettings(seam_fix=mode, seam_width=32))
         passes = plan_passes(grid, options, 0.5, redraw_tiles=True)
         model = _stand_in_model(canvas, offset=0.15)
         out, _ = run_passes(model, canvas, passes, seed=1, max_batch=4)
@@ -526,7 +526,9 @@ def test_seam_fix_after_the_intersections_leaves_the_corners_smoother() -> None:
     grid = redraw_grid(192, 256, TILE, F8, "linear")
     near_corner = {}
     for mode in ("half-tile", "half-tile+intersections"):
-        passes = plan_passes(grid, RedrawOptions(seam_fix=mode), 0.5, redraw_tiles=True)
+        passes = plan_passes(
+            grid, redraw_options(UpscaleSettings(seam_fix=mode)), 0.5, redraw_tiles=True
+        )
         out, counts = run_passes(_stand_in_model(canvas), canvas, passes, seed=1, max_batch=4)
         assert [c.name for c in counts][-1] == (
             "intersections" if mode.endswith("intersections") else "half-tile-cols"
@@ -541,8 +543,10 @@ def test_seam_denoise_zero_changes_nothing_and_encodes_nothing() -> None:
     grid = redraw_grid(H, W, TILE, F8, "linear")
     outs, calls = {}, {}
     for name, options in {
-        "none": RedrawOptions(seam_fix="none"),
-        "zero": RedrawOptions(seam_fix="half-tile+intersections", seam_denoise=0.0),
+        "none": redraw_options(UpscaleSettings(seam_fix="none")),
+        "zero": redraw_options(
+            UpscaleSettings(seam_fix="half-tile+intersections", seam_denoise=0.0)
+        ),
     }.items():
         model = _stand_in_model(canvas)
         passes = plan_passes(grid, options, 0.5, redraw_tiles=True)
@@ -553,7 +557,7 @@ def test_seam_denoise_zero_changes_nothing_and_encodes_nothing() -> None:
     assert torch.equal(outs["none"], outs["zero"])
     assert calls["none"] == calls["zero"] == {"encode": 6, "decode": 6}
     # the same for a seam fix alone (after fused mode): the canvas is returned as it was
-    options = RedrawOptions(seam_fix="band", seam_denoise=0.0)
+    options = redraw_options(UpscaleSettings(seam_fix="band", seam_denoise=0.0))
     passes = plan_passes(grid, options, 0.5, redraw_tiles=False)
     model = _stand_in_model(canvas)
     out, counts = run_passes(model, canvas, passes, seed=1)
@@ -770,30 +774,46 @@ def test_cli_band_seam_fix_on_a_strip_lower_than_the_band(checkpoint, tmp_path, 
 # -- end to end through the CLI, with the offset denoiser ------------------------------------
 
 
-def _use_offset_denoiser(
-    monkeypatch, offset: Callable[[Crop], torch.Tensor], clean: np.ndarray | None = None
-) -> None:
-    """Jobs run as usual through the CLI with the sampling settings given, but the model the
-    engine loads is the offset denoiser and the exact VAE instead of the tiny UNet and VAE,
-    whose random weights turn any picture into unrelated texture. The denoiser returns ``clean``
-    (HxWx3, the whole canvas) under the crop plus ``offset(crop)``: an ideal model that
-    regenerates the picture with a colour bias; without ``clean``, its input plus the offset."""
+def _offset_model(
+    sampling: SamplingOptions, offset: Callable[[Crop], torch.Tensor], clean: np.ndarray | None
+) -> DiffusionModel:
+    """The offset denoiser and the exact VAE as the engine's model, instead of a tiny UNet and
+    VAE whose random weights turn any picture into unrelated texture. The denoiser returns
+    ``clean`` (HxWx3, the whole canvas) under the crop plus ``offset(crop)``: an ideal model
+    that regenerates the picture with a colour bias; without ``clean``, its input plus the
+    offset."""
     reference = None if clean is None else torch.from_numpy(clean.transpose(2, 0, 1).copy())
+    shuffle = ShuffleVAE()
+    return _model(
+        OracleUNet(reference, vae=shuffle, offset=offset),
+        shuffle,
+        _stand_in_conditioning(),
+        sampler=sampling.sampler,
+        steps=sampling.steps,
+        cfg=sampling.cfg,
+        vae_batch=1024,  # one encode per batch: the denoiser reads it back
+    )
 
-    def load(cls, checkpoint, *, device, dtype, load, sampling, vae) -> DiffusionModel:
-        shuffle = ShuffleVAE()
-        unet = OracleUNet(reference, vae=shuffle, offset=offset)
-        return _model(
-            unet,
-            shuffle,
-            _stand_in_conditioning(),
-            sampler=sampling.sampler,
-            steps=sampling.steps,
-            cfg=sampling.cfg,
-            vae_batch=1024,  # one encode per batch: the denoiser reads it back
-        )
 
-    monkeypatch.setattr(DiffusionModel, "load", classmethod(load))
+def _run_offset_job(
+    source: Path,
+    out: Path,
+    offset: Callable[[Crop], torch.Tensor],
+    clean: np.ndarray | None = None,
+    **values: object,
+) -> None:
+    """A redraw job through the engine and the batch writer (as the CLI runs it), with the
+    offset denoiser injected as the engine's model."""
+    from tileup.batch import upscale_files
+
+    settings = UpscaleSettings(
+        upscaler="lanczos", mode="redraw", tile=64, sampler="Euler", steps=4, denoise=0.5,
+        seed=1, **values,
+    )  # fmt: skip
+    sampling = sampling_options(settings)
+    engine = Upscaler(settings, model=_offset_model(sampling, offset, clean))
+    outcomes = upscale_files([str(source)], engine=engine, output=str(out))
+    assert [o.error for o in outcomes] == [None]
 
 
 @pytest.fixture
@@ -813,9 +833,7 @@ def _read(path: Path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB")).astype(np.float64) / 255
 
 
-def test_cli_offset_denoiser_seam_and_each_seam_fix(
-    checkpoint, smooth_photo_file, tmp_path, monkeypatch
-) -> None:
+def test_offset_denoiser_seam_and_each_seam_fix(smooth_photo_file, tmp_path) -> None:
     """A denoiser that adds a different colour offset (±0.15) to every crop leaves a seam after
     redraw without seam fix; each seam-fix mode lowers the seam ratio of the written PNG.
 
@@ -827,17 +845,12 @@ def test_cli_offset_denoiser_seam_and_each_seam_fix(
     plain = tmp_path / "plain.png"
     assert main([*base, "-o", str(plain)]) == 0
     clean = _read(plain).astype(np.float32)  # what the ideal denoiser regenerates
-    _use_offset_denoiser(monkeypatch, lambda crop: _offset(*crop, scale=0.15), clean)
-    job = [
-        *base, "--checkpoint", str(checkpoint), "--tile", "64", "--mode", "redraw",
-        "--sampler", "Euler", "--steps", "4", "--denoise", "0.5", "--seed", "1",
-        "--seam-width", "32",
-    ]  # fmt: skip
     grid = redraw_grid(192, 256, TILE, F8, "linear")
     ratios = {"plain": seam_ratio(_read(plain), grid)}
     for mode in ("none", "band", "half-tile", "half-tile+intersections"):
         out = tmp_path / f"{mode}.png"
-        assert main([*job, "--seam-fix", mode, "-o", str(out)]) == 0
+        offset = lambda crop: _offset(*crop, scale=0.15)  # noqa: E731
+        _run_offset_job(smooth_photo_file, out, offset, clean, seam_fix=mode, seam_width=32)
         ratios[mode] = seam_ratio(_read(out), grid)
     print("seam ratios:", {k: round(v, 3) for k, v in ratios.items()})
     assert ratios["plain"] < 1.1, ratios
@@ -848,24 +861,19 @@ def test_cli_offset_denoiser_seam_and_each_seam_fix(
 
 
 @pytest.mark.parametrize("method", ["wavelet", "adain"])
-def test_cli_color_fix_undoes_a_colour_shift_of_the_redraw(
-    checkpoint, smooth_photo_file, tmp_path, monkeypatch, method: str
+def test_color_fix_undoes_a_colour_shift_of_the_redraw(
+    smooth_photo_file, tmp_path, method: str
 ) -> None:
     """Re-diffusion that shifts every tile's colour by the same RGB offset moves the mean colour
     by about that much; ``--color-fix`` brings it back within 1/255 of the pixel upscale."""
     from tileup.cli import main
 
     shift = torch.tensor([0.08, -0.06, 0.05])
-    _use_offset_denoiser(monkeypatch, lambda crop: shift)
     base = [str(smooth_photo_file), "--upscaler", "lanczos", "--quiet"]
     plain, shifted, fixed = (tmp_path / f"{n}.png" for n in ("plain", "shifted", "fixed"))
     assert main([*base, "-o", str(plain)]) == 0
-    job = [
-        *base, "--checkpoint", str(checkpoint), "--tile", "64", "--mode", "redraw",
-        "--sampler", "Euler", "--steps", "4", "--denoise", "0.5", "--seed", "1",
-    ]  # fmt: skip
-    assert main([*job, "-o", str(shifted)]) == 0
-    assert main([*job, "--color-fix", method, "-o", str(fixed)]) == 0
+    _run_offset_job(smooth_photo_file, shifted, lambda crop: shift)
+    _run_offset_job(smooth_photo_file, fixed, lambda crop: shift, color_fix=method)
     source_mean = _read(plain).mean(axis=(0, 1))
     moved = _read(shifted).mean(axis=(0, 1)) - source_mean
     assert np.all(np.abs(moved - shift.numpy()) < 0.02), moved  # the shift is there, minus clipping

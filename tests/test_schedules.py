@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from tileup.errors import TileupError
+from tileup.models.families import SD_TRAINING_CONFIG
 from tileup.sampling.loop import noise_latents, plan_steps, run_sampler
 from tileup.sampling.schedules import (
     SAMPLERS,
     SCHEDULES,
-    SD_TRAINING_CONFIG,
     Sampler,
     SamplerError,
     describe_samplers,

@@ -222,8 +222,9 @@ def _folder_problem(out: Path, creatable: Path | None) -> str | None:
 
 def upscale_files(
     inputs: Sequence[str],
-    settings: UpscaleSettings,
+    settings: UpscaleSettings | None = None,
     *,
+    engine: Upscaler | None = None,
     output: str | None = None,
     overwrite: bool = False,
     recursive: bool = False,
@@ -236,8 +237,11 @@ def upscale_files(
     ``output`` is a file (one input only) or a folder (created when missing; sub-folders of
     folder inputs are mirrored below it); default ``<stem>_tileup.png`` beside the input. Bad
     outputs (see :func:`plan_outputs`) and settings or model problems common to every file raise
-    TileupError before any work, with nothing written.
+    TileupError before any work, with nothing written. Give ``settings`` (an engine is built from
+    them) or an ``engine`` already built (its models are reused; its progress is used).
     """
+    if (settings is None) == (engine is None):
+        raise TypeError("upscale_files needs settings or an engine (exactly one)")
     sources, outcomes = expand_inputs(inputs, recursive)
     # 1. Every output checked before anything is loaded or written.
     jobs = plan_outputs(sources, output, overwrite=overwrite)
@@ -246,8 +250,10 @@ def upscale_files(
     if not jobs:
         return outcomes
     # 2. One engine for every file.
-    progress = progress or NoProgress()
-    engine = Upscaler(settings, progress)
+    if engine is None:
+        assert settings is not None
+        engine = Upscaler(settings, progress or NoProgress())
+    progress = engine.progress
     for note in engine.notes:
         if on_note is not None:
             on_note(note)

@@ -40,7 +40,7 @@ from tileup.upscalers.registry import (
 
 if TYPE_CHECKING:
     from tileup.modes.fused import FusedOptions
-    from tileup.modes.model import DiffusionModel, DiffusionReport
+    from tileup.modes.model import DiffusionModel, DiffusionReport, SamplingOptions
     from tileup.modes.redraw import PassCounts, RedrawOptions, RedrawPass
     from tileup.tiler import TileGrid
     from tileup.upscalers.pixel import ModelRunner
@@ -79,6 +79,41 @@ class _StageClock:
 
     def add(self, name: str, seconds: float) -> None:
         self.seconds[name] = round(self.seconds.get(name, 0.0) + seconds, 4)
+
+
+def sampling_options(settings: UpscaleSettings) -> SamplingOptions:
+    """The sampler, schedule, steps and guidance of the settings."""
+    from tileup.modes.model import SamplingOptions
+
+    s = settings
+    return SamplingOptions(s.sampler, s.scheduler, s.steps, s.cfg)
+
+
+def fused_options(settings: UpscaleSettings) -> FusedOptions:
+    """The fused mode's tiles, overlap, blend and batch of the settings."""
+    from tileup.modes.fused import FusedOptions
+
+    s = settings
+    return FusedOptions(s.tile, s.overlap, s.blend, s.tile_batch)
+
+
+def redraw_options(settings: UpscaleSettings) -> RedrawOptions:
+    """The redraw and seam-fix knobs of the settings."""
+    from tileup.modes.redraw import RedrawOptions
+
+    s = settings
+    return RedrawOptions(
+        tile=s.tile,
+        order=s.order,
+        padding=s.padding,
+        mask_blur=s.mask_blur,
+        seam_fix=s.seam_fix,
+        seam_denoise=s.seam_denoise,
+        seam_width=s.seam_width,
+        seam_mask_blur=s.seam_mask_blur,
+        seam_padding=s.seam_padding,
+        tile_batch=s.tile_batch,
+    )
 
 
 def target_size(height: int, width: int, settings: UpscaleSettings) -> tuple[int, int]:
@@ -168,7 +203,7 @@ class Upscaler:
 
     def _load(self, checkpoint: str) -> DiffusionModel:
         from tileup.devices import diffusion_dtype
-        from tileup.modes.model import DiffusionModel, LoadOptions, SamplingOptions
+        from tileup.modes.model import DiffusionModel, LoadOptions
         from tileup.vae.runner import VaeOptions
 
         s = self.settings
@@ -177,7 +212,7 @@ class Upscaler:
             device=self.device,
             dtype=diffusion_dtype(s.dtype, self.device),
             load=LoadOptions(s.vae, s.prediction, s.prompt, s.negative_prompt),
-            sampling=SamplingOptions(s.sampler, s.scheduler, s.steps, s.cfg),
+            sampling=sampling_options(s),
             vae=VaeOptions.for_device(self.device, s.vae_tile),
         )
         if s.tile % model.factor or s.overlap % model.factor:
@@ -185,31 +220,6 @@ class Upscaler:
                 f"--tile and --overlap must be multiples of the VAE scale factor {model.factor}"
             )
         return model
-
-    # -- the stage options --------------------------------------------------------------------
-
-    def _fused_options(self) -> FusedOptions:
-        from tileup.modes.fused import FusedOptions
-
-        s = self.settings
-        return FusedOptions(s.tile, s.overlap, s.blend, s.tile_batch)
-
-    def _redraw_options(self) -> RedrawOptions:
-        from tileup.modes.redraw import RedrawOptions
-
-        s = self.settings
-        return RedrawOptions(
-            tile=s.tile,
-            order=s.order,
-            padding=s.padding,
-            mask_blur=s.mask_blur,
-            seam_fix=s.seam_fix,
-            seam_denoise=s.seam_denoise,
-            seam_width=s.seam_width,
-            seam_mask_blur=s.seam_mask_blur,
-            seam_padding=s.seam_padding,
-            tile_batch=s.tile_batch,
-        )
 
     def _job_grid(self, model: DiffusionModel, height: int, width: int) -> TileGrid | None:
         """The pixel-unit grid whose tiles are redrawn (mode "redraw") or whose seams the seam
@@ -221,7 +231,7 @@ class Upscaler:
         if s.mode == "redraw":
             return redraw_grid(height, width, s.tile, model.factor, s.order)
         if s.seam_fix != "none":
-            return fused_grid(model.factor, height, width, self._fused_options()).scaled(
+            return fused_grid(model.factor, height, width, fused_options(self.settings)).scaled(
                 model.factor
             )
         return None
@@ -233,7 +243,9 @@ class Upscaler:
         if grid is None:
             return ()
         s = self.settings
-        return plan_passes(grid, self._redraw_options(), s.denoise, redraw_tiles=s.mode == "redraw")
+        return plan_passes(
+            grid, redraw_options(self.settings), s.denoise, redraw_tiles=s.mode == "redraw"
+        )
 
     # -- planning -----------------------------------------------------------------------------
 
@@ -252,7 +264,7 @@ class Upscaler:
             model, s = self.model, self.settings
             if s.mode == "fused":
                 diffusion = fused.planned_tile_steps(
-                    model, *target, s.denoise, self._fused_options()
+                    model, *target, s.denoise, fused_options(self.settings)
                 )
             grid = self._job_grid(model, *model.canvas_size(*target))
             diffusion += redraw.planned_tile_steps(model, self._passes(grid))
@@ -387,7 +399,7 @@ class Upscaler:
                     latents,
                     seed=diffusion.seed,
                     denoise=s.denoise,
-                    options=self._fused_options(),
+                    options=fused_options(self.settings),
                     report=diffusion,
                     on_tiles=self._on_tile,
                 )

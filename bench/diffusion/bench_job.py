@@ -51,9 +51,10 @@ def run(settings: UpscaleSettings, size: int) -> dict[str, Any]:
     assert model is not None
     if settings.mode == "fused":
         from tileup.modes.fused import fused_grid
+        from tileup.pipeline import fused_options
 
         h, w = model.canvas_size(*result.picture.rgb.shape[:2])
-        grid = fused_grid(model.factor, h, w, engine._fused_options())
+        grid = fused_grid(model.factor, h, w, fused_options(settings))
         stats["tile_batch"] = model.tile_batch(
             grid.tile_height, grid.tile_width, len(grid), settings.tile_batch
         )

@@ -17,6 +17,7 @@ from collections import Counter
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -31,15 +32,19 @@ ZTSNR_KEY = "ztsnr"  # marker tensor of zero-terminal-SNR training
 SD2_V_PROBE_KEY = UNET_PREFIX + "output_blocks.11.1.transformer_blocks.0.norm1.bias"
 SD2_V_PROBE_STD = 0.09
 
-SCHEDULE = {
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-    "steps_offset": 1,
-    "timestep_spacing": "leading",
-}
-"""The schedule every SD 1.x / 2.x / XL model was trained with (plus ``prediction_type``)."""
+SD_TRAINING_CONFIG: Mapping[str, Any] = MappingProxyType(
+    {
+        "num_train_timesteps": 1000,
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "steps_offset": 1,
+    }
+)
+"""The noise schedule every SD 1.x / 2.x / XL model was trained with (diffusers config keys)."""
+
+SCHEDULE = {**SD_TRAINING_CONFIG, "timestep_spacing": "leading"}
+"""The training schedule as a checkpoint's scheduler config states it (plus ``prediction_type``)."""
 
 
 class LayoutError(ValueError):

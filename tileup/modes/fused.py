@@ -26,12 +26,13 @@ from tileup.tiler import Tile, TileGrid, plan_grid
 
 @dataclass(frozen=True)
 class FusedOptions:
-    """Tile and overlap in pixels (multiples of the VAE factor), blend window, UNet batch."""
+    """Tile and overlap in pixels (multiples of the VAE factor), blend window, UNet batch (None:
+    from free memory). Built from the settings by the pipeline, which holds the defaults."""
 
-    tile: int = 512
-    overlap: int = 64
-    blend: str = "gaussian"
-    tile_batch: int | None = None
+    tile: int
+    overlap: int
+    blend: str
+    tile_batch: int | None
 
 
 def fused_grid(factor: int, height: int, width: int, options: FusedOptions) -> TileGrid:

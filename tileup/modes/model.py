@@ -51,20 +51,20 @@ def _quiet_diffusers() -> Iterator[None]:
 class SamplingOptions:
     """Sampler and schedule names (A1111/ComfyUI), steps actually run, guidance scale."""
 
-    sampler: str = "Euler a"
-    schedule: str = "normal"
-    steps: int = 20
-    cfg: float = 7.0
+    sampler: str
+    schedule: str
+    steps: int
+    cfg: float
 
 
 @dataclass(frozen=True)
 class LoadOptions:
     """What loading a checkpoint needs besides its path."""
 
-    vae: str | None = None
-    prediction: str = "auto"
-    prompt: str = ""
-    negative_prompt: str = ""
+    vae: str | None
+    prediction: str
+    prompt: str
+    negative_prompt: str
 
 
 @dataclass

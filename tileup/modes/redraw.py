@@ -53,22 +53,22 @@ Progress = Callable[[int], None]
 
 @dataclass(frozen=True)
 class RedrawOptions:
-    """The redraw and seam-fix knobs (Ultimate SD Upscale's meaning and defaults), in pixels.
+    """The redraw and seam-fix knobs (Ultimate SD Upscale's meaning), in pixels.
 
     ``tile`` is the redraw tile (mode "redraw"); ``tile_batch`` caps the regions per UNet batch
-    (None: from free memory).
+    (None: from free memory). Built from the settings by the pipeline, which holds the defaults.
     """
 
-    tile: int = 512
-    order: str = "linear"
-    padding: int = 32
-    mask_blur: int = 8
-    seam_fix: str = "none"
-    seam_denoise: float = 0.35
-    seam_width: int = 64
-    seam_mask_blur: int = 4
-    seam_padding: int = 16
-    tile_batch: int | None = None
+    tile: int
+    order: str
+    padding: int
+    mask_blur: int
+    seam_fix: str
+    seam_denoise: float
+    seam_width: int
+    seam_mask_blur: int
+    seam_padding: int
+    tile_batch: int | None
 
 
 @dataclass(frozen=True)

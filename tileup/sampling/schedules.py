@@ -61,18 +61,8 @@ from diffusers import (
 
 from tileup.choices import PREDICTIONS
 from tileup.errors import TileupError
+from tileup.models.families import SD_TRAINING_CONFIG
 from tileup.sampling.protocols import Scheduler
-
-SD_TRAINING_CONFIG: Mapping[str, Any] = MappingProxyType(
-    {
-        "num_train_timesteps": 1000,
-        "beta_start": 0.00085,
-        "beta_end": 0.012,
-        "beta_schedule": "scaled_linear",
-        "steps_offset": 1,
-    }
-)
-"""The noise schedule every SD 1.x / 2.x / XL model was trained with."""
 
 TRAINING_KEYS = (*SD_TRAINING_CONFIG, "trained_betas", "rescale_betas_zero_snr")
 """The only keys ``make_scheduler`` reads from ``base_config`` (the rest are sampler choices)."""

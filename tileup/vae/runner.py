@@ -28,12 +28,12 @@ _Run = Callable[[Vae, torch.dtype], torch.Tensor]
 class VaeOptions:
     """How the VAE runs: tiled-VAE tile (pixels), tiles or crops per call, activation store."""
 
-    tile: int = 512
-    batch: int = 1
-    store: str = "cpu"
+    tile: int
+    batch: int
+    store: str
 
     @classmethod
-    def for_device(cls, device: torch.device, tile: int = 512) -> VaeOptions:
+    def for_device(cls, device: torch.device, tile: int) -> VaeOptions:
         """Batch 4 with the store chosen by free memory on CUDA; batch 1, host store on CPU."""
         if device.type == "cuda":
             return cls(tile=tile, batch=4, store="auto")
