@@ -18,7 +18,6 @@ from tileup.modes.regions import (
     seam_fix_passes,
     tile_regions,
 )
-from tileup.settings import SettingsError, UpscaleSettings
 from tileup.tiler import Box, plan_grid
 
 # 3 columns × 2 rows of 64 px tiles, no overlap: seams at y = 64 and x = 64, 128
@@ -255,38 +254,7 @@ def test_context_crop_holds_the_whole_blurred_mask(padding: int) -> None:
     assert context_crop(region.box, 32, 0, canvas, 8) == crop_box(region.box, 32, canvas, 8)
 
 
-# -- validation ------------------------------------------------------------------------------
-
-
-def test_validation_accepts_the_defaults() -> None:
-    UpscaleSettings(tile=512)
-    UpscaleSettings(
-        tile=64, overlap=0, order="chess", padding=0, mask_blur=0,
-        seam_fix="half-tile+intersections", seam_denoise=0.0, seam_width=64, seam_mask_blur=0,
-        seam_padding=64,
-    )  # fmt: skip
-
-
-@pytest.mark.parametrize(
-    ("change", "message"),
-    [
-        ({"padding": -1}, "--padding must be an integer in"),
-        ({"seam_padding": -8}, "--seam-padding"),
-        ({"padding": 600}, "--padding"),
-        ({"mask_blur": -1}, "--mask-blur"),
-        ({"seam_mask_blur": 65}, "--seam-mask-blur"),
-        ({"seam_width": 520}, "--seam-width must be a multiple of 8 in \\[8, --tile 512\\]"),
-        ({"seam_width": 60}, "--seam-width"),
-        ({"seam_width": 0}, "--seam-width"),
-        ({"order": "spiral"}, "--order must be one of linear, chess"),
-        ({"seam_fix": "bands"}, "--seam-fix must be one of none, band, half-tile"),
-        ({"seam_denoise": 1.5}, "--seam-denoise must be in \\[0, 1\\]"),
-        ({"padding": 8.5}, "--padding"),
-    ],
-)
-def test_validation_refuses_bad_values(change: dict, message: str) -> None:
-    with pytest.raises(SettingsError, match=message):
-        UpscaleSettings(tile=512, **change)
+# -- bad values ----------------------------------------------------------------------------
 
 
 def test_geometry_refuses_bad_values() -> None:
