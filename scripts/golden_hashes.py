@@ -32,6 +32,8 @@ from sd_fixtures import make_tiny_components, save_single_file  # noqa: E402
 FAST = ["--tile", "64", "--overlap", "16", "--upscaler", "lanczos", "--steps", "4", "--seed", "7"]
 FAST += ["--prompt", "a photo of an astronaut", "--quiet", "--scale", "2"]
 
+_IGNORED = ("Version:", "Model hash:")
+
 JOBS: dict[str, tuple[str, list[str]]] = {
     "pixel_default": ("", ["--upscaler", "default", "--quiet"]),
     "fused_sd1": ("sd1", FAST),
@@ -59,10 +61,10 @@ def main() -> int:
     parser.add_argument("--compare")
     args = parser.parse_args()
     torch.set_num_threads(2)
+    from skimage import data
+
     from tileup.cli import main as cli
     from tileup.imageio import read_parameters
-
-    from skimage import data
 
     results: dict[str, dict[str, str]] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -88,7 +90,9 @@ def main() -> int:
                 mode = img.mode
             params = read_parameters(out) or ""
             params = "\n".join(
-                ", ".join(p for p in line.split(", ") if not p.startswith(("Version:", "Model hash:")))
+                ", ".join(
+                    p for p in line.split(", ") if not p.startswith(("Version:", "Model hash:"))
+                )
                 for line in params.splitlines()
             )
             results[name] = {

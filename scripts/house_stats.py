@@ -1,6 +1,6 @@
 """Line counts per room, the largest modules and functions of a package tree (for reviews).
 
-    python scripts/house_stats.py [PACKAGE_DIR]
+python scripts/house_stats.py [PACKAGE_DIR]
 """
 
 from __future__ import annotations
@@ -30,7 +30,9 @@ def main() -> None:
     for room, lines in rooms.most_common():
         print(f"  {room:<22}{lines:>6}")
     print("largest modules:", ", ".join(f"{r} {n}" for n, r in sorted(files, reverse=True)[:6]))
-    print("largest functions:", ", ".join(f"{r} {n}" for n, r in sorted(functions, reverse=True)[:6]))
+    print(
+        "largest functions:", ", ".join(f"{r} {n}" for n, r in sorted(functions, reverse=True)[:6])
+    )
 
 
 if __name__ == "__main__":
