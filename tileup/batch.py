@@ -23,7 +23,8 @@ import torch
 from tileup.choices import IMAGE_SUFFIXES
 from tileup.errors import TileupError
 from tileup.imageio import ImageHeader, check_output, read_header, read_image, write_image
-from tileup.pipeline import NoProgress, Progress, Upscaler, target_size
+from tileup.options import target_size
+from tileup.pipeline import NoProgress, Progress, Upscaler
 from tileup.result import Stats
 from tileup.settings import UpscaleSettings
 

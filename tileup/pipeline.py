@@ -1,11 +1,9 @@
 """Orchestration only: read → pixel upscale → (re-diffuse) → alpha back → result, in steps.
 
 :class:`Upscaler` is the one engine. Built from :class:`~tileup.settings.UpscaleSettings`, it
-loads what they name once (the upscaler, the checkpoint) and turns the settings into the small
-frozen option objects the stages take (:class:`~tileup.modes.fused.FusedOptions`,
-:class:`~tileup.modes.redraw.RedrawOptions`, sampling and VAE options): nothing below this
-module sees the settings. Calling it runs one picture through the numbered steps of
-:meth:`Upscaler.__call__`.
+loads what they name once (the upscaler, the checkpoint) and hands each stage the small frozen
+option objects :mod:`tileup.options` makes of the settings: nothing below this module sees the
+settings. Calling it runs one picture through the numbered steps of :meth:`Upscaler.__call__`.
 """
 
 from __future__ import annotations
@@ -28,6 +26,15 @@ from tileup.devices import peak_memory, resolve_device, sr_dtype
 from tileup.errors import TileupError
 from tileup.imageio import Picture, read_image
 from tileup.infotext import job_parameters
+from tileup.options import (
+    fused_options,
+    load_options,
+    merge_settings,
+    redraw_options,
+    sampling_options,
+    target_size,
+    vae_options,
+)
 from tileup.result import Stats, UpscaleResult
 from tileup.settings import SettingsError, UpscaleSettings
 from tileup.upscalers.registry import (
@@ -39,9 +46,8 @@ from tileup.upscalers.registry import (
 )
 
 if TYPE_CHECKING:
-    from tileup.modes.fused import FusedOptions
-    from tileup.modes.model import DiffusionModel, DiffusionReport, SamplingOptions
-    from tileup.modes.redraw import PassCounts, RedrawOptions, RedrawPass
+    from tileup.modes.model import DiffusionModel, DiffusionReport
+    from tileup.modes.redraw import PassCounts, RedrawPass
     from tileup.tiler import TileGrid
     from tileup.upscalers.pixel import ModelRunner
     from tileup.upscalers.tiled import RunReport
@@ -79,52 +85,6 @@ class _StageClock:
 
     def add(self, name: str, seconds: float) -> None:
         self.seconds[name] = round(self.seconds.get(name, 0.0) + seconds, 4)
-
-
-def sampling_options(settings: UpscaleSettings) -> SamplingOptions:
-    """The sampler, schedule, steps and guidance of the settings."""
-    from tileup.modes.model import SamplingOptions
-
-    s = settings
-    return SamplingOptions(s.sampler, s.scheduler, s.steps, s.cfg)
-
-
-def fused_options(settings: UpscaleSettings) -> FusedOptions:
-    """The fused mode's tiles, overlap, blend and batch of the settings."""
-    from tileup.modes.fused import FusedOptions
-
-    s = settings
-    return FusedOptions(s.tile, s.overlap, s.blend, s.tile_batch)
-
-
-def redraw_options(settings: UpscaleSettings) -> RedrawOptions:
-    """The redraw and seam-fix knobs of the settings."""
-    from tileup.modes.redraw import RedrawOptions
-
-    s = settings
-    return RedrawOptions(
-        tile=s.tile,
-        order=s.order,
-        padding=s.padding,
-        mask_blur=s.mask_blur,
-        seam_fix=s.seam_fix,
-        seam_denoise=s.seam_denoise,
-        seam_width=s.seam_width,
-        seam_mask_blur=s.seam_mask_blur,
-        seam_padding=s.seam_padding,
-        tile_batch=s.tile_batch,
-    )
-
-
-def target_size(height: int, width: int, settings: UpscaleSettings) -> tuple[int, int]:
-    """Output (H, W): --width/--height exactly, one of them keeping the aspect, else × scale."""
-    if settings.width and settings.height:
-        return settings.height, settings.width
-    if settings.width:
-        return max(1, round(height * settings.width / width)), settings.width
-    if settings.height:
-        return settings.height, max(1, round(width * settings.height / height))
-    return max(1, round(height * settings.scale)), max(1, round(width * settings.scale))
 
 
 class Upscaler:
@@ -203,17 +163,16 @@ class Upscaler:
 
     def _load(self, checkpoint: str) -> DiffusionModel:
         from tileup.devices import diffusion_dtype
-        from tileup.modes.model import DiffusionModel, LoadOptions
-        from tileup.vae.runner import VaeOptions
+        from tileup.modes.model import DiffusionModel
 
         s = self.settings
         model = DiffusionModel.load(
             checkpoint,
             device=self.device,
             dtype=diffusion_dtype(s.dtype, self.device),
-            load=LoadOptions(s.vae, s.prediction, s.prompt, s.negative_prompt),
+            load=load_options(s),
             sampling=sampling_options(s),
-            vae=VaeOptions.for_device(self.device, s.vae_tile),
+            vae=vae_options(s, self.device),
         )
         if s.tile % model.factor or s.overlap % model.factor:
             raise SettingsError(
@@ -465,10 +424,3 @@ def upscale(
     settings = merge_settings(settings, overrides)
     picture = read_image(image, max_pixels=settings.max_pixels)
     return Upscaler(settings, progress)(picture)
-
-
-def merge_settings(settings: UpscaleSettings | None, overrides: dict[str, Any]) -> UpscaleSettings:
-    """``settings`` with ``overrides`` applied (validated), or settings from the overrides."""
-    if settings is None:
-        return UpscaleSettings.from_mapping(overrides)
-    return settings.replace(**overrides) if overrides else settings

@@ -51,7 +51,7 @@ def run(settings: UpscaleSettings, size: int) -> dict[str, Any]:
     assert model is not None
     if settings.mode == "fused":
         from tileup.modes.fused import fused_grid
-        from tileup.pipeline import fused_options
+        from tileup.options import fused_options
 
         h, w = model.canvas_size(*result.picture.rgb.shape[:2])
         grid = fused_grid(model.factor, h, w, fused_options(settings))

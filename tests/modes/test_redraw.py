@@ -40,7 +40,8 @@ from tileup.modes.redraw import (
     run_passes,
 )
 from tileup.modes.regions import crop_box, crop_masks, tile_regions
-from tileup.pipeline import Upscaler, redraw_options, sampling_options
+from tileup.options import redraw_options, sampling_options
+from tileup.pipeline import Upscaler
 from tileup.sampling.conditioning import Conditioning
 from tileup.sampling.guidance import guidance_inputs, guided_prediction
 from tileup.sampling.loop import noise_latents, plan_steps, run_sampler
