@@ -20,6 +20,9 @@ class Stats:
     tiles; ``pixel_tiles`` always counts the pixel model's tiles (all passes, alpha included).
     ``passes`` lists the per-region passes (redraw, seam fix) with their counts and seconds;
     ``seam_fix_jobs`` and ``seam_fix_tile_steps`` sum the seam-fix regions and their steps.
+    ``peak_memory_bytes``/``peak_reserved_bytes``: the device's peak allocated / reserved by the
+    caching allocator (CUDA; on the CPU the process's peak RSS and 0). ``memory_plan``: where
+    models live, the tile batches and the VAE store the budget allowed (see tileup.memory).
     """
 
     tiles: int
@@ -35,6 +38,8 @@ class Stats:
     passes: tuple[dict[str, Any], ...] = ()
     seam_fix_jobs: int = 0
     seam_fix_tile_steps: int = 0
+    peak_reserved_bytes: int = 0
+    memory_plan: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready dict (sizes as [width, height])."""
@@ -43,6 +48,7 @@ class Stats:
         data["input_size"] = list(self.input_size)
         data["output_size"] = list(self.output_size)
         data["passes"] = [dict(p) for p in self.passes]
+        data["memory_plan"] = dict(self.memory_plan)
         return data
 
 

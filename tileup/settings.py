@@ -182,6 +182,16 @@ class UpscaleSettings:
         metavar="N",
     )
     device: str = knob("auto", "auto, cpu, cuda or cuda:N", metavar="DEVICE")
+    vram: float | None = knob(
+        None,
+        "device memory budget in GiB that every stage plans inside (default: the device's free "
+        "memory); a budget too small for the job is refused naming the smallest that works",
+        bounds=Bounds(0.25, 4096),
+        metavar="GB",
+    )
+    low_vram: bool = knob(
+        False, "the smallest memory plan: models streamed to the device, one tile at a time"
+    )
     dtype: str = knob("auto", "compute precision", choices=DTYPES)
     max_pixels: int = knob(
         DEFAULT_MAX_PIXELS,
@@ -285,6 +295,11 @@ class UpscaleSettings:
         meta="Tile blend",
         needs_checkpoint=True,
         applies=_fused,
+    )
+    compile: bool = knob(
+        False,
+        "compile the UNet with torch.compile (a one-time cost, reported apart, then faster steps)",
+        needs_checkpoint=True,
     )
     vae_tile: int = knob(
         512, "tiled VAE tile size in pixels", bounds=_TILE_PX, needs_checkpoint=True, metavar="N"
