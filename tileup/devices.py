@@ -68,3 +68,61 @@ def peak_memory(device: torch.device) -> int:
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def module_bytes(module: torch.nn.Module) -> int:
+    """Bytes of a module's parameters and buffers."""
+    tensors = [*module.parameters(), *module.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class StreamedBlocks:
+    """Keep the big blocks of a module on the host and bring each to ``device`` only while it
+    runs (sequential offload): device memory holds one block's weights at a time.
+
+    The host copies are pinned once; a block's forward swaps its parameters to device copies
+    and back to the host copies after (nothing is copied back: inference only). Everything
+    not in ``blocks`` is moved to the device and stays there. :meth:`remove` undoes it all.
+    """
+
+    def __init__(
+        self, module: torch.nn.Module, blocks: list[torch.nn.Module], device: torch.device
+    ) -> None:
+        self.module, self.blocks, self.device = module, blocks, device
+        inside = {id(p) for b in blocks for p in [*b.parameters(), *b.buffers()]}
+        for t in [*module.parameters(), *module.buffers()]:
+            if id(t) not in inside:
+                t.data = t.data.to(device)
+        self.host: dict[int, torch.Tensor] = {}
+        for b in blocks:
+            for t in [*b.parameters(), *b.buffers()]:
+                host = t.data.to("cpu")
+                self.host[id(t)] = host.pin_memory() if device.type == "cuda" else host
+                t.data = self.host[id(t)]
+        self.handles = [
+            h for b in blocks for h in (
+                b.register_forward_pre_hook(self._load), b.register_forward_hook(self._unload)
+            )
+        ]  # fmt: skip
+
+    def _load(self, block: torch.nn.Module, args: object) -> None:
+        for t in [*block.parameters(), *block.buffers()]:
+            t.data = self.host[id(t)].to(self.device, non_blocking=True)
+
+    def _unload(self, block: torch.nn.Module, args: object, output: object) -> None:
+        for t in [*block.parameters(), *block.buffers()]:
+            t.data = self.host[id(t)]
+
+    def remove(self) -> None:
+        """Back to one resident module on the device."""
+        for h in self.handles:
+            h.remove()
+        for b in self.blocks:
+            for t in [*b.parameters(), *b.buffers()]:
+                t.data = self.host[id(t)].to(self.device)
+        self.host.clear()
+
+
+def peak_reserved(device: torch.device) -> int:
+    """Peak bytes the CUDA caching allocator reserved on ``device`` (0 elsewhere)."""
+    return int(torch.cuda.max_memory_reserved(device)) if device.type == "cuda" else 0

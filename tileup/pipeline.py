@@ -22,10 +22,11 @@ import PIL.Image
 import torch
 
 from tileup.choices import CHECKPOINT_ENV
-from tileup.devices import peak_memory, resolve_device, sr_dtype
+from tileup.devices import module_bytes, peak_memory, peak_reserved, resolve_device, sr_dtype
 from tileup.errors import TileupError
 from tileup.imageio import Picture, read_image
 from tileup.infotext import job_parameters
+from tileup.memory import GIB, JobShape, MemoryPlan, ModelSizes, plan_memory
 from tileup.options import (
     fused_options,
     load_options,
@@ -51,6 +52,7 @@ if TYPE_CHECKING:
     from tileup.tiler import TileGrid
     from tileup.upscalers.pixel import ModelRunner
     from tileup.upscalers.tiled import RunReport
+    from tileup.vae.runner import VaeOptions
 
 
 class Progress(Protocol):
@@ -108,6 +110,7 @@ class Upscaler:
         self.upscaler: UpscalerChoice = resolve_upscaler(settings.upscaler, settings.models_dirs)
         self.load_fallbacks: list[str] = []
         self.notes: list[str] = []
+        self.budget = self._budget()
         checkpoint = settings.checkpoint or os.environ.get(CHECKPOINT_ENV) or None
         latent = self.upscaler.works_on_latents
         if latent and settings.mode == "redraw":
@@ -140,6 +143,15 @@ class Upscaler:
             )
 
     # -- loading ------------------------------------------------------------------------------
+
+    def _budget(self) -> int | None:
+        """Device bytes this engine's jobs plan inside: ``--vram``, else the free memory before
+        anything is loaded (CUDA); None off CUDA (no plan: host memory is not planned)."""
+        if self.device.type != "cuda":
+            return None
+        free, _ = torch.cuda.mem_get_info(self.device)
+        vram = self.settings.vram
+        return min(free, int(vram * GIB)) if vram else free
 
     def _place_sr_model(self, upscaler: ModelUpscaler) -> ModelRunner:
         from tileup.upscalers.models import load_sr_model
@@ -248,19 +260,21 @@ class Upscaler:
                 f"limit of {settings.max_pixels}; raise it with --max-pixels"
             )
         diffusion = self._new_report()
+        plan = self._plan(target)
+        self._place(plan, "vae")
         # 2. Upscale: pixel (model passes + exact resize) or, for latent modes, in latent space.
         latents, rgb = None, None
         with clock.stage("pixel_upscale"):
             if isinstance(self.upscaler, LatentUpscaler):
                 assert self.model is not None and diffusion is not None
-                latents = self._upscale_latents(picture.rgb, target, diffusion.fallbacks)
+                latents = self._upscale_latents(picture.rgb, target, diffusion.fallbacks, plan)
             else:
-                rgb = self._upscale_pixels(picture.rgb, target, report)
+                rgb = self._upscale_pixels(picture.rgb, target, report, plan)
         # 3. Re-diffusion: fused (tiled VAE encode, fused sampling, tiled decode) or per-tile
         #    redraw; then the seam-fix passes and the colour fix, when asked.
         passes: tuple[PassCounts, ...] = ()
         if self.model is not None and diffusion is not None:
-            rgb, passes = self._rediffuse(picture, rgb, latents, target, diffusion, clock)
+            rgb, passes = self._rediffuse(picture, rgb, latents, target, diffusion, clock, plan)
         assert rgb is not None
         # 4. Alpha, upscaled separately with the same upscaler.
         with clock.stage("alpha"):
@@ -276,6 +290,8 @@ class Upscaler:
             steps_per_tile=diffusion.steps_per_tile if diffusion else 0,
             seconds=clock.seconds,
             peak_memory_bytes=peak_memory(self.device),
+            peak_reserved_bytes=peak_reserved(self.device),
+            memory_plan=plan.as_dict() if plan else {},
             fallbacks=tuple(fallbacks),
             device=str(self.device),
             input_size=(width, height),
@@ -294,6 +310,60 @@ class Upscaler:
         )
         return UpscaleResult(picture=out, stats=stats, parameters=parameters)
 
+    # -- the memory plan ----------------------------------------------------------------------
+
+    def _plan(self, target: tuple[int, int]) -> MemoryPlan | None:
+        """The job's memory plan (CUDA with a checkpoint); MemoryBudgetError when even the
+        smallest plan does not fit the budget."""
+        if self.budget is None or self.model is None:
+            return None
+        from tileup.modes.fused import fused_grid
+        from tileup.modes.regions import blur_radius
+
+        s, model = self.settings, self.model
+        unet, vae, block = model.weight_bytes()
+        sr = 0 if self.runner is None else module_bytes(self.runner.model.descriptor.model)
+        height, width = model.canvas_size(*target)
+        grid = self._job_grid(model, height, width)
+        fused = fused_grid(model.factor, height, width, fused_options(s))
+        reach = max(s.padding, blur_radius(s.mask_blur))
+        shape = JobShape(
+            canvas_height=height,
+            canvas_width=width,
+            tile=s.tile,
+            guided=s.cfg != 1,
+            vae_tile=s.vae_tile,
+            tiles=len(fused) if s.mode == "fused" else len(grid or fused),
+            vae_factor=model.factor,
+            redraw=bool(self._passes(grid)),
+            redraw_crop=s.tile + 2 * reach,
+        )
+        sizes = ModelSizes(unet=unet, vae=vae, unet_block=block, sr=sr)
+        return plan_memory(self.budget, sizes, shape, low_vram=s.low_vram)
+
+    def _place(self, plan: MemoryPlan | None, stage: str) -> None:
+        """Models where the plan wants them for ``stage`` ("vae": the SR model and the tiled
+        VAE run; "unet": fused sampling; "redraw": per-region passes need both)."""
+        model = self.model
+        if plan is None or model is None:
+            return
+        unet_home = "streamed" if plan.offload_unet else "device"
+        if stage == "vae":
+            model.place_vae("device")
+            if plan.swap_unet and not plan.offload_unet:
+                model.place_unet("host")
+        else:
+            model.place_unet(unet_home)
+            model.place_vae("host" if stage == "unet" and plan.swap_unet else "device")
+
+    def _vae_options(self, plan: MemoryPlan | None) -> VaeOptions | None:
+        """The tiled VAE's batch and device store from the plan (None: the runner's own)."""
+        if plan is None or self.model is None:
+            return None
+        return dataclasses.replace(
+            self.model.vae.options, batch=plan.vae_batch, store_bytes=plan.vae_store_bytes
+        )
+
     def _new_report(self) -> DiffusionReport | None:
         if self.model is None:
             return None
@@ -303,22 +373,37 @@ class Upscaler:
         return DiffusionReport(seed=seed if seed >= 0 else random.randrange(2**32))
 
     def _upscale_pixels(
-        self, image: np.ndarray, target: tuple[int, int], report: RunReport
+        self,
+        image: np.ndarray,
+        target: tuple[int, int],
+        report: RunReport,
+        plan: MemoryPlan | None = None,
     ) -> np.ndarray:
         from tileup.upscalers.pixel import upscale_pixels
+        from tileup.upscalers.tiled import auto_tile_size
 
         resampler = self.upscaler.mode if isinstance(self.upscaler, Resampler) else "lanczos"
+        runner = self.runner
+        planned = plan is not None and self.settings.model_tile is None
+        if runner is not None and plan is not None and planned and runner.tile is not None:
+            # the SR tile from the plan's SR budget
+            tile = auto_tile_size(runner.model, self.device, runner.dtype, plan.sr_bytes)
+            runner = dataclasses.replace(runner, tile=tile)
         return upscale_pixels(
             image,
             target,
-            runner=self.runner,
+            runner=runner,
             resampler=resampler,
             report=report,
             on_tile=self._on_tile,
         )
 
     def _upscale_latents(
-        self, rgb: np.ndarray, target: tuple[int, int], notes: list[str]
+        self,
+        rgb: np.ndarray,
+        target: tuple[int, int],
+        notes: list[str],
+        plan: MemoryPlan | None,
     ) -> torch.Tensor:
         """Step 2 for a latent upscaler: encode the source, interpolate to the target's canvas."""
         from tileup.upscalers.latent import interpolate_latents
@@ -326,7 +411,7 @@ class Upscaler:
         model = self.model
         assert model is not None and isinstance(self.upscaler, LatentUpscaler)
         f = model.factor
-        latents = model.vae.encode_canvas(model.pad_canvas(rgb), notes)
+        latents = model.vae.encode_canvas(model.pad_canvas(rgb), notes, self._vae_options(plan))
         canvas = model.canvas_size(*target)
         return interpolate_latents(latents, canvas[0] // f, canvas[1] // f, self.upscaler.mode)
 
@@ -338,6 +423,7 @@ class Upscaler:
         target: tuple[int, int],
         diffusion: DiffusionReport,
         clock: _StageClock,
+        plan: MemoryPlan | None,
     ) -> tuple[np.ndarray, tuple[PassCounts, ...]]:
         """Step 3: the re-diffusion of the upscaled canvas (``rgb``, or ``latents`` for a latent
         upscaler) in the settings' mode, then the seam fix and the colour fix."""
@@ -346,31 +432,41 @@ class Upscaler:
 
         s, model = self.settings, self.model
         assert model is not None
-        source = rgb
+        source, vae_plan = rgb, self._vae_options(plan)
         if s.mode == "fused":
             if latents is None:
                 assert rgb is not None
                 with clock.stage("vae_encode"):
-                    latents = model.vae.encode_canvas(model.pad_canvas(rgb), diffusion.fallbacks)
+                    canvas = model.pad_canvas(rgb)
+                    latents = model.vae.encode_canvas(canvas, diffusion.fallbacks, vae_plan)
+            options = fused_options(s)
+            if plan is not None and s.tile_batch is None:
+                options = dataclasses.replace(options, tile_batch=plan.unet_batch)
             with clock.stage("diffusion"):
+                self._place(plan, "unet")
                 latents = sample_fused(
                     model,
                     latents,
                     seed=diffusion.seed,
                     denoise=s.denoise,
-                    options=fused_options(self.settings),
+                    options=options,
                     report=diffusion,
                     on_tiles=self._on_tile,
                 )
             with clock.stage("vae_decode"):
-                rgb = model.vae.decode_canvas(latents, diffusion.fallbacks)
+                self._place(plan, "vae")
+                rgb = model.vae.decode_canvas(latents, diffusion.fallbacks, vae_plan)
                 rgb = rgb[: target[0], : target[1]]
         assert rgb is not None
         grid = self._job_grid(model, *model.canvas_size(*target))
         passes = self._passes(grid)
         counts: tuple[PassCounts, ...] = ()
         if grid is not None and passes:
-            batch = redraw.max_batch(model, grid, s.padding, s.tile_batch)
+            self._place(plan, "redraw")
+            if plan is not None and s.tile_batch is None:
+                batch = plan.redraw_batch
+            else:
+                batch = redraw.max_batch(model, grid, s.padding, s.tile_batch)
             canvas, counts = redraw.rediffuse_pixels(
                 model,
                 model.pad_canvas(rgb),

@@ -881,3 +881,23 @@ def test_color_fix_undoes_a_colour_shift_of_the_redraw(
     error = np.abs(_read(fixed).mean(axis=(0, 1)) - source_mean)
     print(f"{method}: shift {np.round(moved * 255, 2)}/255 → {np.round(error * 255, 3)}/255")
     assert np.all(error <= 1 / 255), error * 255
+
+
+def test_a_batch_out_of_memory_is_split_and_gives_the_same_result() -> None:
+    """Exact stand-in kernels: splitting a batch on out-of-memory changes nothing."""
+
+    class SmallCard(OracleUNet):
+        def forward(self, sample, t, encoder_hidden_states=None, added_cond_kwargs=None, **kw):
+            if sample.shape[0] > 1:
+                raise torch.OutOfMemoryError("CUDA out of memory (stand-in)")
+            return super().forward(sample, t, encoder_hidden_states, added_cond_kwargs, **kw)
+
+    canvas = _photo()
+    regions = tile_regions(redraw_grid(H, W, TILE, F8, "chess"))
+    args = {"denoise": 0.5, "padding": 8, "mask_blur": 3, "seed": 2}
+    one, _ = redraw_regions(_stand_in_model(canvas), canvas, regions, max_batch=1, **args)
+    notes: list[str] = []
+    model = _stand_in_model(canvas, unet=SmallCard(canvas))
+    split, counts = redraw_regions(model, canvas, regions, max_batch=8, fallbacks=notes, **args)
+    assert torch.equal(one, split)
+    assert counts.batches == 6 and "redraw: out of memory; batches of 1 regions" in notes

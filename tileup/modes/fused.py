@@ -73,16 +73,22 @@ class FusedDenoiser:
     blend: str = "gaussian"
     pixel_scale: int = 8
     counter: DenoiseCounter = field(default_factory=DenoiseCounter)
+    notes: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         param = next(self.unet.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.windows = normalized_windows(self.grid, self.blend, device=self.device)
         self.tiles: list[Tile] = sorted(self.grid.tiles, key=lambda t: t.index)
+        self._rebatch(self.tile_batch)
+
+    def _rebatch(self, tile_batch: int) -> None:
+        """Cut the tiles into batches of ``tile_batch``; everything but the latents is the same
+        at every step, so the guidance inputs are built once per batch, on the device."""
+        self.tile_batch = tile_batch
         self.batches = [
-            self.tiles[i : i + self.tile_batch] for i in range(0, len(self.tiles), self.tile_batch)
+            self.tiles[i : i + tile_batch] for i in range(0, len(self.tiles), tile_batch)
         ]
-        # everything but the latents is the same at every step: build it once, on the device
         self.inputs = [self._inputs(batch) for batch in self.batches]
 
     def _inputs(self, batch: list[Tile]) -> GuidanceInputs:
@@ -110,7 +116,25 @@ class FusedDenoiser:
 
     @torch.inference_mode()
     def __call__(self, latents: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
-        """Blended UNet prediction (after CFG) for a 1×C×h×w canvas at timestep ``t``."""
+        """Blended UNet prediction (after CFG) for a 1×C×h×w canvas at timestep ``t``.
+
+        On out-of-memory the tile batch is halved (noted) and the call runs again: the result
+        is the same up to the kernels' rounding for another batch size."""
+        while True:
+            try:
+                out = self._blend(latents, t)
+                break
+            except torch.OutOfMemoryError:
+                if self.tile_batch == 1:
+                    raise
+                torch.cuda.empty_cache()
+                self._rebatch(self.tile_batch // 2)
+                self.notes.append(f"UNet out of memory: {self.tile_batch} tiles per batch")
+        self.counter.tile_evaluations += len(self.tiles)
+        self.counter.calls += 1
+        return out.to(latents.dtype)
+
+    def _blend(self, latents: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
         out = torch.zeros(latents.shape, device=latents.device, dtype=torch.float32)
         for batch, inputs in zip(self.batches, self.inputs, strict=True):
             x = torch.stack([latents[0][:, ys, xs] for ys, xs in (t.box.slices for t in batch)])
@@ -118,9 +142,7 @@ class FusedDenoiser:
             for i, tile in enumerate(batch):
                 ys, xs = tile.box.slices
                 out[0][:, ys, xs] += pred[i] * self.windows[tile.index]
-        self.counter.tile_evaluations += len(self.tiles)
-        self.counter.calls += 1
-        return out.to(latents.dtype)
+        return out
 
 
 def sample_fused(
@@ -159,6 +181,7 @@ def sample_fused(
         blend=options.blend,
         pixel_scale=f,
     )
+    denoiser.notes = report.fallbacks
     report.tile_batch = batch
 
     def counted(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -168,6 +191,7 @@ def sample_fused(
         return out
 
     sampled = run_sampler(scheduler, plan, start, counted, generator=generator)
+    report.tile_batch = denoiser.tile_batch
     report.unet_evaluations = denoiser.counter.calls
     report.steps_per_tile = plan.steps
     report.tile_steps = report.tiles * plan.steps

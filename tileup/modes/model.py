@@ -118,6 +118,8 @@ class DiffusionModel:
         self.dtype = dtype
         self.info = info or ModelInfo()
         self.factor = vae.factor
+        self.unet_placement = "device"
+        self._streamed: object | None = None
         self.step_plan(1.0)  # refuses a bad sampler, schedule or step count before any work
 
     @classmethod
@@ -182,6 +184,51 @@ class DiffusionModel:
         """The pixel canvas actually diffused: ``height``×``width`` rounded up to the factor."""
         f = self.factor
         return math.ceil(height / f) * f, math.ceil(width / f) * f
+
+    # -- placement (a memory plan moves models between the device and the host) -------------
+
+    def weight_bytes(self) -> tuple[int, int, int]:
+        """Bytes of (UNet, VAE with its half-precision copy, largest UNet block) on the device."""
+        from tileup.devices import module_bytes
+
+        unet = module_bytes(self._unet_module())
+        params = list(self.vae.vae.parameters())
+        fp32 = sum(p.numel() * p.element_size() for p in params)
+        vae = fp32 + (fp32 // 2 if self.vae.dtype != torch.float32 else 0)
+        blocks = self._unet_blocks()
+        return unet, vae, max((module_bytes(b) for b in blocks), default=unet)
+
+    def _unet_module(self) -> torch.nn.Module:
+        unet = self.unet
+        assert isinstance(unet, torch.nn.Module), "placement needs an nn.Module UNet"
+        return unet
+
+    def _unet_blocks(self) -> list[torch.nn.Module]:
+        unet = self._unet_module()
+        blocks = [*getattr(unet, "down_blocks", []), *getattr(unet, "up_blocks", [])]
+        mid = getattr(unet, "mid_block", None)
+        return blocks + ([mid] if mid is not None else [])
+
+    def place_unet(self, where: str) -> None:
+        """``"device"``, ``"host"`` (parked while other stages need the memory) or
+        ``"streamed"`` (blocks brought to the device one at a time: it does not fit)."""
+        from tileup.devices import StreamedBlocks
+
+        if where == self.unet_placement:
+            return
+        if isinstance(self._streamed, StreamedBlocks):
+            self._streamed.remove()
+            self._streamed = None
+        unet = self._unet_module()
+        if where == "streamed":
+            self._streamed = StreamedBlocks(unet, self._unet_blocks(), self.device)
+        else:
+            unet.to(self.device if where == "device" else torch.device("cpu"))
+        self.unet_placement = where
+
+    def place_vae(self, where: str) -> None:
+        """``"device"`` or ``"host"``."""
+        self.vae.place(self.device if where == "device" else torch.device("cpu"))
 
     def pad_canvas(self, rgb: np.ndarray) -> np.ndarray:
         """An HxWxC image padded at the bottom/right to :meth:`canvas_size` by reflection (edge

@@ -33,6 +33,7 @@ seed, the pass and the region's position), so batching never changes what a regi
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from fractions import Fraction
@@ -251,9 +252,10 @@ def redraw_regions(
     channels = model.vae.latent_channels
     noise = pass_noise((channels, height // f, width // f), seed, pass_index).to(model.device)
     canvas = canvas.clone()
-    unet_calls = 0
-    batches = batch_schedule(crops, max_batch)
-    for batch in batches:
+    unet_calls = batches = 0
+    queue = deque(batch_schedule(crops, max_batch))
+    while queue:
+        batch = queue.popleft()
         if on_batch is not None:
             on_batch(batch)
         job = _Batch(
@@ -261,12 +263,22 @@ def redraw_regions(
             crops=[crops[j] for j in batch],
             seeds=[region_seed(seed, pass_index, j) for j in batch],
         )
-        _redraw_batch(model, canvas, job, noise, scheduler, plan, mask_blur, notes, on_tiles)
+        try:
+            _redraw_batch(model, canvas, job, noise, scheduler, plan, mask_blur, notes, on_tiles)
+        except torch.OutOfMemoryError:
+            if len(batch) == 1:
+                raise
+            torch.cuda.empty_cache()  # the canvas is pasted only once a batch is done
+            half = len(batch) // 2
+            queue.extendleft((batch[half:], batch[:half]))
+            notes.append(f"{name}: out of memory; batches of {half} regions")
+            continue
+        batches += 1
         unet_calls += plan.evaluations
     counts = PassCounts(
         name,
         len(regions),
-        len(batches),
+        batches,
         plan.steps,
         len(regions) * plan.steps,
         unet_calls,

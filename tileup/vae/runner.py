@@ -31,6 +31,9 @@ class VaeOptions:
     tile: int
     batch: int
     store: str
+    store_bytes: int | None = None
+    """With a memory plan: device bytes the tiled VAE's activations may take (the rest wait on
+    the host); None: ``store`` decides."""
 
     @classmethod
     def for_device(cls, device: torch.device, tile: int) -> VaeOptions:
@@ -76,12 +79,22 @@ class VaeRunner:
             self.dtype, self._cast = torch.float32, None
             return run(self.vae, torch.float32)
 
+    def place(self, device: torch.device) -> None:
+        """Move the VAE (and its cast copy) to ``device``: the host frees the device for the
+        UNet under a tight memory plan; its own device brings it back."""
+        self.vae.to(device=device)
+        if self._cast is not None:
+            self._cast.to(device=device)
+
     # -- whole canvases (exact tiled VAE) ---------------------------------------------------
 
-    def encode_canvas(self, rgb: np.ndarray, notes: list[str]) -> torch.Tensor:
-        """HxWx3 float32 in [0, 1] (multiples of f) → scaled latents 1×C×h×w (CPU float32)."""
+    def encode_canvas(
+        self, rgb: np.ndarray, notes: list[str], options: VaeOptions | None = None
+    ) -> torch.Tensor:
+        """HxWx3 float32 in [0, 1] (multiples of f) → scaled latents 1×C×h×w (CPU float32).
+        ``options`` (a memory plan's batch and store) override the runner's for this call."""
         image = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))[None] * 2 - 1
-        o = self.options
+        o = options or self.options
 
         def run(vae: Vae, dtype: torch.dtype) -> torch.Tensor:
             return tiled_encode(
@@ -92,19 +105,31 @@ class VaeRunner:
                 dtype=dtype,
                 batch=o.batch,
                 store=o.store,
+                store_limit=o.store_bytes,
+                notes=notes,
             )
 
         return self._guarded(run, notes) * self.scale
 
-    def decode_canvas(self, latents: torch.Tensor, notes: list[str]) -> np.ndarray:
-        """Scaled latents 1×C×h×w → HxWx3 float32 in [0, 1]."""
+    def decode_canvas(
+        self, latents: torch.Tensor, notes: list[str], options: VaeOptions | None = None
+    ) -> np.ndarray:
+        """Scaled latents 1×C×h×w → HxWx3 float32 in [0, 1] (``options`` as for encoding)."""
         z = latents.float().cpu() / self.scale
-        o = self.options
+        o = options or self.options
         tile = max(8, o.tile // self.factor)
 
         def run(vae: Vae, dtype: torch.dtype) -> torch.Tensor:
             return tiled_decode(
-                vae, z, tile=tile, device=self.device, dtype=dtype, batch=o.batch, store=o.store
+                vae,
+                z,
+                tile=tile,
+                device=self.device,
+                dtype=dtype,
+                batch=o.batch,
+                store=o.store,
+                store_limit=o.store_bytes,
+                notes=notes,
             )
 
         image = self._guarded(run, notes)

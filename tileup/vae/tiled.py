@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
@@ -172,16 +173,44 @@ class _Engine:
     """Runs stages tile batch by tile batch; canvases live on ``store``, tiles on ``device``."""
 
     def __init__(
-        self, grid: _Grid, device: torch.device, dtype: torch.dtype, store: torch.device, batch: int
+        self,
+        grid: _Grid,
+        device: torch.device,
+        dtype: torch.dtype,
+        store: torch.device,
+        batch: int,
+        *,
+        store_cap: int | None = None,
+        notes: list[str] | None = None,
     ) -> None:
         self.grid, self.device, self.dtype, self.store = grid, device, dtype, store
         self.batch = batch
         self.acc = torch.float64 if device.type in ("cpu", "cuda") else torch.float32
-        self.pinned = store.type == "cpu" and device.type == "cuda"
+        self.store_cap = store_cap if device.type == "cuda" else None
+        self.notes = notes if notes is not None else []
+
+    def _place(self, nbytes: int) -> torch.device:
+        """Where a new canvas of ``nbytes`` lives: the store, or with a ``store_cap`` (bytes the
+        device may hold in all) the device while it fits, else the host."""
+        if self.store_cap is None:
+            return self.store
+        fits = torch.cuda.memory_allocated(self.device) + nbytes <= self.store_cap
+        return self.device if fits else torch.device("cpu")
+
+    def _empty(
+        self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor:
+        """An uninitialised canvas; pinned when it waits on the host for a CUDA device."""
+        pinned = device.type == "cpu" and self.device.type == "cuda"
+        return torch.empty(shape, dtype=dtype, device=device, pin_memory=pinned)
 
     def canvas(self, data: torch.Tensor, scale: int) -> _Canvas:
         """Wrap a C×H×W tensor (copied to the store in the compute dtype)."""
-        return _Canvas(data.to(self.store, self.dtype), scale)
+        nbytes = data.numel() * torch.empty((), dtype=self.dtype).element_size()
+        place = self._place(nbytes)
+        out = self._empty(tuple(data.shape), self.dtype, place)
+        out.copy_(data)
+        return _Canvas(out, scale)
 
     def stage(
         self,
@@ -203,26 +232,36 @@ class _Engine:
         g, m_in = self.grid, inputs[0].scale
         if any(c.scale != m_in for c in inputs):
             raise ValueError("stage inputs must share one scale")
-        out = torch.empty(
-            (channels, g.height * scale, g.width * scale),
-            dtype=out_dtype or self.dtype,
-            device=out_device or self.store,
-        )
+        shape = (channels, g.height * scale, g.width * scale)
+        dtype = out_dtype or self.dtype
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        out = self._empty(shape, dtype, out_device or self._place(nbytes))
         means: list[torch.Tensor] = []
         m2s: list[torch.Tensor] = []
         counts: list[int] = []
         pending: tuple[torch.Tensor, torch.cuda.Event | None, Sequence[_Tile]] | None = None
-        for start in range(0, len(g.tiles), self.batch):
+        start = 0
+        while start < len(g.tiles):
             tiles = g.tiles[start : start + self.batch]
-            crops: list[torch.Tensor] = []
-            pads: tuple[tuple[int, int, int, int], ...] = ()
-            for c in inputs:
-                crop, pads = self._gather(c, tiles, halo)
-                crops.append(crop)
             owned = tuple(_owned(t, scale) for t in tiles)
             cores = tuple((t.top * scale, t.left * scale) for t in tiles)
-            res = fn(crops, _Batch(pads, owned, cores))
+            try:
+                crops: list[torch.Tensor] = []
+                pads: tuple[tuple[int, int, int, int], ...] = ()
+                for c in inputs:
+                    crop, pads = self._gather(c, tiles, halo)
+                    crops.append(crop)
+                res = fn(crops, _Batch(pads, owned, cores))
+            except torch.OutOfMemoryError:
+                if self.batch == 1:
+                    raise
+                crops = []
+                self.batch //= 2
+                torch.cuda.empty_cache()
+                self.notes.append(f"VAE out of memory: {self.batch} tiles per batch")
+                continue
             del crops
+            start += len(tiles)
             if res is None:
                 continue
             for i, (y0, y1, x0, x1) in enumerate(owned):
@@ -253,12 +292,8 @@ class _Engine:
         lo, hi = halo
         m, (channels, rows, cols) = c.scale, c.data.shape
         ch, cw = self.grid.tile_h * m + lo + hi, self.grid.tile_w * m + lo + hi
-        buf = torch.empty(
-            (len(tiles), channels, ch, cw),
-            dtype=c.data.dtype,
-            device=c.data.device,
-            pin_memory=self.pinned,
-        )
+        pinned = c.data.device.type == "cpu" and self.device.type == "cuda"
+        buf = self._empty((len(tiles), channels, ch, cw), c.data.dtype, c.data.device)
         pads = []
         for i, t in enumerate(tiles):
             y0, x0 = t.top * m - lo, t.left * m - lo
@@ -269,7 +304,7 @@ class _Engine:
             pads.append(pad)
         batch = _Batch(tuple(pads), (), ())
         batch.zero_outside(buf)
-        return buf.to(self.device, self.dtype, non_blocking=self.pinned), batch.pads
+        return buf.to(self.device, self.dtype, non_blocking=pinned), batch.pads
 
     def _to(
         self, res: torch.Tensor, out: torch.Tensor
@@ -673,6 +708,14 @@ def _setup(
     return dev, dt, st
 
 
+def _cap(device: torch.device, store_limit: int | None) -> int | None:
+    """The device bytes allowed in all while the call runs: what is allocated now plus
+    ``store_limit`` (None: no cap; canvases go to ``store``)."""
+    if store_limit is None or device.type != "cuda":
+        return None
+    return torch.cuda.memory_allocated(device) + store_limit
+
+
 def tiled_encode(
     vae: Vae,
     image: torch.Tensor,
@@ -682,6 +725,8 @@ def tiled_encode(
     dtype: torch.dtype | None = None,
     batch: int = 1,
     store: torch.device | str = "cpu",
+    store_limit: int | None = None,
+    notes: list[str] | None = None,
 ) -> torch.Tensor:
     """Posterior mean of a diffusers AutoencoderKL, computed tile by tile, exactly.
 
@@ -695,7 +740,10 @@ def tiled_encode(
     grows with it); ``store``: where the full-size activations wait between stages:
     ``"cpu"`` keeps device memory bounded by the tile (CPU memory: :func:`store_bytes`),
     ``"device"`` is several times faster when they fit, ``"auto"`` takes the device when they
-    need at most half of its free memory. Raises NonFiniteError on NaN/inf.
+    need at most half of its free memory; ``store_limit`` (CUDA) instead places each activation
+    on the device while the device holds at most that many bytes more than when the call
+    started, else on the host (pinned): the budget of a memory plan. On out-of-memory the batch
+    is halved (noted in ``notes``). Raises NonFiniteError on NaN/inf.
     """
     f = vae_scale_factor(vae)
     if image.ndim != 4 or image.shape[1] != vae.config.in_channels:
@@ -707,7 +755,8 @@ def tiled_encode(
         vae, device, dtype, store, lambda d: store_bytes(vae, height, width, d, decode=False)
     )
     enc, quant = _placed(vae.encoder, getattr(vae, "quant_conv", None), dev, dt)
-    eng = _Engine(_grid(height // f, width // f, tile // f), dev, dt, st, max(1, batch))
+    grid = _grid(height // f, width // f, tile // f)
+    eng = _Engine(grid, dev, dt, st, max(1, batch), store_cap=_cap(dev, store_limit), notes=notes)
     latent = vae.config.latent_channels
     outs = []
     with torch.inference_mode():
@@ -728,6 +777,8 @@ def tiled_decode(
     dtype: torch.dtype | None = None,
     batch: int = 1,
     store: torch.device | str = "cpu",
+    store_limit: int | None = None,
+    notes: list[str] | None = None,
 ) -> torch.Tensor:
     """Decode with a diffusers AutoencoderKL tile by tile, exactly.
 
@@ -751,7 +802,8 @@ def tiled_decode(
         vae, device, dtype, store, lambda d: store_bytes(vae, h, w, d, decode=True)
     )
     dec, post = _placed(vae.decoder, getattr(vae, "post_quant_conv", None), dev, dt)
-    eng = _Engine(_grid(latents.shape[2], latents.shape[3], tile), dev, dt, st, max(1, batch))
+    grid = _grid(latents.shape[2], latents.shape[3], tile)
+    eng = _Engine(grid, dev, dt, st, max(1, batch), store_cap=_cap(dev, store_limit), notes=notes)
     outs = []
     with torch.inference_mode():
         for one in latents:

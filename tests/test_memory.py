@@ -1,0 +1,117 @@
+"""The memory plan (pure arithmetic), and the out-of-memory fallbacks that halve a batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tileup.devices import StreamedBlocks
+from tileup.memory import (
+    GIB,
+    MIB,
+    JobShape,
+    MemoryBudgetError,
+    ModelSizes,
+    plan_memory,
+)
+from tileup.modes.fused import FusedDenoiser
+from tileup.sampling.conditioning import Conditioning
+from tileup.tiler import plan_grid
+
+SD15 = ModelSizes(unet=int(1.72 * GIB), vae=int(0.5 * GIB), unet_block=int(0.25 * GIB), sr=70 * MIB)
+SDXL = ModelSizes(unet=int(5.14 * GIB), vae=int(0.5 * GIB), unet_block=int(0.6 * GIB), sr=70 * MIB)
+K4 = JobShape(4096, 4096, 512, True, 512, 81)
+
+
+def test_a_big_card_keeps_everything_on_the_device() -> None:
+    plan = plan_memory(139 * GIB, SD15, K4, low_vram=False)
+    assert not plan.swap_unet and not plan.offload_unet
+    assert plan.unet_batch == 32 and plan.vae_batch == 8
+    assert plan.vae_store_bytes > 16 * GIB  # the whole 4K decode store fits
+    assert plan.as_dict()["unet"] == "device"
+
+
+@pytest.mark.parametrize("gib", [4, 6, 8, 12, 24])
+def test_every_card_from_4_to_24_gib_gets_a_plan_inside_its_budget(gib: int) -> None:
+    for shape in (K4, JobShape(4096, 4096, 512, True, 512, 64, redraw=True)):
+        plan = plan_memory(gib * GIB, SD15, shape, low_vram=False)
+        assert plan.minimum_bytes <= plan.budget_bytes == gib * GIB
+        assert 1 <= plan.unet_batch <= shape.tiles and 1 <= plan.vae_batch <= 8
+        # what the plan keeps on the device at once stays inside the budget
+        unet = 0 if plan.swap_unet else SD15.unet
+        assert unet + SD15.vae + plan.vae_store_bytes <= plan.budget_bytes
+
+
+def test_small_cards_park_the_unet_and_tiny_ones_stream_it() -> None:
+    assert plan_memory(8 * GIB, SD15, K4, low_vram=False).swap_unet  # 4K store is 16 GiB
+    streamed = plan_memory(int(2.5 * GIB), SD15, K4, low_vram=False)
+    assert streamed.offload_unet and streamed.as_dict()["unet"] == "streamed"
+    assert plan_memory(8 * GIB, SDXL, K4, low_vram=False).offload_unet is False
+    assert plan_memory(5 * GIB, SDXL, K4, low_vram=False).offload_unet
+
+
+def test_too_small_a_budget_names_the_smallest_that_works() -> None:
+    with pytest.raises(MemoryBudgetError, match=r"at least 2\.\d\d GiB \(--vram\)"):
+        plan_memory(1 * GIB, SD15, K4, low_vram=False)
+    minimum = plan_memory(8 * GIB, SD15, K4, low_vram=False).minimum_bytes
+    plan_memory(minimum, SD15, K4, low_vram=False)  # the minimum itself works
+    print8k = plan_memory(16 * GIB, SD15, JobShape(8192, 8192, 512, True, 512, 289), low_vram=False)
+    assert print8k.minimum_bytes > minimum  # the VAE's global attention grows with the canvas
+
+
+def test_low_vram_is_the_smallest_plan_whatever_the_budget() -> None:
+    plan = plan_memory(80 * GIB, SD15, K4, low_vram=True)
+    assert plan.offload_unet and plan.swap_unet
+    assert (plan.unet_batch, plan.vae_batch, plan.redraw_batch, plan.vae_store_bytes) == (
+        1,
+        1,
+        1,
+        0,
+    )
+
+
+# -- out-of-memory fallbacks ---------------------------------------------------------------
+
+
+class LimitedUNet(torch.nn.Module):
+    """Predicts a per-sample constant; raises CUDA's out-of-memory error above ``limit``."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(()))
+        self.limit, self.batches = limit, []
+
+    def forward(self, sample, t, encoder_hidden_states=None, added_cond_kwargs=None, **_):
+        self.batches.append(sample.shape[0])
+        if sample.shape[0] > self.limit:
+            raise torch.OutOfMemoryError("CUDA out of memory (stand-in)")
+        return (sample * 0.5 + sample.mean(dim=(1, 2, 3), keepdim=True),)
+
+
+def test_fused_denoiser_halves_its_batch_on_out_of_memory() -> None:
+    grid = plan_grid(40, 56, 16, 4)
+    cond = Conditioning(cond=torch.zeros(1, 77, 8), uncond=torch.zeros(1, 77, 8))
+    latents = torch.randn(1, 4, 40, 56, generator=torch.Generator().manual_seed(0))
+    reference = FusedDenoiser(LimitedUNet(99), grid, cond, cfg=1.0, tile_batch=1)
+    unet = LimitedUNet(3)
+    limited = FusedDenoiser(unet, grid, cond, cfg=1.0, tile_batch=len(grid))
+    out = limited(latents, torch.tensor(5))
+    assert torch.equal(out, reference(latents, torch.tensor(5)))
+    # 15 tiles: batches of 15, then 7 fail; 3 fit (halved twice)
+    assert limited.tile_batch == 3 and unet.batches[:2] == [15, 7]
+    assert limited.notes == [
+        "UNet out of memory: 7 tiles per batch",
+        "UNet out of memory: 3 tiles per batch",
+    ]
+    assert limited.counter.calls == 1 and limited.counter.tile_evaluations == len(grid)
+
+
+def test_streamed_blocks_give_the_same_output_and_can_be_removed() -> None:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    x = torch.randn(3, 8)
+    expected = net(x)
+    streamed = StreamedBlocks(net, [net[0], net[2]], torch.device("cpu"))
+    assert torch.equal(net(x), expected)
+    streamed.remove()
+    assert torch.equal(net(x), expected) and not net[0]._forward_pre_hooks
