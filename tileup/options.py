@@ -59,7 +59,7 @@ def load_options(settings: UpscaleSettings) -> LoadOptions:
     from tileup.modes.model import LoadOptions
 
     s = settings
-    return LoadOptions(s.vae, s.prediction, s.prompt, s.negative_prompt)
+    return LoadOptions(s.vae, s.prediction, s.prompt, s.negative_prompt, s.compile)
 
 
 def vae_options(settings: UpscaleSettings, device: torch.device) -> VaeOptions:

@@ -15,7 +15,7 @@ import math
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
@@ -65,6 +65,8 @@ class LoadOptions:
     prediction: str
     prompt: str
     negative_prompt: str
+    compile: bool = False
+    """torch.compile the UNet (its first calls at each batch shape pay the compilation)."""
 
 
 @dataclass
@@ -151,8 +153,11 @@ class DiffusionModel:
         for encoder in encoders:  # no longer needed: free the device memory
             encoder.to("cpu")
         info = ModelInfo(sd.name, sd.model_hash, sd.vae_name, sd.family)
+        unet: UNet = sd.unet
+        if load.compile:  # an nn.Module (OptimizedModule) that keeps the UNet's interface
+            unet = cast(UNet, torch.compile(sd.unet))
         return cls(
-            unet=sd.unet,
+            unet=unet,
             vae=runner,
             conditioning=conditioning,
             sampling=sampling,
