@@ -32,7 +32,7 @@ UNET_SAMPLE_BYTES_64 = 96 * MIB
 """UNet activations per sample at a 64×64 latent tile (SD 1.5, bf16; ~91 MB measured at batch
 64), scaled by tile area; a guided tile is two samples."""
 
-VAE_TILE_BYTES_PER_PX = 1400
+VAE_TILE_BYTES_PER_PX = 2000
 """Tiled-VAE working bytes per pixel of a tile in one batch: 128 channels at full resolution in
 the compute dtype, the float32 norm-activation intermediate and the conv output."""
 
@@ -43,7 +43,7 @@ VAE_STORE_BYTES_PER_PX = 1024
 """Peak bytes per output pixel of the tiled VAE's full-size activations ((256 + 2·128) channels
 at full resolution, bf16, while decoding); all of it on the device is the fast case."""
 
-RESERVE_BYTES = 256 * MIB
+RESERVE_BYTES = 512 * MIB
 """Kept free for the allocator's rounding, cuDNN/cuBLAS workspaces and small tensors."""
 
 MAX_UNET_BATCH = 32

@@ -198,11 +198,23 @@ class _Engine:
         return self.device if fits else torch.device("cpu")
 
     def _empty(
-        self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+        self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, pin: bool = False
     ) -> torch.Tensor:
-        """An uninitialised canvas; pinned when it waits on the host for a CUDA device."""
-        pinned = device.type == "cpu" and self.device.type == "cuda"
+        """An uninitialised tensor; ``pin``: page-locked when it is a host staging buffer for a
+        CUDA device (whole canvases are not pinned: pinning gigabytes costs seconds)."""
+        pinned = pin and device.type == "cpu" and self.device.type == "cuda"
         return torch.empty(shape, dtype=dtype, device=device, pin_memory=pinned)
+
+    def _evict(self, canvases: Sequence[_Canvas]) -> None:
+        """Move canvases held on the device to the host and place every later one there: the
+        plan's device store was too generous (an out-of-memory at one tile per batch)."""
+        for c in canvases:
+            if c.data.device.type != "cpu":
+                c.data = c.data.to("cpu")
+        self.store_cap = 0 if self.store_cap is not None else None
+        if self.store.type != "cpu":
+            self.store = torch.device("cpu")
+        torch.cuda.empty_cache()
 
     def canvas(self, data: torch.Tensor, scale: int) -> _Canvas:
         """Wrap a C×H×W tensor (copied to the store in the compute dtype)."""
@@ -253,12 +265,19 @@ class _Engine:
                     crops.append(crop)
                 res = fn(crops, _Batch(pads, owned, cores))
             except torch.OutOfMemoryError:
-                if self.batch == 1:
-                    raise
                 crops = []
-                self.batch //= 2
-                torch.cuda.empty_cache()
-                self.notes.append(f"VAE out of memory: {self.batch} tiles per batch")
+                if self.batch > 1:
+                    self.batch //= 2
+                    torch.cuda.empty_cache()
+                    self.notes.append(f"VAE out of memory: {self.batch} tiles per batch")
+                    continue
+                on_device = [c for c in (*inputs, _Canvas(out, scale)) if c.data.is_cuda]
+                if not on_device:
+                    raise
+                self._evict(inputs)
+                if out.is_cuda:
+                    out = out.to("cpu")
+                self.notes.append("VAE out of memory: activations moved to the host")
                 continue
             del crops
             start += len(tiles)
@@ -293,7 +312,7 @@ class _Engine:
         m, (channels, rows, cols) = c.scale, c.data.shape
         ch, cw = self.grid.tile_h * m + lo + hi, self.grid.tile_w * m + lo + hi
         pinned = c.data.device.type == "cpu" and self.device.type == "cuda"
-        buf = self._empty((len(tiles), channels, ch, cw), c.data.dtype, c.data.device)
+        buf = self._empty((len(tiles), channels, ch, cw), c.data.dtype, c.data.device, pin=True)
         pads = []
         for i, t in enumerate(tiles):
             y0, x0 = t.top * m - lo, t.left * m - lo
