@@ -17,6 +17,7 @@ import torch
 from sd_fixtures import make_tiny_components
 
 from tileup.vae import tiled as tv
+from tileup.vae.engine import vae_grid
 from tileup.vae.tiled import NonFiniteError, tiled_decode, tiled_encode
 
 DECODE_TOL = 5e-5
@@ -176,7 +177,7 @@ def test_chunked_math_attention_equals_sdpa() -> None:
 
 def test_grid_owned_regions_partition_the_canvas() -> None:
     for height, width, tile in [(24, 40, 7), (9, 8, 8), (5, 7, 16), (64, 64, 64)]:
-        grid = tv._grid(height, width, tile)
+        grid = vae_grid(height, width, tile)
         cover = torch.zeros(height, width, dtype=torch.int32)
         for t in grid.tiles:
             assert t.top >= 0 and t.top + grid.tile_h <= height

@@ -40,17 +40,20 @@ is tile-sized, never image-sized.
 from __future__ import annotations
 
 import copy
-import itertools
-import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tileup.tiler import axis_starts
+from tileup.vae.engine import (
+    Canvas,
+    NonFiniteError,
+    StageBatch,
+    StagedEngine,
+    vae_grid,
+)
 from tileup.vae.protocols import (
     Attention,
     Decoder,
@@ -71,321 +74,10 @@ __all__ = ["NonFiniteError", "store_bytes", "tiled_decode", "tiled_encode", "vae
 _SCORES_BUDGET = 1 << 27  # max elements of one attention score matrix (heads × queries × keys)
 
 
-class NonFiniteError(FloatingPointError):
-    """The VAE produced NaN or inf (SD1.5/SDXL VAEs overflow in fp16): re-run in float32."""
-
-
 def vae_scale_factor(vae: Vae) -> int:
     """Pixels per latent pixel of an AutoencoderKL: ``2 ** (len(block_out_channels) - 1)``."""
     factor: int = 2 ** (len(vae.config.block_out_channels) - 1)  # int ** int is Any to mypy
     return factor
-
-
-# --- geometry ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Tile:
-    """A tile in latent px: its core ``[top, top + tile_h) × [left, left + tile_w)`` and its owned
-    region (inside the core; the owned regions of all tiles partition the canvas)."""
-
-    top: int
-    left: int
-    own_top: int
-    own_left: int
-    own_height: int
-    own_width: int
-
-
-@dataclass(frozen=True)
-class _Grid:
-    """Uniform-size tiles over a ``height × width`` latent canvas."""
-
-    height: int
-    width: int
-    tile_h: int
-    tile_w: int
-    tiles: tuple[_Tile, ...]
-
-
-def _grid(height: int, width: int, tile: int) -> _Grid:
-    """Fewest ``min(tile, side)``-sized cores covering the canvas, evenly spread, snapped in."""
-    th, tw = min(tile, height), min(tile, width)
-
-    def axis(length: int, size: int) -> list[tuple[int, int]]:
-        starts = axis_starts(length, size, 0)
-        return list(zip(starts, [*starts[1:], length], strict=True))
-
-    tiles = tuple(
-        _Tile(top, left, top, left, bottom - top, right - left)
-        for (top, bottom), (left, right) in itertools.product(axis(height, th), axis(width, tw))
-    )
-    return _Grid(height, width, th, tw, tiles)
-
-
-@dataclass(frozen=True)
-class _Batch:
-    """What a stage function needs to know about the tiles of one batch.
-
-    ``pads``: per tile, the rows/cols of the input crop outside the image (top, bottom, left,
-    right; input px). ``owned``: per tile, the owned region inside the output core
-    (y0, y1, x0, x1; output px). ``cores``: per tile, the core's (top, left) in output px.
-    """
-
-    pads: tuple[tuple[int, int, int, int], ...]
-    owned: tuple[tuple[int, int, int, int], ...]
-    cores: tuple[tuple[int, int], ...]
-
-    def zero_outside(self, h: torch.Tensor) -> torch.Tensor:
-        """Zero, in place, the crop outside the image (the convs' zero padding); returns ``h``."""
-        rows, cols = h.shape[-2:]
-        for i, (top, bottom, left, right) in enumerate(self.pads):
-            if top:
-                h[i, :, :top] = 0
-            if bottom:
-                h[i, :, rows - bottom :] = 0
-            if left:
-                h[i, :, :, :left] = 0
-            if right:
-                h[i, :, :, cols - right :] = 0
-        return h
-
-
-_StageFn = Callable[[list[torch.Tensor], _Batch], "torch.Tensor | None"]
-
-
-@dataclass
-class _Canvas:
-    """A whole activation, ``data`` C×H×W at ``scale`` px per latent px, with per-tile channel
-    statistics of it (on the compute device): ``mean``/``m2`` T×C, ``count`` T×1."""
-
-    data: torch.Tensor
-    scale: int
-    mean: torch.Tensor | None = None
-    m2: torch.Tensor | None = None
-    count: torch.Tensor | None = None
-
-
-# --- the staged engine -------------------------------------------------------------------------
-
-
-class _Engine:
-    """Runs stages tile batch by tile batch; canvases live on ``store``, tiles on ``device``."""
-
-    def __init__(
-        self,
-        grid: _Grid,
-        device: torch.device,
-        dtype: torch.dtype,
-        store: torch.device,
-        batch: int,
-        *,
-        store_cap: int | None = None,
-        notes: list[str] | None = None,
-    ) -> None:
-        self.grid, self.device, self.dtype, self.store = grid, device, dtype, store
-        self.batch = batch
-        self.acc = torch.float64 if device.type in ("cpu", "cuda") else torch.float32
-        self.store_cap = store_cap if device.type == "cuda" else None
-        self.notes = notes if notes is not None else []
-
-    def _place(self, nbytes: int) -> torch.device:
-        """Where a new canvas of ``nbytes`` lives: the store, or with a ``store_cap`` (bytes the
-        device may hold in all) the device while it fits, else the host."""
-        if self.store_cap is None:
-            return self.store
-        fits = torch.cuda.memory_allocated(self.device) + nbytes <= self.store_cap
-        return self.device if fits else torch.device("cpu")
-
-    def _empty(
-        self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, pin: bool = False
-    ) -> torch.Tensor:
-        """An uninitialised tensor; ``pin``: page-locked when it is a host staging buffer for a
-        CUDA device (whole canvases are not pinned: pinning gigabytes costs seconds)."""
-        pinned = pin and device.type == "cpu" and self.device.type == "cuda"
-        return torch.empty(shape, dtype=dtype, device=device, pin_memory=pinned)
-
-    def _evict(self, canvases: Sequence[_Canvas]) -> None:
-        """Move canvases held on the device to the host and place every later one there: the
-        plan's device store was too generous (an out-of-memory at one tile per batch)."""
-        for c in canvases:
-            if c.data.device.type != "cpu":
-                c.data = c.data.to("cpu")
-        self.store_cap = 0 if self.store_cap is not None else None
-        if self.store.type != "cpu":
-            self.store = torch.device("cpu")
-        torch.cuda.empty_cache()
-
-    def canvas(self, data: torch.Tensor, scale: int) -> _Canvas:
-        """Wrap a C×H×W tensor (copied to the store in the compute dtype)."""
-        nbytes = data.numel() * torch.empty((), dtype=self.dtype).element_size()
-        place = self._place(nbytes)
-        out = self._empty(tuple(data.shape), self.dtype, place)
-        out.copy_(data)
-        return _Canvas(out, scale)
-
-    def stage(
-        self,
-        inputs: Sequence[_Canvas],
-        fn: _StageFn,
-        *,
-        channels: int,
-        scale: int,
-        halo: tuple[int, int],
-        out_dtype: torch.dtype | None = None,
-        out_device: torch.device | None = None,
-    ) -> _Canvas:
-        """Run ``fn`` over all tiles; returns the output canvas (C=``channels``, at ``scale``).
-
-        Every input (all at one scale) is cropped to core + ``halo`` = (before, after) input px
-        per axis; ``fn`` maps the batched crops to the batched output cores (B×C×th·s×tw·s) or
-        returns None (side effects only; the returned canvas is then empty).
-        """
-        g, m_in = self.grid, inputs[0].scale
-        if any(c.scale != m_in for c in inputs):
-            raise ValueError("stage inputs must share one scale")
-        shape = (channels, g.height * scale, g.width * scale)
-        dtype = out_dtype or self.dtype
-        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        out = self._empty(shape, dtype, out_device or self._place(nbytes))
-        means: list[torch.Tensor] = []
-        m2s: list[torch.Tensor] = []
-        counts: list[int] = []
-        pending: tuple[torch.Tensor, torch.cuda.Event | None, Sequence[_Tile]] | None = None
-        start = 0
-        while start < len(g.tiles):
-            tiles = g.tiles[start : start + self.batch]
-            owned = tuple(_owned(t, scale) for t in tiles)
-            cores = tuple((t.top * scale, t.left * scale) for t in tiles)
-            try:
-                crops: list[torch.Tensor] = []
-                pads: tuple[tuple[int, int, int, int], ...] = ()
-                for c in inputs:
-                    crop, pads = self._gather(c, tiles, halo)
-                    crops.append(crop)
-                res = fn(crops, _Batch(pads, owned, cores))
-            except torch.OutOfMemoryError:
-                crops = []
-                if self.batch > 1:
-                    self.batch //= 2
-                    torch.cuda.empty_cache()
-                    self.notes.append(f"VAE out of memory: {self.batch} tiles per batch")
-                    continue
-                on_device = [c for c in (*inputs, _Canvas(out, scale)) if c.data.is_cuda]
-                if not on_device:
-                    raise
-                self._evict(inputs)
-                if out.is_cuda:
-                    out = out.to("cpu")
-                self.notes.append("VAE out of memory: activations moved to the host")
-                continue
-            del crops
-            start += len(tiles)
-            if res is None:
-                continue
-            for i, (y0, y1, x0, x1) in enumerate(owned):
-                var, mean = torch.var_mean(
-                    res[i, :, y0:y1, x0:x1].float(), dim=(1, 2), correction=0
-                )
-                n = (y1 - y0) * (x1 - x0)
-                means.append(mean)
-                m2s.append(var * n)
-                counts.append(n)
-            moved = self._to(res, out)
-            if pending is not None:
-                self._scatter(out, scale, *pending)
-            pending = (*moved, tiles)
-        if pending is not None:
-            self._scatter(out, scale, *pending)
-        result = _Canvas(out, scale)
-        if means:
-            result.mean = torch.stack(means).to(self.acc)
-            result.m2 = torch.stack(m2s).to(self.acc)
-            result.count = torch.tensor(counts, dtype=self.acc, device=self.device)[:, None]
-        return result
-
-    def _gather(
-        self, c: _Canvas, tiles: Sequence[_Tile], halo: tuple[int, int]
-    ) -> tuple[torch.Tensor, tuple[tuple[int, int, int, int], ...]]:
-        """Batched crops (B×C×(th·m + lo + hi)×(tw·m + lo + hi)) on the device, zero outside."""
-        lo, hi = halo
-        m, (channels, rows, cols) = c.scale, c.data.shape
-        ch, cw = self.grid.tile_h * m + lo + hi, self.grid.tile_w * m + lo + hi
-        pinned = c.data.device.type == "cpu" and self.device.type == "cuda"
-        buf = self._empty((len(tiles), channels, ch, cw), c.data.dtype, c.data.device, pin=True)
-        pads = []
-        for i, t in enumerate(tiles):
-            y0, x0 = t.top * m - lo, t.left * m - lo
-            sy0, sy1 = max(y0, 0), min(y0 + ch, rows)
-            sx0, sx1 = max(x0, 0), min(x0 + cw, cols)
-            pad = (sy0 - y0, y0 + ch - sy1, sx0 - x0, x0 + cw - sx1)
-            buf[i, :, pad[0] : ch - pad[1], pad[2] : cw - pad[3]] = c.data[:, sy0:sy1, sx0:sx1]
-            pads.append(pad)
-        batch = _Batch(tuple(pads), (), ())
-        batch.zero_outside(buf)
-        return buf.to(self.device, self.dtype, non_blocking=pinned), batch.pads
-
-    def _to(
-        self, res: torch.Tensor, out: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.cuda.Event | None]:
-        """Start moving a result batch to ``out``'s device/dtype; (tensor, event to wait on)."""
-        res = res.to(out.dtype)
-        if res.device == out.device:
-            return res, None
-        if out.device.type == "cpu" and res.device.type == "cuda":
-            host = torch.empty(res.shape, dtype=out.dtype, pin_memory=True)
-            host.copy_(res, non_blocking=True)
-            event = torch.cuda.Event()  # type: ignore[no-untyped-call]  # unannotated in torch
-            event.record()
-            return host, event
-        return res.to(out.device), None
-
-    def _scatter(
-        self,
-        out: torch.Tensor,
-        scale: int,
-        res: torch.Tensor,
-        event: torch.cuda.Event | None,
-        tiles: Sequence[_Tile],
-    ) -> None:
-        """Paste every tile's owned region of a result batch into ``out``."""
-        if event is not None:
-            event.synchronize()
-        for i, t in enumerate(tiles):
-            y0, y1, x0, x1 = _owned(t, scale)
-            top, left = t.top * scale, t.left * scale
-            out[:, top + y0 : top + y1, left + x0 : left + x1] = res[i, :, y0:y1, x0:x1]
-
-    def affine(self, c: _Canvas, norm: nn.GroupNorm) -> tuple[torch.Tensor, torch.Tensor]:
-        """GroupNorm ``norm`` with whole-canvas statistics as a per-channel affine ``x·a + b``.
-
-        Returns float32 (1, C, 1, 1) tensors on the device; raises NonFiniteError when the
-        statistics are not finite (one host sync).
-        """
-        if c.mean is None or c.m2 is None or c.count is None:
-            raise RuntimeError("canvas has no statistics")
-        groups, channels = norm.num_groups, c.mean.shape[1]
-        per = channels // groups
-        mean = c.mean.view(-1, groups, per)
-        m2 = c.m2.view(-1, groups, per)
-        n = c.count.view(-1, 1, 1)
-        total = n.sum() * per
-        g_mean = (n * mean).sum((0, 2)) / total
-        g_var = (m2 + n * (mean - g_mean[None, :, None]) ** 2).sum((0, 2)) / total
-        rstd = (g_var + norm.eps).rsqrt().repeat_interleave(per)
-        a, b = rstd, -g_mean.repeat_interleave(per) * rstd
-        if norm.affine:
-            w, bias = norm.weight.to(self.acc), norm.bias.to(self.acc)
-            a, b = a * w, b * w + bias
-        if not bool(torch.isfinite(a).all() & torch.isfinite(b).all()):
-            raise NonFiniteError(f"non-finite activations before a GroupNorm in {self.dtype}")
-        return a.float().view(1, -1, 1, 1), b.float().view(1, -1, 1, 1)
-
-
-def _owned(t: _Tile, scale: int) -> tuple[int, int, int, int]:
-    """Owned region of ``t`` relative to its core, at ``scale``: (y0, y1, x0, x1)."""
-    y0, x0 = (t.own_top - t.top) * scale, (t.own_left - t.left) * scale
-    return y0, y0 + t.own_height * scale, x0, x0 + t.own_width * scale
 
 
 # --- ops ---------------------------------------------------------------------------------------
@@ -425,7 +117,7 @@ def _unsupported(what: str) -> NotImplementedError:
     )
 
 
-def _resnet(eng: _Engine, x: _Canvas, r: ResnetBlock) -> _Canvas:
+def _resnet(eng: StagedEngine, x: Canvas, r: ResnetBlock) -> Canvas:
     """ResnetBlock2D (no time embedding, no up/down): two stages."""
     if (
         type(r).__name__ != "ResnetBlock2D"
@@ -437,7 +129,7 @@ def _resnet(eng: _Engine, x: _Canvas, r: ResnetBlock) -> _Canvas:
     dtype, m = eng.dtype, x.scale
     a1, b1 = eng.affine(x, r.norm1)
 
-    def first(crops: list[torch.Tensor], batch: _Batch) -> torch.Tensor:
+    def first(crops: list[torch.Tensor], batch: StageBatch) -> torch.Tensor:
         return _conv(
             r.conv1, batch.zero_outside(_norm_act(crops[0], a1, b1, r.nonlinearity, dtype))
         )
@@ -446,7 +138,7 @@ def _resnet(eng: _Engine, x: _Canvas, r: ResnetBlock) -> _Canvas:
     a2, b2 = eng.affine(h, r.norm2)
     lo, hi = _halo(r.conv2)
 
-    def second(crops: list[torch.Tensor], batch: _Batch) -> torch.Tensor:
+    def second(crops: list[torch.Tensor], batch: StageBatch) -> torch.Tensor:
         out = _conv(r.conv2, batch.zero_outside(_norm_act(crops[0], a2, b2, r.nonlinearity, dtype)))
         skip = crops[1][:, :, lo : crops[1].shape[2] - hi, lo : crops[1].shape[3] - hi]
         if r.conv_shortcut is not None:
@@ -483,7 +175,7 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return _attend(q, k, v, [SDPBackend.MATH], chunk)
 
 
-def _attention(eng: _Engine, x: _Canvas, attn: Attention) -> _Canvas:
+def _attention(eng: StagedEngine, x: Canvas, attn: Attention) -> Canvas:
     """The VAE mid-block self-attention, exact over the whole latent-resolution canvas.
 
     Pass 1 projects every owned token to Q, K and V in raster order (device buffers of
@@ -508,7 +200,7 @@ def _attention(eng: _Engine, x: _Canvas, attn: Attention) -> _Canvas:
     def grid5(t: torch.Tensor) -> torch.Tensor:
         return t.view(heads, rows, cols, d)
 
-    def project(crops: list[torch.Tensor], batch: _Batch) -> None:
+    def project(crops: list[torch.Tensor], batch: StageBatch) -> None:
         h = _norm_act(crops[0], a, b, None, dtype).permute(0, 2, 3, 1)  # B×th×tw×C
         for proj, dst in zip((attn.to_q, attn.to_k, attn.to_v), qkv, strict=True):
             p = proj(h).unflatten(-1, (heads, d)).permute(0, 3, 1, 2, 4)  # B×heads×th×tw×d
@@ -520,7 +212,7 @@ def _attention(eng: _Engine, x: _Canvas, attn: Attention) -> _Canvas:
     o = grid5(_sdpa(*qkv)[0])
     qkv.clear()
 
-    def out(crops: list[torch.Tensor], batch: _Batch) -> torch.Tensor:
+    def out(crops: list[torch.Tensor], batch: StageBatch) -> torch.Tensor:
         x_in = crops[0]
         th, tw = x_in.shape[-2:]
         h = torch.stack([o[:, top : top + th, left : left + tw] for top, left in batch.cores])
@@ -533,7 +225,7 @@ def _attention(eng: _Engine, x: _Canvas, attn: Attention) -> _Canvas:
     return eng.stage([x], out, channels=channels, scale=m, halo=(0, 0))
 
 
-def _mid(eng: _Engine, x: _Canvas, mid: MidBlock) -> _Canvas:
+def _mid(eng: StagedEngine, x: Canvas, mid: MidBlock) -> Canvas:
     """UNetMidBlock2D: resnet, then (attention, resnet) pairs."""
     if type(mid).__name__ != "UNetMidBlock2D":
         raise _unsupported(f"got mid block {type(mid).__name__}")
@@ -545,7 +237,7 @@ def _mid(eng: _Engine, x: _Canvas, mid: MidBlock) -> _Canvas:
     return x
 
 
-def _downsample(eng: _Engine, x: _Canvas, ds: Downsample) -> _Canvas:
+def _downsample(eng: StagedEngine, x: Canvas, ds: Downsample) -> Canvas:
     """Downsample2D with a stride-2 conv (diffusers pads (0, 1, 0, 1) when ``padding == 0``)."""
     conv = getattr(ds, "conv", None)
     if (
@@ -562,13 +254,13 @@ def _downsample(eng: _Engine, x: _Canvas, ds: Downsample) -> _Canvas:
     p = conv.padding[0]
     halo = (p, 3 - 2 - p)  # output o reads input 2o - p .. 2o - p + 2
 
-    def down(crops: list[torch.Tensor], batch: _Batch) -> torch.Tensor:
+    def down(crops: list[torch.Tensor], batch: StageBatch) -> torch.Tensor:
         return _conv(conv, crops[0])
 
     return eng.stage([x], down, channels=conv.out_channels, scale=x.scale // 2, halo=halo)
 
 
-def _upsample(eng: _Engine, x: _Canvas, us: Upsample) -> _Canvas:
+def _upsample(eng: StagedEngine, x: Canvas, us: Upsample) -> Canvas:
     """Upsample2D: nearest ×2, then a 3×3 conv (halo 1 low-res px, 2 high-res px cropped off)."""
     conv = us.conv if us.name == "conv" else us.Conv2d_0
     if us.use_conv_transpose or us.norm is not None or not us.interpolate or not us.use_conv:
@@ -577,7 +269,7 @@ def _upsample(eng: _Engine, x: _Canvas, us: Upsample) -> _Canvas:
     if (lo, hi) != (1, 1):
         raise _unsupported(f"got upsampler conv {conv}")
 
-    def up(crops: list[torch.Tensor], batch: _Batch) -> torch.Tensor:
+    def up(crops: list[torch.Tensor], batch: StageBatch) -> torch.Tensor:
         h = _conv(conv, F.interpolate(crops[0], scale_factor=2.0, mode="nearest"))
         return h[:, :, 1:-1, 1:-1]
 
@@ -588,7 +280,7 @@ def _upsample(eng: _Engine, x: _Canvas, us: Upsample) -> _Canvas:
 
 
 def _encode_one(
-    eng: _Engine, enc: Encoder, quant: nn.Module | None, latent: int, image: _Canvas
+    eng: StagedEngine, enc: Encoder, quant: nn.Module | None, latent: int, image: Canvas
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Encoder → quant_conv → posterior mean; (latent C×h×w float32 CPU, finite flag)."""
     x = eng.stage(
@@ -609,7 +301,7 @@ def _encode_one(
     a, b = eng.affine(x, enc.conv_norm_out)
     flags: list[torch.Tensor] = []
 
-    def out(crops: list[torch.Tensor], batch: _Batch) -> torch.Tensor:
+    def out(crops: list[torch.Tensor], batch: StageBatch) -> torch.Tensor:
         h = batch.zero_outside(_norm_act(crops[0], a, b, enc.conv_act, eng.dtype))
         h = _conv(enc.conv_out, h)
         if quant is not None:
@@ -631,14 +323,14 @@ def _encode_one(
 
 
 def _decode_one(
-    eng: _Engine, dec: Decoder, post: nn.Module | None, z: _Canvas
+    eng: StagedEngine, dec: Decoder, post: nn.Module | None, z: Canvas
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """post_quant_conv → Decoder; (image 3×H×W float32 CPU clamped to [-1, 1], finite flag)."""
     norm_out = dec.conv_norm_out
     if type(norm_out).__name__ != "GroupNorm" or not isinstance(norm_out, nn.GroupNorm):
         raise _unsupported("got a decoder with spatial norm")
 
-    def conv_in(crops: list[torch.Tensor], batch: _Batch) -> torch.Tensor:
+    def conv_in(crops: list[torch.Tensor], batch: StageBatch) -> torch.Tensor:
         h = crops[0] if post is None else batch.zero_outside(post(crops[0]))
         return _conv(dec.conv_in, h)
 
@@ -656,7 +348,7 @@ def _decode_one(
     a, b = eng.affine(x, norm_out)
     flags: list[torch.Tensor] = []
 
-    def out(crops: list[torch.Tensor], batch: _Batch) -> torch.Tensor:
+    def out(crops: list[torch.Tensor], batch: StageBatch) -> torch.Tensor:
         h = batch.zero_outside(_norm_act(crops[0], a, b, dec.conv_act, eng.dtype))
         h = _conv(dec.conv_out, h)
         flags.append(torch.isfinite(h).all())
@@ -774,8 +466,10 @@ def tiled_encode(
         vae, device, dtype, store, lambda d: store_bytes(vae, height, width, d, decode=False)
     )
     enc, quant = _placed(vae.encoder, getattr(vae, "quant_conv", None), dev, dt)
-    grid = _grid(height // f, width // f, tile // f)
-    eng = _Engine(grid, dev, dt, st, max(1, batch), store_cap=_cap(dev, store_limit), notes=notes)
+    grid = vae_grid(height // f, width // f, tile // f)
+    eng = StagedEngine(
+        grid, dev, dt, st, max(1, batch), store_cap=_cap(dev, store_limit), notes=notes
+    )
     latent = vae.config.latent_channels
     outs = []
     with torch.inference_mode():
@@ -821,8 +515,10 @@ def tiled_decode(
         vae, device, dtype, store, lambda d: store_bytes(vae, h, w, d, decode=True)
     )
     dec, post = _placed(vae.decoder, getattr(vae, "post_quant_conv", None), dev, dt)
-    grid = _grid(latents.shape[2], latents.shape[3], tile)
-    eng = _Engine(grid, dev, dt, st, max(1, batch), store_cap=_cap(dev, store_limit), notes=notes)
+    grid = vae_grid(latents.shape[2], latents.shape[3], tile)
+    eng = StagedEngine(
+        grid, dev, dt, st, max(1, batch), store_cap=_cap(dev, store_limit), notes=notes
+    )
     outs = []
     with torch.inference_mode():
         for one in latents:

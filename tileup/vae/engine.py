@@ -1,0 +1,344 @@
+"""The staged engine of the exact tiled VAE: its tile grid, whole-image activations
+("canvases") with per-tile channel statistics, and one stage run over every tile.
+
+An activation lives as a full-size canvas (on the device while the plan allows, else on the
+host); a stage crops every tile's core plus a halo from its input canvases, runs a function on
+the device batch by batch, writes each tile's owned region to the output canvas and keeps the
+channel mean and M2 of that region, from which the next GroupNorm takes exact whole-image
+statistics (:meth:`StagedEngine.affine`). See :mod:`tileup.vae.tiled` for the network walk.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from tileup.tiler import axis_starts
+
+__all__ = [
+    "Canvas",
+    "NonFiniteError",
+    "StageBatch",
+    "StageFn",
+    "StagedEngine",
+    "VaeGrid",
+    "VaeTile",
+    "owned_region",
+    "vae_grid",
+]
+
+
+class NonFiniteError(FloatingPointError):
+    """The VAE produced NaN or inf (SD1.5/SDXL VAEs overflow in fp16): re-run in float32."""
+
+
+# --- geometry ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VaeTile:
+    """A tile in latent px: its core ``[top, top + tile_h) × [left, left + tile_w)`` and its owned
+    region (inside the core; the owned regions of all tiles partition the canvas)."""
+
+    top: int
+    left: int
+    own_top: int
+    own_left: int
+    own_height: int
+    own_width: int
+
+
+@dataclass(frozen=True)
+class VaeGrid:
+    """Uniform-size tiles over a ``height × width`` latent canvas."""
+
+    height: int
+    width: int
+    tile_h: int
+    tile_w: int
+    tiles: tuple[VaeTile, ...]
+
+
+def vae_grid(height: int, width: int, tile: int) -> VaeGrid:
+    """Fewest ``min(tile, side)``-sized cores covering the canvas, evenly spread, snapped in."""
+    th, tw = min(tile, height), min(tile, width)
+
+    def axis(length: int, size: int) -> list[tuple[int, int]]:
+        starts = axis_starts(length, size, 0)
+        return list(zip(starts, [*starts[1:], length], strict=True))
+
+    tiles = tuple(
+        VaeTile(top, left, top, left, bottom - top, right - left)
+        for (top, bottom), (left, right) in itertools.product(axis(height, th), axis(width, tw))
+    )
+    return VaeGrid(height, width, th, tw, tiles)
+
+
+@dataclass(frozen=True)
+class StageBatch:
+    """What a stage function needs to know about the tiles of one batch.
+
+    ``pads``: per tile, the rows/cols of the input crop outside the image (top, bottom, left,
+    right; input px). ``owned``: per tile, the owned region inside the output core
+    (y0, y1, x0, x1; output px). ``cores``: per tile, the core's (top, left) in output px.
+    """
+
+    pads: tuple[tuple[int, int, int, int], ...]
+    owned: tuple[tuple[int, int, int, int], ...]
+    cores: tuple[tuple[int, int], ...]
+
+    def zero_outside(self, h: torch.Tensor) -> torch.Tensor:
+        """Zero, in place, the crop outside the image (the convs' zero padding); returns ``h``."""
+        rows, cols = h.shape[-2:]
+        for i, (top, bottom, left, right) in enumerate(self.pads):
+            if top:
+                h[i, :, :top] = 0
+            if bottom:
+                h[i, :, rows - bottom :] = 0
+            if left:
+                h[i, :, :, :left] = 0
+            if right:
+                h[i, :, :, cols - right :] = 0
+        return h
+
+
+StageFn = Callable[[list[torch.Tensor], StageBatch], "torch.Tensor | None"]
+
+
+@dataclass
+class Canvas:
+    """A whole activation, ``data`` C×H×W at ``scale`` px per latent px, with per-tile channel
+    statistics of it (on the compute device): ``mean``/``m2`` T×C, ``count`` T×1."""
+
+    data: torch.Tensor
+    scale: int
+    mean: torch.Tensor | None = None
+    m2: torch.Tensor | None = None
+    count: torch.Tensor | None = None
+
+
+# --- the staged engine -------------------------------------------------------------------------
+
+
+class StagedEngine:
+    """Runs stages tile batch by tile batch; canvases live on ``store``, tiles on ``device``."""
+
+    def __init__(
+        self,
+        grid: VaeGrid,
+        device: torch.device,
+        dtype: torch.dtype,
+        store: torch.device,
+        batch: int,
+        *,
+        store_cap: int | None = None,
+        notes: list[str] | None = None,
+    ) -> None:
+        self.grid, self.device, self.dtype, self.store = grid, device, dtype, store
+        self.batch = batch
+        self.acc = torch.float64 if device.type in ("cpu", "cuda") else torch.float32
+        self.store_cap = store_cap if device.type == "cuda" else None
+        self.notes = notes if notes is not None else []
+
+    def _place(self, nbytes: int) -> torch.device:
+        """Where a new canvas of ``nbytes`` lives: the store, or with a ``store_cap`` (bytes the
+        device may hold in all) the device while it fits, else the host."""
+        if self.store_cap is None:
+            return self.store
+        fits = torch.cuda.memory_allocated(self.device) + nbytes <= self.store_cap
+        return self.device if fits else torch.device("cpu")
+
+    def _empty(
+        self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, pin: bool = False
+    ) -> torch.Tensor:
+        """An uninitialised tensor; ``pin``: page-locked when it is a host staging buffer for a
+        CUDA device (whole canvases are not pinned: pinning gigabytes costs seconds)."""
+        pinned = pin and device.type == "cpu" and self.device.type == "cuda"
+        return torch.empty(shape, dtype=dtype, device=device, pin_memory=pinned)
+
+    def _evict(self, canvases: Sequence[Canvas]) -> None:
+        """Move canvases held on the device to the host and place every later one there: the
+        plan's device store was too generous (an out-of-memory at one tile per batch)."""
+        for c in canvases:
+            if c.data.device.type != "cpu":
+                c.data = c.data.to("cpu")
+        self.store_cap = 0 if self.store_cap is not None else None
+        if self.store.type != "cpu":
+            self.store = torch.device("cpu")
+        torch.cuda.empty_cache()
+
+    def canvas(self, data: torch.Tensor, scale: int) -> Canvas:
+        """Wrap a C×H×W tensor (copied to the store in the compute dtype)."""
+        nbytes = data.numel() * torch.empty((), dtype=self.dtype).element_size()
+        place = self._place(nbytes)
+        out = self._empty(tuple(data.shape), self.dtype, place)
+        out.copy_(data)
+        return Canvas(out, scale)
+
+    def stage(
+        self,
+        inputs: Sequence[Canvas],
+        fn: StageFn,
+        *,
+        channels: int,
+        scale: int,
+        halo: tuple[int, int],
+        out_dtype: torch.dtype | None = None,
+        out_device: torch.device | None = None,
+    ) -> Canvas:
+        """Run ``fn`` over all tiles; returns the output canvas (C=``channels``, at ``scale``).
+
+        Every input (all at one scale) is cropped to core + ``halo`` = (before, after) input px
+        per axis; ``fn`` maps the batched crops to the batched output cores (B×C×th·s×tw·s) or
+        returns None (side effects only; the returned canvas is then empty).
+        """
+        g, m_in = self.grid, inputs[0].scale
+        if any(c.scale != m_in for c in inputs):
+            raise ValueError("stage inputs must share one scale")
+        shape = (channels, g.height * scale, g.width * scale)
+        dtype = out_dtype or self.dtype
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        out = self._empty(shape, dtype, out_device or self._place(nbytes))
+        means: list[torch.Tensor] = []
+        m2s: list[torch.Tensor] = []
+        counts: list[int] = []
+        pending: tuple[torch.Tensor, torch.cuda.Event | None, Sequence[VaeTile]] | None = None
+        start = 0
+        while start < len(g.tiles):
+            tiles = g.tiles[start : start + self.batch]
+            owned = tuple(owned_region(t, scale) for t in tiles)
+            cores = tuple((t.top * scale, t.left * scale) for t in tiles)
+            try:
+                crops: list[torch.Tensor] = []
+                pads: tuple[tuple[int, int, int, int], ...] = ()
+                for c in inputs:
+                    crop, pads = self._gather(c, tiles, halo)
+                    crops.append(crop)
+                res = fn(crops, StageBatch(pads, owned, cores))
+            except torch.OutOfMemoryError:
+                crops = []
+                if self.batch > 1:
+                    self.batch //= 2
+                    torch.cuda.empty_cache()
+                    self.notes.append(f"VAE out of memory: {self.batch} tiles per batch")
+                    continue
+                on_device = [c for c in (*inputs, Canvas(out, scale)) if c.data.is_cuda]
+                if not on_device:
+                    raise
+                self._evict(inputs)
+                if out.is_cuda:
+                    out = out.to("cpu")
+                self.notes.append("VAE out of memory: activations moved to the host")
+                continue
+            del crops
+            start += len(tiles)
+            if res is None:
+                continue
+            for i, (y0, y1, x0, x1) in enumerate(owned):
+                var, mean = torch.var_mean(
+                    res[i, :, y0:y1, x0:x1].float(), dim=(1, 2), correction=0
+                )
+                n = (y1 - y0) * (x1 - x0)
+                means.append(mean)
+                m2s.append(var * n)
+                counts.append(n)
+            moved = self._to(res, out)
+            if pending is not None:
+                self._scatter(out, scale, *pending)
+            pending = (*moved, tiles)
+        if pending is not None:
+            self._scatter(out, scale, *pending)
+        result = Canvas(out, scale)
+        if means:
+            result.mean = torch.stack(means).to(self.acc)
+            result.m2 = torch.stack(m2s).to(self.acc)
+            result.count = torch.tensor(counts, dtype=self.acc, device=self.device)[:, None]
+        return result
+
+    def _gather(
+        self, c: Canvas, tiles: Sequence[VaeTile], halo: tuple[int, int]
+    ) -> tuple[torch.Tensor, tuple[tuple[int, int, int, int], ...]]:
+        """Batched crops (B×C×(th·m + lo + hi)×(tw·m + lo + hi)) on the device, zero outside."""
+        lo, hi = halo
+        m, (channels, rows, cols) = c.scale, c.data.shape
+        ch, cw = self.grid.tile_h * m + lo + hi, self.grid.tile_w * m + lo + hi
+        pinned = c.data.device.type == "cpu" and self.device.type == "cuda"
+        buf = self._empty((len(tiles), channels, ch, cw), c.data.dtype, c.data.device, pin=True)
+        pads = []
+        for i, t in enumerate(tiles):
+            y0, x0 = t.top * m - lo, t.left * m - lo
+            sy0, sy1 = max(y0, 0), min(y0 + ch, rows)
+            sx0, sx1 = max(x0, 0), min(x0 + cw, cols)
+            pad = (sy0 - y0, y0 + ch - sy1, sx0 - x0, x0 + cw - sx1)
+            buf[i, :, pad[0] : ch - pad[1], pad[2] : cw - pad[3]] = c.data[:, sy0:sy1, sx0:sx1]
+            pads.append(pad)
+        batch = StageBatch(tuple(pads), (), ())
+        batch.zero_outside(buf)
+        return buf.to(self.device, self.dtype, non_blocking=pinned), batch.pads
+
+    def _to(
+        self, res: torch.Tensor, out: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        """Start moving a result batch to ``out``'s device/dtype; (tensor, event to wait on)."""
+        res = res.to(out.dtype)
+        if res.device == out.device:
+            return res, None
+        if out.device.type == "cpu" and res.device.type == "cuda":
+            host = torch.empty(res.shape, dtype=out.dtype, pin_memory=True)
+            host.copy_(res, non_blocking=True)
+            event = torch.cuda.Event()  # type: ignore[no-untyped-call]  # unannotated in torch
+            event.record()
+            return host, event
+        return res.to(out.device), None
+
+    def _scatter(
+        self,
+        out: torch.Tensor,
+        scale: int,
+        res: torch.Tensor,
+        event: torch.cuda.Event | None,
+        tiles: Sequence[VaeTile],
+    ) -> None:
+        """Paste every tile's owned region of a result batch into ``out``."""
+        if event is not None:
+            event.synchronize()
+        for i, t in enumerate(tiles):
+            y0, y1, x0, x1 = owned_region(t, scale)
+            top, left = t.top * scale, t.left * scale
+            out[:, top + y0 : top + y1, left + x0 : left + x1] = res[i, :, y0:y1, x0:x1]
+
+    def affine(self, c: Canvas, norm: nn.GroupNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """GroupNorm ``norm`` with whole-canvas statistics as a per-channel affine ``x·a + b``.
+
+        Returns float32 (1, C, 1, 1) tensors on the device; raises NonFiniteError when the
+        statistics are not finite (one host sync).
+        """
+        if c.mean is None or c.m2 is None or c.count is None:
+            raise RuntimeError("canvas has no statistics")
+        groups, channels = norm.num_groups, c.mean.shape[1]
+        per = channels // groups
+        mean = c.mean.view(-1, groups, per)
+        m2 = c.m2.view(-1, groups, per)
+        n = c.count.view(-1, 1, 1)
+        total = n.sum() * per
+        g_mean = (n * mean).sum((0, 2)) / total
+        g_var = (m2 + n * (mean - g_mean[None, :, None]) ** 2).sum((0, 2)) / total
+        rstd = (g_var + norm.eps).rsqrt().repeat_interleave(per)
+        a, b = rstd, -g_mean.repeat_interleave(per) * rstd
+        if norm.affine:
+            w, bias = norm.weight.to(self.acc), norm.bias.to(self.acc)
+            a, b = a * w, b * w + bias
+        if not bool(torch.isfinite(a).all() & torch.isfinite(b).all()):
+            raise NonFiniteError(f"non-finite activations before a GroupNorm in {self.dtype}")
+        return a.float().view(1, -1, 1, 1), b.float().view(1, -1, 1, 1)
+
+
+def owned_region(t: VaeTile, scale: int) -> tuple[int, int, int, int]:
+    """Owned region of ``t`` relative to its core, at ``scale``: (y0, y1, x0, x1)."""
+    y0, x0 = (t.own_top - t.top) * scale, (t.own_left - t.left) * scale
+    return y0, y0 + t.own_height * scale, x0, x0 + t.own_width * scale
