@@ -21,17 +21,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from tileup.memory import MAX_UNET_BATCH, UNET_SAMPLE_BYTES_64
 from tileup.models.checkpoint import load_checkpoint
 from tileup.sampling.conditioning import Conditioning, encode_prompts
 from tileup.sampling.loop import StepPlan, plan_steps
 from tileup.sampling.protocols import Scheduler, UNet
 from tileup.sampling.schedules import make_scheduler
 from tileup.vae.runner import VaeOptions, VaeRunner
-
-# Bytes of UNet activations per tile sample at a 64×64 latent (SD1.5 measured ≈ 90 MB at batch
-# 64 in bf16); scaled by area and doubled by CFG to size the tile batch from free memory.
-_BYTES_PER_TILE_64 = 96 << 20
-_MAX_TILE_BATCH = 32
 
 
 @contextmanager
@@ -249,14 +245,15 @@ class DiffusionModel:
     def tile_batch(
         self, tile_height: int, tile_width: int, count: int, requested: int | None
     ) -> int:
-        """Tiles (latent ``tile_height``×``tile_width``) per UNet batch: ``requested``, or as
-        many as fit in half the free device memory (CUDA, at most 32), or 4 on the CPU."""
+        """Tiles (latent ``tile_height``×``tile_width``) per UNet batch: ``requested`` (the
+        pipeline passes its memory plan's), or as many as fit in half the free device memory by
+        the plan's per-sample estimate (CUDA, at most 32), or 4 on the CPU."""
         if requested:
             return min(requested, count)
         if self.device.type != "cuda":
             return min(4, count)
         free, _ = torch.cuda.mem_get_info(self.device)
         area = tile_height * tile_width / 64**2
-        per_tile = _BYTES_PER_TILE_64 * area * (2 if self.sampling.cfg != 1 else 1)
+        per_tile = UNET_SAMPLE_BYTES_64 * area * (2 if self.sampling.cfg != 1 else 1)
         fits = max(1, int(free * 0.5 // per_tile))
-        return min(count, fits, _MAX_TILE_BATCH)
+        return min(count, fits, MAX_UNET_BATCH)
