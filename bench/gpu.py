@@ -19,6 +19,10 @@ CFG 7, prompt "a photo", seed 1, bf16, eager):
 | sdxl_low_vram | the same | 8 GiB |
 | print_8k | the reference job from 2048² to 8192² | 8 GiB |
 | two_gpus | the reference job on ``cuda:0,cuda:1`` | two whole GPUs |
+| two_gpus_redraw | the redraw job on ``cuda:0,cuda:1`` | two whole GPUs |
+| reference_compiled | the reference job with ``--compile`` (warm-up: the job itself, so the
+  compilation is in ``warmup_seconds``) | whole GPU |
+| low_vram | the reference job with ``--low-vram`` | whole GPU |
 | naive | diffusers' img2img per 512² tile (fused grid), one at a time, pasted | whole GPU |
 
 ``vram_sweep``: the reference (fused) and redraw jobs on cards of 4, 6, 8, 12 and 24 GiB and the
@@ -152,6 +156,8 @@ class Job:
     gib: float
     devices: int = 1
     description: str = ""
+    variant: str = ""
+    """"" (default settings), "compiled" (--compile) or "low_vram" (--low-vram)."""
 
 
 JOBS = {
@@ -162,12 +168,28 @@ JOBS = {
     "sdxl_low_vram": Job("sdxl_fused", 8, description="SDXL fused, 8 GiB card"),
     "print_8k": Job("print_8k", 8, description="SD 1.5 fused 2048² → 8192², 8 GiB card"),
     "two_gpus": Job("sd15_fused", WHOLE, devices=2, description="SD 1.5 fused, cuda:0,cuda:1"),
+    "two_gpus_redraw": Job(
+        "sd15_redraw", WHOLE, devices=2, description="SD 1.5 redraw linear, cuda:0,cuda:1"
+    ),
+    "reference_compiled": Job(
+        "sd15_fused", WHOLE, description="SD 1.5 fused, whole GPU, --compile", variant="compiled"
+    ),
+    "low_vram": Job(
+        "sd15_fused", WHOLE, description="SD 1.5 fused, --low-vram", variant="low_vram"
+    ),
     "naive": Job("naive", WHOLE, description="diffusers img2img per 512² tile, whole GPU"),
 }
 FLOP_OWNERS = {"sd15_fused": "reference", "sd15_redraw": "redraw", "sdxl_fused": "sdxl"}
 FLOP_OWNERS |= {"print_8k": "print_8k", "naive": "naive"}
 SWEEP_JOBS = {"fused": "reference", "redraw": "redraw"}
-BASELINES = {"reference_low_vram": "reference", "sdxl_low_vram": "sdxl", "two_gpus": "reference"}
+BASELINES = {
+    "reference_low_vram": "reference",
+    "sdxl_low_vram": "sdxl",
+    "two_gpus": "reference",
+    "two_gpus_redraw": "redraw",
+    "reference_compiled": "reference",
+    "low_vram": "reference",
+}
 
 
 def _card(gib: float, devices: int = 1) -> str:
@@ -336,9 +358,10 @@ def _digest(image: np.ndarray) -> str:
     return h.hexdigest()[:16]
 
 
-def output_path(work: Path, kind: str, gib: float, devices: int) -> Path:
+def output_path(work: Path, kind: str, gib: float, devices: int, variant: str = "") -> Path:
     gpus = f"-{devices}gpu" if devices > 1 else ""
-    return work / "outputs" / f"{kind}-{_card(gib).replace(' ', '')}{gpus}.npy"
+    more = f"-{variant}" if variant else ""
+    return work / "outputs" / f"{kind}-{_card(gib).replace(' ', '')}{gpus}{more}.npy"
 
 
 def _count_flops(fn: Any) -> tuple[int, dict[str, int], float]:
@@ -370,7 +393,9 @@ class OneArgs:
     smoke: bool
 
 
-def _engine_settings(o: OneArgs, kind: Kind, device: str, checkpoint: str | None) -> Any:
+def _engine_settings(
+    o: OneArgs, kind: Kind, device: str, checkpoint: str | None, job: Job | None = None
+) -> Any:
     from tileup import UpscaleSettings
 
     _, tile, overlap = kind.shape(o.smoke)
@@ -391,7 +416,8 @@ def _engine_settings(o: OneArgs, kind: Kind, device: str, checkpoint: str | None
         tile=tile,
         mode=mode,
         device=device,
-        compile=False,
+        compile=job is not None and job.variant == "compiled",
+        low_vram=job is not None and job.variant == "low_vram",
         **extra,
     )
 
@@ -413,7 +439,7 @@ def _engine_job(o: OneArgs, kind: Kind, job: Job, rec: dict[str, Any]) -> np.nda
     cuda = torch.cuda.is_available()
     device = _device_name(job.devices, cuda)
     rec["device_setting"] = device
-    settings = _engine_settings(o, kind, device, str(o.work / kind.family))
+    settings = _engine_settings(o, kind, device, str(o.work / kind.family), job)
     ballast = take_ballast(o.gib) if cuda and job.devices == 1 else None
     rec["emulation"] = ballast.info if ballast else ({} if cuda else {"skipped": "no CUDA"})
     start = time.perf_counter()
@@ -421,7 +447,9 @@ def _engine_job(o: OneArgs, kind: Kind, job: Job, rec: dict[str, Any]) -> np.nda
     rec["load_seconds"] = round(time.perf_counter() - start, 3)
     size = kind.shape(o.smoke)[0]
     picture = read_image(_photo(size), max_pixels=settings.max_pixels)
-    warm = read_image(_photo(_warm_size(kind, o.smoke)), max_pixels=settings.max_pixels)
+    # compiled: the warm-up is the job itself (its UNet batch shapes are compiled then)
+    warm_size = kind.shape(o.smoke)[0] if job.variant == "compiled" else _warm_size(kind, o.smoke)
+    warm = read_image(_photo(warm_size), max_pixels=settings.max_pixels)
     start = time.perf_counter()
     engine(warm)
     _sync()
@@ -605,7 +633,7 @@ def one(o: OneArgs) -> dict[str, Any]:
         rec["diffusers"] = diffusers.__version__
         if job.devices > torch.cuda.device_count() and torch.cuda.is_available():
             rec["note"] = f"{torch.cuda.device_count()} CUDA device(s) on this machine"
-        path = output_path(o.work, job.kind, o.gib, job.devices)
+        path = output_path(o.work, job.kind, o.gib, job.devices, job.variant)
         path.unlink(missing_ok=True)  # never compare with an output of an earlier run
         run = _naive_job if kind.mode == "naive" else _engine_job
         image = run(o, kind, job, rec)
@@ -636,23 +664,23 @@ class Process:
         return JOBS[self.job]
 
     @property
-    def key(self) -> tuple[str, float, int]:
-        return (self.spec.kind, self.gib, self.spec.devices)
+    def key(self) -> tuple[str, float, int, str]:
+        return (self.spec.kind, self.gib, self.spec.devices, self.spec.variant)
 
 
 def plan(jobs: list[str], sweep: list[float], modes: list[str]) -> list[Process]:
     """The unique processes the jobs and sweep entries need (a sweep entry at the whole GPU or
     at 4 GiB is the reference / reference_low_vram job), whole-GPU baselines first."""
-    procs: dict[tuple[str, float, int], Process] = {}
+    procs: dict[tuple[str, float, int, str], Process] = {}
     for name in jobs:
         spec = JOBS[name]
-        key = (spec.kind, spec.gib, spec.devices)
+        key = (spec.kind, spec.gib, spec.devices, spec.variant)
         procs.setdefault(key, Process(name, spec.gib, [])).jobs.append(name)
     for mode in modes:
         job = SWEEP_JOBS[mode]
         for gib in sweep:
             spec = JOBS[job]
-            procs.setdefault((spec.kind, gib, 1), Process(job, gib, [])).sweep_mode = mode
+            procs.setdefault((spec.kind, gib, 1, ""), Process(job, gib, [])).sweep_mode = mode
     kinds = list(KINDS)
     return sorted(
         procs.values(), key=lambda p: (p.gib != WHOLE, kinds.index(p.spec.kind), p.key[2], p.gib)
@@ -668,7 +696,8 @@ def estimate(proc: Process, smoke: bool) -> float:
     g = proc.gib
     slow = 1 if g == WHOLE else 1.2 if g >= 24 else 1.8 if g >= 12 else 2.5 if g >= 6 else 3
     count = 0 if not proc.flops else 5 if proc.spec.kind == "naive" else base
-    return 20 + base * (slow + 0.2) + count
+    compiled = base + 120 if proc.spec.variant == "compiled" else 0  # job as warm-up + compile
+    return 20 + base * (slow + 0.2) + count + compiled
 
 
 def launch(proc: Process, args: argparse.Namespace, timeout: float) -> dict[str, Any]:
@@ -809,8 +838,8 @@ def compare(data: dict[str, Any], work: Path) -> None:
             continue
         job, ref = JOBS[name], JOBS[base]
         got = _diff(
-            output_path(work, job.kind, job.gib, job.devices),
-            output_path(work, ref.kind, ref.gib, ref.devices),
+            output_path(work, job.kind, job.gib, job.devices, job.variant),
+            output_path(work, ref.kind, ref.gib, ref.devices, ref.variant),
         )
         if got:
             entry["max_abs_diff_255"], entry["differing_fraction"], sha = got

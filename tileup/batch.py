@@ -14,13 +14,17 @@ from __future__ import annotations
 import glob
 import itertools
 import os
+import queue
+import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from tileup.choices import IMAGE_SUFFIXES
+from tileup.devices import on_device
 from tileup.errors import TileupError
 from tileup.imageio import ImageHeader, check_output, read_header, read_image, write_image
 from tileup.options import target_size
@@ -260,12 +264,49 @@ def upscale_files(
             on_note(note)
     # 3. Headers: the progress total and the output size of every file, nothing decoded.
     headers = _read_headers(jobs, engine, progress)
-    # 4. The files, one by one.
+    # 4. The files, one by one; with several devices, one file per device at a time.
+    if len(jobs) > 1 and len(engine.devices) > 1:
+        with engine.device_engines() as engines:
+            outcomes += _spread(jobs, engines, overwrite, headers, on_outcome)
+        return outcomes
     for job in jobs:
         outcome = _process_file(job, engine, overwrite, headers.get(job.source))
         outcomes.append(outcome)
         _report(on_outcome, outcome)
     return outcomes
+
+
+def _spread(
+    jobs: list[Job],
+    engines: list[Upscaler],
+    overwrite: bool,
+    headers: dict[Path, Header],
+    on_outcome: Callable[[FileOutcome], None] | None,
+) -> list[FileOutcome]:
+    """The files run by one thread per engine (device), each taking the next file when done;
+    outcomes reported as files finish, returned in the jobs' order."""
+    pending: queue.SimpleQueue[tuple[int, Job]] = queue.SimpleQueue()
+    for item in enumerate(jobs):
+        pending.put(item)
+    finished: dict[int, FileOutcome] = {}
+    lock = threading.Lock()
+
+    def work(engine: Upscaler) -> None:
+        with on_device(engine.device):
+            while True:
+                try:
+                    index, job = pending.get_nowait()
+                except queue.Empty:
+                    return
+                outcome = _process_file(job, engine, overwrite, headers.get(job.source))
+                with lock:
+                    finished[index] = outcome
+                    _report(on_outcome, outcome)
+
+    with ThreadPoolExecutor(len(engines), thread_name_prefix="tileup-device") as pool:
+        for future in [pool.submit(work, e) for e in engines]:
+            future.result()
+    return [finished[i] for i in range(len(jobs))]
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,8 @@ Both fall back to fp32 on the CPU, and both rules live here.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
+
 import torch
 
 from tileup.errors import TileupError
@@ -16,6 +18,27 @@ _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 class DeviceError(TileupError):
     """The device asked for does not exist on this machine."""
+
+
+def resolve_devices(name: str) -> tuple[torch.device, ...]:
+    """The devices a job runs on, the first one primary: ``all`` → every CUDA device (the CPU
+    when there is none); ``cuda:0,cuda:1`` → those (each once, in order); else one device as
+    :func:`resolve_device` reads it."""
+    if name == "all":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            return (torch.device("cpu"),)
+        return tuple(torch.device("cuda", i) for i in range(count))
+    if "," not in name:
+        return (resolve_device(name),)
+    devices: list[torch.device] = []
+    for part in name.split(","):
+        device = resolve_device(part.strip())
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if device not in devices:
+            devices.append(device)
+    return tuple(devices)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -28,6 +51,11 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise DeviceError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
     return device
+
+
+def on_device(device: torch.device) -> AbstractContextManager[object]:
+    """``device`` made the current CUDA device for a block (a no-op elsewhere)."""
+    return torch.cuda.device(device) if device.type == "cuda" else nullcontext()
 
 
 def sr_dtype(

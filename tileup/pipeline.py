@@ -8,9 +8,11 @@ settings. Calling it runs one picture through the numbered steps of :meth:`Upsca
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import random
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,7 +24,7 @@ import PIL.Image
 import torch
 
 from tileup.choices import CHECKPOINT_ENV
-from tileup.devices import module_bytes, peak_memory, peak_reserved, resolve_device, sr_dtype
+from tileup.devices import module_bytes, peak_memory, peak_reserved, resolve_devices, sr_dtype
 from tileup.errors import TileupError
 from tileup.imageio import Picture, read_image
 from tileup.infotext import job_parameters
@@ -73,6 +75,22 @@ class NoProgress:
         pass
 
 
+class LockedProgress:
+    """A progress shared by threads: each call made under one lock."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.lock = threading.Lock()
+
+    def add_total(self, count: int) -> None:
+        with self.lock:
+            self.progress.add_total(count)
+
+    def advance(self, count: int) -> None:
+        with self.lock:
+            self.progress.advance(count)
+
+
 @dataclass
 class _StageClock:
     seconds: dict[str, float] = field(default_factory=dict)
@@ -106,7 +124,8 @@ class Upscaler:
     ) -> None:
         self.settings = settings
         self.progress: Progress = progress or NoProgress()
-        self.device = resolve_device(settings.device)
+        self.devices = resolve_devices(settings.device)
+        self.device = self.devices[0]
         self.upscaler: UpscalerChoice = resolve_upscaler(settings.upscaler, settings.models_dirs)
         self.load_fallbacks: list[str] = []
         self.notes: list[str] = []
@@ -128,6 +147,8 @@ class Upscaler:
             else None
         )
         self.model = model if model is not None or not checkpoint else self._load(checkpoint)
+        if self.model is not None and len(self.devices) > 1 and not self.model.replicas:
+            self.model.add_replicas(self.devices[1:])
         if self.model is None:
             ignored = "".join(
                 f"; {flag} has no effect" for flag in settings.without_checkpoint_effect()
@@ -141,6 +162,50 @@ class Upscaler:
                 f"hint: latent upscaling needs a higher --denoise (0.5-0.7) to remove the "
                 f"blur of interpolated latents; --denoise is {settings.denoise:g}"
             )
+
+    # -- several devices ------------------------------------------------------------------------
+
+    @contextmanager
+    def device_engines(self) -> Iterator[list[Upscaler]]:
+        """One engine per device, to spread files across them: this engine on its primary
+        device alone (its model's replicas set aside for the duration) and a view per other
+        device running that device's replica (the SR model copied there once). One device:
+        just this engine."""
+        model = self.model
+        if len(self.devices) == 1:
+            yield [self]
+            return
+        views: list[Upscaler] = []
+        for k, device in enumerate(self.devices[1:]):
+            view = copy.copy(self)
+            view.device, view.devices = device, (device,)
+            view.model = model.replicas[k] if model is not None else None
+            view.runner = self._sr_replica(device)
+            views.append(view)
+        replicas = model.replicas if model is not None else ()
+        devices, progress = self.devices, self.progress
+        if model is not None:
+            model.replicas = ()
+        self.devices = (self.device,)
+        for engine in [self, *views]:
+            engine.progress = LockedProgress(progress)
+        try:
+            yield [self, *views]
+        finally:
+            self.devices, self.progress = devices, progress
+            if model is not None:
+                model.replicas = replicas
+
+    def _sr_replica(self, device: torch.device) -> ModelRunner | None:
+        """The SR model's runner on ``device`` (a copy made on first use)."""
+        if self.runner is None:
+            return None
+        cache: dict[torch.device, ModelRunner] = self.__dict__.setdefault("_sr_replicas", {})
+        if device not in cache:
+            model = copy.deepcopy(self.runner.model)
+            model.descriptor.to(device=device)
+            cache[device] = dataclasses.replace(self.runner, model=model, device=device)
+        return cache[device]
 
     # -- loading ------------------------------------------------------------------------------
 
@@ -249,8 +314,9 @@ class Upscaler:
 
         settings, clock = self.settings, _StageClock()
         report = RunReport(fallbacks=list(self.load_fallbacks))
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
+        for device in self.devices:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
         # 1. Plan the output size.
         height, width = picture.height, picture.width
         target = target_size(height, width, settings)
@@ -289,11 +355,11 @@ class Upscaler:
             tile_steps=diffusion.tile_steps if diffusion else 0,
             steps_per_tile=diffusion.steps_per_tile if diffusion else 0,
             seconds=clock.seconds,
-            peak_memory_bytes=peak_memory(self.device),
-            peak_reserved_bytes=peak_reserved(self.device),
+            peak_memory_bytes=max(peak_memory(d) for d in self.devices),
+            peak_reserved_bytes=max(peak_reserved(d) for d in self.devices),
             memory_plan=plan.as_dict() if plan else {},
             fallbacks=tuple(fallbacks),
-            device=str(self.device),
+            device=",".join(str(d) for d in self.devices),
             input_size=(width, height),
             output_size=(target[1], target[0]),
             passes=tuple(p.as_dict() for p in passes),

@@ -181,7 +181,12 @@ class UpscaleSettings:
         bounds=Bounds(16, integer=True),
         metavar="N",
     )
-    device: str = knob("auto", "auto, cpu, cuda or cuda:N", metavar="DEVICE")
+    device: str = knob(
+        "auto",
+        "auto, cpu, cuda, cuda:N, a list such as cuda:0,cuda:1 (tiles and files split across "
+        "the GPUs), or all (every CUDA device)",
+        metavar="DEVICE",
+    )
     vram: float | None = knob(
         None,
         "device memory budget in GiB that every stage plans inside (default: the device's free "
@@ -384,8 +389,12 @@ class UpscaleSettings:
         object.__setattr__(self, "models_dirs", tuple(str(d) for d in self.models_dirs))
         if not self.upscaler or not self.upscaler.strip():
             raise SettingsError("--upscaler must not be empty")
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device):
-            raise SettingsError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        one = r"cuda(:\d+)?"
+        if not re.fullmatch(rf"auto|all|cpu|mps|{one}(,{one})*", self.device):
+            raise SettingsError(
+                "--device must be auto, all, cpu, cuda, cuda:N or a list such as cuda:0,cuda:1; "
+                f"got {self.device!r}"
+            )
         for f in dataclasses.fields(self):
             value, choices = getattr(self, f.name), f.metadata["choices"]
             bounds = f.metadata["bounds"]

@@ -10,11 +10,13 @@ so no seam can form.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 
+from tileup.devices import on_device
 from tileup.modes.model import DiffusionModel, DiffusionReport
 from tileup.sampling.conditioning import Conditioning
 from tileup.sampling.guidance import GuidanceInputs, guidance_inputs, guided_prediction
@@ -57,12 +59,47 @@ class DenoiseCounter:
     calls: int = 0
 
 
+def lane_batches(tiles: list[Tile], tile_batch: int, lanes: int) -> list[list[list[Tile]]]:
+    """The tiles cut into batches of at most ``tile_batch``, then dealt to ``lanes`` devices.
+
+    One lane: batches of ``tile_batch`` in index order (the last one shorter). Several: the
+    number of batches rounded up to a multiple of ``lanes`` and the tiles split evenly among
+    them, each lane taking a contiguous run of batches (lanes may be empty with few tiles).
+    """
+    if lanes == 1:
+        return [[tiles[i : i + tile_batch] for i in range(0, len(tiles), tile_batch)]]
+    count = -(-len(tiles) // tile_batch)
+    count = lanes * -(-count // lanes)
+    base, extra = divmod(len(tiles), count)
+    batches, start = [], 0
+    for k in range(count):
+        size = base + (1 if k < extra else 0)
+        batches.append(tiles[start : start + size])
+        start += size
+    per_lane = count // lanes
+    return [[b for b in batches[i * per_lane : (i + 1) * per_lane] if b] for i in range(lanes)]
+
+
+@dataclass(eq=False)
+class _Lane:
+    """One device's share of the tiles: its UNet, blend windows, batches and guidance inputs."""
+
+    unet: UNet
+    device: torch.device
+    dtype: torch.dtype
+    windows: tuple[torch.Tensor, ...]
+    batches: list[list[Tile]]
+    inputs: list[GuidanceInputs]
+
+
 @dataclass(eq=False)
 class FusedDenoiser:
     """Whole-canvas denoiser that runs a latent-unit ``grid`` of tiles through ``unet``.
 
     ``pixel_scale`` converts latent cells to pixels (the VAE scale factor), for SDXL's size and
-    crop conditioning. Tiles are accumulated in index order whatever the batching.
+    crop conditioning. ``replicas`` (a UNet and the conditioning on another device, each) take
+    a share of every call's tiles, run in parallel threads; their partial canvases are summed
+    on the primary device. Tiles are accumulated in index order within each device.
     """
 
     unet: UNet
@@ -74,24 +111,41 @@ class FusedDenoiser:
     pixel_scale: int = 8
     counter: DenoiseCounter = field(default_factory=DenoiseCounter)
     notes: list[str] = field(default_factory=list)
+    replicas: Sequence[tuple[UNet, Conditioning]] = ()
 
     def __post_init__(self) -> None:
         param = next(self.unet.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.windows = normalized_windows(self.grid, self.blend, device=self.device)
         self.tiles: list[Tile] = sorted(self.grid.tiles, key=lambda t: t.index)
+        self._pool: ThreadPoolExecutor | None = None
         self._rebatch(self.tile_batch)
 
     def _rebatch(self, tile_batch: int) -> None:
-        """Cut the tiles into batches of ``tile_batch``; everything but the latents is the same
-        at every step, so the guidance inputs are built once per batch, on the device."""
+        """Cut the tiles into batches of ``tile_batch`` per lane; everything but the latents is
+        the same at every step, so the guidance inputs are built once per batch, on its device."""
         self.tile_batch = tile_batch
-        self.batches = [
-            self.tiles[i : i + tile_batch] for i in range(0, len(self.tiles), tile_batch)
-        ]
-        self.inputs = [self._inputs(batch) for batch in self.batches]
+        units = [(self.unet, self.conditioning), *self.replicas]
+        self.lanes: list[_Lane] = []
+        for (unet, conditioning), batches in zip(
+            units, lane_batches(self.tiles, tile_batch, len(units)), strict=True
+        ):
+            param = next(unet.parameters())
+            device, dtype = param.device, param.dtype
+            windows = (
+                self.windows if device == self.device else tuple(w.to(device) for w in self.windows)
+            )
+            inputs = [self._inputs(b, conditioning, device, dtype) for b in batches]
+            self.lanes.append(_Lane(unet, device, dtype, windows, batches, inputs))
+        self.batches = [b for lane in self.lanes for b in lane.batches]
 
-    def _inputs(self, batch: list[Tile]) -> GuidanceInputs:
+    def _inputs(
+        self,
+        batch: list[Tile],
+        conditioning: Conditioning,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> GuidanceInputs:
         """Guidance inputs of a batch; SDXL's per-tile canvas size, offset and size (pixels)."""
         s, g = self.pixel_scale, self.grid
         rows = [
@@ -106,12 +160,12 @@ class FusedDenoiser:
             for t in batch
         ]
         return guidance_inputs(
-            self.conditioning,
+            conditioning,
             self.cfg,
             len(batch),
             time_ids=torch.tensor(rows),
-            device=self.device,
-            dtype=self.dtype,
+            device=device,
+            dtype=dtype,
         )
 
     @torch.inference_mode()
@@ -135,14 +189,40 @@ class FusedDenoiser:
         return out.to(latents.dtype)
 
     def _blend(self, latents: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
-        out = torch.zeros(latents.shape, device=latents.device, dtype=torch.float32)
-        for batch, inputs in zip(self.batches, self.inputs, strict=True):
-            x = torch.stack([latents[0][:, ys, xs] for ys, xs in (t.box.slices for t in batch)])
-            pred = guided_prediction(self.unet, x.to(self.dtype), t, inputs, self.cfg)
-            for i, tile in enumerate(batch):
-                ys, xs = tile.box.slices
-                out[0][:, ys, xs] += pred[i] * self.windows[tile.index]
+        busy = [lane for lane in self.lanes if lane.batches]
+        if len(busy) == 1 and busy[0].device == latents.device:
+            return self._run_lane(busy[0], latents, t)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(len(self.lanes), thread_name_prefix="tileup-lane")
+        futures = [self._pool.submit(self._run_lane, lane, latents, t) for lane in busy]
+        parts = [f.result() for f in futures]  # every lane finishes before any error is raised
+        out = parts[0].to(latents.device)
+        for part in parts[1:]:
+            out += part.to(latents.device)
         return out
+
+    def _run_lane(
+        self, lane: _Lane, latents: torch.Tensor, t: torch.Tensor | float
+    ) -> torch.Tensor:
+        """One lane's tiles blended into a canvas on its device (inference mode is per thread)."""
+        with torch.inference_mode(), on_device(lane.device):
+            x_all = latents.to(lane.device)
+            t_lane = t.to(lane.device) if isinstance(t, torch.Tensor) else t
+            out = torch.zeros(x_all.shape, device=lane.device, dtype=torch.float32)
+            for batch, inputs in zip(lane.batches, lane.inputs, strict=True):
+                crops = [x_all[0][:, ys, xs] for ys, xs in (tile.box.slices for tile in batch)]
+                x = torch.stack(crops).to(lane.dtype)
+                pred = guided_prediction(lane.unet, x, t_lane, inputs, self.cfg)
+                for i, tile in enumerate(batch):
+                    ys, xs = tile.box.slices
+                    out[0][:, ys, xs] += pred[i] * lane.windows[tile.index]
+            return out
+
+    def close(self) -> None:
+        """Stop the lane threads (none run between calls)."""
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
 
 
 def sample_fused(
@@ -180,6 +260,7 @@ def sample_fused(
         tile_batch=batch,
         blend=options.blend,
         pixel_scale=f,
+        replicas=[(r.unet, r.conditioning) for r in model.replicas],
     )
     denoiser.notes = report.fallbacks
     report.tile_batch = batch
@@ -190,7 +271,10 @@ def sample_fused(
             on_tiles(len(grid))
         return out
 
-    sampled = run_sampler(scheduler, plan, start, counted, generator=generator)
+    try:
+        sampled = run_sampler(scheduler, plan, start, counted, generator=generator)
+    finally:
+        denoiser.close()
     report.tile_batch = denoiser.tile_batch
     report.unet_evaluations = denoiser.counter.calls
     report.steps_per_tile = plan.steps

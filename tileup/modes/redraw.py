@@ -32,9 +32,11 @@ seed, the pass and the region's position), so batching never changes what a regi
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from fractions import Fraction
 from typing import Any
@@ -42,6 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from tileup.devices import on_device
 from tileup.modes.model import DiffusionModel, DiffusionReport
 from tileup.modes.regions import Region, context_crop, crop_masks, seam_fix_passes, tile_regions
 from tileup.sampling.guidance import guidance_inputs, guided_prediction
@@ -250,31 +253,45 @@ def redraw_regions(
             raise ValueError(f"region {region.box} lies outside the canvas {height}x{width}")
     crops = [context_crop(r.box, padding, mask_blur, area, f) for r in regions]
     channels = model.vae.latent_channels
-    noise = pass_noise((channels, height // f, width // f), seed, pass_index).to(model.device)
+    lanes = model.lanes
+    noise = pass_noise((channels, height // f, width // f), seed, pass_index)
+    works = [
+        _LaneWork(lane, lane.step_plan(denoise)[0] if k else scheduler, noise.to(lane.device))
+        for k, lane in enumerate(lanes)
+    ]
     canvas = canvas.clone()
     unet_calls = batches = 0
-    queue = deque(batch_schedule(crops, max_batch))
-    while queue:
-        batch = queue.popleft()
-        if on_batch is not None:
-            on_batch(batch)
-        job = _Batch(
-            regions=[regions[j] for j in batch],
-            crops=[crops[j] for j in batch],
-            seeds=[region_seed(seed, pass_index, j) for j in batch],
-        )
-        try:
-            _redraw_batch(model, canvas, job, noise, scheduler, plan, mask_blur, notes, on_tiles)
-        except torch.OutOfMemoryError:
-            if len(batch) == 1:
-                raise
-            torch.cuda.empty_cache()  # the canvas is pasted only once a batch is done
-            half = len(batch) // 2
-            queue.extendleft((batch[half:], batch[:half]))
-            notes.append(f"{name}: out of memory; batches of {half} regions")
-            continue
-        batches += 1
-        unet_calls += plan.evaluations
+    queue = deque(batch_schedule(crops, max_batch * len(lanes)))
+    pool = ThreadPoolExecutor(len(lanes), "tileup-lane") if len(lanes) > 1 else None
+    counted = _locked(on_tiles) if pool is not None else on_tiles
+    try:
+        while queue:
+            batch = queue.popleft()
+            if on_batch is not None:
+                on_batch(batch)
+            job = _Batch(
+                regions=[regions[j] for j in batch],
+                crops=[crops[j] for j in batch],
+                seeds=[region_seed(seed, pass_index, j) for j in batch],
+            )
+            try:
+                _redraw_batch(works, pool, canvas, job, plan, mask_blur, notes, counted)
+            except torch.OutOfMemoryError:
+                if len(batch) == 1:
+                    raise
+                for lane in lanes:
+                    if lane.device.type == "cuda":
+                        with on_device(lane.device):
+                            torch.cuda.empty_cache()  # the canvas is pasted once a batch is done
+                half = len(batch) // 2
+                queue.extendleft((batch[half:], batch[:half]))
+                notes.append(f"{name}: out of memory; batches of {half} regions")
+                continue
+            batches += 1
+            unet_calls += plan.evaluations
+    finally:
+        if pool is not None:
+            pool.shutdown()
     counts = PassCounts(
         name,
         len(regions),
@@ -295,65 +312,133 @@ class _Batch:
     crops: list[Box]
     seeds: list[int]
 
+    def split(self, parts: int) -> list[_Batch]:
+        """Up to ``parts`` non-empty runs of consecutive regions, as even as can be."""
+        count = min(parts, len(self.regions))
+        base, extra = divmod(len(self.regions), count)
+        runs, start = [], 0
+        for k in range(count):
+            end = start + base + (1 if k < extra else 0)
+            runs.append(
+                _Batch(self.regions[start:end], self.crops[start:end], self.seeds[start:end])
+            )
+            start = end
+        return runs
+
+
+@dataclass(frozen=True, eq=False)
+class _LaneWork:
+    """A device's model (the primary or a replica), its own scheduler (schedulers keep step
+    state) and the pass noise on its device."""
+
+    model: DiffusionModel
+    scheduler: Scheduler
+    noise: torch.Tensor
+
+
+def _locked(progress: Progress | None) -> Progress | None:
+    """``progress`` called under a lock (lanes report from their threads)."""
+    if progress is None:
+        return None
+    lock = threading.Lock()
+
+    def report(count: int) -> None:
+        with lock:
+            progress(count)
+
+    return report
+
 
 def _redraw_batch(
-    model: DiffusionModel,
+    works: Sequence[_LaneWork],
+    pool: ThreadPoolExecutor | None,
     canvas: torch.Tensor,
     job: _Batch,
-    noise: torch.Tensor,
-    scheduler: Scheduler,
     plan: StepPlan,
     mask_blur: float,
     notes: list[str],
     on_tiles: Progress | None,
 ) -> None:
-    """Encode, sample with the context locked, decode and paste one batch (in place)."""
-    f = model.factor
-    height, width = canvas.shape[-2:]
-    area = Box(0, 0, height, width)
-    masks = [
-        crop_masks(r, c, area, mask_blur, f, device=model.device)
-        for r, c in zip(job.regions, job.crops, strict=True)
-    ]
-    free = torch.stack([m[1] for m in masks])[:, None]
-    pixels = torch.stack([canvas[:, ys, xs] for ys, xs in (c.slices for c in job.crops)])
-    original = model.vae.encode_crops(pixels.to(model.device), notes)
-    latent_boxes = [c.scaled(Fraction(1, f)) for c in job.crops]
-    crop_noise = torch.stack([noise[:, ys, xs] for ys, xs in (c.slices for c in latent_boxes)])
-    unet_param = next(model.unet.parameters())
-    time_ids = torch.tensor([[height, width, c.top, c.left, c.height, c.width] for c in job.crops])
-    inputs = guidance_inputs(
-        model.conditioning,
-        model.sampling.cfg,
-        len(job.crops),
-        time_ids=time_ids,
-        device=unet_param.device,
-        dtype=unet_param.dtype,
-    )
-    generator: list[torch.Generator] | None = None  # diffusers takes one per sample
-    if hasattr(scheduler, "noise_sampler_seed"):  # a Brownian tree per sample
-        scheduler.noise_sampler_seed = list(job.seeds)
-    else:  # diffusers draws each sample's step noise from its own generator
-        generator = [torch.Generator("cpu").manual_seed(s) for s in job.seeds]
+    """Redraw one batch, split across the lanes (their crops are disjoint), then paste each
+    part's regions in place, in order, once every part is done."""
+    parts = job.split(len(works))
+    if pool is None or len(parts) == 1:
+        results = [_redraw_crops(works[0], canvas, parts[0], plan, mask_blur, notes, on_tiles)]
+    else:
+        futures = [
+            pool.submit(_redraw_crops, work, canvas, part, plan, mask_blur, notes, on_tiles)
+            for work, part in zip(works, parts, strict=False)
+        ]
+        results = [future.result() for future in futures]
+    for part, (redrawn, pastes) in zip(parts, results, strict=True):
+        for k, c in enumerate(part.crops):
+            ys, xs = c.slices
+            paste = pastes[k].to(canvas.device)
+            view = canvas[:, ys, xs]
+            blended = view * (1 - paste) + redrawn[k] * paste
+            canvas[:, ys, xs] = torch.where(paste > 0, blended, view)
 
-    def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        out = guided_prediction(model.unet, x.to(unet_param.dtype), t, inputs, model.sampling.cfg)
-        if on_tiles is not None:
-            on_tiles(len(job.crops))
-        return out
 
-    def lock(i: int, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-        return torch.where(free, latents, lock_target(scheduler, plan, i, original, crop_noise))
+def _redraw_crops(
+    work: _LaneWork,
+    canvas: torch.Tensor,
+    job: _Batch,
+    plan: StepPlan,
+    mask_blur: float,
+    notes: list[str],
+    on_tiles: Progress | None,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Encode, sample with the context locked and decode one batch on a lane's device; the
+    redrawn crops (on the canvas's device) and their paste masks."""
+    model, scheduler = work.model, work.scheduler
+    with torch.no_grad(), on_device(model.device):  # grad mode is per thread
+        f = model.factor
+        height, width = canvas.shape[-2:]
+        area = Box(0, 0, height, width)
+        masks = [
+            crop_masks(r, c, area, mask_blur, f, device=model.device)
+            for r, c in zip(job.regions, job.crops, strict=True)
+        ]
+        free = torch.stack([m[1] for m in masks])[:, None]
+        pixels = torch.stack([canvas[:, ys, xs] for ys, xs in (c.slices for c in job.crops)])
+        original = model.vae.encode_crops(pixels.to(model.device), notes)
+        latent_boxes = [c.scaled(Fraction(1, f)) for c in job.crops]
+        crop_noise = torch.stack(
+            [work.noise[:, ys, xs] for ys, xs in (c.slices for c in latent_boxes)]
+        )
+        unet_param = next(model.unet.parameters())
+        time_ids = torch.tensor(
+            [[height, width, c.top, c.left, c.height, c.width] for c in job.crops]
+        )
+        inputs = guidance_inputs(
+            model.conditioning,
+            model.sampling.cfg,
+            len(job.crops),
+            time_ids=time_ids,
+            device=unet_param.device,
+            dtype=unet_param.dtype,
+        )
+        generator: list[torch.Generator] | None = None  # diffusers takes one per sample
+        if hasattr(scheduler, "noise_sampler_seed"):  # a Brownian tree per sample
+            scheduler.noise_sampler_seed = list(job.seeds)
+        else:  # diffusers draws each sample's step noise from its own generator
+            generator = [torch.Generator("cpu").manual_seed(s) for s in job.seeds]
 
-    start = noise_latents(scheduler, plan, original, crop_noise)
-    sampled = run_sampler(scheduler, plan, start, predict, generator=generator, on_step=lock)
-    redrawn = model.vae.decode_crops(sampled, notes).to(canvas.device)
-    for k, c in enumerate(job.crops):
-        ys, xs = c.slices
-        paste = masks[k][0].to(canvas.device)
-        view = canvas[:, ys, xs]
-        blended = view * (1 - paste) + redrawn[k] * paste
-        canvas[:, ys, xs] = torch.where(paste > 0, blended, view)
+        def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            cfg = model.sampling.cfg
+            out = guided_prediction(model.unet, x.to(unet_param.dtype), t, inputs, cfg)
+            if on_tiles is not None:
+                on_tiles(len(job.crops))
+            return out
+
+        def lock(i: int, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+            target = lock_target(scheduler, plan, i, original, crop_noise)
+            return torch.where(free, latents, target)
+
+        start = noise_latents(scheduler, plan, original, crop_noise)
+        sampled = run_sampler(scheduler, plan, start, predict, generator=generator, on_step=lock)
+        redrawn = model.vae.decode_crops(sampled, notes).to(canvas.device)
+        return redrawn, [m[0] for m in masks]
 
 
 def run_passes(

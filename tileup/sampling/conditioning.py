@@ -31,6 +31,19 @@ class Conditioning:
     def chunks(self) -> int:
         return self.cond.shape[1] // (CHUNK_TOKENS + 2)
 
+    def to(self, device: torch.device) -> Conditioning:
+        """The same conditioning with every tensor on ``device``."""
+
+        def moved(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
+        return Conditioning(
+            self.cond.to(device),
+            self.uncond.to(device),
+            moved(self.pooled_cond),
+            moved(self.pooled_uncond),
+        )
+
 
 def token_chunks(tokenizer: Any, text: str) -> list[list[int]]:
     """Token ids of ``text`` cut into chunks of 77 (BOS, 75 tokens padded, EOS); at least one."""

@@ -79,6 +79,11 @@ class VaeRunner:
             self.dtype, self._cast = torch.float32, None
             return run(self.vae, torch.float32)
 
+    def replica(self, device: torch.device) -> VaeRunner:
+        """A runner of a copy of this VAE on ``device``, in the same precision and options."""
+        vae = copy.deepcopy(self.vae).to(device)
+        return VaeRunner(vae, device, self.dtype, self.options)
+
     def place(self, device: torch.device) -> None:
         """Move the VAE (and its cast copy) to ``device``: the host frees the device for the
         UNet under a tight memory plan; its own device brings it back."""

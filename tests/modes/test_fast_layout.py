@@ -1,0 +1,27 @@
+"""The UNet's GPU layout (channels-last, fused QKV) computes the same function."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from sd_fixtures import make_tiny_components
+
+from tileup.modes.model import _fast_layout
+
+
+def test_fast_layout_keeps_the_unet_function() -> None:
+    unet = make_tiny_components("sd1", seed=0)["unet"]
+    fast = copy.deepcopy(unet)
+    _fast_layout(fast)
+    assert fast.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    attention = fast.down_blocks[0].attentions[0].transformer_blocks[0].attn1
+    assert attention.fused_projections  # one QKV GEMM
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 16, 16, generator=gen)
+    context = torch.randn(2, 77, 32, generator=gen)
+    with torch.inference_mode():
+        want = unet(x, 10, encoder_hidden_states=context).sample
+        got = fast(x, 10, encoder_hidden_states=context).sample
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert float(want.abs().mean()) > 0.01
