@@ -972,6 +972,10 @@ def markdown(data: dict[str, Any]) -> str:
         lines += ["", "FLOPs per job kind (`FlopCounterMode`):", ""]
         for kind, f in flops.items():
             lines.append(f"- {kind}: {f['flops'] / 1e12:.1f} TFLOP — {f.get('method')}")
+    notes = data.get("notes", [])
+    if notes:
+        lines += ["", "Notes (written by hand into `gpu.json`'s `notes`):", ""]
+        lines += [f"- {note}" for note in notes]
     return "\n".join(lines) + "\n"
 
 

@@ -19,7 +19,7 @@ from tileup.devices import DeviceError, resolve_devices
 from tileup.models.families import SD_TRAINING_CONFIG
 from tileup.modes.fused import FusedDenoiser, lane_batches
 from tileup.modes.model import DiffusionModel, SamplingOptions
-from tileup.modes.redraw import redraw_grid, redraw_regions
+from tileup.modes.redraw import lane_count, redraw_grid, redraw_regions
 from tileup.modes.regions import tile_regions
 from tileup.pipeline import Upscaler
 from tileup.sampling.conditioning import Conditioning
@@ -145,7 +145,7 @@ def test_redraw_lanes_give_the_one_lane_canvas(tiny) -> None:
     one_model, two_model = _model(tiny), _model(tiny)
     two_model.add_replicas((CPU,))
     replica_calls = CallCounter(two_model.replicas[0].unet)
-    run = dict(denoise=0.5, padding=8, mask_blur=3, seed=4, max_batch=2)
+    run = dict(denoise=0.5, padding=8, mask_blur=3, seed=4, max_batch=2, min_lane_crops=1)
     one, one_counts = redraw_regions(one_model, canvas, regions, **run)
     two, two_counts = redraw_regions(two_model, canvas, regions, **run)
     assert replica_calls.samples > 0
@@ -153,6 +153,15 @@ def test_redraw_lanes_give_the_one_lane_canvas(tiny) -> None:
     assert two_counts.batches < one_counts.batches  # a batch is max_batch per lane
     assert float((one - two).abs().max()) < 1e-3
     assert float((one - canvas).abs().mean()) > 0.01  # regions were redrawn
+
+
+def test_lane_count_splits_only_batches_big_enough() -> None:
+    assert lane_count(8, 2, 32, 8) == 1  # a linear wave of 8 crops: one device
+    assert lane_count(16, 2, 32, 8) == 2
+    assert lane_count(40, 2, 32, 8) == 2
+    assert lane_count(12, 2, 8, 8) == 2  # one device may not take more than max_batch
+    assert lane_count(3, 4, 1, 8) == 3
+    assert lane_count(1, 2, 4, 1) == 1
 
 
 # -- a batch of files: one file per device at a time -------------------------------------------
