@@ -252,8 +252,9 @@ class UpscaleSettings:
         "Euler a", "sampler (see 'tileup samplers')", meta="Sampler", needs_checkpoint=True
     )
     scheduler: str = knob(
-        "normal",
-        "noise schedule: normal, karras, exponential, simple, ...",
+        "automatic",
+        "noise schedule: automatic (the sampler's A1111 default: karras for DPM++ 2M, ...), "
+        "normal, karras, exponential, simple, ...",
         meta="Schedule type",
         needs_checkpoint=True,
     )

@@ -527,3 +527,29 @@ def test_real_unet_through_the_loop(tiny_unet) -> None:
         outs.append(run_sampler(scheduler, plan, start, denoiser, generator=torch.Generator()))
     assert len(calls) == 2 * ENTRY[name].evaluations(2) == 6
     assert torch.equal(outs[0], outs[1]) and bool(torch.isfinite(outs[0]).all())
+
+
+def test_automatic_picks_each_samplers_a1111_default() -> None:
+    """A1111's "Automatic" schedule type: Karras for DPM++ 2M / SDE and DPM2, exponential for
+    the DPM++ SDE multistep family, the uniform (normal) spacing for the others."""
+    from tileup.sampling.schedules import resolve
+
+    expected = {
+        "DPM++ 2M": "karras",
+        "DPM++ SDE": "karras",
+        "DPM2": "karras",
+        "DPM2 a": "karras",
+        "DPM++ 2M SDE": "exponential",
+        "DPM++ 2M SDE Heun": "exponential",
+        "DPM++ 3M SDE": "exponential",
+        "Euler a": "normal",
+        "Euler": "normal",
+        "Heun": "normal",
+        "LMS": "normal",
+        "DDIM": "normal",
+        "UniPC": "normal",
+    }
+    for sampler, schedule in expected.items():
+        assert resolve(sampler, "Automatic")[1].name == schedule, sampler
+    assert resolve("DPM++ 2M", "normal")[1].name == "normal"  # asked for: kept
+    assert resolve("DPM++ 2M Exponential", "automatic")[1].name == "exponential"  # in the name

@@ -216,6 +216,43 @@ def test_resolve_names_in_a1111_and_comfy_layouts(tmp_path, shared_models, monke
     assert "Fast" in message and "\n" not in message
 
 
+def test_a1111_and_comfyui_names_resolve(tmp_path, shared_models) -> None:
+    models = tmp_path / "models"
+    (models / "RealESRGAN").mkdir(parents=True)
+    (models / "ScuNET").mkdir()
+    shutil.copy(
+        shared_models / "RealESRGAN_x4plus.safetensors",
+        models / "RealESRGAN" / "RealESRGAN_x4plus.safetensors",
+    )
+    shutil.copy(
+        shared_models / "realesrgan-x4fast.safetensors", models / "ScuNET" / "Other.safetensors"
+    )
+    dirs = [str(models)]
+    found = resolve_upscaler("R-ESRGAN 4x+", dirs)
+    assert found == ModelUpscaler(
+        "R-ESRGAN 4x+", models / "RealESRGAN" / "RealESRGAN_x4plus.safetensors"
+    )
+    assert resolve_upscaler("Other", dirs).path == models / "ScuNET" / "Other.safetensors"
+    expected = {
+        "Latent": "bilinear",
+        "Latent (antialiased)": "bilinear-antialiased",
+        "Latent (bicubic)": "bicubic",
+        "Latent (bicubic antialiased)": "bicubic-antialiased",
+        "Latent (nearest)": "nearest",
+        "Latent (nearest-exact)": "nearest-exact",
+        "bislerp": "bislerp",
+    }
+    for name, mode in expected.items():
+        choice = resolve_upscaler(name)
+        assert isinstance(choice, LatentUpscaler) and choice.mode == mode, name
+    assert resolve_upscaler("None") == Resampler("None", "lanczos")
+    assert resolve_upscaler("Nearest") == Resampler("nearest", "nearest")
+    assert resolve_upscaler("nearest-exact") == Resampler("nearest-exact", "nearest")
+    with pytest.raises(UpscalerError, match=r"RealESRGAN_x4plus_anime_6B\.pth") as err:
+        resolve_upscaler("R-ESRGAN 4x+ Anime6B", dirs)
+    assert "\n" not in str(err.value)
+
+
 def test_default_is_the_builtin_real_model() -> None:
     spec = resolve_upscaler("default")
     assert isinstance(spec, ModelUpscaler)

@@ -17,8 +17,9 @@ The plan and the loop that runs it are in :mod:`tileup.sampling.loop`.
 
 Where this differs from A1111 / ComfyUI (diffusers' behaviour, kept rather than patched):
 - "normal" for DPM++ 2M/3M, UniPC and DEIS is diffusers' linspace (999 down to ~999/N, about
-  ComfyUI's sgm_uniform), not ComfyUI's normal (999 down to 0); "automatic" means "normal" (A1111
-  1.9+ picks Karras automatically for some samplers: name the schedule to get it).
+  ComfyUI's sgm_uniform), not ComfyUI's normal (999 down to 0). "automatic" is A1111's per-sampler
+  default: Karras for DPM++ 2M, DPM++ SDE, DPM2 and DPM2 a; exponential for the DPM++ 2M/3M SDE
+  family; normal for the rest.
 - k-samplers interpolate σ linearly between integer timesteps (k-diffusion: in log σ; the two
   differ by < 1e-5 relative); the DPM-Solver family and DPM2 give the model Karras/exponential
   timesteps rounded to integers.
@@ -111,6 +112,9 @@ class Sampler:
     aliases: tuple[str, ...] = ()
     stochastic: bool = False
     note: str = ""
+    automatic: str = "normal"
+    """The schedule "automatic" picks: A1111's default for the sampler (its ``scheduler``
+    option in ``sd_samplers_kdiffusion.py``), e.g. Karras for DPM++ 2M."""
 
     @property
     def order(self) -> int:
@@ -130,7 +134,7 @@ SCHEDULES: tuple[Schedule, ...] = (
         "(A1111 Automatic/Uniform, ComfyUI normal), diffusers' linspace (999 down to ~999/N, "
         "≈ ComfyUI sgm_uniform) for DPM++ 2M/3M, UniPC, DEIS; A1111's uniform DDIM steps "
         "(1, 1+1000//N, ...) for DDIM; LCM's own distillation grid for LCM",
-        aliases=("automatic", "uniform", "default"),
+        aliases=("uniform", "default"),
     ),
     Schedule(
         "karras",
@@ -188,7 +192,7 @@ SAMPLERS: tuple[Sampler, ...] = (
         ("lms", "k_lms"),
         note="order 4, warmed up from the first step run (as k-diffusion does)",
     ),
-    Sampler("DPM2", KDPM2DiscreteScheduler, _K, _ALL, ("dpm_2", "k_dpm_2")),
+    Sampler("DPM2", KDPM2DiscreteScheduler, _K, _ALL, ("dpm_2", "k_dpm_2"), automatic="karras"),
     Sampler(
         "DPM2 a",
         KDPM2AncestralDiscreteScheduler,
@@ -196,6 +200,7 @@ SAMPLERS: tuple[Sampler, ...] = (
         _ALL,
         ("dpm_2_ancestral", "k_dpm_2_a", "k_dpm_2_ancestral"),
         stochastic=True,
+        automatic="karras",
     ),
     Sampler(
         "DPM++ 2M",
@@ -203,6 +208,7 @@ SAMPLERS: tuple[Sampler, ...] = (
         _dpm(algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint"),
         _ALL,
         ("dpmpp_2m", "k_dpmpp_2m"),
+        automatic="karras",
     ),
     Sampler(
         "DPM++ 2M SDE",
@@ -212,6 +218,7 @@ SAMPLERS: tuple[Sampler, ...] = (
         ("dpmpp_2m_sde", "dpmpp_2m_sde_gpu", "k_dpmpp_2m_sde"),
         stochastic=True,
         note="fresh Gaussian noise per step from the generator (k-diffusion: a Brownian tree)",
+        automatic="exponential",
     ),
     Sampler(
         "DPM++ 2M SDE Heun",
@@ -220,6 +227,7 @@ SAMPLERS: tuple[Sampler, ...] = (
         _ALL,
         ("dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_gpu", "k_dpmpp_2m_sde_heun"),
         stochastic=True,
+        automatic="exponential",
     ),
     Sampler(
         "DPM++ 3M SDE",
@@ -229,6 +237,7 @@ SAMPLERS: tuple[Sampler, ...] = (
         ("dpmpp_3m_sde", "dpmpp_3m_sde_gpu", "k_dpmpp_3m_sde"),
         stochastic=True,
         note="diffusers' third-order SDE DPM-Solver++ (k-diffusion's 3M SDE is a variant of it)",
+        automatic="exponential",
     ),
     Sampler(
         "DPM++ SDE",
@@ -238,6 +247,7 @@ SAMPLERS: tuple[Sampler, ...] = (
         ("dpmpp_sde", "dpmpp_sde_gpu", "k_dpmpp_sde"),
         stochastic=True,
         note="Brownian-tree noise (torchsde) seeded from the generator",
+        automatic="karras",
     ),
     Sampler(
         "DDIM",
@@ -298,8 +308,15 @@ def _known_schedules() -> str:
     return ", ".join(s.name for s in SCHEDULES)
 
 
+AUTOMATIC = "automatic"
+"""A1111's "Automatic" schedule type: each sampler's own default (:attr:`Sampler.automatic`)."""
+
+
 def resolve_schedule(name: str) -> Schedule:
-    """The schedule called ``name`` (case-insensitive, aliases allowed); else SamplerError."""
+    """The schedule called ``name`` (case-insensitive, aliases allowed); else SamplerError.
+    "automatic" stands for the normal schedule here; :func:`resolve` gives it its sampler's."""
+    if _key(name) == AUTOMATIC:
+        return _SCHEDULE_INDEX["normal"]
     found = _SCHEDULE_INDEX.get(_key(name))
     if found is None:
         raise SamplerError(f"unknown schedule {name!r}; known: {_known_schedules()}")
@@ -311,8 +328,10 @@ def resolve(sampler: str, schedule: str = "normal") -> tuple[Sampler, Schedule]:
 
     An A1111 combined name ("DPM++ 2M Karras") carries its schedule; an explicit ``schedule``
     other than "normal" must then agree with it. The combination must be one the diffusers
-    class can do: there is no silent fallback.
+    class can do: there is no silent fallback. "automatic" is the sampler's A1111 default
+    (:attr:`Sampler.automatic`).
     """
+    automatic = _key(schedule) == AUTOMATIC
     chosen = resolve_schedule(schedule)
     key = _key(sampler)
     entry = _SAMPLER_INDEX.get(key)
@@ -327,13 +346,15 @@ def resolve(sampler: str, schedule: str = "normal") -> tuple[Sampler, Schedule]:
                         f"sampler {sampler!r} names schedule {named.name!r} but schedule "
                         f"{chosen.name!r} was asked for"
                     )
-                entry, chosen = head, named
+                entry, chosen, automatic = head, named, False
                 break
     if entry is None:
         raise SamplerError(
             f"unknown sampler {sampler!r}; known: {_known_samplers()} (ComfyUI/A1111 aliases "
             f"and names like 'DPM++ 2M Karras' work too; see 'tileup samplers')"
         )
+    if automatic:
+        chosen = _SCHEDULE_INDEX[entry.automatic]
     if chosen.name not in entry.schedules:
         raise SamplerError(
             f"sampler {entry.name!r} cannot use schedule {chosen.name!r} "

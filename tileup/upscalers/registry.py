@@ -2,8 +2,9 @@
 
 Model files are looked up as ``NAME.{safetensors,pth,pt,ckpt}`` in every models folder
 (``--models-dir``, then ``$TILEUP_MODELS``, ``:``-separated), directly and inside the
-A1111 (``ESRGAN``, ``RealESRGAN``, ``SwinIR``, ``DAT``, ``HAT``) and ComfyUI
-(``upscale_models``) sub-folders.
+A1111 (``ESRGAN``, ``RealESRGAN``, ``SwinIR``, ``DAT``, ``HAT``, ``ScuNET``) and ComfyUI
+(``upscale_models``) sub-folders. A1111's and ComfyUI's names resolve too: "Latent (bicubic
+antialiased)", "R-ESRGAN 4x+" (the file RealESRGAN_x4plus), "None", "nearest-exact", "bislerp".
 """
 
 from __future__ import annotations
@@ -18,7 +19,37 @@ from typing import ClassVar
 from tileup.choices import LATENT_MODES, MODELS_ENV, RESAMPLERS
 from tileup.upscalers.models import MODEL_SUFFIXES, UpscalerError
 
-UPSCALER_SUBDIRS = ("ESRGAN", "RealESRGAN", "SwinIR", "DAT", "HAT", "upscale_models")
+UPSCALER_SUBDIRS = ("ESRGAN", "RealESRGAN", "SwinIR", "DAT", "HAT", "ScuNET", "upscale_models")
+
+A1111_LATENT_NAMES = {
+    "latent (antialiased)": "bilinear-antialiased",
+    "latent (bicubic)": "bicubic",
+    "latent (bicubic antialiased)": "bicubic-antialiased",
+    "latent (nearest)": "nearest",
+    "latent (nearest-exact)": "nearest-exact",
+}
+"""A1111's hires-fix latent upscaler names (lower case) → latent modes; plain "Latent" is
+bilinear."""
+
+A1111_MODEL_FILES = {
+    "r-esrgan 4x+": "RealESRGAN_x4plus",
+    "r-esrgan 4x+ anime6b": "RealESRGAN_x4plus_anime_6B",
+    "r-esrgan 2x+": "RealESRGAN_x2plus",
+    "r-esrgan general 4xv3": "realesr-general-x4v3",
+    "r-esrgan general wdn 4xv3": "realesr-general-wdn-x4v3",
+    "r-esrgan animevideo": "realesr-animevideov3",
+    "scunet gan": "scunet_color_real_gan",
+    "scunet": "scunet_color_real_gan",
+    "scunet psnr": "scunet_color_real_psnr",
+}
+"""A1111's upscaler names (lower case) → the file stem A1111 downloads them as."""
+
+PIXEL_ALIASES = {"none": ("None", "lanczos"), "nearest-exact": ("nearest-exact", "nearest")}
+"""A1111's "None" (a plain Lanczos resize) and ComfyUI's "nearest-exact" (pixel centres, what
+PIL's nearest does)."""
+
+LATENT_ONLY = ("bislerp",)
+"""ComfyUI latent-upscale methods with no pixel counterpart: they name latent modes."""
 LATENT_PREFIX = "latent"
 DEFAULT_MODEL_NAME = "realesrgan-x4fast"
 
@@ -93,11 +124,17 @@ def iter_model_files(dirs: Iterable[Path]) -> Iterator[Path]:
 def resolve_upscaler(name: str, extra_dirs: Sequence[str | Path] = ()) -> UpscalerChoice:
     """Resolve an ``--upscaler`` value; unknown names raise UpscalerError listing what exists."""
     key = name.strip()
-    lowered = key.lower()
+    lowered = " ".join(key.lower().split())
     if lowered == "default":
         return ModelUpscaler(DEFAULT_MODEL_NAME, builtin_model_path())
     if lowered in RESAMPLERS:
         return Resampler(lowered, lowered)
+    if lowered in PIXEL_ALIASES:
+        return Resampler(*PIXEL_ALIASES[lowered])
+    if lowered in A1111_LATENT_NAMES:
+        return LatentUpscaler(key, A1111_LATENT_NAMES[lowered])
+    if lowered in LATENT_ONLY:
+        return LatentUpscaler(lowered, lowered)
     if lowered == LATENT_PREFIX:
         return LatentUpscaler(lowered, "bilinear")
     if lowered.startswith(LATENT_PREFIX + "-"):
@@ -116,6 +153,15 @@ def resolve_upscaler(name: str, extra_dirs: Sequence[str | Path] = ()) -> Upscal
     for path in found:
         if path.stem == key:
             return ModelUpscaler(key, path)
+    stem = A1111_MODEL_FILES.get(lowered)
+    if stem is not None:
+        for path in found:
+            if path.stem.lower() == stem.lower():
+                return ModelUpscaler(key, path)
+        raise UpscalerError(
+            f"upscaler {key!r} is A1111's name for the file {stem}.pth or {stem}.safetensors; "
+            f"put it in a models folder (searched: {', '.join(map(str, dirs)) or 'none'})"
+        )
     for path in found:  # case-insensitive second chance, as Windows users expect
         if path.stem.lower() == lowered:
             return ModelUpscaler(path.stem, path)
