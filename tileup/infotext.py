@@ -94,6 +94,17 @@ def _unquote(value: str) -> str:
 _A1111_FIRST = ("Steps", "Sampler", "Schedule type", "CFG scale")
 
 
+def _schedule_label(sampler: str, schedule: str) -> str:
+    """The schedule a job ran, as A1111 records it: "automatic" resolved to the sampler's own
+    (e.g. karras for DPM++ 2M); the setting itself when it cannot be resolved."""
+    from tileup.sampling.schedules import SamplerError, resolve
+
+    try:
+        return resolve(sampler, schedule)[1].name
+    except SamplerError:
+        return schedule
+
+
 def job_parameters(
     settings: UpscaleSettings,
     *,
@@ -117,6 +128,7 @@ def job_parameters(
     else:
         for key in _A1111_FIRST:
             items[key] = known[key]
+        items["Schedule type"] = _schedule_label(settings.sampler, settings.scheduler)
         items["Seed"] = seed
         items["Size"] = text_size
         items["Denoising strength"] = known["Denoising strength"]
