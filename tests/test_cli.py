@@ -277,3 +277,75 @@ def test_console_script_gives_no_traceback(tmp_path: Path) -> None:
     assert "Traceback" not in proc.stderr
     lines = [line for line in proc.stderr.splitlines() if "error" in line]
     assert len(lines) == 1 and "bad.png" in lines[0]
+
+
+# -- metadata in, metadata out ----------------------------------------------------------------
+
+A1111_TEXT = (
+    "a castle on a hill, (detailed:1.2)\n"
+    "Negative prompt: blurry, lowres\n"
+    "Steps: 28, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 6.5, Seed: 1234, "
+    'Size: 80x64, Model hash: abcdef1234, Model: dream, Lora hashes: "a: 1, b: 2"'
+)
+
+
+def _with_parameters(photo_file: Path, text: str) -> Path:
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", text)
+    path = photo_file.with_name("a1111.png")
+    with Image.open(photo_file) as img:
+        img.save(path, pnginfo=info)
+    return path
+
+
+def test_info_prints_the_parsed_parameters(photo_file: Path, capsys) -> None:
+    source = _with_parameters(photo_file, A1111_TEXT)
+    assert main(["info", str(source), str(photo_file)]) == 0
+    out = capsys.readouterr().out
+    assert "  Prompt: a castle on a hill, (detailed:1.2)" in out
+    assert "  Negative prompt: blurry, lowres" in out
+    assert "  Lora hashes: a: 1, b: 2" in out and f"{photo_file}: no parameters" in out
+    assert main(["info", "--json", str(source)]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["parameters"]["Seed"] == "1234" and record["negative_prompt"] == "blurry, lowres"
+    assert main(["info", str(photo_file.with_name("missing.png"))]) == 1
+    assert "missing.png" in capsys.readouterr().err
+
+
+def test_an_upscaled_image_keeps_its_sources_prompt_and_seed(photo_file: Path) -> None:
+    source = _with_parameters(photo_file, A1111_TEXT)
+    out = source.with_name("kept.png")
+    assert main([str(source), "-o", str(out), *FAST]) == 0
+    prompt, negative, items = parse_parameters(read_parameters(out))
+    assert prompt == "a castle on a hill, (detailed:1.2)" and negative == "blurry, lowres"
+    assert items["Seed"] == "1234" and items["Model"] == "dream"
+    assert items["Lora hashes"] == "a: 1, b: 2"
+    assert items["Size"] == "160x128" and items["Upscaler"] == "lanczos"  # tileup's own
+
+
+def test_reuse_parameters_fills_what_the_command_line_leaves_out(
+    photo_file: Path, capsys, monkeypatch
+) -> None:
+    from tileup import cli
+
+    seen: dict = {}
+
+    def capture(inputs, settings, **kwargs):  # the settings the CLI built, nothing run
+        seen["settings"] = settings
+        return []
+
+    monkeypatch.setattr(cli, "upscale_files", capture)
+    source = _with_parameters(photo_file, A1111_TEXT)
+    main([str(source), "--reuse-parameters", "--seed", "7", *FAST])
+    s = seen["settings"]
+    assert (s.prompt, s.negative_prompt) == ("a castle on a hill, (detailed:1.2)", "blurry, lowres")
+    assert (s.steps, s.sampler, s.scheduler, s.cfg, s.seed) == (28, "DPM++ 2M", "Karras", 6.5, 7)
+    bad = _with_parameters(photo_file, "a cat\nSteps: many, Seed: 3")
+    main([str(bad), "--reuse-parameters", *FAST])
+    err = capsys.readouterr().err
+    assert "warning: --reuse-parameters" in err and "Steps: 'many' is not a whole number" in err
+    assert seen["settings"].steps == 20 and seen["settings"].prompt == ""
+    assert main([str(bad), str(source), "--reuse-parameters", *FAST]) == 2
+    assert "exactly one input image" in capsys.readouterr().err

@@ -16,6 +16,7 @@ import sys
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -32,7 +33,7 @@ from tileup.upscalers.registry import (
 from tileup.version import __version__
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-COMMANDS = ("models",)
+COMMANDS = ("models", "samplers", "info")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -79,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tileup",
         description="Upscale images with SR models and re-diffuse the tiles with a Stable "
         "Diffusion checkpoint, seamless and in bounded memory. Other commands: 'tileup models' "
-        "lists the upscalers found, 'tileup samplers' the samplers and schedules.",
+        "lists the upscalers found, 'tileup samplers' the samplers and schedules, 'tileup info "
+        "IMAGE' the parameters stored in an image.",
     )
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or globs")
     parser.add_argument("-o", "--output", help="output file (one input) or folder")
@@ -87,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--recursive", action="store_true", help="descend into sub-folders")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or notes")
     parser.add_argument("--stats", action="store_true", help="print each image's stats as JSON")
+    parser.add_argument(
+        "--reuse-parameters",
+        action="store_true",
+        help="take the prompt, negative prompt, seed, sampler, schedule, CFG and steps from the "
+        "input image's A1111 parameters for every one of them not given here",
+    )
     parser.add_argument("--version", action="version", version=f"tileup {__version__}")
     _add_settings_arguments(parser)
     return parser
@@ -111,10 +119,76 @@ def _models_command(argv: Sequence[str]) -> int:
     return EXIT_OK
 
 
+def _info_command(argv: Sequence[str]) -> int:
+    from tileup.imageio import read_parameters
+    from tileup.infotext import parse_parameters
+
+    parser = _Parser(
+        prog="tileup info", description="Print the A1111-style parameters stored in images."
+    )
+    parser.add_argument("images", nargs="+", metavar="IMAGE")
+    parser.add_argument("--json", action="store_true", help="one JSON object per image")
+    args = parser.parse_args(argv)
+    status = EXIT_OK
+    for image in args.images:
+        try:
+            text = read_parameters(image)
+        except (TileupError, OSError) as exc:
+            print(f"tileup: error: {exc}", file=sys.stderr)
+            status = EXIT_FAILED
+            continue
+        prompt, negative, items = parse_parameters(text) if text else ("", "", {})
+        if args.json:
+            record = {
+                "image": image,
+                "prompt": prompt,
+                "negative_prompt": negative,
+                "parameters": items,
+                "text": text,
+            }
+            print(json.dumps(record, ensure_ascii=False))
+            continue
+        if text is None:
+            print(f"{image}: no parameters")
+            continue
+        print(f"{image}:")
+        print(f"  Prompt: {prompt}")
+        if negative:
+            print(f"  Negative prompt: {negative}")
+        for key, value in items.items():
+            print(f"  {key}: {value}")
+    return status
+
+
+def _reuse_parameters(values: dict[str, Any], inputs: Sequence[str]) -> str | None:
+    """Fill ``values`` (the settings given on the command line) from the one input image's
+    ``parameters`` for every reusable setting not given; a one-line warning, or None."""
+    from tileup.imageio import read_parameters
+    from tileup.infotext import ParametersWarning, reusable_settings
+
+    if len(inputs) != 1 or not Path(inputs[0]).is_file():
+        raise TileupError("--reuse-parameters takes exactly one input image")
+    try:
+        text = read_parameters(inputs[0])
+    except (TileupError, OSError) as exc:
+        return f"--reuse-parameters: {exc}; using the defaults"
+    if text is None:
+        return f"--reuse-parameters: {inputs[0]} has no parameters; using the defaults"
+    try:
+        found = reusable_settings(text)
+    except ParametersWarning as exc:
+        return f"--reuse-parameters: {inputs[0]}: {exc}; using the defaults"
+    for name, value in found.items():
+        values.setdefault(name, value)
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "models":
         return _models_command(argv[1:])
+    if argv and argv[0] == "info":
+        return _info_command(argv[1:])
     if argv and argv[0] == "samplers":
         from tileup.sampling.schedules import describe_samplers
 
@@ -129,11 +203,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "models_dirs" in values:
         values["models_dirs"] = tuple(values["models_dirs"])
     try:
+        warning = _reuse_parameters(values, args.inputs) if args.reuse_parameters else None
         settings = UpscaleSettings(**values)
     except TileupError as exc:
         return _usage_error(str(exc))
 
     quiet = args.quiet
+    if warning:
+        print(f"tileup: warning: {warning}", file=sys.stderr)
     progress = _Bar(disabled=quiet)
     failures: list[FileOutcome] = []
 

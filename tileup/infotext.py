@@ -113,12 +113,14 @@ def job_parameters(
     model: ModelInfo | None,
     upscaler: str,
     upscaler_architecture: str | None = None,
+    source: str | None = None,
 ) -> str:
     """The ``parameters`` text of a job whose result is ``size`` (H, W).
 
     With a model (re-diffusion): the prompt and negative prompt lines, then A1111's keys in
     A1111's order (Steps, Sampler, Schedule type, CFG scale, Seed, Size, Denoising strength,
-    Model hash, Model, VAE), then tileup's own. Without: only the upscale settings.
+    Model hash, Model, VAE), then tileup's own. Without: only the upscale settings, after the
+    ``source`` image's own parameters (its prompt, seed, ...: A1111's extras tab keeps them too).
     """
     known = settings.metadata_items(with_checkpoint=model is not None)
     items: dict[str, object] = {}
@@ -142,5 +144,45 @@ def job_parameters(
         items["Upscaler model"] = upscaler_architecture
     items["Version"] = f"tileup {__version__}"
     if model is None:
-        return format_parameters(None, None, items)
+        kept_prompt, kept_negative, kept = parse_parameters(source) if source else ("", "", {})
+        kept = {k: v for k, v in kept.items() if k not in items and k not in _NOT_KEPT}
+        return format_parameters(kept_prompt, kept_negative, kept | items)
     return format_parameters(settings.prompt, settings.negative_prompt, items)
+
+
+_NOT_KEPT = ("Size", "Version")
+"""A source's keys that describe the source file itself, not the image's making."""
+
+REUSED = {
+    "Steps": ("steps", int),
+    "Sampler": ("sampler", str),
+    "Schedule type": ("scheduler", str),
+    "CFG scale": ("cfg", float),
+    "Seed": ("seed", int),
+}
+"""A1111 keys → the settings ``--reuse-parameters`` takes from an image (and their types)."""
+
+
+class ParametersWarning(ValueError):
+    """An image's ``parameters`` text that cannot be reused (its message is one line)."""
+
+
+def reusable_settings(text: str) -> dict[str, object]:
+    """Settings values from an image's ``parameters``: prompt, negative prompt and the
+    :data:`REUSED` keys present. A value of the wrong type raises ParametersWarning."""
+    prompt, negative, items = parse_parameters(text)
+    if not items:
+        raise ParametersWarning("its parameters text has no 'Key: value' line")
+    values: dict[str, object] = {}
+    if prompt:
+        values["prompt"] = prompt
+    if negative:
+        values["negative_prompt"] = negative
+    for key, (name, kind) in REUSED.items():
+        if key in items:
+            try:
+                values[name] = kind(items[key])
+            except ValueError:
+                what = "a whole number" if kind is int else "a number"
+                raise ParametersWarning(f"{key}: {items[key]!r} is not {what}") from None
+    return values

@@ -26,7 +26,7 @@ import torch
 from tileup.choices import CHECKPOINT_ENV
 from tileup.devices import module_bytes, peak_memory, peak_reserved, resolve_devices, sr_dtype
 from tileup.errors import TileupError
-from tileup.imageio import Picture, read_image
+from tileup.imageio import Picture, read_image, read_parameters
 from tileup.infotext import job_parameters
 from tileup.memory import GIB, JobShape, MemoryPlan, ModelSizes, plan_memory
 from tileup.options import (
@@ -73,6 +73,17 @@ class NoProgress:
 
     def advance(self, count: int) -> None:
         pass
+
+
+def _source_parameters(picture: Picture) -> str | None:
+    """The ``parameters`` text of the file a picture was read from (None: none, or unreadable:
+    the result's own metadata does not depend on it)."""
+    if picture.source is None:
+        return None
+    try:
+        return read_parameters(picture.source)
+    except (TileupError, OSError):
+        return None
 
 
 class LockedProgress:
@@ -368,6 +379,7 @@ class Upscaler:
         )
         parameters = job_parameters(
             settings,
+            source=_source_parameters(picture),
             size=target,
             seed=diffusion.seed if diffusion else None,
             model=self.model.info if self.model is not None else None,
