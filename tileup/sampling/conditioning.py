@@ -1,6 +1,10 @@
-"""Prompt encoding as A1111 does it: prompts longer than 77 tokens go in 75-token chunks.
+"""Prompt encoding as A1111 does it: emphasis weights, prompts of any length in 75-token chunks.
 
-Each chunk is ``[BOS] + 75 tokens (padded) + [EOS]``; the chunks' hidden states are concatenated
+The prompt's A1111 syntax (``(word)``, ``[word]``, ``(word:1.3)``, escapes, ``BREAK``) is parsed
+by :mod:`tileup.sampling.prompts`; chunks end at ``BREAK`` or, when full, at the last comma within
+20 tokens of the end. Each chunk is ``[BOS] + 75 tokens (padded) + [EOS]``, its hidden states
+scaled per token by the weights with the mean restored (A1111's "Original" emphasis); the
+chunks' hidden states are concatenated
 along the sequence, and the prompt and the negative prompt are padded to the same number of
 chunks with empty chunks. SD1 uses the last hidden state, SD2 its penultimate layer (the loaded
 encoder already stops there), SDXL the penultimate hidden states of both encoders side by side
@@ -14,6 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from tileup.sampling.prompts import restore_mean, tokenize_weighted
 
 CHUNK_TOKENS = 75
 
@@ -45,44 +51,64 @@ class Conditioning:
         )
 
 
-def token_chunks(tokenizer: Any, text: str) -> list[list[int]]:
-    """Token ids of ``text`` cut into chunks of 77 (BOS, 75 tokens padded, EOS); at least one."""
-    ids = tokenizer(text, add_special_tokens=False, truncation=False).input_ids
+Row = tuple[tuple[int, ...], tuple[float, ...]]
+"""One encoder row: 77 token ids (BOS, 75 tokens, EOS) and their emphasis weights."""
+
+
+def prompt_rows(tokenizer: Any, text: str) -> list[Row]:
+    """``text`` as A1111 feeds it to a CLIP encoder: its emphasis parsed (``(word:1.2)``,
+    ``[word]``, ``BREAK``; :mod:`tileup.sampling.prompts`), cut into 75-token chunks (at the
+    last comma when it lies within 20 tokens of the end), each framed BOS … EOS and padded
+    (with EOS; OpenCLIP's pad id after the first EOS). At least one row."""
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    chunks = []
-    for start in range(0, max(len(ids), 1), CHUNK_TOKENS):
-        body = ids[start : start + CHUNK_TOKENS]
-        # A1111 ends each chunk with EOS right after the text, then pads
-        chunk = [bos, *body, eos]
-        chunk += [pad] * (CHUNK_TOKENS + 2 - len(chunk))
-        chunks.append(chunk)
-    return chunks
+    comma = tokenizer.convert_tokens_to_ids(",</w>")
+    if comma == tokenizer.unk_token_id:
+        comma = None
+
+    def tokenize(texts: list[str]) -> list[list[int]]:
+        if not texts:
+            return []
+        ids: list[list[int]] = tokenizer(
+            texts, add_special_tokens=False, truncation=False
+        ).input_ids
+        return ids
+
+    chunks = tokenize_weighted(
+        tokenize, text, comma_token=comma, pad_token=eos, chunk_length=CHUNK_TOKENS
+    )
+    return [c.framed(bos=bos, eos=eos, pad=pad) for c in chunks]
 
 
 @torch.inference_mode()
 def _encode_chunks(
     family: str,
     encoders: tuple[Any, ...],
-    ids: Sequence[Sequence[torch.Tensor]],
+    rows: Sequence[Sequence[Row]],
     device: torch.device,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Hidden states [1, 77·k, D] and (SDXL) the pooled vector [1, P] of the first chunk.
 
-    ``ids[e][k]``: the token ids of chunk k for encoder e (every encoder has the same count).
+    ``rows[e][k]``: chunk k for encoder e (every encoder has the same count). Each chunk's
+    states are weighted by its tokens' emphasis with A1111's mean restoration (skipped when
+    every weight is 1: the states are then exactly the encoder's).
     """
     states: list[torch.Tensor] = []
     pooled: torch.Tensor | None = None
-    for index, chunk in enumerate(zip(*ids, strict=True)):
+    for index, chunk in enumerate(zip(*rows, strict=True)):
         per_encoder = []
-        for encoder, token_ids in zip(encoders, chunk, strict=True):
-            out = encoder(token_ids[None].to(device), output_hidden_states=True)
+        for encoder, (token_ids, weights) in zip(encoders, chunk, strict=True):
+            ids = torch.tensor([token_ids], dtype=torch.long, device=device)
+            out = encoder(ids, output_hidden_states=True)
             if family == "sdxl":
-                per_encoder.append(out.hidden_states[-2])
+                z = out.hidden_states[-2]
                 if index == 0 and hasattr(out, "text_embeds"):
                     pooled = out.text_embeds
             else:
-                per_encoder.append(out.last_hidden_state)
+                z = out.last_hidden_state
+            if any(w != 1.0 for w in weights):
+                z = restore_mean(z, torch.tensor([weights], dtype=z.dtype, device=z.device))
+            per_encoder.append(z)
         states.append(torch.cat(per_encoder, dim=-1))
     return torch.cat(states, dim=1), pooled
 
@@ -92,18 +118,15 @@ def encode_prompts(
 ) -> Conditioning:
     """Encode both prompts once per job with the model's text encoders (on ``device``)."""
     tokenizers, encoders = model.tokenizers, model.text_encoders
-    per_text: list[list[list[list[int]]]] = []  # [text][tokenizer][chunk][token]
+    per_text: list[list[list[Row]]] = []  # [text][tokenizer][chunk]
     for text in (prompt, negative_prompt):
-        per_text.append([token_chunks(tok, text) for tok in tokenizers])
+        per_text.append([prompt_rows(tok, text) for tok in tokenizers])
     count = max(len(chunks) for tokenized in per_text for chunks in tokenized)
-    empty = [token_chunks(tok, "")[0] for tok in tokenizers]
+    empty = [prompt_rows(tok, "")[0] for tok in tokenizers]
     results = []
     for tokenized in per_text:
-        ids: list[list[torch.Tensor]] = []
-        for tok_index, chunks in enumerate(tokenized):
-            padded = chunks + [empty[tok_index]] * (count - len(chunks))
-            ids.append([torch.tensor(c, dtype=torch.long) for c in padded])
-        results.append(_encode_chunks(model.family, tuple(encoders), ids, device))
+        rows = [chunks + [empty[k]] * (count - len(chunks)) for k, chunks in enumerate(tokenized)]
+        results.append(_encode_chunks(model.family, tuple(encoders), rows, device))
     (cond, pooled_cond), (uncond, pooled_uncond) = results
     return Conditioning(
         cond=cond.to(dtype),
