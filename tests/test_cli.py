@@ -349,3 +349,31 @@ def test_reuse_parameters_fills_what_the_command_line_leaves_out(
     assert seen["settings"].steps == 20 and seen["settings"].prompt == ""
     assert main([str(bad), str(source), "--reuse-parameters", *FAST]) == 2
     assert "exactly one input image" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from sd_fixtures import make_tiny_components, save_single_file
+
+    folder = tmp_path_factory.mktemp("ckpt")
+    return save_single_file(make_tiny_components("sd1"), folder / "tiny.safetensors", "sd1")
+
+
+def test_img2img_is_one_pass_at_the_inputs_size(
+    photo_file: Path, tiny_checkpoint: Path, capsys, monkeypatch
+) -> None:
+    monkeypatch.delenv("TILEUP_CHECKPOINT", raising=False)
+    out = photo_file.with_name("i2i.png")
+    args = ["--checkpoint", str(tiny_checkpoint), "--denoise", "0.5", "--steps", "2"]
+    assert main(["img2img", str(photo_file), "-o", str(out), *args, "--quiet", "--stats"]) == 0
+    stats = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    with Image.open(photo_file) as src, Image.open(out) as img:
+        assert img.size == src.size
+        changed = np.abs(np.asarray(img, dtype=int) - np.asarray(src, dtype=int)).mean()
+    assert changed > 1  # re-diffused, not copied
+    assert stats["tiles"] == 1 and stats["tile_steps"] == 2
+    _, _, items = parse_parameters(read_parameters(out))
+    assert items["Denoising strength"] == "0.5" and items["Size"] == f"{img.size[0]}x{img.size[1]}"
+    assert main(["img2img", str(photo_file)]) == 2
+    assert "img2img needs --checkpoint" in capsys.readouterr().err
+    assert not photo_file.with_name("photo_tileup.png").exists()

@@ -33,7 +33,7 @@ from tileup.upscalers.registry import (
 from tileup.version import __version__
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-COMMANDS = ("models", "samplers", "info")
+COMMANDS = ("models", "samplers", "info", "img2img")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Upscale images with SR models and re-diffuse the tiles with a Stable "
         "Diffusion checkpoint, seamless and in bounded memory. Other commands: 'tileup models' "
         "lists the upscalers found, 'tileup samplers' the samplers and schedules, 'tileup info "
-        "IMAGE' the parameters stored in an image.",
+        "IMAGE' the parameters stored in an image, 'tileup img2img IMAGE --checkpoint M' one "
+        "re-diffusion pass at the image's size.",
     )
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or globs")
     parser.add_argument("-o", "--output", help="output file (one input) or folder")
@@ -183,12 +184,27 @@ def _reuse_parameters(values: dict[str, Any], inputs: Sequence[str]) -> str | No
     return None
 
 
+def _img2img_command(argv: list[str]) -> int:
+    """``tileup img2img IMAGE --checkpoint M --denoise D``: one re-diffusion pass at the input's
+    size (or ``--scale`` / ``--width`` / ``--height``, reached by a Lanczos resize unless
+    ``--upscaler`` says otherwise), tiled only when the image exceeds one tile."""
+    from tileup.choices import CHECKPOINT_ENV
+
+    asks_help = any(a in ("-h", "--help") for a in argv)
+    named = any(a == "--checkpoint" or a.startswith("--checkpoint=") for a in argv)
+    if not (asks_help or named or os.environ.get(CHECKPOINT_ENV)):
+        return _usage_error(f"img2img needs --checkpoint MODEL.safetensors (or ${CHECKPOINT_ENV})")
+    return main(["--scale", "1", "--upscaler", "lanczos", *argv])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "models":
         return _models_command(argv[1:])
     if argv and argv[0] == "info":
         return _info_command(argv[1:])
+    if argv and argv[0] == "img2img":
+        return _img2img_command(argv[1:])
     if argv and argv[0] == "samplers":
         from tileup.sampling.schedules import describe_samplers
 
