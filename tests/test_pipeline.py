@@ -17,6 +17,8 @@ from sd_fixtures import make_tiny_components, save_diffusers_folder, save_single
 from tileup.cli import main
 from tileup.imageio import read_parameters
 from tileup.infotext import parse_parameters
+from tileup.pipeline import Upscaler
+from tileup.settings import SettingsError, UpscaleSettings
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -380,3 +382,65 @@ def test_samplers_command(capsys) -> None:
     out = capsys.readouterr().out
     for name in ("Euler a", "DPM++ 2M", "UniPC", "karras", "exponential"):
         assert name in out
+
+
+# -- the engine as a Python user calls it -------------------------------------------------------
+
+
+def test_engine_takes_paths_pil_arrays_and_tensors(photo: np.ndarray, tmp_path: Path) -> None:
+    import PIL.Image
+
+    from tileup.imageio import ImageError
+
+    engine = Upscaler(UpscaleSettings(upscaler="lanczos", scale=2))
+    as_uint8 = np.round(photo * 255).astype(np.uint8)
+    path = tmp_path / "in.png"
+    PIL.Image.fromarray(as_uint8).save(path)
+    chw = torch.from_numpy(as_uint8.astype(np.float32) / 255).permute(2, 0, 1)
+    results = [
+        engine(str(path)),
+        engine(path),
+        engine(PIL.Image.open(path)),
+        engine(as_uint8),
+        engine(as_uint8.astype(np.float32) / 255),
+        engine(chw),
+        engine(chw[None]),
+    ]
+    want = results[0].picture.rgb
+    assert want.shape == (photo.shape[0] * 2, photo.shape[1] * 2, 3)
+    for result in results[1:]:
+        np.testing.assert_allclose(result.picture.rgb, want, atol=1e-5)
+    with pytest.raises(ImageError, match=r"\[0, 1\], got 0 to 255 \(divide 0-255 values by 255\)"):
+        engine(as_uint8.astype(np.float32))
+    with pytest.raises(ImageError, match="expected float CxHxW"):
+        engine(torch.zeros(2, 3, 8, 8))
+    with pytest.raises(ImageError, match="cannot read a int object as an image"):
+        engine(42)  # type: ignore[arg-type]
+
+
+def test_result_save_writes_metadata_and_upscale_by_is_the_real_factor(
+    photo: np.ndarray, tmp_path: Path
+) -> None:
+    from tileup.imageio import read_parameters
+    from tileup.infotext import parse_parameters
+
+    engine = Upscaler(UpscaleSettings(upscaler="lanczos", width=photo.shape[1] * 3))
+    result = engine(photo)
+    written = result.save(tmp_path / "big.png")
+    _, _, items = parse_parameters(read_parameters(written) or "")
+    assert (
+        items["Upscale by"] == "3" and items["Size"] == f"{photo.shape[1] * 3}x{photo.shape[0] * 3}"
+    )
+    from tileup.imageio import ImageError
+
+    with pytest.raises(ImageError, match="exists"):
+        result.save(written)  # kept without overwrite
+    result.save(written, overwrite=True)
+
+
+def test_models_dirs_as_one_string_is_one_folder(tmp_path: Path) -> None:
+    settings = UpscaleSettings(models_dirs=str(tmp_path))  # type: ignore[arg-type]
+    assert settings.models_dirs == (str(tmp_path),)
+    assert UpscaleSettings(models_dirs=tmp_path).models_dirs == (str(tmp_path),)  # type: ignore[arg-type]
+    with pytest.raises(SettingsError, match="models_dirs must be a folder"):
+        UpscaleSettings(models_dirs=3)  # type: ignore[arg-type]

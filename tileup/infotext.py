@@ -114,6 +114,7 @@ def job_parameters(
     upscaler: str,
     upscaler_architecture: str | None = None,
     source: str | None = None,
+    factor: float | None = None,
 ) -> str:
     """The ``parameters`` text of a job whose result is ``size`` (H, W).
 
@@ -121,8 +122,11 @@ def job_parameters(
     A1111's order (Steps, Sampler, Schedule type, CFG scale, Seed, Size, Denoising strength,
     Model hash, Model, VAE), then tileup's own. Without: only the upscale settings, after the
     ``source`` image's own parameters (its prompt, seed, ...: A1111's extras tab keeps them too).
+    ``factor`` (output width / input width) is the ``Upscale by`` recorded.
     """
     known = settings.metadata_items(with_checkpoint=model is not None)
+    if factor is not None and "Upscale by" in known:  # the factor reached, --width included
+        known["Upscale by"] = f"{round(factor, 4):g}"
     items: dict[str, object] = {}
     text_size = f"{size[1]}x{size[0]}"
     if model is None:

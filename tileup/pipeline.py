@@ -14,7 +14,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -49,6 +49,7 @@ from tileup.upscalers.registry import (
 )
 
 if TYPE_CHECKING:
+    from tileup.batch import FileOutcome
     from tileup.modes.model import DiffusionModel, DiffusionReport
     from tileup.modes.redraw import PassCounts, RedrawPass
     from tileup.tiler import TileGrid
@@ -73,6 +74,35 @@ class NoProgress:
 
     def advance(self, count: int) -> None:
         pass
+
+
+ImageInput = str | os.PathLike[str] | PIL.Image.Image | np.ndarray | torch.Tensor | Picture
+"""What the engine takes as one image."""
+
+
+def as_picture(image: ImageInput, max_pixels: int) -> Picture:
+    """``image`` decoded (see :meth:`Upscaler.__call__`); a tensor must be CxHxW or 1xCxHxW
+    (C 1-4) and float in [0, 1]; anything else is an ImageError with one line."""
+    from tileup.imageio import ImageError
+
+    if isinstance(image, Picture):
+        return image
+    if isinstance(image, torch.Tensor):
+        t = image.detach()
+        if t.ndim == 4 and t.shape[0] == 1:
+            t = t[0]
+        if t.ndim != 3 or not 1 <= t.shape[0] <= 4 or not t.is_floating_point():
+            raise ImageError(
+                f"input tensor: expected float CxHxW or 1xCxHxW with C in 1..4, got "
+                f"{t.dtype} {tuple(image.shape)}"
+            )
+        return read_image(t.float().cpu().permute(1, 2, 0).numpy(), max_pixels=max_pixels)
+    if not isinstance(image, (str, os.PathLike, PIL.Image.Image, np.ndarray)):
+        raise ImageError(
+            f"cannot read a {type(image).__name__} object as an image: give a path, a PIL image, a "
+            "numpy array or a torch tensor"
+        )
+    return read_image(image, max_pixels=max_pixels)
 
 
 def _source_parameters(picture: Picture) -> str | None:
@@ -173,6 +203,13 @@ class Upscaler:
                 f"hint: latent upscaling needs a higher --denoise (0.5-0.7) to remove the "
                 f"blur of interpolated latents; --denoise is {settings.denoise:g}"
             )
+
+    def upscale_files(self, inputs: Sequence[str], **options: Any) -> list[FileOutcome]:
+        """:func:`tileup.batch.upscale_files` with this engine (its models are not loaded
+        again); ``options`` are that function's (output, overwrite, recursive, ...)."""
+        from tileup.batch import upscale_files
+
+        return upscale_files(inputs, engine=self, **options)
 
     # -- several devices ------------------------------------------------------------------------
 
@@ -319,10 +356,13 @@ class Upscaler:
 
     # -- one picture --------------------------------------------------------------------------
 
-    def __call__(self, picture: Picture) -> UpscaleResult:
-        """Upscale one picture. Raises TileupError for problems the user can fix."""
+    def __call__(self, image: ImageInput) -> UpscaleResult:
+        """Upscale one image: a path, a PIL image, a numpy array (uint8, uint16 or float in
+        [0, 1]; HxW or HxWxC), a torch tensor (CxHxW or 1xCxHxW, float in [0, 1], as spandrel
+        takes) or a :class:`Picture`. Raises TileupError for problems the user can fix."""
         from tileup.upscalers.tiled import RunReport
 
+        picture = as_picture(image, self.settings.max_pixels)
         settings, clock = self.settings, _StageClock()
         report = RunReport(fallbacks=list(self.load_fallbacks))
         for device in self.devices:
@@ -380,6 +420,7 @@ class Upscaler:
         parameters = job_parameters(
             settings,
             source=_source_parameters(picture),
+            factor=target[1] / width,
             size=target,
             seed=diffusion.seed if diffusion else None,
             model=self.model.info if self.model is not None else None,
@@ -584,17 +625,17 @@ class Upscaler:
 
 
 def upscale(
-    image: str | os.PathLike[str] | PIL.Image.Image | np.ndarray,
+    image: ImageInput,
     settings: UpscaleSettings | None = None,
     *,
     progress: Progress | None = None,
     **overrides: Any,
 ) -> UpscaleResult:
-    """Upscale one image (path, PIL image or numpy array) and return it with its stats.
+    """Upscale one image (anything :meth:`Upscaler.__call__` takes) with its stats.
 
     Settings come from ``settings`` and/or keyword overrides named as in UpscaleSettings,
     e.g. ``upscale("photo.png", scale=4, upscaler="lanczos")``.
     """
     settings = merge_settings(settings, overrides)
-    picture = read_image(image, max_pixels=settings.max_pixels)
+    picture = as_picture(image, settings.max_pixels)
     return Upscaler(settings, progress)(picture)

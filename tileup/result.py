@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -59,6 +61,23 @@ class UpscaleResult:
     picture: Picture
     stats: Stats
     parameters: str
+
+    def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+        """Write the result atomically with its ``parameters`` metadata, bit depth, alpha and
+        ICC profile (format from the suffix); an existing file is kept unless ``overwrite``.
+        Returns the path written."""
+        from tileup.imageio import write_image
+
+        p = self.picture
+        return write_image(
+            path,
+            p.rgb,
+            alpha=p.alpha,
+            bit_depth=p.bit_depth,
+            icc_profile=p.icc_profile,
+            parameters=self.parameters,
+            overwrite=overwrite,
+        )
 
     @property
     def image(self) -> PIL.Image.Image:

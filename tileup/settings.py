@@ -10,6 +10,7 @@ imports this module (the pipeline turns settings into the small option objects o
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -387,7 +388,12 @@ class UpscaleSettings:
     )
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "models_dirs", tuple(str(d) for d in self.models_dirs))
+        dirs: object = self.models_dirs
+        if isinstance(dirs, (str, os.PathLike)):  # one folder, not its characters
+            dirs = (dirs,)
+        if not isinstance(dirs, (tuple, list)):
+            raise SettingsError(f"models_dirs must be a folder or a tuple of folders, got {dirs!r}")
+        object.__setattr__(self, "models_dirs", tuple(str(d) for d in dirs))
         if not self.upscaler or not self.upscaler.strip():
             raise SettingsError("--upscaler must not be empty")
         one = r"cuda(:\d+)?"

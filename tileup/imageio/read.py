@@ -59,10 +59,10 @@ def read_image(
     """Decode a file, a PIL image or an array into a :class:`Picture`.
 
     EXIF orientation is applied first. Grey becomes three equal channels; palette, CMYK and other
-    modes become RGB(A); 16-bit PNG/TIFF (grey, RGB, RGBA) keep 16 bits; float images are clipped
-    to [0, 1]. Arrays may be HxW, HxWx1..4 (grey, grey+alpha, RGB, RGBA) of uint8, uint16 or float
-    (assumed in [0, 1]). Images with more than ``max_pixels`` pixels are refused before decoding.
-    Raises ImageError naming the file.
+    modes become RGB(A); 16-bit PNG/TIFF (grey, RGB, RGBA) keep 16 bits; float arrays must lie in
+    [0, 1] (rounding slack clipped). Arrays may be HxW, HxWx1..4 (grey, grey+alpha, RGB, RGBA)
+    of uint8, uint16 or float. Images with more than ``max_pixels`` pixels are refused before
+    decoding. Raises ImageError naming the file.
     """
     if max_pixels < 1:
         raise ValueError(f"max_pixels must be positive, got {max_pixels}")
@@ -234,6 +234,11 @@ pillow_limit_lifted = _PillowLimit().lifted
 # -- arrays ----------------------------------------------------------------------------------
 
 
+FLOAT_SLACK = 1e-3
+"""How far outside [0, 1] a float array may stray (rounding of a computation) to be clipped;
+further is an error rather than a silent clip to white or black."""
+
+
 def _picture_from_array(array: np.ndarray, max_pixels: int) -> Picture:
     name = "input array"
     if array.ndim == 2:
@@ -248,6 +253,12 @@ def _picture_from_array(array: np.ndarray, max_pixels: int) -> Picture:
     elif np.issubdtype(array.dtype, np.floating):
         if not np.isfinite(array).all():
             raise ImageError(f"{name}: contains NaN or infinite values")
+        low, high = float(array.min()), float(array.max())
+        if low < -FLOAT_SLACK or high > 1 + FLOAT_SLACK:
+            hint = " (divide 0-255 values by 255)" if high > 1.5 else ""
+            raise ImageError(
+                f"{name}: float values must lie in [0, 1], got {low:g} to {high:g}{hint}"
+            )
         bit_depth = 16
     else:
         raise ImageError(f"{name}: dtype {array.dtype} is not uint8, uint16 or float")
