@@ -377,3 +377,18 @@ def test_img2img_is_one_pass_at_the_inputs_size(
     assert main(["img2img", str(photo_file)]) == 2
     assert "img2img needs --checkpoint" in capsys.readouterr().err
     assert not photo_file.with_name("photo_tileup.png").exists()
+
+
+def test_denoise_zero_gives_the_pixel_upscale_bytes(
+    photo_file: Path, tiny_checkpoint: Path, capsys
+) -> None:
+    plain, skipped = photo_file.with_name("plain.png"), photo_file.with_name("skipped.png")
+    assert main([str(photo_file), "-o", str(plain), "--upscaler", "lanczos"]) == 0
+    capsys.readouterr()
+    args = ["--checkpoint", str(tiny_checkpoint), "--denoise", "0", "--upscaler", "lanczos"]
+    assert main([str(photo_file), "-o", str(skipped), *args]) == 0
+    assert "--denoise 0: no re-diffusion" in capsys.readouterr().err
+    with Image.open(plain) as a, Image.open(skipped) as b:
+        assert np.array_equal(np.asarray(a), np.asarray(b))  # not a VAE round trip
+    _, _, items = parse_parameters(read_parameters(skipped))
+    assert "Steps" not in items and "Model" not in items

@@ -187,10 +187,16 @@ class Upscaler:
             if isinstance(self.upscaler, ModelUpscaler)
             else None
         )
+        skipped = (checkpoint or model) and not self._diffuses()
+        if skipped:  # nothing would be re-diffused: the checkpoint is not even loaded
+            checkpoint, model = None, None
+            self.notes.append(
+                "--denoise 0: no re-diffusion, the checkpoint is not used (pixel upscale only)"
+            )
         self.model = model if model is not None or not checkpoint else self._load(checkpoint)
         if self.model is not None and len(self.devices) > 1 and not self.model.replicas:
             self.model.add_replicas(self.devices[1:])
-        if self.model is None:
+        if self.model is None and not skipped:
             ignored = "".join(
                 f"; {flag} has no effect" for flag in settings.without_checkpoint_effect()
             )
@@ -210,6 +216,13 @@ class Upscaler:
         from tileup.batch import upscale_files
 
         return upscale_files(inputs, engine=self, **options)
+
+    def _diffuses(self) -> bool:
+        """Whether the settings re-diffuse anything: a denoise above 0, a latent upscaler
+        (its latents must be decoded), or a seam fix with a denoise of its own."""
+        s = self.settings
+        seam_fix = s.seam_fix != "none" and s.seam_denoise > 0
+        return s.denoise > 0 or self.upscaler.works_on_latents or seam_fix
 
     # -- several devices ------------------------------------------------------------------------
 
