@@ -112,6 +112,10 @@ class FusedDenoiser:
     counter: DenoiseCounter = field(default_factory=DenoiseCounter)
     notes: list[str] = field(default_factory=list)
     replicas: Sequence[tuple[UNet, Conditioning]] = ()
+    schedule: Sequence[tuple[int, Sequence[Conditioning]]] = ()
+    """Prompt editing: (last step, the conditioning of each lane) pairs; empty: no editing."""
+    step_of_call: Callable[[int], int] | None = None
+    """The sampling step (0-based) of the n-th call (second-order samplers call twice a step)."""
 
     def __post_init__(self) -> None:
         param = next(self.unet.parameters())
@@ -119,6 +123,7 @@ class FusedDenoiser:
         self.windows = normalized_windows(self.grid, self.blend, device=self.device)
         self.tiles: list[Tile] = sorted(self.grid.tiles, key=lambda t: t.index)
         self._pool: ThreadPoolExecutor | None = None
+        self._current: Sequence[Conditioning] | None = None
         self._rebatch(self.tile_batch)
 
     def _rebatch(self, tile_batch: int) -> None:
@@ -174,6 +179,7 @@ class FusedDenoiser:
 
         On out-of-memory the tile batch is halved (noted) and the call runs again: the result
         is the same up to the kernels' rounding for another batch size."""
+        self._follow_schedule()
         while True:
             try:
                 out = self._blend(latents, t)
@@ -187,6 +193,19 @@ class FusedDenoiser:
         self.counter.tile_evaluations += len(self.tiles)
         self.counter.calls += 1
         return out.to(latents.dtype)
+
+    def _follow_schedule(self) -> None:
+        """Switch every lane to the conditioning of this call's step (prompt editing)."""
+        if not self.schedule:
+            return
+        step = self.step_of_call(self.counter.calls) if self.step_of_call else self.counter.calls
+        chosen = next((c for last, c in self.schedule if step <= last), self.schedule[-1][1])
+        if chosen is self._current:
+            return
+        self._current = chosen
+        self.conditioning = chosen[0]
+        self.replicas = [(u, c) for (u, _), c in zip(self.replicas, chosen[1:], strict=True)]
+        self._rebatch(self.tile_batch)
 
     def _blend(self, latents: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
         busy = [lane for lane in self.lanes if lane.batches]
@@ -261,6 +280,13 @@ def sample_fused(
         blend=options.blend,
         pixel_scale=f,
         replicas=[(r.unet, r.conditioning) for r in model.replicas],
+        schedule=[
+            (last, tuple(lane.schedule[k][1] for lane in model.lanes))
+            for k, (last, _) in enumerate(model.schedule)
+        ]
+        if model.edited
+        else (),
+        step_of_call=lambda n: n * plan.steps // max(plan.evaluations, 1),
     )
     denoiser.notes = report.fallbacks
     report.tile_batch = batch

@@ -24,7 +24,7 @@ from torch import nn
 
 from tileup.memory import MAX_UNET_BATCH, UNET_SAMPLE_BYTES_64
 from tileup.models.checkpoint import load_checkpoint
-from tileup.sampling.conditioning import Conditioning, encode_prompts
+from tileup.sampling.conditioning import Conditioning, encode_schedule
 from tileup.sampling.loop import StepPlan, plan_steps
 from tileup.sampling.protocols import Scheduler, UNet
 from tileup.sampling.schedules import make_scheduler
@@ -116,10 +116,14 @@ class DiffusionModel:
         device: torch.device,
         dtype: torch.dtype,
         info: ModelInfo | None = None,
+        schedule: tuple[tuple[int, Conditioning], ...] = (),
     ) -> None:
         self.unet = unet
         self.vae = vae
         self.conditioning = conditioning
+        self.schedule = schedule or ((sampling.steps, conditioning),)
+        """(last step, conditioning) pairs of A1111's prompt editing: step i (0-based) uses
+        the first entry whose last step is ≥ i (one entry without editing)."""
         self.sampling = sampling
         self.scheduler_config = scheduler_config
         self.prediction_type = prediction_type
@@ -158,9 +162,10 @@ class DiffusionModel:
         encoders: tuple[nn.Module, ...] = sd.text_encoders
         for encoder in encoders:
             encoder.to(device=device, dtype=dtype)
-        conditioning = encode_prompts(
-            sd, load.prompt, load.negative_prompt, device=device, dtype=dtype
+        schedule = encode_schedule(
+            sd, load.prompt, load.negative_prompt, sampling.steps, device=device, dtype=dtype
         )
+        conditioning = schedule[0][1]
         for encoder in encoders:  # no longer needed: free the device memory
             encoder.to("cpu")
         info = ModelInfo(sd.name, sd.model_hash, sd.vae_name, sd.family)
@@ -177,7 +182,20 @@ class DiffusionModel:
             device=device,
             dtype=dtype,
             info=info,
+            schedule=schedule,
         )
+
+    def conditioning_at(self, step: int) -> Conditioning:
+        """The conditioning of sampling step ``step`` (0-based; the last one past the end)."""
+        for last, conditioning in self.schedule:
+            if step <= last:
+                return conditioning
+        return self.schedule[-1][1]
+
+    @property
+    def edited(self) -> bool:
+        """Whether the prompts change during sampling (A1111 prompt editing/alternation)."""
+        return len(self.schedule) > 1
 
     def add_replicas(self, devices: tuple[torch.device, ...]) -> None:
         """Copies of the UNet, the VAE runner and the encoded prompts on each of ``devices``
@@ -193,6 +211,7 @@ class DiffusionModel:
                 unet=unet,
                 vae=self.vae.replica(device),
                 conditioning=self.conditioning.to(device),
+                schedule=tuple((last, c.to(device)) for last, c in self.schedule),
                 sampling=self.sampling,
                 scheduler_config=self.scheduler_config,
                 prediction_type=self.prediction_type,

@@ -47,7 +47,7 @@ import torch
 from tileup.devices import on_device
 from tileup.modes.model import DiffusionModel, DiffusionReport
 from tileup.modes.regions import Region, context_crop, crop_masks, seam_fix_passes, tile_regions
-from tileup.sampling.guidance import guidance_inputs, guided_prediction
+from tileup.sampling.guidance import GuidanceInputs, guidance_inputs, guided_prediction
 from tileup.sampling.loop import StepPlan, noise_latents, run_sampler
 from tileup.sampling.protocols import Scheduler
 from tileup.tiler import Box, TileGrid, plan_grid
@@ -431,14 +431,23 @@ def _redraw_crops(
         time_ids = torch.tensor(
             [[height, width, c.top, c.left, c.height, c.width] for c in job.crops]
         )
-        inputs = guidance_inputs(
-            model.conditioning,
-            model.sampling.cfg,
-            len(job.crops),
-            time_ids=time_ids,
-            device=unet_param.device,
-            dtype=unet_param.dtype,
-        )
+        built: dict[int, GuidanceInputs] = {}  # per conditioning of the prompt schedule
+        calls = 0
+
+        def inputs_now() -> GuidanceInputs:
+            step = calls * plan.steps // max(plan.evaluations, 1)
+            conditioning = model.conditioning_at(step)
+            if id(conditioning) not in built:
+                built[id(conditioning)] = guidance_inputs(
+                    conditioning,
+                    model.sampling.cfg,
+                    len(job.crops),
+                    time_ids=time_ids,
+                    device=unet_param.device,
+                    dtype=unet_param.dtype,
+                )
+            return built[id(conditioning)]
+
         generator: list[torch.Generator] | None = None  # diffusers takes one per sample
         if hasattr(scheduler, "noise_sampler_seed"):  # a Brownian tree per sample
             scheduler.noise_sampler_seed = list(job.seeds)
@@ -446,8 +455,10 @@ def _redraw_crops(
             generator = [torch.Generator("cpu").manual_seed(s) for s in job.seeds]
 
         def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            nonlocal calls
             cfg = model.sampling.cfg
-            out = guided_prediction(model.unet, x.to(unet_param.dtype), t, inputs, cfg)
+            out = guided_prediction(model.unet, x.to(unet_param.dtype), t, inputs_now(), cfg)
+            calls += 1
             if on_tiles is not None:
                 on_tiles(len(job.crops))
             return out

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from tileup.sampling.prompts import restore_mean, tokenize_weighted
+from tileup.sampling.prompts import prompt_schedule, restore_mean, tokenize_weighted
 
 CHUNK_TOKENS = 75
 
@@ -134,3 +134,35 @@ def encode_prompts(
         pooled_cond=None if pooled_cond is None else pooled_cond.to(dtype),
         pooled_uncond=None if pooled_uncond is None else pooled_uncond.to(dtype),
     )
+
+
+def encode_schedule(
+    model: Any,
+    prompt: str,
+    negative_prompt: str,
+    steps: int,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> tuple[tuple[int, Conditioning], ...]:
+    """A1111's prompt editing (``[from:to:when]``) and alternation (``[a|b]``) over ``steps``
+    sampling steps, for the prompt and the negative prompt: (last step, conditioning) pairs,
+    each distinct pair of texts encoded once. One pair when neither prompt changes."""
+    positive = prompt_schedule(prompt, steps)
+    negative = prompt_schedule(negative_prompt, steps)
+    ends = sorted({end for end, _ in positive} | {end for end, _ in negative})
+
+    def text_at(schedule: list[tuple[int, str]], step: int) -> str:
+        return next(text for end, text in schedule if step <= end)
+
+    encoded: dict[tuple[str, str], Conditioning] = {}
+    schedule: list[tuple[int, Conditioning]] = []
+    for end in ends:
+        texts = (text_at(positive, end), text_at(negative, end))
+        if texts not in encoded:
+            encoded[texts] = encode_prompts(model, *texts, device=device, dtype=dtype)
+        if schedule and schedule[-1][1] is encoded[texts]:
+            schedule[-1] = (end, encoded[texts])  # the same texts go on
+        else:
+            schedule.append((end, encoded[texts]))
+    return tuple(schedule)
