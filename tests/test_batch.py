@@ -353,3 +353,24 @@ def test_output_too_large_is_refused_from_the_header(
     ) in err
     assert decoded == [photo_file]  # the big one was never decoded
     assert files_under(tmp_path / "out") == ["photo_tileup.png"]
+
+
+def test_outcomes_make_failures_obvious(tmp_path: Path, photo_file: Path) -> None:
+    import tileup
+
+    bad = tmp_path / "bad.png"
+    bad.write_text("not an image")
+    settings = tileup.UpscaleSettings(upscaler="lanczos")
+    outcomes = tileup.upscale_files(
+        [str(photo_file), str(bad)], settings, output=str(tmp_path / "out") + "/"
+    )
+    assert isinstance(outcomes, tileup.Outcomes) and len(outcomes) == 2
+    assert [o.source.name for o in outcomes.failed] == ["bad.png"]
+    assert outcomes.written == [tmp_path / "out" / "photo_tileup.png"]
+    with pytest.raises(tileup.BatchError, match=r"^1 of 2 files failed; first: .*bad\.png"):
+        outcomes.raise_for_errors()
+    engine = tileup.Upscaler(settings)
+    good = engine.upscale_files([str(photo_file)], output=str(tmp_path / "again") + "/")
+    assert good.raise_for_errors() is good and not good.failed
+    with pytest.raises(tileup.BatchError, match="no input files"):
+        tileup.Outcomes().raise_for_errors()

@@ -252,7 +252,9 @@ def test_models_command_lists_architecture_and_scale(tmp_path: Path, shared_mode
     assert "4x-Anime\tESRGAN 4x" in out
     assert "default\tRealESRGAN Compact 4x" in out
     assert "broken\tunusable" in out
-    assert "lanczos" in out
+    assert "lanczos" in out and "latent-bislerp" in out
+    assert main(["models", "--models-dir", str(tmp_path / "nowhere")]) == 0
+    assert f"models folder {tmp_path / 'nowhere'} does not exist" in capsys.readouterr().err
 
 
 def test_python_api_accepts_array_and_returns_stats(photo: np.ndarray) -> None:

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-from tileup.batch import FileOutcome, upscale_files
+from tileup.batch import BatchError, FileOutcome, Outcomes, upscale_files
 from tileup.errors import TileupError
+from tileup.imageio import Picture
 from tileup.pipeline import Upscaler, upscale
 from tileup.result import Stats, UpscaleResult
 from tileup.settings import SettingsError, UpscaleSettings
 from tileup.version import __version__
 
 __all__ = [
+    "BatchError",
     "FileOutcome",
+    "Outcomes",
+    "Picture",
     "SettingsError",
     "Stats",
     "TileupError",

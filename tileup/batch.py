@@ -49,6 +49,33 @@ class FileOutcome:
     stats: Stats | None = None
 
 
+class BatchError(TileupError):
+    """Some files of a batch failed (raised by :meth:`Outcomes.raise_for_errors`)."""
+
+
+class Outcomes(list[FileOutcome]):
+    """Every input's outcome, in input order. Failures do not raise by themselves (one bad file
+    must not stop the rest): check :attr:`failed` or call :meth:`raise_for_errors`."""
+
+    @property
+    def failed(self) -> list[FileOutcome]:
+        return [o for o in self if o.error is not None]
+
+    @property
+    def written(self) -> list[Path]:
+        return [o.output for o in self if o.output is not None]
+
+    def raise_for_errors(self) -> Outcomes:
+        """Self when no file failed (and at least one was given); else BatchError naming how
+        many failed and the first error."""
+        failed = self.failed
+        if failed:
+            raise BatchError(f"{len(failed)} of {len(self)} files failed; first: {failed[0].error}")
+        if not self:
+            raise BatchError("no input files")
+        return self
+
+
 @dataclass(frozen=True)
 class Source:
     """An input image file. ``root`` is the folder given as input (or the fixed start of a
@@ -236,7 +263,7 @@ def upscale_files(
     progress: Progress | None = None,
     on_outcome: Callable[[FileOutcome], None] | None = None,
     on_note: Callable[[str], None] | None = None,
-) -> list[FileOutcome]:
+) -> Outcomes:
     """Upscale every input file and write each result atomically; one failure never stops the rest.
 
     ``output`` is a file (one input only) or a folder (created when missing; sub-folders of
@@ -244,6 +271,8 @@ def upscale_files(
     outputs (see :func:`plan_outputs`) and settings or model problems common to every file raise
     TileupError before any work, with nothing written. Give ``settings`` (an engine is built from
     them) or an ``engine`` already built (its models are reused; its progress is used).
+    Returns :class:`Outcomes`: a failed file is an outcome with an error, not an exception;
+    ``upscale_files(...).raise_for_errors()`` raises when any failed.
     """
     if (settings is None) == (engine is None):
         raise TypeError("upscale_files needs settings or an engine (exactly one)")
@@ -253,7 +282,7 @@ def upscale_files(
     for outcome in outcomes:
         _report(on_outcome, outcome)
     if not jobs:
-        return outcomes
+        return Outcomes(outcomes)
     # 2. One engine for every file.
     if engine is None:
         assert settings is not None
@@ -268,12 +297,12 @@ def upscale_files(
     if len(jobs) > 1 and len(engine.devices) > 1:
         with engine.device_engines() as engines:
             outcomes += _spread(jobs, engines, overwrite, headers, on_outcome)
-        return outcomes
+        return Outcomes(outcomes)
     for job in jobs:
         outcome = _process_file(job, engine, overwrite, headers.get(job.source))
         outcomes.append(outcome)
         _report(on_outcome, outcome)
-    return outcomes
+    return Outcomes(outcomes)
 
 
 def _spread(

@@ -21,7 +21,7 @@ from types import FrameType
 from typing import Any
 
 from tileup.batch import FileOutcome, upscale_files
-from tileup.choices import RESAMPLERS
+from tileup.choices import LATENT_MODES, RESAMPLERS
 from tileup.errors import TileupError
 from tileup.settings import UpscaleSettings
 from tileup.upscalers.models import load_sr_model
@@ -115,6 +115,10 @@ def _models_command(argv: Sequence[str]) -> int:
             kind = f"unusable: {exc}"
         print(f"{name}\t{kind}\t{path}")
     print("resamplers:\t" + ", ".join(RESAMPLERS))
+    print("latent (need --checkpoint):\tlatent, " + ", ".join(f"latent-{m}" for m in LATENT_MODES))
+    for folder in dirs:
+        if not folder.is_dir():
+            print(f"tileup: warning: models folder {folder} does not exist", file=sys.stderr)
     if not dirs:
         print("(add folders with --models-dir or $TILEUP_MODELS)")
     return EXIT_OK

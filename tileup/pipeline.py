@@ -49,7 +49,7 @@ from tileup.upscalers.registry import (
 )
 
 if TYPE_CHECKING:
-    from tileup.batch import FileOutcome
+    from tileup.batch import Outcomes
     from tileup.modes.model import DiffusionModel, DiffusionReport
     from tileup.modes.redraw import PassCounts, RedrawPass
     from tileup.tiler import TileGrid
@@ -210,7 +210,7 @@ class Upscaler:
                 f"blur of interpolated latents; --denoise is {settings.denoise:g}"
             )
 
-    def upscale_files(self, inputs: Sequence[str], **options: Any) -> list[FileOutcome]:
+    def upscale_files(self, inputs: Sequence[str], **options: Any) -> Outcomes:
         """:func:`tileup.batch.upscale_files` with this engine (its models are not loaded
         again); ``options`` are that function's (output, overwrite, recursive, ...)."""
         from tileup.batch import upscale_files
