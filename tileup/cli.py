@@ -226,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         warning = _reuse_parameters(values, args.inputs) if args.reuse_parameters else None
         settings = UpscaleSettings(**values)
     except TileupError as exc:
-        return _usage_error(str(exc))
+        return _usage_error(_cli_text(exc))
 
     quiet = args.quiet
     if warning:
@@ -257,7 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
     except TileupError as exc:
         progress.close()
-        return _usage_error(str(exc))
+        return _usage_error(_cli_text(exc))
     except KeyboardInterrupt:
         progress.close()
         print("tileup: interrupted", file=sys.stderr)
@@ -307,6 +307,11 @@ def _signals_raise() -> Iterator[None]:
     finally:
         for signum, old in previous.items():
             signal.signal(signum, old)
+
+
+def _cli_text(exc: TileupError) -> str:
+    """An error's message in the command line's words (flags rather than field names)."""
+    return str(getattr(exc, "cli_message", exc))
 
 
 def _usage_error(message: str) -> int:

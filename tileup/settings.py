@@ -32,7 +32,20 @@ DEFAULT_MAX_PIXELS = 16384 * 16384
 
 
 class SettingsError(TileupError, ValueError):
-    """A setting has a value tileup cannot use; the message is one line for the user."""
+    """A setting has a value tileup cannot use; the message is one line for the user.
+
+    Written with the command-line flags (``--scale must be ...``), kept as :attr:`cli_message`
+    for the CLI; ``str()`` names the Python fields instead (``scale must be ...``)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(_python_names(message))
+        self.cli_message = message
+
+
+def _python_names(message: str) -> str:
+    """``message`` with each settings flag (``--models-dir``) replaced by its field name."""
+    fields = {flag_of(f.name): f.name for f in dataclasses.fields(UpscaleSettings)}
+    return re.sub(r"--[a-z0-9][a-z0-9-]*", lambda m: fields.get(m.group(0), m.group(0)), message)
 
 
 @dataclass(frozen=True)

@@ -213,5 +213,5 @@ def test_device_lists_are_read_and_checked() -> None:
     for good in ["cuda:0,cuda:1", "all", "cuda", "cuda:1"]:
         assert UpscaleSettings(device=good).device == good
     for bad in ["cuda:0,", "gpu", "cuda:0;cuda:1", "cpu,cuda"]:
-        with pytest.raises(SettingsError, match="--device must be"):
+        with pytest.raises(SettingsError, match=r"^device must be"):
             UpscaleSettings(device=bad)

@@ -635,10 +635,10 @@ def test_job_level_passes_counts_and_progress(checkpoint, mode: str) -> None:
 
 def test_job_level_refuses_bad_options() -> None:
     for values, message in (
-        ({"padding": -4}, "--padding"),
-        ({"seam_fix": "band", "seam_width": 128}, "--seam-width"),
-        ({"order": "zigzag"}, "--order"),
-        ({"seam_fix": "full"}, "--seam-fix"),
+        ({"padding": -4}, "padding"),
+        ({"seam_fix": "band", "seam_width": 128}, "seam_width"),
+        ({"order": "zigzag"}, "order"),
+        ({"seam_fix": "full"}, "seam_fix"),
     ):
         with pytest.raises(SettingsError, match=message):
             UpscaleSettings(mode="redraw", tile=64, overlap=0, steps=1, **values)
@@ -649,7 +649,7 @@ def test_overlap_is_not_used_by_redraw_tiles() -> None:
     --overlap 64 is fine there, not in fused mode; a bad --overlap is still refused."""
     assert UpscaleSettings(mode="redraw", tile=64).overlap == 64
     for values in ({"mode": "fused", "tile": 64}, {"mode": "redraw", "overlap": -8}):
-        with pytest.raises(SettingsError, match="--overlap"):
+        with pytest.raises(SettingsError, match="overlap"):
             UpscaleSettings(**values)
 
 
