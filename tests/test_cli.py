@@ -394,3 +394,19 @@ def test_denoise_zero_gives_the_pixel_upscale_bytes(
         assert np.array_equal(np.asarray(a), np.asarray(b))  # not a VAE round trip
     _, _, items = parse_parameters(read_parameters(skipped))
     assert "Steps" not in items and "Model" not in items
+
+
+def test_help_is_grouped_and_names_the_sub_commands(capsys) -> None:
+    import dataclasses
+
+    from tileup.cli import HELP_GROUPS
+
+    assert main(["--help"]) == 0
+    text = capsys.readouterr().out
+    assert "tileup {models,samplers,info,img2img} ..." in text
+    positions = [text.index(f"\n{title}:\n") for title in ["input and output", *HELP_GROUPS]]
+    assert positions == sorted(positions)  # every section, in order
+    grouped = [name for names in HELP_GROUPS.values() for name in names]
+    fields = [f.name for f in dataclasses.fields(tileup.UpscaleSettings)]
+    assert sorted(grouped) == sorted(fields)  # each setting in exactly one section
+    assert "(default: 268.435 megapixels)" in text and "268435456" not in text

@@ -45,8 +45,37 @@ def _flag(field: dataclasses.Field[Any]) -> str:
     return field.metadata.get("flag") or "--" + field.name.replace("_", "-")
 
 
+HELP_GROUPS = {
+    "pixel upscale": ("upscaler", "models_dirs", "scale", "width", "height", "model_tile"),
+    "re-diffusion": (
+        "checkpoint", "vae", "prompt", "negative_prompt", "denoise", "steps", "sampler",
+        "scheduler", "cfg", "seed", "prediction", "mode",
+    ),
+    "tiles": ("tile", "overlap", "blend", "tile_batch", "vae_tile"),
+    "redraw and seam fix": (
+        "order", "padding", "mask_blur", "seam_fix", "seam_denoise", "seam_width",
+        "seam_mask_blur", "seam_padding",
+    ),
+    "colour": ("color_fix",),
+    "device and memory": ("device", "dtype", "vram", "low_vram", "compile", "max_pixels"),
+}  # fmt: skip
+"""The --help sections, as A1111/ComfyUI users group the settings; every field is in one."""
+
+
+def _default_note(field: dataclasses.Field[Any]) -> str:
+    """ " (default: …)" in human units, or nothing for empty and on/off defaults."""
+    if field.default in (None, (), "") or isinstance(field.default, bool):
+        return ""
+    value = field.default
+    if field.name == "max_pixels" and isinstance(value, int):
+        return f" (default: {value / 1e6:g} megapixels)"
+    return f" (default: {value})"
+
+
 def _add_settings_arguments(parser: argparse.ArgumentParser) -> None:
-    """One option per UpscaleSettings field, typed from its annotation."""
+    """One option per UpscaleSettings field, typed from its annotation, in its help section."""
+    sections = {title: parser.add_argument_group(title) for title in HELP_GROUPS}
+    section_of = {name: sections[title] for title, names in HELP_GROUPS.items() for name in names}
     for field in dataclasses.fields(UpscaleSettings):
         kind = str(field.type)
         kwargs: dict[str, Any] = {
@@ -66,31 +95,27 @@ def _add_settings_arguments(parser: argparse.ArgumentParser) -> None:
             kwargs["type"] = int
         elif kind.startswith("float"):
             kwargs["type"] = float
-        parser.add_argument(_flag(field), **kwargs)
-
-
-def _default_note(field: dataclasses.Field[Any]) -> str:
-    if field.default in (None, (), "") or isinstance(field.default, bool):
-        return ""
-    return f" (default: {field.default})"
+        section_of[field.name].add_argument(_flag(field), **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="tileup",
+        usage="%(prog)s INPUT... [options]\n       %(prog)s {" + ",".join(COMMANDS) + "} ...",
         description="Upscale images with SR models and re-diffuse the tiles with a Stable "
         "Diffusion checkpoint, seamless and in bounded memory. Other commands: 'tileup models' "
         "lists the upscalers found, 'tileup samplers' the samplers and schedules, 'tileup info "
         "IMAGE' the parameters stored in an image, 'tileup img2img IMAGE --checkpoint M' one "
         "re-diffusion pass at the image's size.",
     )
-    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or globs")
-    parser.add_argument("-o", "--output", help="output file (one input) or folder")
-    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-    parser.add_argument("--recursive", action="store_true", help="descend into sub-folders")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar or notes")
-    parser.add_argument("--stats", action="store_true", help="print each image's stats as JSON")
-    parser.add_argument(
+    io = parser.add_argument_group("input and output")
+    io.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or globs")
+    io.add_argument("-o", "--output", help="output file (one input) or folder")
+    io.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    io.add_argument("--recursive", action="store_true", help="descend into sub-folders")
+    io.add_argument("--quiet", action="store_true", help="no progress bar or notes")
+    io.add_argument("--stats", action="store_true", help="print each image's stats as JSON")
+    io.add_argument(
         "--reuse-parameters",
         action="store_true",
         help="take the prompt, negative prompt, seed, sampler, schedule, CFG and steps from the "
