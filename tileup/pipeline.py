@@ -26,7 +26,7 @@ import torch
 from tileup.choices import CHECKPOINT_ENV
 from tileup.devices import module_bytes, peak_memory, peak_reserved, resolve_devices, sr_dtype
 from tileup.errors import TileupError
-from tileup.imageio import Picture, read_image, read_parameters
+from tileup.imageio import Picture, read_image
 from tileup.infotext import job_parameters
 from tileup.memory import GIB, JobShape, MemoryPlan, ModelSizes, plan_memory
 from tileup.options import (
@@ -103,17 +103,6 @@ def as_picture(image: ImageInput, max_pixels: int) -> Picture:
             "numpy array or a torch tensor"
         )
     return read_image(image, max_pixels=max_pixels)
-
-
-def _source_parameters(picture: Picture) -> str | None:
-    """The ``parameters`` text of the file a picture was read from (None: none, or unreadable:
-    the result's own metadata does not depend on it)."""
-    if picture.source is None:
-        return None
-    try:
-        return read_parameters(picture.source)
-    except (TileupError, OSError):
-        return None
 
 
 class LockedProgress:
@@ -410,7 +399,9 @@ class Upscaler:
         with clock.stage("alpha"):
             alpha = self._upscale_alpha(picture.alpha, target, report)
         # 5. Result, stats and metadata.
-        out = dataclasses.replace(picture, rgb=np.ascontiguousarray(rgb), alpha=alpha)
+        out = dataclasses.replace(
+            picture, rgb=np.ascontiguousarray(rgb), alpha=alpha, parameters=None
+        )
         fallbacks = list(report.fallbacks) + (diffusion.fallbacks if diffusion else [])
         seam_passes = [p for p in passes if p.name != "redraw"]
         stats = Stats(
@@ -432,7 +423,7 @@ class Upscaler:
         )
         parameters = job_parameters(
             settings,
-            source=_source_parameters(picture),
+            source=picture.parameters,
             factor=target[1] / width,
             size=target,
             seed=diffusion.seed if diffusion else None,

@@ -30,7 +30,11 @@ def read_parameters(path: str | os.PathLike[str]) -> str | None:
     then a TIFF's ImageDescription. Pixels are not decoded. Raises ImageError naming the file.
     """
     path = Path(path)
-    data = read_file(path)
+    return parameters_in(path, read_file(path))
+
+
+def parameters_in(path: Path, data: bytes) -> str | None:
+    """:func:`read_parameters` of a file already read into ``data``."""
     exif_payload: bytes | None = None
     if data.startswith(PNG_SIGNATURE):
         stream = io.BytesIO(data)

@@ -17,7 +17,8 @@ class Picture:
     ``bit_depth`` (8 or 16) is the precision of the source; ``icc_profile`` is an RGB ICC profile
     or None (profiles of other colour spaces are dropped, as the pixels are RGB); ``source`` the
     file read (None for arrays and PIL images); ``source_format`` Pillow's format name;
-    ``mode`` the source's Pillow mode (for arrays: L, LA, RGB or RGBA).
+    ``mode`` the source's Pillow mode (for arrays: L, LA, RGB or RGBA); ``parameters`` the
+    source file's A1111 metadata text.
     """
 
     rgb: np.ndarray
@@ -27,6 +28,8 @@ class Picture:
     source: Path | None = None
     source_format: str | None = None
     mode: str = "RGB"
+    parameters: str | None = None
+    """The source file's A1111 ``parameters`` text (None: none, or not from a file)."""
 
     def __post_init__(self) -> None:
         rgb, alpha = self.rgb, self.alpha

@@ -7,6 +7,7 @@ whose message is one line naming the file; library exceptions are chained, never
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import os
 import threading
@@ -97,7 +98,19 @@ def read_image(
             raise
         except Exception as exc:
             raise ImageError(f"{path}: corrupt or truncated {fmt} file ({describe(exc)})") from exc
-    return make_picture(pixels, bit_depth, icc, path, fmt, mode)
+    picture = make_picture(pixels, bit_depth, icc, path, fmt, mode)
+    return dataclasses.replace(picture, parameters=_parameters_or_none(path, data))
+
+
+def _parameters_or_none(path: Path, data: bytes) -> str | None:
+    """The file's A1111 parameters; None when it has none or they are unreadable (the pixels
+    decoded: corrupt metadata is not a reason to refuse the image)."""
+    from tileup.imageio.metadata import parameters_in  # metadata imports this module
+
+    try:
+        return parameters_in(path, data)
+    except ImageError:
+        return None
 
 
 def read_header(src: str | os.PathLike[str]) -> ImageHeader:

@@ -142,7 +142,6 @@ class FusedDenoiser:
             )
             inputs = [self._inputs(b, conditioning, device, dtype) for b in batches]
             self.lanes.append(_Lane(unet, device, dtype, windows, batches, inputs))
-        self.batches = [b for lane in self.lanes for b in lane.batches]
 
     def _inputs(
         self,
