@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -255,6 +256,50 @@ def test_models_command_lists_architecture_and_scale(tmp_path: Path, shared_mode
     assert "lanczos" in out and "latent-bislerp" in out
     assert main(["models", "--models-dir", str(tmp_path / "nowhere")]) == 0
     assert f"models folder {tmp_path / 'nowhere'} does not exist" in capsys.readouterr().err
+
+
+def test_models_descriptions_are_cached_and_refreshed_when_a_file_changes(
+    tmp_path: Path, shared_models, monkeypatch
+) -> None:
+    from tileup.upscalers import catalog
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    model = tmp_path / "m.safetensors"
+    shutil.copy(shared_models / "RealESRGAN_x4plus_anime_6B.safetensors", model)
+    assert catalog.describe_models([model]) == ["ESRGAN 4x"]
+    assert catalog.cache_path().is_file()
+    inspected: list[Path] = []
+    monkeypatch.setattr(catalog, "_inspect", lambda path: inspected.append(path) or "fresh")
+    assert catalog.describe_models([model]) == ["ESRGAN 4x"]  # unchanged: from the cache
+    assert inspected == []
+    model.write_bytes(b"changed")  # another size and time: inspected again
+    assert catalog.describe_models([model]) == ["fresh"]
+    assert inspected == [model]
+    catalog.cache_path().write_text("{ not json")  # a damaged cache is ignored, then rewritten
+    assert catalog.describe_models([model]) == ["fresh"]
+
+
+def _imports_after(code: str, env: dict[str, str]) -> set[str]:
+    """The heavy modules a fresh interpreter has imported after running ``code``."""
+    probe = f"{code}\nimport sys\nprint(' '.join(m for m in ('torch', 'spandrel', "
+    probe += "'diffusers', 'transformers') if m in sys.modules))"
+    proc = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True
+    )
+    return set(proc.stdout.split())
+
+
+def test_help_version_and_cached_models_do_not_import_torch(tmp_path: Path) -> None:
+    """Start-up stays fast (bench/startup.py measures it): torch, spandrel and diffusers load
+    only when a job runs or a model must be inspected."""
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    quiet = "import contextlib, io\nfrom tileup.cli import main\n"
+    quiet += "with contextlib.redirect_stdout(io.StringIO()): main({})"
+    assert _imports_after(quiet.format(["--help"]), env) == set()
+    assert _imports_after(quiet.format(["--version"]), env) == set()
+    assert _imports_after("import tileup; tileup.UpscaleSettings(scale=3)", env) == set()
+    assert "torch" in _imports_after(quiet.format(["models"]), env)  # first time: inspected
+    assert _imports_after(quiet.format(["models"]), env) == set()  # then from the cache
 
 
 def test_python_api_accepts_array_and_returns_stats(photo: np.ndarray) -> None:

@@ -18,19 +18,20 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from tileup.batch import FileOutcome, upscale_files
 from tileup.choices import LATENT_MODES, RESAMPLERS
 from tileup.errors import TileupError
 from tileup.settings import UpscaleSettings
-from tileup.upscalers.models import load_sr_model
 from tileup.upscalers.registry import (
     builtin_model_path,
     iter_model_files,
     models_dirs,
 )
 from tileup.version import __version__
+
+if TYPE_CHECKING:  # torch, spandrel and diffusers load only when a job runs (fast --help)
+    from tileup.batch import FileOutcome
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 COMMANDS = ("models", "samplers", "info", "img2img")
@@ -127,17 +128,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _models_command(argv: Sequence[str]) -> int:
+    from tileup.upscalers.catalog import describe_models
+
     parser = _Parser(prog="tileup models", description="List the upscalers tileup can find.")
     parser.add_argument("--models-dir", action="append", default=[], metavar="DIR")
     args = parser.parse_args(argv)
     dirs = models_dirs(args.models_dir)
     rows = [("default", builtin_model_path())] + [(p.stem, p) for p in iter_model_files(dirs)]
-    for name, path in rows:
-        try:
-            model = load_sr_model(path)
-            kind = f"{model.architecture} {model.scale}x"
-        except TileupError as exc:
-            kind = f"unusable: {exc}"
+    for (name, path), kind in zip(rows, describe_models([p for _, p in rows]), strict=True):
         print(f"{name}\t{kind}\t{path}")
     print("resamplers:\t" + ", ".join(RESAMPLERS))
     print("latent (need --checkpoint):\tlatent, " + ", ".join(f"latent-{m}" for m in LATENT_MODES))
@@ -252,6 +250,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = UpscaleSettings(**values)
     except TileupError as exc:
         return _usage_error(_cli_text(exc))
+
+    from tileup.batch import upscale_files
 
     quiet = args.quiet
     if warning:

@@ -19,6 +19,7 @@ from typing import Any
 from tileup.choices import (
     BLENDS,
     COLOR_FIXES,
+    DEFAULT_MAX_PIXELS,
     DTYPES,
     MODES,
     ORDERS,
@@ -28,7 +29,6 @@ from tileup.choices import (
 from tileup.errors import TileupError
 
 DEFAULT_UPSCALER = "default"
-DEFAULT_MAX_PIXELS = 16384 * 16384
 
 
 class SettingsError(TileupError, ValueError):
