@@ -455,3 +455,50 @@ def test_help_is_grouped_and_names_the_sub_commands(capsys) -> None:
     fields = [f.name for f in dataclasses.fields(tileup.UpscaleSettings)]
     assert sorted(grouped) == sorted(fields)  # each setting in exactly one section
     assert "(default: 268.435 megapixels)" in text and "268435456" not in text
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--sampler", "bogus"], "unknown sampler 'bogus'"),
+        (["--scheduler", "nope"], "unknown schedule"),
+        (["--sampler", "DPM++ 2M Karras", "--scheduler", "exponential"], "names schedule"),
+    ],
+)
+def test_bad_sampler_is_refused_even_without_checkpoint(
+    photo_file: Path, tmp_path: Path, capsys, options: list[str], message: str
+) -> None:
+    target = tmp_path / "out.png"
+    assert main([str(photo_file), "-o", str(target), *FAST, *options]) == 2
+    assert message in capsys.readouterr().err
+    assert not target.exists()
+
+
+def test_sampler_without_checkpoint_is_named_in_the_note(photo_file: Path, tmp_path: Path, capsys):
+    argv = [str(photo_file), "-o", str(tmp_path / "o.png"), "--upscaler", "lanczos"]
+    assert main([*argv, "--sampler", "DPM++ 2M", "--steps", "30", "--prompt", "a cat"]) == 0
+    note = capsys.readouterr().err
+    for flag in ("--sampler DPM++ 2M", "--steps 30", "--prompt a cat"):
+        assert f"{flag} has no effect" in note
+
+
+def test_library_warnings_reach_the_user_as_one_line(
+    photo_file: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    import warnings
+
+    import tileup.batch
+
+    original = tileup.batch._read_headers
+
+    def noisy(*args, **kwargs):
+        warnings.warn("a third-party note\nwith a second line", UserWarning, stacklevel=1)
+        warnings.warn("a third-party note\nagain", UserWarning, stacklevel=1)  # same first line
+        warnings.warn("old API", FutureWarning, stacklevel=1)  # for developers: not shown
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(tileup.batch, "_read_headers", noisy)
+    assert main([str(photo_file), "-o", str(tmp_path / "o.png"), *FAST[:2]]) == 0
+    err = capsys.readouterr().err
+    assert err.count("tileup: warning: a third-party note") == 1
+    assert "second line" not in err and "old API" not in err and "Traceback" not in err

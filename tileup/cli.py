@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import threading
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -269,7 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps(outcome.stats.as_dict()), flush=True)
 
     try:
-        with _signals_raise():
+        with _signals_raise(), _warnings_as_notes(progress.write):
             outcomes = upscale_files(
                 args.inputs,
                 settings,
@@ -332,6 +333,27 @@ def _signals_raise() -> Iterator[None]:
     finally:
         for signum, old in previous.items():
             signal.signal(signum, old)
+
+
+@contextmanager
+def _warnings_as_notes(write: Any) -> Iterator[None]:
+    """While the job runs, a warning from any library reaches the user as one line, once:
+    ``tileup: warning: <first line>``; deprecation notices meant for developers (Deprecation-,
+    PendingDeprecation- and FutureWarning raised outside tileup) are not shown at all."""
+    seen: set[str] = set()
+
+    def show(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+        text = str(message).strip().splitlines()[0] if str(message).strip() else category.__name__
+        if text not in seen:
+            seen.add(text)
+            write(f"tileup: warning: {text}")
+
+    with warnings.catch_warnings():
+        for quiet in (DeprecationWarning, PendingDeprecationWarning, FutureWarning):
+            warnings.filterwarnings("ignore", category=quiet)
+            warnings.filterwarnings("default", category=quiet, module="tileup")
+        warnings.showwarning = show
+        yield
 
 
 def _cli_text(exc: TileupError) -> str:

@@ -137,6 +137,17 @@ class _StageClock:
         self.seconds[name] = round(self.seconds.get(name, 0.0) + seconds, 4)
 
 
+def _check_sampler(settings: UpscaleSettings) -> None:
+    """SamplerError for an unknown sampler or schedule, or a combination that cannot run, before
+    anything loads (and even without a checkpoint, where they would do nothing). The defaults
+    are valid: checking them would import diffusers for pixel-only jobs."""
+    defaults = UpscaleSettings()
+    if (settings.sampler, settings.scheduler) != (defaults.sampler, defaults.scheduler):
+        from tileup.sampling.schedules import resolve
+
+        resolve(settings.sampler, settings.scheduler)
+
+
 class Upscaler:
     """Loads what the settings name once, then upscales any number of pictures with it.
 
@@ -160,6 +171,7 @@ class Upscaler:
         self.load_fallbacks: list[str] = []
         self.notes: list[str] = []
         self.budget = self._budget()
+        _check_sampler(settings)
         checkpoint = settings.checkpoint or os.environ.get(CHECKPOINT_ENV) or None
         latent = self.upscaler.works_on_latents
         if latent and settings.mode == "redraw":
