@@ -15,10 +15,10 @@ from PIL import Image
 from sd_fixtures import make_tiny_components, save_diffusers_folder, save_single_file
 
 from tileup.cli import main
+from tileup.errors import TileupError
 from tileup.imageio import read_parameters
 from tileup.infotext import parse_parameters
 from tileup.pipeline import Upscaler
-from tileup.errors import TileupError
 from tileup.settings import SettingsError, UpscaleSettings
 
 os.environ["HF_HUB_OFFLINE"] = "1"
