@@ -14,6 +14,7 @@ from tileup.version import __version__
 
 if TYPE_CHECKING:
     from tileup.batch import BatchError, FileOutcome, Outcomes, upscale_files
+    from tileup.generate import GenerateSettings, Generator, generate
     from tileup.imageio import Picture
     from tileup.pipeline import Upscaler, upscale
     from tileup.result import Stats, UpscaleResult
@@ -24,6 +25,9 @@ _LAZY = {
     "FileOutcome": "tileup.batch",
     "Outcomes": "tileup.batch",
     "upscale_files": "tileup.batch",
+    "GenerateSettings": "tileup.generate",
+    "Generator": "tileup.generate",
+    "generate": "tileup.generate",
     "Picture": "tileup.imageio",
     "Upscaler": "tileup.pipeline",
     "upscale": "tileup.pipeline",
@@ -36,6 +40,8 @@ _LAZY = {
 __all__ = [
     "BatchError",
     "FileOutcome",
+    "GenerateSettings",
+    "Generator",
     "Outcomes",
     "Picture",
     "SettingsError",
@@ -45,6 +51,7 @@ __all__ = [
     "UpscaleSettings",
     "Upscaler",
     "__version__",
+    "generate",
     "upscale",
     "upscale_files",
 ]

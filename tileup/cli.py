@@ -35,7 +35,7 @@ if TYPE_CHECKING:  # torch, spandrel and diffusers load only when a job runs (fa
     from tileup.batch import FileOutcome
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-COMMANDS = ("models", "samplers", "info", "img2img")
+COMMANDS = ("generate", "img2img", "models", "samplers", "info")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -74,11 +74,19 @@ def _default_note(field: dataclasses.Field[Any]) -> str:
     return f" (default: {value})"
 
 
-def _add_settings_arguments(parser: argparse.ArgumentParser) -> None:
-    """One option per UpscaleSettings field, typed from its annotation, in its help section."""
-    sections = {title: parser.add_argument_group(title) for title in HELP_GROUPS}
-    section_of = {name: sections[title] for title, names in HELP_GROUPS.items() for name in names}
+def _add_settings_arguments(
+    parser: argparse.ArgumentParser, skip: frozenset[str] = frozenset()
+) -> None:
+    """One option per UpscaleSettings field (but ``skip``), typed from its annotation, in its
+    help section."""
+    titles = [t for t, names in HELP_GROUPS.items() if set(names) - skip]
+    sections = {title: parser.add_argument_group(title) for title in titles}
+    section_of = {
+        n: sections[t] for t, names in HELP_GROUPS.items() for n in names if n not in skip
+    }
     for field in dataclasses.fields(UpscaleSettings):
+        if field.name in skip:
+            continue
         kind = str(field.type)
         kwargs: dict[str, Any] = {
             "dest": field.name,
@@ -108,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
         "Diffusion checkpoint, seamless and in bounded memory. Other commands: 'tileup models' "
         "lists the upscalers found, 'tileup samplers' the samplers and schedules, 'tileup info "
         "IMAGE' the parameters stored in an image, 'tileup img2img IMAGE --checkpoint M' one "
-        "re-diffusion pass at the image's size.",
+        "re-diffusion pass at the image's size, 'tileup generate PROMPT --checkpoint M' txt2img "
+        "with hires fix.",
     )
     io = parser.add_argument_group("input and output")
     io.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or globs")
@@ -227,6 +236,10 @@ def _img2img_command(argv: list[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "generate":
+        from tileup.generate_cli import generate_command
+
+        return generate_command(argv[1:])
     if argv and argv[0] == "models":
         return _models_command(argv[1:])
     if argv and argv[0] == "info":

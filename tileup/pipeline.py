@@ -396,13 +396,14 @@ class Upscaler:
         which raise SettingsError naming a new engine as the way."""
         if not overrides:
             return self._run(image)
-        with self._overridden(overrides):
+        with self.using(**overrides):
             return self._run(image)
 
     @contextmanager
-    def _overridden(self, overrides: dict[str, Any]) -> Iterator[None]:
+    def using(self, **overrides: Any) -> Iterator[None]:
         """This engine with ``overrides`` applied to its settings (and its model's sampling
-        options and prompts) for the duration."""
+        options and prompts) for the duration: ``with engine.using(seed=3): engine(a);
+        engine(b)``. The same rules as the overrides of :meth:`__call__`."""
         saved = self.settings
         settings = saved.replace(**overrides)
         reload = [f for f in sorted(RELOAD_FIELDS) if getattr(settings, f) != getattr(saved, f)]
@@ -439,7 +440,51 @@ class Upscaler:
         finally:
             self.model = model
 
-    def _run(self, image: ImageInput) -> UpscaleResult:
+    def txt2img(
+        self, height: int, width: int, seed: int
+    ) -> tuple[torch.Tensor, np.ndarray, DiffusionReport, dict[str, float]]:
+        """A first pass from pure noise (denoise 1) at ``height``×``width`` with this engine's
+        model, sampling options and prompts, fused and tiled like any canvas (one tile at the
+        model's native size). Returns the scaled latents, the decoded RGB, the report and the
+        seconds per stage."""
+        from tileup.modes.fused import sample_fused
+        from tileup.modes.model import DiffusionReport
+
+        model, clock = self.model, _StageClock()
+        if model is None:
+            raise SettingsError("txt2img needs --checkpoint")
+        report = DiffusionReport(seed=seed)
+        plan = self._plan((height, width))
+        canvas = model.canvas_size(height, width)
+        f = model.factor
+        channels = int(getattr(model.vae.vae.config, "latent_channels", 4))
+        zeros = torch.zeros(1, channels, canvas[0] // f, canvas[1] // f)
+        options = fused_options(self.settings)
+        if plan is not None and self.settings.tile_batch is None:
+            options = dataclasses.replace(options, tile_batch=plan.unet_batch)
+        with clock.stage("diffusion"):
+            self._place(plan, "unet")
+            latents = sample_fused(
+                model, zeros, seed=seed, denoise=1.0, options=options, report=report,
+                on_tiles=self._on_tile,
+            )  # fmt: skip
+        with clock.stage("vae_decode"):
+            self._place(plan, "vae")
+            rgb = model.vae.decode_canvas(latents, report.fallbacks, self._vae_options(plan))
+        return latents, rgb[:height, :width], report, clock.seconds
+
+    def from_latents(
+        self, image: ImageInput, latents: torch.Tensor, **overrides: Any
+    ) -> UpscaleResult:
+        """:meth:`__call__` for an image whose scaled latents (1×C×h×w, this model's VAE) are
+        already known, such as a generated first pass: a latent upscaler interpolates them
+        instead of encoding the image again (no VAE round trip); other upscalers ignore them."""
+        if not overrides:
+            return self._run(image, latents)
+        with self.using(**overrides):
+            return self._run(image, latents)
+
+    def _run(self, image: ImageInput, latents: torch.Tensor | None = None) -> UpscaleResult:
         from tileup.upscalers.tiled import RunReport
 
         picture = as_picture(image, self.settings.max_pixels)
@@ -460,11 +505,13 @@ class Upscaler:
         plan = self._plan(target)
         self._place(plan, "vae")
         # 2. Upscale: pixel (model passes + exact resize) or, for latent modes, in latent space.
-        latents, rgb = None, None
+        source_latents, latents, rgb = latents, None, None
         with clock.stage("pixel_upscale"):
             if isinstance(self.upscaler, LatentUpscaler):
                 assert self.model is not None and diffusion is not None
-                latents = self._upscale_latents(picture.rgb, target, diffusion.fallbacks, plan)
+                latents = self._upscale_latents(
+                    picture.rgb, target, diffusion.fallbacks, plan, source_latents
+                )
             else:
                 rgb = self._upscale_pixels(picture.rgb, target, report, plan)
         # 3. Re-diffusion: fused (tiled VAE encode, fused sampling, tiled decode) or per-tile
@@ -605,14 +652,20 @@ class Upscaler:
         target: tuple[int, int],
         notes: list[str],
         plan: MemoryPlan | None,
+        source_latents: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Step 2 for a latent upscaler: encode the source, interpolate to the target's canvas."""
+        """Step 2 for a latent upscaler: encode the source (unless its latents are given),
+        interpolate to the target's canvas."""
         from tileup.upscalers.latent import interpolate_latents
 
         model = self.model
         assert model is not None and isinstance(self.upscaler, LatentUpscaler)
         f = model.factor
-        latents = model.vae.encode_canvas(model.pad_canvas(rgb), notes, self._vae_options(plan))
+        if source_latents is not None:
+            latents = source_latents
+        else:
+            padded = model.pad_canvas(rgb)
+            latents = model.vae.encode_canvas(padded, notes, self._vae_options(plan))
         canvas = model.canvas_size(*target)
         return interpolate_latents(latents, canvas[0] // f, canvas[1] // f, self.upscaler.mode)
 
