@@ -14,20 +14,20 @@ from tileup.version import __version__
 
 if TYPE_CHECKING:
     from tileup.batch import BatchError, FileOutcome, Outcomes, upscale_files
-    from tileup.generate import GenerateSettings, Generator, generate
     from tileup.imageio import Picture
     from tileup.pipeline import Upscaler, upscale
     from tileup.result import Stats, UpscaleResult
     from tileup.settings import SettingsError, UpscaleSettings
+    from tileup.txt2img import GenerateSettings, Generator, generate
 
 _LAZY = {
     "BatchError": "tileup.batch",
     "FileOutcome": "tileup.batch",
     "Outcomes": "tileup.batch",
     "upscale_files": "tileup.batch",
-    "GenerateSettings": "tileup.generate",
-    "Generator": "tileup.generate",
-    "generate": "tileup.generate",
+    "GenerateSettings": "tileup.txt2img",
+    "Generator": "tileup.txt2img",
+    "generate": "tileup.txt2img",
     "Picture": "tileup.imageio",
     "Upscaler": "tileup.pipeline",
     "upscale": "tileup.pipeline",

@@ -237,7 +237,7 @@ def _img2img_command(argv: list[str]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "generate":
-        from tileup.generate_cli import generate_command
+        from tileup.txt2img_cli import generate_command
 
         return generate_command(argv[1:])
     if argv and argv[0] == "models":

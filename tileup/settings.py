@@ -45,7 +45,12 @@ class SettingsError(TileupError, ValueError):
 def _python_names(message: str) -> str:
     """``message`` with each settings flag (``--models-dir``) replaced by its field name."""
     fields = {flag_of(f.name): f.name for f in dataclasses.fields(UpscaleSettings)}
-    return re.sub(r"--[a-z0-9][a-z0-9-]*", lambda m: fields.get(m.group(0), m.group(0)), message)
+
+    def name(match: re.Match[str]) -> str:
+        flag = match.group(0)
+        return fields.get(flag) or flag[2:].replace("-", "_")
+
+    return re.sub(r"--[a-z0-9][a-z0-9-]*", name, message)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""``tileup generate PROMPT``: txt2img with hires fix on the command line (see tileup.generate).
+"""``tileup generate PROMPT``: txt2img with hires fix on the command line (see tileup.txt2img).
 
 Outputs: ``-o FILE`` (one image), or a folder (default: the current one) where images are named
 A1111's way, ``NNNNN-SEED.png`` numbered after the highest number already there.
@@ -29,8 +29,8 @@ from tileup.cli import (
     _warnings_as_notes,
 )
 from tileup.errors import TileupError
-from tileup.generate import MANAGED, GenerateSettings
 from tileup.imageio import WRITE_FORMATS, check_output
+from tileup.txt2img import MANAGED, GenerateSettings
 
 _NUMBERED = re.compile(r"^(\d{5})-")
 
@@ -134,7 +134,7 @@ _GENERATE_FLAGS = (
 
 
 def generate_command(argv: Sequence[str]) -> int:
-    from tileup.generate import Generator
+    from tileup.txt2img import Generator
 
     try:
         args = build_generate_parser().parse_args(argv)
@@ -206,9 +206,9 @@ def _upscale_names() -> set[str]:
 
 def _reuse(values: dict[str, Any], image: str) -> str | None:
     """Fill ``values`` from ``image``'s parameters for every generation setting not given."""
-    from tileup.generate import settings_from_parameters
     from tileup.imageio import read_parameters
     from tileup.infotext import ParametersWarning
+    from tileup.txt2img import settings_from_parameters
 
     try:
         text = read_parameters(image)
