@@ -457,8 +457,7 @@ class Upscaler:
         plan = self._plan((height, width))
         canvas = model.canvas_size(height, width)
         f = model.factor
-        channels = int(getattr(model.vae.vae.config, "latent_channels", 4))
-        zeros = torch.zeros(1, channels, canvas[0] // f, canvas[1] // f)
+        zeros = torch.zeros(1, model.vae.latent_channels, canvas[0] // f, canvas[1] // f)
         options = fused_options(self.settings)
         if plan is not None and self.settings.tile_batch is None:
             options = dataclasses.replace(options, tile_batch=plan.unet_batch)
