@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 from tileup.batch import BatchError, FileOutcome, Outcomes, upscale_files
-from tileup.errors import TileupError
+from tileup.errors import Cancelled, TileupError
 from tileup.imageio import Picture
-from tileup.pipeline import Upscaler, upscale
+from tileup.pipeline import Observer, Upscaler, upscale
 from tileup.result import Stats, UpscaleResult
 from tileup.settings import SettingsError, UpscaleSettings
 from tileup.version import __version__
 
 __all__ = [
     "BatchError",
+    "Cancelled",
     "FileOutcome",
+    "Observer",
     "Outcomes",
     "Picture",
     "SettingsError",
