@@ -108,6 +108,9 @@ class Job:
                 "stats": self.stats,
                 "parameters": self.parameters,
                 "has_preview": self.preview is not None,
+                "created": self.created,
+                "started": self.started,
+                "finished": self.finished,
                 "preview_kind": self.preview_kind,
                 "seconds": (
                     round((self.finished or time.time()) - self.started, 2)
@@ -265,7 +268,6 @@ class JobQueue:
                 job.output = written
                 job.stats = result.stats.as_dict()
                 job.parameters = result.parameters
-                job.tiles = []
             self._finish(job, "done", None)
             elapsed = (job.finished or time.time()) - (job.started or time.time())
             self.rates[rate_key(job.settings)] = elapsed / max(job.total, 1)
@@ -273,8 +275,7 @@ class JobQueue:
     def _finish(self, job: Job, state: str, error: str | None) -> None:
         with job.lock:
             job.state, job.error, job.finished = state, error, time.time()
-            if state != "done":
-                job.tiles = []
+            job.stage, job.tiles = "", []
 
     def _write(self, job: Job, result: Any) -> Path:
         """The result written atomically as ``<stem>_tileup[-N].png`` in the output folder."""
