@@ -8,10 +8,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from webclient import PIXEL_LIMIT, UPLOAD_LIMIT, Server
 
 from tileup.web import ServerConfig, make_server
 from tileup.web.server import TileupServer, stop_server
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread() -> Iterator[None]:
+    """Tiny models on a shared 2-core machine run many times faster on one thread (several
+    threads spin against each other and against the server's threads)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
