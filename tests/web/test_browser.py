@@ -120,9 +120,10 @@ def test_rediffusion_job_shows_the_tiles_then_the_comparison(
     assert "Steps: 2" in text and "Seed: 5" in text and "Seam fix: band" in text
     page.fill("#slider", "30")
     assert page.eval_on_selector("#before-clip", "e => e.style.width") == "30%"
+    _shot(page, "ui-after.png")
     page.click("#zoom")
     assert "zoom" in page.get_attribute("#compare", "class")
-    _shot(page, "ui-after.png")
+    assert page.eval_on_selector("#after-img", "e => e.clientWidth") == 96  # 1:1
 
 
 def test_cancel_mid_job_writes_nothing(
