@@ -448,7 +448,7 @@ def test_help_is_grouped_and_names_the_sub_commands(capsys) -> None:
 
     assert main(["--help"]) == 0
     text = capsys.readouterr().out
-    assert "tileup {models,samplers,info,img2img} ..." in text
+    assert "tileup {generate,img2img,models,samplers,info,ui} ..." in text
     positions = [text.index(f"\n{title}:\n") for title in ["input and output", *HELP_GROUPS]]
     assert positions == sorted(positions)  # every section, in order
     grouped = [name for names in HELP_GROUPS.values() for name in names]

@@ -9,13 +9,13 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from tileup.errors import TileupError
+from tileup.errors import Cancelled, TileupError
 from tileup.version import __version__
 
 if TYPE_CHECKING:
     from tileup.batch import BatchError, FileOutcome, Outcomes, upscale_files
     from tileup.imageio import Picture
-    from tileup.pipeline import Upscaler, upscale
+    from tileup.pipeline import Observer, Upscaler, upscale
     from tileup.result import Stats, UpscaleResult
     from tileup.settings import SettingsError, UpscaleSettings
     from tileup.txt2img import GenerateSettings, Generator, generate
@@ -29,6 +29,7 @@ _LAZY = {
     "Generator": "tileup.txt2img",
     "generate": "tileup.txt2img",
     "Picture": "tileup.imageio",
+    "Observer": "tileup.pipeline",
     "Upscaler": "tileup.pipeline",
     "upscale": "tileup.pipeline",
     "Stats": "tileup.result",
@@ -39,9 +40,11 @@ _LAZY = {
 
 __all__ = [
     "BatchError",
+    "Cancelled",
     "FileOutcome",
     "GenerateSettings",
     "Generator",
+    "Observer",
     "Outcomes",
     "Picture",
     "SettingsError",

@@ -25,7 +25,7 @@ import torch
 
 from tileup.choices import IMAGE_SUFFIXES
 from tileup.devices import on_device
-from tileup.errors import TileupError
+from tileup.errors import Cancelled, TileupError
 from tileup.imageio import ImageHeader, check_output, read_header, read_image
 from tileup.options import target_size
 from tileup.pipeline import NoProgress, Progress, Upscaler
@@ -406,6 +406,8 @@ def _process_file(
         result = engine(picture)
         written = result.save(destination, overwrite=overwrite)
         return FileOutcome(path, output=written, stats=result.stats)
+    except Cancelled:  # the whole batch stops: not one file's failure
+        raise
     except TileupError as exc:
         return FileOutcome(path, error=str(exc))
     except torch.OutOfMemoryError:

@@ -35,7 +35,7 @@ if TYPE_CHECKING:  # torch, spandrel and diffusers load only when a job runs (fa
     from tileup.batch import FileOutcome
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-COMMANDS = ("generate", "img2img", "models", "samplers", "info")
+COMMANDS = ("generate", "img2img", "models", "samplers", "info", "ui")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
         "lists the upscalers found, 'tileup samplers' the samplers and schedules, 'tileup info "
         "IMAGE' the parameters stored in an image, 'tileup img2img IMAGE --checkpoint M' one "
         "re-diffusion pass at the image's size, 'tileup generate PROMPT --checkpoint M' txt2img "
-        "with hires fix.",
+        "with hires fix, 'tileup ui' a local web page and HTTP API.",
     )
     io = parser.add_argument_group("input and output")
     io.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or globs")
@@ -234,6 +234,72 @@ def _img2img_command(argv: list[str]) -> int:
     return main(["--scale", "1", "--upscaler", "lanczos", *argv])
 
 
+def _ui_command(argv: Sequence[str]) -> int:
+    """``tileup ui``: the web page and HTTP API (the web package is imported only here)."""
+    parser = _Parser(
+        prog="tileup ui",
+        description="Serve tileup's web page and HTTP API on this machine (offline).",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address (default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=7870, help="port (default: 7870)")
+    parser.add_argument(
+        "--listen", action="store_true", help="serve on the network (0.0.0.0); needs --auth"
+    )
+    parser.add_argument("--auth", metavar="USER:PASSWORD", help="HTTP Basic auth on every page")
+    parser.add_argument(
+        "--models-dir", action="append", default=[], metavar="DIR", help="upscaler models folder"
+    )
+    parser.add_argument(
+        "--checkpoint",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="a .safetensors checkpoint or a folder of them (repeatable; the first is the default)",
+    )
+    parser.add_argument(
+        "--output-dir", default="tileup_outputs", metavar="DIR", help="where results are written"
+    )
+    parser.add_argument("--device", default="auto", help="device for every job (default: auto)")
+    parser.add_argument(
+        "--max-upload-mb", type=float, default=64, metavar="MB", help="largest upload (64)"
+    )
+    parser.add_argument("--quiet", action="store_true", help="no request log")
+    args = parser.parse_args(argv)
+    auth = None
+    if args.auth is not None:
+        user, sep, password = args.auth.partition(":")
+        if not (user and sep and password):
+            return _usage_error("--auth must be USER:PASSWORD, both non-empty")
+        auth = (user, password)
+    host = "0.0.0.0" if args.listen else args.host
+    if host not in ("127.0.0.1", "localhost", "::1") and auth is None:
+        return _usage_error("--listen (or a non-loopback --host) needs --auth USER:PASSWORD")
+    if not 0 <= args.port <= 65535:
+        return _usage_error(f"--port must be in [0, 65535], got {args.port}")
+    try:
+        UpscaleSettings(device=args.device)
+    except TileupError as exc:
+        return _usage_error(_cli_text(exc))
+    from tileup.web import ServerConfig, serve
+
+    config = ServerConfig(
+        host=host,
+        port=args.port,
+        auth=auth,
+        models_dirs=tuple(Path(d).expanduser() for d in args.models_dir),
+        checkpoints=tuple(Path(c).expanduser() for c in args.checkpoint),
+        output_dir=Path(args.output_dir).expanduser(),
+        device=args.device,
+        max_upload_bytes=int(args.max_upload_mb * (1 << 20)),
+        quiet=args.quiet,
+    )
+    try:
+        serve(config)
+    except OSError as exc:
+        return _usage_error(f"cannot serve on {host}:{args.port}: {exc.strerror or exc}")
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "generate":
@@ -246,6 +312,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _info_command(argv[1:])
     if argv and argv[0] == "img2img":
         return _img2img_command(argv[1:])
+    if argv and argv[0] == "ui":
+        return _ui_command(argv[1:])
     if argv and argv[0] == "samplers":
         from tileup.sampling.schedules import describe_samplers
 

@@ -14,7 +14,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -40,6 +40,7 @@ from tileup.options import (
 )
 from tileup.result import Stats, UpscaleResult
 from tileup.settings import SettingsError, UpscaleSettings, flag_of
+from tileup.tiler import Box
 from tileup.upscalers.registry import (
     LatentUpscaler,
     ModelUpscaler,
@@ -52,7 +53,7 @@ if TYPE_CHECKING:
     from tileup.batch import Outcomes
     from tileup.modes.model import DiffusionModel, DiffusionReport
     from tileup.modes.redraw import PassCounts, RedrawPass
-    from tileup.tiler import TileGrid
+    from tileup.tiler import Tile, TileGrid
     from tileup.upscalers.pixel import ModelRunner
     from tileup.upscalers.tiled import RunReport
     from tileup.vae.runner import VaeOptions
@@ -64,6 +65,36 @@ class Progress(Protocol):
     def add_total(self, count: int) -> None: ...
 
     def advance(self, count: int) -> None: ...
+
+
+class Observer(Protocol):
+    """Watches one picture's job (``Upscaler.__call__(image, observer=...)``), for a UI.
+
+    Every method may raise :class:`~tileup.errors.Cancelled` to stop the job where it is: the
+    call raises it and returns nothing. Calls come from the job's threads (several at once
+    with several devices): an observer must be thread-safe.
+
+    - ``stage(name)``: a stage begins: ``pixel_upscale``, ``vae_encode``, ``diffusion``,
+      ``vae_decode``, ``redraw``, ``seam_fix``, ``color_fix``, ``alpha``;
+    - ``add_total(count)`` / ``advance(count)``: progress units as :class:`Progress` gets them
+      (those of :meth:`Upscaler.planned_tiles`): ``advance`` comes after every SR tile and
+      every model evaluation, so at least once per sampling step;
+    - ``tiles(boxes)``: the boxes worked on now, in output pixels (an SR core, a UNet batch of
+      fused tiles, a batch of redraw or seam-fix regions); also once per UNet batch;
+    - ``preview(image, latent)``: the canvas as it stands: latents 1×C×h×w (``latent``, after
+      every model evaluation of fused sampling, cropped to the output) or RGB 3×H×W in [0, 1]
+      (after each batch of redraw regions); read only, on the job's device.
+    """
+
+    def stage(self, name: str) -> None: ...
+
+    def add_total(self, count: int) -> None: ...
+
+    def advance(self, count: int) -> None: ...
+
+    def tiles(self, boxes: Sequence[Box]) -> None: ...
+
+    def preview(self, image: torch.Tensor, latent: bool) -> None: ...
 
 
 class NoProgress:
@@ -124,9 +155,12 @@ class LockedProgress:
 @dataclass
 class _StageClock:
     seconds: dict[str, float] = field(default_factory=dict)
+    observer: Observer | None = None
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
+        if self.observer is not None:
+            self.observer.stage(name)
         start = time.perf_counter()
         try:
             yield
@@ -169,6 +203,49 @@ def _check_sampler(settings: UpscaleSettings) -> None:
         from tileup.sampling.schedules import resolve
 
         resolve(settings.sampler, settings.scheduler)
+
+
+@dataclass(frozen=True, eq=False)
+class _Hooks:
+    """The stage functions' optional callbacks that feed an :class:`Observer` (all None without
+    one, so a job without an observer runs exactly as before); boxes go out in output pixels.
+    ``factor`` is the VAE scale factor (latent cells → pixels); ``target`` the output (H, W)."""
+
+    observer: Observer
+    target: tuple[int, int]
+    factor: int = 8
+
+    def on_tile(self, count: int) -> None:
+        if count > 0:
+            self.observer.advance(count)
+        else:
+            self.observer.add_total(-count)
+
+    def on_core(self, core: Box, canvas: Box) -> None:
+        """An SR core of a pass over ``canvas``: scaled to the output."""
+        (h, w), sy, sx = self.target, self.target[0] / canvas.height, self.target[1] / canvas.width
+        top, left = round(core.top * sy), round(core.left * sx)
+        bottom, right = min(h, round(core.bottom * sy)), min(w, round(core.right * sx))
+        self.observer.tiles([Box(top, left, bottom - top, right - left)])
+
+    def on_fused_batch(self, tiles: list[Tile]) -> None:
+        self.observer.tiles([self._clip(t.box.scaled(self.factor)) for t in tiles])
+
+    def on_latents(self, latents: torch.Tensor) -> None:
+        f, (h, w) = self.factor, self.target
+        self.observer.preview(latents[..., : -(-h // f), : -(-w // f)], True)
+
+    def on_regions(self, name: str, boxes: tuple[Box, ...]) -> None:
+        self.observer.stage("redraw" if name == "redraw" else "seam_fix")
+        self.observer.tiles([self._clip(b) for b in boxes])
+
+    def on_pasted(self, canvas: torch.Tensor) -> None:
+        self.observer.preview(canvas[:, : self.target[0], : self.target[1]], False)
+
+    def _clip(self, box: Box) -> Box:
+        """``box`` (canvas pixels; the canvas is the output padded at the bottom/right)
+        cut to the output."""
+        return box.intersect(Box(0, 0, *self.target)) or Box(box.top, box.left, 0, 0)
 
 
 class Upscaler:
@@ -386,18 +463,22 @@ class Upscaler:
 
     # -- one picture --------------------------------------------------------------------------
 
-    def __call__(self, image: ImageInput, **overrides: Any) -> UpscaleResult:
+    def __call__(
+        self, image: ImageInput, *, observer: Observer | None = None, **overrides: Any
+    ) -> UpscaleResult:
         """Upscale one image: a path, a PIL image, a numpy array (uint8, uint16 or float in
         [0, 1]; HxW or HxWxC), a torch tensor (CxHxW or 1xCxHxW, float in [0, 1], as spandrel
         takes) or a :class:`Picture`. Raises TileupError for problems the user can fix.
 
         ``overrides`` are settings for this call only (``engine(img, denoise=0.4, seed=7,
         prompt="...")``): any field except those that load something (:data:`RELOAD_FIELDS`),
-        which raise SettingsError naming a new engine as the way."""
+        which raise SettingsError naming a new engine as the way. ``observer`` watches the job
+        (stages, progress, tiles, previews) and may cancel it by raising
+        :class:`~tileup.errors.Cancelled` (see :class:`Observer`)."""
         if not overrides:
-            return self._run(image)
+            return self._run(image, observer=observer)
         with self.using(**overrides):
-            return self._run(image)
+            return self._run(image, observer=observer)
 
     @contextmanager
     def using(self, **overrides: Any) -> Iterator[None]:
@@ -483,11 +564,16 @@ class Upscaler:
         with self.using(**overrides):
             return self._run(image, latents)
 
-    def _run(self, image: ImageInput, latents: torch.Tensor | None = None) -> UpscaleResult:
+    def _run(
+        self,
+        image: ImageInput,
+        latents: torch.Tensor | None = None,
+        observer: Observer | None = None,
+    ) -> UpscaleResult:
         from tileup.upscalers.tiled import RunReport
 
         picture = as_picture(image, self.settings.max_pixels)
-        settings, clock = self.settings, _StageClock()
+        settings, clock = self.settings, _StageClock(observer=observer)
         report = RunReport(fallbacks=list(self.load_fallbacks))
         for device in self.devices:
             if device.type == "cuda":
@@ -502,6 +588,10 @@ class Upscaler:
             )
         diffusion = self._new_report()
         plan = self._plan(target)
+        hooks = None
+        if observer is not None:
+            factor = self.model.factor if self.model is not None else 8
+            hooks = _Hooks(observer, target, factor)
         self._place(plan, "vae")
         # 2. Upscale: pixel (model passes + exact resize) or, for latent modes, in latent space.
         source_latents, latents, rgb = latents, None, None
@@ -512,16 +602,18 @@ class Upscaler:
                     picture.rgb, target, diffusion.fallbacks, plan, source_latents
                 )
             else:
-                rgb = self._upscale_pixels(picture.rgb, target, report, plan)
+                rgb = self._upscale_pixels(picture.rgb, target, report, plan, hooks)
         # 3. Re-diffusion: fused (tiled VAE encode, fused sampling, tiled decode) or per-tile
         #    redraw; then the seam-fix passes and the colour fix, when asked.
         passes: tuple[PassCounts, ...] = ()
         if self.model is not None and diffusion is not None:
-            rgb, passes = self._rediffuse(picture, rgb, latents, target, diffusion, clock, plan)
+            rgb, passes = self._rediffuse(
+                picture, rgb, latents, target, diffusion, clock, plan, hooks
+            )
         assert rgb is not None
         # 4. Alpha, upscaled separately with the same upscaler.
         with clock.stage("alpha"):
-            alpha = self._upscale_alpha(picture.alpha, target, report)
+            alpha = self._upscale_alpha(picture.alpha, target, report, hooks)
         # 5. Result, stats and metadata.
         out = dataclasses.replace(
             picture, rgb=np.ascontiguousarray(rgb), alpha=alpha, parameters=None
@@ -625,6 +717,7 @@ class Upscaler:
         target: tuple[int, int],
         report: RunReport,
         plan: MemoryPlan | None = None,
+        hooks: _Hooks | None = None,
     ) -> np.ndarray:
         from tileup.upscalers.pixel import upscale_pixels
         from tileup.upscalers.tiled import auto_tile_size
@@ -642,7 +735,8 @@ class Upscaler:
             runner=runner,
             resampler=resampler,
             report=report,
-            on_tile=self._on_tile,
+            on_tile=self._on_tile if hooks is None else self._watched(hooks),
+            on_core=hooks.on_core if hooks is not None else None,
         )
 
     def _upscale_latents(
@@ -677,6 +771,7 @@ class Upscaler:
         diffusion: DiffusionReport,
         clock: _StageClock,
         plan: MemoryPlan | None,
+        hooks: _Hooks | None = None,
     ) -> tuple[np.ndarray, tuple[PassCounts, ...]]:
         """Step 3: the re-diffusion of the upscaled canvas (``rgb``, or ``latents`` for a latent
         upscaler) in the settings' mode, then the seam fix and the colour fix."""
@@ -686,6 +781,7 @@ class Upscaler:
         s, model = self.settings, self.model
         assert model is not None
         source, vae_plan = rgb, self._vae_options(plan)
+        on_tile = self._on_tile if hooks is None else self._watched(hooks)
         if s.mode == "fused":
             if latents is None:
                 assert rgb is not None
@@ -704,7 +800,9 @@ class Upscaler:
                     denoise=s.denoise,
                     options=options,
                     report=diffusion,
-                    on_tiles=self._on_tile,
+                    on_tiles=on_tile,
+                    on_batch=hooks.on_fused_batch if hooks is not None else None,
+                    on_step=hooks.on_latents if hooks is not None else None,
                 )
             with clock.stage("vae_decode"):
                 self._place(plan, "vae")
@@ -727,7 +825,9 @@ class Upscaler:
                 seed=diffusion.seed,
                 max_batch=batch,
                 report=diffusion,
-                on_tiles=self._on_tile,
+                on_tiles=on_tile,
+                on_regions=hooks.on_regions if hooks is not None else None,
+                on_pasted=hooks.on_pasted if hooks is not None else None,
             )
             rgb = canvas[: target[0], : target[1]]
             for p in counts:
@@ -743,19 +843,32 @@ class Upscaler:
         return rgb, counts
 
     def _upscale_alpha(
-        self, alpha: np.ndarray | None, target: tuple[int, int], report: RunReport
+        self,
+        alpha: np.ndarray | None,
+        target: tuple[int, int],
+        report: RunReport,
+        hooks: _Hooks | None = None,
     ) -> np.ndarray | None:
         if alpha is None:
             return None
         if alpha.min() == alpha.max():
             return np.full(target, alpha.flat[0], dtype=np.float32)
-        return self._upscale_pixels(alpha[..., None], target, report)[..., 0]
+        return self._upscale_pixels(alpha[..., None], target, report, hooks=hooks)[..., 0]
 
     def _on_tile(self, count: int) -> None:
         if count > 0:
             self.progress.advance(count)
         else:
             self.progress.add_total(-count)
+
+    def _watched(self, hooks: _Hooks) -> Callable[[int], None]:
+        """:meth:`_on_tile` that also tells the observer."""
+
+        def on_tile(count: int) -> None:
+            self._on_tile(count)
+            hooks.on_tile(count)
+
+        return on_tile
 
 
 def upscale(

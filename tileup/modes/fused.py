@@ -20,7 +20,7 @@ from tileup.devices import on_device
 from tileup.modes.model import DiffusionModel, DiffusionReport
 from tileup.sampling.conditioning import Conditioning
 from tileup.sampling.guidance import GuidanceInputs, guidance_inputs, guided_prediction
-from tileup.sampling.loop import noise_latents, run_sampler
+from tileup.sampling.loop import StepCallback, noise_latents, run_sampler
 from tileup.sampling.protocols import UNet
 from tileup.seams.windows import normalized_windows
 from tileup.tiler import Tile, TileGrid, plan_grid
@@ -116,6 +116,9 @@ class FusedDenoiser:
     """Prompt editing: (last step, the conditioning of each lane) pairs; empty: no editing."""
     step_of_call: Callable[[int], int] | None = None
     """The sampling step (0-based) of the n-th call (second-order samplers call twice a step)."""
+    on_batch: Callable[[list[Tile]], None] | None = None
+    """Sees each batch of tiles just before it goes through the UNet (from the lane's thread);
+    may raise to stop the sampling (an observer's cancellation)."""
 
     def __post_init__(self) -> None:
         param = next(self.unet.parameters())
@@ -228,6 +231,8 @@ class FusedDenoiser:
             t_lane = t.to(lane.device) if isinstance(t, torch.Tensor) else t
             out = torch.zeros(x_all.shape, device=lane.device, dtype=torch.float32)
             for batch, inputs in zip(lane.batches, lane.inputs, strict=True):
+                if self.on_batch is not None:
+                    self.on_batch(batch)
                 crops = [x_all[0][:, ys, xs] for ys, xs in (tile.box.slices for tile in batch)]
                 x = torch.stack(crops).to(lane.dtype)
                 pred = guided_prediction(lane.unet, x, t_lane, inputs, self.cfg)
@@ -252,12 +257,16 @@ def sample_fused(
     options: FusedOptions,
     report: DiffusionReport,
     on_tiles: Callable[[int], None] | None = None,
+    on_batch: Callable[[list[Tile]], None] | None = None,
+    on_step: Callable[[torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Noise scaled latents (1×C×h×w) once with a seeded canvas-wide noise and sample them.
 
     Runs exactly ``steps`` steps (fixed step scheduling) through the fused tiled denoiser;
     returns the sampled latents on the device; denoise 0 returns the input. One CPU generator
     seeded ``seed`` draws the canvas noise, then the stochastic samplers' step noise.
+    ``on_batch`` sees each UNet batch of (latent-unit) tiles before it runs; ``on_step`` the
+    canvas latents after every model evaluation (read only: a preview).
     """
     f = model.factor
     grid = fused_grid(f, latents.shape[-2] * f, latents.shape[-1] * f, options)
@@ -286,6 +295,7 @@ def sample_fused(
         if model.edited
         else (),
         step_of_call=lambda n: n * plan.steps // max(plan.evaluations, 1),
+        on_batch=on_batch,
     )
     denoiser.notes = report.fallbacks
     report.tile_batch = batch
@@ -296,8 +306,18 @@ def sample_fused(
             on_tiles(len(grid))
         return out
 
+    watch: StepCallback | None = None
+    if on_step is not None:
+        seen = on_step
+
+        def watch_step(i: int, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+            seen(x)
+            return x
+
+        watch = watch_step
+
     try:
-        sampled = run_sampler(scheduler, plan, start, counted, generator=generator)
+        sampled = run_sampler(scheduler, plan, start, counted, generator=generator, on_step=watch)
     finally:
         denoiser.close()
     report.tile_batch = denoiser.tile_batch

@@ -246,13 +246,15 @@ def redraw_regions(
     on_tiles: Progress | None = None,
     on_batch: Callable[[tuple[int, ...]], None] | None = None,
     min_lane_crops: int = MIN_LANE_CROPS,
+    on_pasted: Callable[[torch.Tensor], None] | None = None,
 ) -> tuple[torch.Tensor, PassCounts]:
     """Redraw ``regions`` of ``canvas`` (3×H×W float32 in [0, 1], H and W multiples of f) in
     order (see the module docstring); returns the new canvas (the input is left alone) and the
     pass's counts. ``denoise`` 0 returns the input itself: no encode, no decode.
 
     ``on_tiles(k)`` runs after each UNet evaluation of a batch of k regions; ``on_batch``
-    receives each batch (region indices) before it runs. With replicas (``model.lanes``) a
+    receives each batch (region indices) before it runs; ``on_pasted`` the canvas after each
+    batch is pasted (read only: a preview). With replicas (``model.lanes``) a
     batch holds up to ``max_batch`` regions per lane and is split across
     :func:`lane_count` lanes.
     """
@@ -310,6 +312,8 @@ def redraw_regions(
                 continue
             batches += 1
             unet_calls += plan.evaluations
+            if on_pasted is not None:
+                on_pasted(canvas)
     finally:
         if pool is not None:
             pool.shutdown()
@@ -482,11 +486,17 @@ def run_passes(
     max_batch: int = 1,
     fallbacks: list[str] | None = None,
     on_tiles: Progress | None = None,
+    on_regions: Callable[[str, tuple[Box, ...]], None] | None = None,
+    on_pasted: Callable[[torch.Tensor], None] | None = None,
 ) -> tuple[torch.Tensor, tuple[PassCounts, ...]]:
-    """Run ``passes`` one after another over ``canvas``; the canvas and each pass's counts."""
+    """Run ``passes`` one after another over ``canvas``; the canvas and each pass's counts.
+
+    ``on_regions(name, boxes)`` sees the pass's name and the boxes of each batch of regions
+    before it runs; ``on_pasted`` the canvas after each batch (see :func:`redraw_regions`)."""
     counts = []
     for p in passes:
         start = time.perf_counter()
+        on_batch = None if on_regions is None else _batch_boxes(on_regions, p)
         canvas, c = redraw_regions(
             model,
             canvas,
@@ -500,11 +510,24 @@ def run_passes(
             name=p.name,
             fallbacks=fallbacks,
             on_tiles=on_tiles,
+            on_batch=on_batch,
+            on_pasted=on_pasted,
         )
         if canvas.device.type == "cuda":
             torch.cuda.synchronize(canvas.device)
         counts.append(replace(c, seconds=round(time.perf_counter() - start, 4)))
     return canvas, tuple(counts)
+
+
+def _batch_boxes(
+    on_regions: Callable[[str, tuple[Box, ...]], None], p: RedrawPass
+) -> Callable[[tuple[int, ...]], None]:
+    """An ``on_batch`` for :func:`redraw_regions` that tells ``on_regions`` the batch's boxes."""
+
+    def on_batch(batch: tuple[int, ...]) -> None:
+        on_regions(p.name, tuple(p.regions[j].box for j in batch))
+
+    return on_batch
 
 
 # -- a job's passes over a pixel canvas ------------------------------------------------------
@@ -546,10 +569,13 @@ def rediffuse_pixels(
     max_batch: int,
     report: DiffusionReport,
     on_tiles: Progress | None = None,
+    on_regions: Callable[[str, tuple[Box, ...]], None] | None = None,
+    on_pasted: Callable[[torch.Tensor], None] | None = None,
 ) -> tuple[np.ndarray, tuple[PassCounts, ...]]:
     """Run ``passes`` over a pixel canvas: HxWx3 float32 in [0, 1] (multiples of the VAE
     factor) → same size. Fills ``report`` (seed, fallbacks; and, when the first pass is the
-    tile redraw, tiles, steps, tile-steps, UNet calls and batch)."""
+    tile redraw, tiles, steps, tile-steps, UNet calls and batch). ``on_regions`` and
+    ``on_pasted``: see :func:`run_passes`."""
     report.seed = seed
     if not passes:
         return rgb, ()
@@ -563,6 +589,8 @@ def rediffuse_pixels(
         max_batch=max_batch,
         fallbacks=report.fallbacks,
         on_tiles=on_tiles,
+        on_regions=on_regions,
+        on_pasted=on_pasted,
     )
     if passes[0].name == "redraw":
         main = counts[0]

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from tileup.tiler import Box
 from tileup.upscalers.models import SRModel
 from tileup.upscalers.resample import resample, resize_exact
 from tileup.upscalers.tiled import RunReport, count_tiles, run_tiled
@@ -23,9 +24,13 @@ class ModelRunner:
     tile: int | None
 
     def run(
-        self, image: np.ndarray, report: RunReport, on_tile: Callable[[int], None] | None
+        self,
+        image: np.ndarray,
+        report: RunReport,
+        on_tile: Callable[[int], None] | None,
+        on_core: Callable[[Box, Box], None] | None = None,
     ) -> np.ndarray:
-        """One model pass on an HxWx3 float32 image in [0, 1]."""
+        """One model pass on an HxWx3 float32 image in [0, 1] (``on_core``: see run_tiled)."""
         x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))[None]
         y = run_tiled(
             self.model,
@@ -35,6 +40,7 @@ class ModelRunner:
             tile=self.tile,
             report=report,
             on_tile=on_tile,
+            on_core=on_core,
         )
         return np.ascontiguousarray(y[0].numpy().transpose(1, 2, 0))
 
@@ -70,12 +76,14 @@ def upscale_pixels(
     resampler: str = "lanczos",
     report: RunReport | None = None,
     on_tile: Callable[[int], None] | None = None,
+    on_core: Callable[[Box, Box], None] | None = None,
 ) -> np.ndarray:
     """Upscale an HxWxC float32 image in [0, 1] to exactly ``target`` (H, W).
 
     With a model: as many model passes as needed to reach the target, then an exact resize
     (area down, lanczos up). Without: one ``resampler`` resize. C may be 1 (grey, e.g. alpha),
-    which a model sees as three equal channels.
+    which a model sees as three equal channels. ``on_core(core, canvas)`` sees each model
+    core before it runs, in the pass's input pixels.
     """
     report = report or RunReport()
     if runner is None:
@@ -83,6 +91,6 @@ def upscale_pixels(
     grey = image.shape[2] == 1
     current = np.repeat(image, 3, axis=2) if grey else image
     for _ in range(model_passes(image.shape[:2], target, runner.model.scale)):
-        current = runner.run(current, report, on_tile)
+        current = runner.run(current, report, on_tile, on_core)
     current = resize_exact(current, *target)
     return current.mean(axis=2, keepdims=True, dtype=np.float32) if grey else current

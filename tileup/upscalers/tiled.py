@@ -153,6 +153,7 @@ def run_tiled(
     report: RunReport,
     on_tile: Callable[[int], None] | None = None,
     budget_bytes: int | None = None,
+    on_core: Callable[[Box, Box], None] | None = None,
 ) -> torch.Tensor:
     """Upscale a 1×3×H×W float32 CPU image in [0, 1]; returns 1×3×sH×sW float32 on the CPU.
 
@@ -160,6 +161,7 @@ def run_tiled(
     out-of-memory the failing core is split in four and later cores are limited to the new size;
     half-precision output with NaN/inf is recomputed in float32. ``on_tile(n)`` is called with
     the number of cores completed (and with a negative count when a split adds cores).
+    ``on_core(core, canvas)`` sees each core (input pixels) just before it runs.
     """
     _, _, height, width = image.shape
     scale, margin = model.scale, model.context_margin
@@ -176,6 +178,8 @@ def run_tiled(
             queue.extendleft(reversed(parts))
             _notify(on_tile, -(len(parts) - 1))
             continue
+        if on_core is not None:
+            on_core(core, canvas)
         region = core.expanded(margin, within=canvas)
         crop = image[..., region.top : region.bottom, region.left : region.right]
         local = core.shifted(-region.top, -region.left)
