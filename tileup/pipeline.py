@@ -8,6 +8,7 @@ settings. Calling it runs one picture through the numbered steps of :meth:`Upsca
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import os
@@ -569,6 +570,24 @@ class Upscaler:
         image: ImageInput,
         latents: torch.Tensor | None = None,
         observer: Observer | None = None,
+    ) -> UpscaleResult:
+        with self._model_as_settings():
+            return self._run_as_set(image, latents, observer)
+
+    def _model_as_settings(self) -> contextlib.AbstractContextManager[None]:
+        """A loaded model shared by several engines (a cache, generate's two passes) runs with
+        this engine's sampling options and prompts (encoded again only when they differ). An
+        injected model without its text encoders keeps its own conditioning."""
+        model, s = self.model, self.settings
+        if model is None or model.prompts is None:
+            return contextlib.nullcontext()
+        options = sampling_options(s)
+        if model.sampling == options and model.prompt_texts == (s.prompt, s.negative_prompt):
+            return contextlib.nullcontext()
+        return model.sampling_as(options, s.prompt, s.negative_prompt)
+
+    def _run_as_set(
+        self, image: ImageInput, latents: torch.Tensor | None, observer: Observer | None
     ) -> UpscaleResult:
         from tileup.upscalers.tiled import RunReport
 

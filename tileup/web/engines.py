@@ -22,7 +22,7 @@ import torch
 
 from tileup.models.families import scheduler_config
 from tileup.modes.model import DiffusionModel
-from tileup.options import load_options, sampling_options
+from tileup.options import sampling_options
 from tileup.pipeline import Upscaler
 from tileup.settings import UpscaleSettings
 
@@ -40,9 +40,11 @@ _T = TypeVar("_T")
 
 
 def model_key(settings: UpscaleSettings, checkpoint: str, device: torch.device) -> Hashable:
-    """What a loaded checkpoint depends on: reload when any of it changes."""
+    """What a loaded checkpoint depends on: reload when any of it changes. Prompts and sampling
+    options are not part of it: an engine runs a cached model with its own (they are encoded
+    again when they differ)."""
     s = settings
-    return (checkpoint, load_options(s), sampling_options(s), s.vae_tile, s.dtype, str(device))
+    return (checkpoint, s.vae, s.prediction, s.compile, s.vae_tile, s.dtype, str(device))
 
 
 class GeometryModel(DiffusionModel):
@@ -156,6 +158,9 @@ class _CachedUpscaler(Upscaler):
 
     def _load(self, checkpoint: str) -> DiffusionModel:
         key = model_key(self.settings, checkpoint, self.device)
-        if self._plan_only:
-            return self._cache.loaded(key) or geometry_model(self.settings, self.device)
+        if self._plan_only:  # the loaded model only when its step plan is these settings'
+            loaded = self._cache.loaded(key)
+            if loaded is not None and loaded.sampling == sampling_options(self.settings):
+                return loaded
+            return geometry_model(self.settings, self.device)
         return self._cache.models.get_or_build(key, lambda: Upscaler._load(self, checkpoint))
