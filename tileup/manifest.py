@@ -109,10 +109,11 @@ class Record:
 def hashed_settings(
     settings: UpscaleSettings, environ: Mapping[str, str] | None = None
 ) -> dict[str, Any]:
-    """The settings that make an output's bytes, as a JSON-ready dict: every field except
-    :data:`NOT_HASHED`, those that do not apply to the job (e.g. ``overlap`` in redraw mode) and,
-    with no checkpoint, every re-diffusion field; ``checkpoint`` is the one actually used
-    (``$TILEUP_CHECKPOINT`` when the setting is empty)."""
+    """The settings that make an output's bytes, as a JSON-ready dict: every field set away from
+    its default except :data:`NOT_HASHED`, those that do not apply to the job (e.g. ``overlap``
+    in redraw mode) and, with no checkpoint, every re-diffusion field; ``checkpoint`` is the one
+    actually used (``$TILEUP_CHECKPOINT`` when the setting is empty). Fields at their default
+    are left out so that a knob added to a later tileup does not change every earlier hash."""
     env = os.environ if environ is None else environ
     checkpoint = settings.checkpoint or env.get(CHECKPOINT_ENV) or None
     values: dict[str, Any] = {}
@@ -122,7 +123,8 @@ def hashed_settings(
         if f.metadata["needs_checkpoint"] and checkpoint is None:
             continue
         value = checkpoint if f.name == "checkpoint" else getattr(settings, f.name)
-        values[f.name] = list(value) if isinstance(value, tuple) else value
+        if value != f.default:
+            values[f.name] = list(value) if isinstance(value, tuple) else value
     return values
 
 
