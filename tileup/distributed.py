@@ -23,6 +23,8 @@ import dataclasses
 import logging
 import os
 import re
+import signal
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import ModuleType
@@ -156,15 +158,31 @@ def connect(ray: ModuleType, address: bool | str) -> bool:
     if ray.is_initialized():
         return False
     quiet: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": False}
+    handlers = _python_handlers()
     try:
         if address is True:
             ray.init(include_dashboard=False, **quiet)
         else:
             ray.init(address=address, **quiet)
     except (ConnectionError, RuntimeError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise RayError(f"--ray {address}: cannot connect to the Ray cluster ({first})") from exc
+        raise RayError(
+            f"--ray {address}: cannot connect to the Ray cluster ({_first_line(exc)})"
+        ) from exc
+    finally:
+        # Ray's core installs its own SIGTERM handler (print a stack, abort): put back the
+        # caller's, so that SIGTERM still stops the batch cleanly (workers stopped, exit 143).
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
     return True
+
+
+def _python_handlers() -> dict[int, Any]:
+    """The Python-level handlers of SIGTERM and SIGHUP (main thread only: none elsewhere)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    names = ("SIGTERM", "SIGHUP")
+    found = [getattr(signal, n) for n in names if hasattr(signal, n)]
+    return {s: signal.getsignal(s) for s in found if signal.getsignal(s) is not None}
 
 
 def run_on_ray(
