@@ -133,6 +133,17 @@ def build_parser(batch: bool = False) -> argparse.ArgumentParser:
         help="take the prompt, negative prompt, seed, sampler, schedule, CFG and steps from the "
         "input image's A1111 parameters for every one of them not given here",
     )
+    io.add_argument(
+        "--skip-existing",
+        action="store_true",
+        help="skip every input whose output file exists, whoever wrote it",
+    )
+    io.add_argument(
+        "--no-manifest",
+        action="store_true",
+        help="neither read nor write OUT/.tileup-manifest.jsonl, the record that lets a re-run "
+        "of a batch into a folder skip the files done",
+    )
     parser.add_argument("--version", action="version", version=f"tileup {__version__}")
     if batch:
         group = parser.add_argument_group("batch")
@@ -151,16 +162,6 @@ def build_parser(batch: bool = False) -> argparse.ArgumentParser:
             metavar="N",
             help="Ray workers, each with its own engine (default: one per GPU of the cluster, "
             "or one per CPU without GPUs)",
-        )
-        group.add_argument(
-            "--skip-existing",
-            action="store_true",
-            help="skip every input whose output file exists, whoever wrote it",
-        )
-        group.add_argument(
-            "--no-manifest",
-            action="store_true",
-            help="neither read nor write OUT/.tileup-manifest.jsonl (no resume)",
         )
     _add_settings_arguments(parser)
     return parser
@@ -342,8 +343,8 @@ def _upscale_command(argv: list[str], batch: bool) -> int:
                 progress=progress,
                 on_outcome=on_outcome,
                 on_note=None if quiet else (lambda note: progress.write(f"tileup: {note}")),
-                skip_existing=getattr(args, "skip_existing", False),
-                manifest=not getattr(args, "no_manifest", False),
+                skip_existing=args.skip_existing,
+                manifest=not args.no_manifest,
                 ray=ray,
                 workers=workers,
             )
