@@ -37,6 +37,7 @@ from tileup.manifest import (
     MANIFEST_NAME,
     ManifestWriter,
     Record,
+    Status,
     decide,
     histories,
     read_manifest,
@@ -452,14 +453,23 @@ class _Recorder:
         self.writer = ManifestWriter(folder / MANIFEST_NAME)
         self.outputs = {job.source: job.output for job in jobs}
 
-    def _record(self, source: Path, status: str, **fields: object) -> Record:
+    def _record(
+        self,
+        source: Path,
+        status: Status,
+        seconds: float | None = None,
+        error: str | None = None,
+        size: int | None = None,
+    ) -> Record:
         relative = os.path.relpath(self.outputs[source], self.folder)
         return Record(
-            input=str(source.resolve()),
-            output=Path(relative).as_posix(),
-            settings_hash=self.digest,
-            status=status,  # type: ignore[arg-type]
-            **fields,  # type: ignore[arg-type]
+            str(source.resolve()),
+            Path(relative).as_posix(),
+            self.digest,
+            status,
+            seconds=seconds,
+            error=error,
+            size=size,
         )
 
     def planned(self) -> None:
@@ -468,10 +478,9 @@ class _Recorder:
     def finished(self, outcome: FileOutcome) -> None:
         seconds = None if outcome.seconds is None else round(outcome.seconds, 3)
         if outcome.error is not None or outcome.output is None:
-            record = self._record(outcome.source, "failed", seconds=seconds, error=outcome.error)
+            record = self._record(outcome.source, "failed", seconds, error=outcome.error)
         else:
-            size = _size(outcome.output)
-            record = self._record(outcome.source, "done", seconds=seconds, size=size)
+            record = self._record(outcome.source, "done", seconds, size=_size(outcome.output))
         self.writer.append([record])
 
     def close(self) -> None:
