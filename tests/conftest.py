@@ -35,5 +35,6 @@ def photo() -> np.ndarray:
 
 
 @pytest.fixture(autouse=True)
-def _isolated_models_env(monkeypatch: pytest.MonkeyPatch) -> None:
+def _isolated_models_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory) -> None:
     monkeypatch.delenv("TILEUP_MODELS", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "cache"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -261,6 +262,50 @@ def test_models_command_lists_architecture_and_scale(tmp_path: Path, shared_mode
     assert f"models folder {tmp_path / 'nowhere'} does not exist" in capsys.readouterr().err
 
 
+def test_models_descriptions_are_cached_and_refreshed_when_a_file_changes(
+    tmp_path: Path, shared_models, monkeypatch
+) -> None:
+    from tileup.upscalers import catalog
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    model = tmp_path / "m.safetensors"
+    shutil.copy(shared_models / "RealESRGAN_x4plus_anime_6B.safetensors", model)
+    assert catalog.describe_models([model]) == ["ESRGAN 4x"]
+    assert catalog.cache_path().is_file()
+    inspected: list[Path] = []
+    monkeypatch.setattr(catalog, "_inspect", lambda path: inspected.append(path) or "fresh")
+    assert catalog.describe_models([model]) == ["ESRGAN 4x"]  # unchanged: from the cache
+    assert inspected == []
+    model.write_bytes(b"changed")  # another size and time: inspected again
+    assert catalog.describe_models([model]) == ["fresh"]
+    assert inspected == [model]
+    catalog.cache_path().write_text("{ not json")  # a damaged cache is ignored, then rewritten
+    assert catalog.describe_models([model]) == ["fresh"]
+
+
+def _imports_after(code: str, env: dict[str, str]) -> set[str]:
+    """The heavy modules a fresh interpreter has imported after running ``code``."""
+    probe = f"{code}\nimport sys\nprint(' '.join(m for m in ('torch', 'spandrel', "
+    probe += "'diffusers', 'transformers') if m in sys.modules))"
+    proc = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True
+    )
+    return set(proc.stdout.split())
+
+
+def test_help_version_and_cached_models_do_not_import_torch(tmp_path: Path) -> None:
+    """Start-up stays fast (bench/startup.py measures it): torch, spandrel and diffusers load
+    only when a job runs or a model must be inspected."""
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    quiet = "import contextlib, io\nfrom tileup.cli import main\n"
+    quiet += "with contextlib.redirect_stdout(io.StringIO()): main({})"
+    assert _imports_after(quiet.format(["--help"]), env) == set()
+    assert _imports_after(quiet.format(["--version"]), env) == set()
+    assert _imports_after("import tileup; tileup.UpscaleSettings(scale=3)", env) == set()
+    assert "torch" in _imports_after(quiet.format(["models"]), env)  # first time: inspected
+    assert _imports_after(quiet.format(["models"]), env) == set()  # then from the cache
+
+
 def test_python_api_accepts_array_and_returns_stats(photo: np.ndarray) -> None:
     result = tileup.upscale(photo, upscaler="lanczos", scale=1.5)
     assert result.image.size == (120, 96)
@@ -414,3 +459,50 @@ def test_help_is_grouped_and_names_the_sub_commands(capsys) -> None:
     fields = [f.name for f in dataclasses.fields(tileup.UpscaleSettings)]
     assert sorted(grouped) == sorted(fields)  # each setting in exactly one section
     assert "(default: 268.435 megapixels)" in text and "268435456" not in text
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--sampler", "bogus"], "unknown sampler 'bogus'"),
+        (["--scheduler", "nope"], "unknown schedule"),
+        (["--sampler", "DPM++ 2M Karras", "--scheduler", "exponential"], "names schedule"),
+    ],
+)
+def test_bad_sampler_is_refused_even_without_checkpoint(
+    photo_file: Path, tmp_path: Path, capsys, options: list[str], message: str
+) -> None:
+    target = tmp_path / "out.png"
+    assert main([str(photo_file), "-o", str(target), *FAST, *options]) == 2
+    assert message in capsys.readouterr().err
+    assert not target.exists()
+
+
+def test_sampler_without_checkpoint_is_named_in_the_note(photo_file: Path, tmp_path: Path, capsys):
+    argv = [str(photo_file), "-o", str(tmp_path / "o.png"), "--upscaler", "lanczos"]
+    assert main([*argv, "--sampler", "DPM++ 2M", "--steps", "30", "--prompt", "a cat"]) == 0
+    note = capsys.readouterr().err
+    for flag in ("--sampler DPM++ 2M", "--steps 30", "--prompt a cat"):
+        assert f"{flag} has no effect" in note
+
+
+def test_library_warnings_reach_the_user_as_one_line(
+    photo_file: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    import warnings
+
+    import tileup.batch
+
+    original = tileup.batch._read_headers
+
+    def noisy(*args, **kwargs):
+        warnings.warn("a third-party note\nwith a second line", UserWarning, stacklevel=1)
+        warnings.warn("a third-party note\nagain", UserWarning, stacklevel=1)  # same first line
+        warnings.warn("old API", FutureWarning, stacklevel=1)  # for developers: not shown
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(tileup.batch, "_read_headers", noisy)
+    assert main([str(photo_file), "-o", str(tmp_path / "o.png"), *FAST[:2]]) == 0
+    err = capsys.readouterr().err
+    assert err.count("tileup: warning: a third-party note") == 1
+    assert "second line" not in err and "old API" not in err and "Traceback" not in err

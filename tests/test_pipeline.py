@@ -15,6 +15,7 @@ from PIL import Image
 from sd_fixtures import make_tiny_components, save_diffusers_folder, save_single_file
 
 from tileup.cli import main
+from tileup.errors import TileupError
 from tileup.imageio import read_parameters
 from tileup.infotext import parse_parameters
 from tileup.pipeline import Upscaler
@@ -444,3 +445,41 @@ def test_models_dirs_as_one_string_is_one_folder(tmp_path: Path) -> None:
     assert UpscaleSettings(models_dirs=tmp_path).models_dirs == (str(tmp_path),)  # type: ignore[arg-type]
     with pytest.raises(SettingsError, match="models_dirs must be a folder"):
         UpscaleSettings(models_dirs=3)  # type: ignore[arg-type]
+
+
+def test_per_call_overrides_equal_a_fresh_engine_and_leave_the_engine_as_it_was(
+    checkpoints, photo: np.ndarray, monkeypatch
+) -> None:
+    photo = photo[:32, :48]  # 2x: 2 tiles of 64 px
+    base = dict(checkpoint=str(checkpoints["sd1"]), upscaler="lanczos", tile=64, overlap=16)
+    base |= dict(steps=4, seed=7, denoise=0.3, prompt="a photo of an astronaut")
+    engine = Upscaler(UpscaleSettings(**base))
+    first = engine(photo)
+    changes = dict(
+        prompt="(a painting:1.2) of a [cat|dog]", negative_prompt="blurry", seed=9, steps=3,
+        denoise=0.5, sampler="DPM++ 2M", scheduler="karras", cfg=5.0, scale=1.5,
+    )  # fmt: skip
+    overridden = engine(photo, **changes)
+    fresh = Upscaler(UpscaleSettings(**(base | changes)))(photo)
+    np.testing.assert_array_equal(overridden.picture.rgb, fresh.picture.rgb)
+    assert overridden.parameters == fresh.parameters
+    assert "Seed: 9" in overridden.parameters and "Steps: 3" in overridden.parameters
+    again = engine(photo)  # the engine's own settings and prompts are back
+    np.testing.assert_array_equal(again.picture.rgb, first.picture.rgb)
+    assert again.parameters == first.parameters
+    # denoise 0 for one call: the pixel upscale, the UNet never runs
+    calls = UNetCalls(monkeypatch)
+    pixels = engine(photo, denoise=0)
+    assert calls.samples == 0
+    np.testing.assert_array_equal(
+        pixels.picture.rgb, Upscaler(UpscaleSettings(upscaler="lanczos"))(photo).picture.rgb
+    )
+    with pytest.raises(SettingsError, match=r"checkpoint, upscaler cannot change per call"):
+        engine(photo, upscaler="bicubic", checkpoint="other.safetensors")
+    with pytest.raises(SettingsError, match="unknown setting"):
+        engine(photo, denoize=0.4)
+    with pytest.raises(TileupError, match="unknown sampler"):
+        engine(photo, sampler="bogus")
+    with pytest.raises(SettingsError, match="tile must be a multiple of 8"):
+        engine(photo, tile=68)
+    assert engine(photo).parameters == first.parameters  # failed calls changed nothing

@@ -31,7 +31,7 @@ import torch
 from tileup.choices import IMAGE_SUFFIXES
 from tileup.devices import on_device
 from tileup.errors import TileupError
-from tileup.imageio import ImageHeader, check_output, read_header, read_image, write_image
+from tileup.imageio import ImageHeader, check_output, read_header, read_image
 from tileup.imageio.write import remove_temp_files
 from tileup.manifest import (
     MANIFEST_NAME,
@@ -631,15 +631,7 @@ def _attempt(job: Job, engine: Upscaler, overwrite: bool, header: Header | None)
                 engine.planned_tiles(picture.height, picture.width, picture.alpha is not None)
             )
         result = engine(picture)
-        written = write_image(
-            destination,
-            result.picture.rgb,
-            alpha=result.picture.alpha,
-            bit_depth=result.picture.bit_depth,
-            icc_profile=result.picture.icc_profile,
-            parameters=result.parameters,
-            overwrite=overwrite,
-        )
+        written = result.save(destination, overwrite=overwrite)
         return FileOutcome(path, output=written, stats=result.stats)
     except TileupError as exc:
         return FileOutcome(path, error=str(exc))

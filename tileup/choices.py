@@ -50,3 +50,6 @@ CHECKPOINT_ENV = "TILEUP_CHECKPOINT"
 
 MODELS_ENV = "TILEUP_MODELS"
 """Environment variable listing extra model folders (``os.pathsep``-separated)."""
+
+DEFAULT_MAX_PIXELS = 16384 * 16384
+"""The largest input or output, in pixels, unless the caller raises it (``--max-pixels``)."""

@@ -14,23 +14,25 @@ import os
 import signal
 import sys
 import threading
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from tileup.batch import FileOutcome, upscale_files
 from tileup.choices import LATENT_MODES, RESAMPLERS
 from tileup.errors import TileupError
 from tileup.settings import UpscaleSettings
-from tileup.upscalers.models import load_sr_model
 from tileup.upscalers.registry import (
     builtin_model_path,
     iter_model_files,
     models_dirs,
 )
 from tileup.version import __version__
+
+if TYPE_CHECKING:  # torch, spandrel and diffusers load only when a job runs (fast --help)
+    from tileup.batch import FileOutcome
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 COMMANDS = ("batch", "models", "samplers", "info", "img2img")
@@ -168,17 +170,14 @@ def build_parser(batch: bool = False) -> argparse.ArgumentParser:
 
 
 def _models_command(argv: Sequence[str]) -> int:
+    from tileup.upscalers.catalog import describe_models
+
     parser = _Parser(prog="tileup models", description="List the upscalers tileup can find.")
     parser.add_argument("--models-dir", action="append", default=[], metavar="DIR")
     args = parser.parse_args(argv)
     dirs = models_dirs(args.models_dir)
     rows = [("default", builtin_model_path())] + [(p.stem, p) for p in iter_model_files(dirs)]
-    for name, path in rows:
-        try:
-            model = load_sr_model(path)
-            kind = f"{model.architecture} {model.scale}x"
-        except TileupError as exc:
-            kind = f"unusable: {exc}"
+    for (name, path), kind in zip(rows, describe_models([p for _, p in rows]), strict=True):
         print(f"{name}\t{kind}\t{path}")
     print("resamplers:\t" + ", ".join(RESAMPLERS))
     print("latent (need --checkpoint):\tlatent, " + ", ".join(f"latent-{m}" for m in LATENT_MODES))
@@ -314,6 +313,8 @@ def _upscale_command(argv: list[str], batch: bool) -> int:
     except TileupError as exc:
         return _usage_error(_cli_text(exc))
 
+    from tileup.batch import upscale_files
+
     quiet = args.quiet
     if warning:
         print(f"tileup: warning: {warning}", file=sys.stderr)
@@ -333,7 +334,7 @@ def _upscale_command(argv: list[str], batch: bool) -> int:
             print(json.dumps(outcome.stats.as_dict()), flush=True)
 
     try:
-        with _signals_raise():
+        with _signals_raise(), _warnings_as_notes(progress.write):
             outcomes = upscale_files(
                 args.inputs,
                 settings,
@@ -401,6 +402,27 @@ def _signals_raise() -> Iterator[None]:
     finally:
         for signum, old in previous.items():
             signal.signal(signum, old)
+
+
+@contextmanager
+def _warnings_as_notes(write: Any) -> Iterator[None]:
+    """While the job runs, a warning from any library reaches the user as one line, once:
+    ``tileup: warning: <first line>``; deprecation notices meant for developers (Deprecation-,
+    PendingDeprecation- and FutureWarning raised outside tileup) are not shown at all."""
+    seen: set[str] = set()
+
+    def show(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+        text = str(message).strip().splitlines()[0] if str(message).strip() else category.__name__
+        if text not in seen:
+            seen.add(text)
+            write(f"tileup: warning: {text}")
+
+    with warnings.catch_warnings():
+        for quiet in (DeprecationWarning, PendingDeprecationWarning, FutureWarning):
+            warnings.filterwarnings("ignore", category=quiet)
+            warnings.filterwarnings("default", category=quiet, module="tileup")
+        warnings.showwarning = show
+        yield
 
 
 def _cli_text(exc: TileupError) -> str:

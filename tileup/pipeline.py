@@ -39,7 +39,7 @@ from tileup.options import (
     vae_options,
 )
 from tileup.result import Stats, UpscaleResult
-from tileup.settings import SettingsError, UpscaleSettings
+from tileup.settings import SettingsError, UpscaleSettings, flag_of
 from tileup.upscalers.registry import (
     LatentUpscaler,
     ModelUpscaler,
@@ -137,6 +137,40 @@ class _StageClock:
         self.seconds[name] = round(self.seconds.get(name, 0.0) + seconds, 4)
 
 
+RELOAD_FIELDS = frozenset(
+    {
+        "checkpoint", "vae", "prediction", "upscaler", "models_dirs", "model_tile", "device",
+        "dtype", "vram", "low_vram", "compile", "vae_tile",
+    }
+)  # fmt: skip
+"""Settings an engine loads or plans with once: they cannot change per call."""
+
+
+def _diffuses(settings: UpscaleSettings, upscaler: UpscalerChoice) -> bool:
+    """Whether ``settings`` re-diffuse anything: a denoise above 0, a latent upscaler (its
+    latents must be decoded), or a seam fix with a denoise of its own."""
+    seam_fix = settings.seam_fix != "none" and settings.seam_denoise > 0
+    return settings.denoise > 0 or upscaler.works_on_latents or seam_fix
+
+
+def _check_tiles(settings: UpscaleSettings, model: DiffusionModel) -> None:
+    if settings.tile % model.factor or settings.overlap % model.factor:
+        raise SettingsError(
+            f"--tile and --overlap must be multiples of the VAE scale factor {model.factor}"
+        )
+
+
+def _check_sampler(settings: UpscaleSettings) -> None:
+    """SamplerError for an unknown sampler or schedule, or a combination that cannot run, before
+    anything loads (and even without a checkpoint, where they would do nothing). The defaults
+    are valid: checking them would import diffusers for pixel-only jobs."""
+    defaults = UpscaleSettings()
+    if (settings.sampler, settings.scheduler) != (defaults.sampler, defaults.scheduler):
+        from tileup.sampling.schedules import resolve
+
+        resolve(settings.sampler, settings.scheduler)
+
+
 class Upscaler:
     """Loads what the settings name once, then upscales any number of pictures with it.
 
@@ -160,6 +194,7 @@ class Upscaler:
         self.load_fallbacks: list[str] = []
         self.notes: list[str] = []
         self.budget = self._budget()
+        _check_sampler(settings)
         checkpoint = settings.checkpoint or os.environ.get(CHECKPOINT_ENV) or None
         latent = self.upscaler.works_on_latents
         if latent and settings.mode == "redraw":
@@ -207,11 +242,7 @@ class Upscaler:
         return upscale_files(inputs, engine=self, **options)
 
     def _diffuses(self) -> bool:
-        """Whether the settings re-diffuse anything: a denoise above 0, a latent upscaler
-        (its latents must be decoded), or a seam fix with a denoise of its own."""
-        s = self.settings
-        seam_fix = s.seam_fix != "none" and s.seam_denoise > 0
-        return s.denoise > 0 or self.upscaler.works_on_latents or seam_fix
+        return _diffuses(self.settings, self.upscaler)
 
     # -- several devices ------------------------------------------------------------------------
 
@@ -301,10 +332,7 @@ class Upscaler:
             sampling=sampling_options(s),
             vae=vae_options(s, self.device),
         )
-        if s.tile % model.factor or s.overlap % model.factor:
-            raise SettingsError(
-                f"--tile and --overlap must be multiples of the VAE scale factor {model.factor}"
-            )
+        _check_tiles(s, model)
         return model
 
     def _job_grid(self, model: DiffusionModel, height: int, width: int) -> TileGrid | None:
@@ -358,10 +386,60 @@ class Upscaler:
 
     # -- one picture --------------------------------------------------------------------------
 
-    def __call__(self, image: ImageInput) -> UpscaleResult:
+    def __call__(self, image: ImageInput, **overrides: Any) -> UpscaleResult:
         """Upscale one image: a path, a PIL image, a numpy array (uint8, uint16 or float in
         [0, 1]; HxW or HxWxC), a torch tensor (CxHxW or 1xCxHxW, float in [0, 1], as spandrel
-        takes) or a :class:`Picture`. Raises TileupError for problems the user can fix."""
+        takes) or a :class:`Picture`. Raises TileupError for problems the user can fix.
+
+        ``overrides`` are settings for this call only (``engine(img, denoise=0.4, seed=7,
+        prompt="...")``): any field except those that load something (:data:`RELOAD_FIELDS`),
+        which raise SettingsError naming a new engine as the way."""
+        if not overrides:
+            return self._run(image)
+        with self._overridden(overrides):
+            return self._run(image)
+
+    @contextmanager
+    def _overridden(self, overrides: dict[str, Any]) -> Iterator[None]:
+        """This engine with ``overrides`` applied to its settings (and its model's sampling
+        options and prompts) for the duration."""
+        saved = self.settings
+        settings = saved.replace(**overrides)
+        reload = [f for f in sorted(RELOAD_FIELDS) if getattr(settings, f) != getattr(saved, f)]
+        if reload:
+            raise SettingsError(
+                f"{', '.join(flag_of(f) for f in reload)} cannot change per call (the engine "
+                "loads them once); build another Upscaler for them"
+            )
+        _check_sampler(settings)
+        if self.model is None and settings.checkpoint and _diffuses(settings, self.upscaler):
+            raise SettingsError(
+                "this engine was built with nothing to re-diffuse (denoise 0), so its checkpoint "
+                "is not loaded; build another Upscaler for a denoise above 0"
+            )
+        model = self.model if _diffuses(settings, self.upscaler) else None
+        self.settings = settings
+        try:
+            if model is None:
+                with self._without_model():
+                    yield
+                return
+            _check_tiles(settings, model)
+            options = sampling_options(settings)
+            with model.sampling_as(options, settings.prompt, settings.negative_prompt):
+                yield
+        finally:
+            self.settings = saved
+
+    @contextmanager
+    def _without_model(self) -> Iterator[None]:
+        model, self.model = self.model, None
+        try:
+            yield
+        finally:
+            self.model = model
+
+    def _run(self, image: ImageInput) -> UpscaleResult:
         from tileup.upscalers.tiled import RunReport
 
         picture = as_picture(image, self.settings.max_pixels)

@@ -77,13 +77,18 @@ class UpscaleResult:
             icc_profile=p.icc_profile,
             parameters=self.parameters,
             overwrite=overwrite,
+            grey=p.is_grey,
         )
 
     @property
     def image(self) -> PIL.Image.Image:
-        """An 8-bit PIL image (RGBA when there is alpha)."""
-        rgb = np.round(np.clip(self.picture.rgb, 0, 1) * 255).astype(np.uint8)
-        if self.picture.alpha is None:
-            return PIL.Image.fromarray(rgb, "RGB")
-        alpha = np.round(np.clip(self.picture.alpha, 0, 1) * 255).astype(np.uint8)
-        return PIL.Image.fromarray(np.dstack([rgb, alpha]), "RGBA")
+        """An 8-bit PIL image: RGB, RGBA with alpha, or L / LA for a grey source."""
+        from tileup.imageio.write import LUMA_WEIGHTS, quantise
+
+        p = self.picture
+        colour = (p.rgb @ LUMA_WEIGHTS)[..., None] if p.is_grey else p.rgb
+        planes = [colour] + ([p.alpha[..., None]] if p.alpha is not None else [])
+        pixels = np.empty((p.height, p.width, sum(x.shape[2] for x in planes)), np.uint8)
+        quantise(np.concatenate(planes, axis=2), pixels)
+        mode = ("L" if p.is_grey else "RGB") + ("A" if p.alpha is not None else "")
+        return PIL.Image.fromarray(pixels[..., 0] if pixels.shape[2] == 1 else pixels, mode)

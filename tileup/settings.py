@@ -19,6 +19,7 @@ from typing import Any
 from tileup.choices import (
     BLENDS,
     COLOR_FIXES,
+    DEFAULT_MAX_PIXELS,
     DTYPES,
     MODES,
     ORDERS,
@@ -28,7 +29,6 @@ from tileup.choices import (
 from tileup.errors import TileupError
 
 DEFAULT_UPSCALER = "default"
-DEFAULT_MAX_PIXELS = 16384 * 16384
 
 
 class SettingsError(TileupError, ValueError):
@@ -435,18 +435,14 @@ class UpscaleSettings:
             )
 
     def replace(self, **changes: Any) -> UpscaleSettings:
-        """A copy with some fields changed (validated again)."""
+        """A copy with some fields changed (validated again; unknown names refused)."""
+        _refuse_unknown(changes)
         return dataclasses.replace(self, **changes)
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> UpscaleSettings:
         """Build from keyword values, refusing unknown names with the list of known ones."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise SettingsError(
-                f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
-            )
+        _refuse_unknown(values)
         return cls(**values)
 
     def metadata_items(self, *, with_checkpoint: bool = True) -> dict[str, str]:
@@ -477,6 +473,15 @@ class UpscaleSettings:
             for f in dataclasses.fields(self)
             if f.metadata["needs_checkpoint"] and getattr(self, f.name) != f.default
         ]
+
+
+def _refuse_unknown(values: Mapping[str, Any]) -> None:
+    known = {f.name for f in dataclasses.fields(UpscaleSettings)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise SettingsError(
+            f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+        )
 
 
 _FIELDS: Mapping[str, dataclasses.Field[Any]] = {

@@ -25,8 +25,9 @@ def encode(
     parameters: str | None,
     quality: int,
 ) -> None:
-    """Encode uint8/uint16 HxWx3 or HxWx4 ``pixels`` as ``fmt`` (a Pillow format name) into the
-    seekable ``fh``. ``quality`` applies to JPEG and WebP (WebP at 100 is lossless)."""
+    """Encode uint8/uint16 HxWxC ``pixels`` (C: 1 grey, 2 grey + alpha, 3 RGB, 4 RGBA) as
+    ``fmt`` (a Pillow format name) into the seekable ``fh``. ``quality`` applies to JPEG and
+    WebP (WebP at 100 is lossless)."""
     if fmt == "TIFF":
         _encode_tiff(fh, pixels, icc_profile, parameters)
     elif fmt == "PNG" and pixels.dtype == np.uint16:
@@ -42,11 +43,12 @@ def _encode_tiff(
     ImageDescription (tifffile refuses non-ASCII str), ``icc_profile`` in tag 34675."""
     import tifffile
 
+    channels = pixels.shape[2]
     tifffile.imwrite(
         fh,
-        pixels,
-        photometric="rgb",
-        extrasamples=("unassalpha",) if pixels.shape[2] == 4 else None,
+        pixels[..., 0] if channels == 1 else pixels,
+        photometric="rgb" if channels >= 3 else "minisblack",
+        extrasamples=("unassalpha",) if channels in (2, 4) else None,
         compression="zlib",
         compressionargs={"level": 6},
         predictor=True,
@@ -64,7 +66,10 @@ def _encode_png16(
 ) -> None:
     import cv2
 
-    ok, encoded = cv2.imencode(".png", pixels[..., [2, 1, 0, 3][: pixels.shape[2]]])
+    channels = pixels.shape[2]
+    ok, encoded = cv2.imencode(
+        ".png", pixels[..., 0] if channels == 1 else pixels[..., [2, 1, 0, 3][:channels]]
+    )
     if not ok:
         raise ValueError("OpenCV could not encode the 16-bit PNG")
     chunks = []
@@ -83,7 +88,7 @@ def _encode_pillow(
     parameters: str | None,
     quality: int,
 ) -> None:
-    img = Image.fromarray(pixels)
+    img = Image.fromarray(pixels[..., 0] if pixels.shape[2] == 1 else pixels)
     options: dict[str, object] = {}
     if icc_profile and fmt != "BMP":
         options["icc_profile"] = icc_profile

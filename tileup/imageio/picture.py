@@ -7,6 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
+GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
+"""Pillow modes of grey sources: their results are written grey again."""
+
 
 @dataclass(frozen=True, eq=False)
 class Picture:
@@ -47,6 +50,11 @@ class Picture:
         object.__setattr__(self, "rgb", np.ascontiguousarray(rgb, dtype=np.float32))
         if alpha is not None:
             object.__setattr__(self, "alpha", np.ascontiguousarray(alpha, dtype=np.float32))
+
+    @property
+    def is_grey(self) -> bool:
+        """Whether the source was grey (its result is written as grey, not RGB)."""
+        return self.mode in GREY_MODES
 
     @property
     def height(self) -> int:

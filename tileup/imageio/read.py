@@ -19,6 +19,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from tileup.choices import DEFAULT_MAX_PIXELS
 from tileup.imageio.decode import (
     ORIENTATION,
     is_16bit_colour,
@@ -55,15 +56,15 @@ class ImageHeader:
 
 
 def read_image(
-    src: str | os.PathLike[str] | Image.Image | np.ndarray, *, max_pixels: int
+    src: str | os.PathLike[str] | Image.Image | np.ndarray, *, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> Picture:
     """Decode a file, a PIL image or an array into a :class:`Picture`.
 
     EXIF orientation is applied first. Grey becomes three equal channels; palette, CMYK and other
     modes become RGB(A); 16-bit PNG/TIFF (grey, RGB, RGBA) keep 16 bits; float arrays must lie in
     [0, 1] (rounding slack clipped). Arrays may be HxW, HxWx1..4 (grey, grey+alpha, RGB, RGBA)
-    of uint8, uint16 or float. Images with more than ``max_pixels`` pixels are refused before
-    decoding. Raises ImageError naming the file.
+    of uint8, uint16 or float. Images with more than ``max_pixels`` pixels (default 16384²,
+    as ``--max-pixels``) are refused before decoding. Raises ImageError naming the file.
     """
     if max_pixels < 1:
         raise ValueError(f"max_pixels must be positive, got {max_pixels}")

@@ -35,6 +35,8 @@ WRITE_FORMATS: Mapping[str, str] = {
 _KEEPS_16_BITS = frozenset({"PNG", "TIFF"})
 _KEEPS_ALPHA = frozenset({"PNG", "WEBP", "TIFF"})
 _MAX_SIDE = {"JPEG": 65535, "WEBP": 16383}
+LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114], np.float32)
+"""ITU-R BT.601 luma, as Pillow's ``convert("L")``: RGB → grey for grey outputs."""
 
 
 def check_output(path: str | os.PathLike[str], *, overwrite: bool) -> str:
@@ -64,6 +66,7 @@ def write_image(
     parameters: str | None = None,
     overwrite: bool = False,
     quality: int = 95,
+    grey: bool = False,
 ) -> Path:
     """Write ``rgb`` (float HxWx3, clipped to [0, 1]) atomically to ``path``; returns the path.
 
@@ -72,9 +75,11 @@ def write_image(
     ``icc_profile`` (an RGB profile) is embedded in PNG, JPEG, WebP and TIFF. ``parameters`` goes
     into the PNG text chunk "parameters", the EXIF UserComment of JPEG/WebP (as A1111 writes it)
     or the TIFF ImageDescription; BMP has no metadata. ``quality`` applies to JPEG and WebP (WebP
-    at 100 is lossless). The folder must exist. An existing file is replaced only with
-    ``overwrite``. Raises ImageError naming the file (ValueError for malformed arguments);
-    nothing partial is ever left behind.
+    at 100 is lossless). ``grey`` writes one luma channel (BT.601; L, LA or 16-bit grey) where
+    the format has grey (WebP has none: RGB with equal channels; 16-bit grey + alpha PNG: RGBA
+    with equal channels) and no ICC profile. The folder must exist. An existing file is
+    replaced only with ``overwrite``. Raises ImageError naming the file (ValueError for
+    malformed arguments); nothing partial is ever left behind.
     """
     path = Path(path)
     fmt = check_output(path, overwrite=overwrite)
@@ -106,10 +111,15 @@ def write_image(
 
     bits = bit_depth if fmt in _KEEPS_16_BITS else 8
     keep_alpha = alpha is not None and fmt in _KEEPS_ALPHA
-    pixels = np.empty((height, width, 4 if keep_alpha else 3), np.uint8 if bits == 8 else np.uint16)
-    quantise(rgb, pixels[..., :3])
+    colours = 1 if grey else 3
+    pixels = np.empty((height, width, colours + keep_alpha), np.uint8 if bits == 8 else np.uint16)
+    quantise((rgb @ LUMA_WEIGHTS)[..., None] if grey else rgb, pixels[..., :colours])
     if keep_alpha and alpha is not None:
-        quantise(alpha, pixels[..., 3])
+        quantise(alpha, pixels[..., colours])
+    if grey:
+        icc_profile = None  # an RGB profile does not describe grey pixels
+        if fmt == "WEBP" or (fmt == "PNG" and bits == 16 and keep_alpha):
+            pixels = pixels[..., [0, 0, 0, 1][: 3 + keep_alpha]]
 
     try:
         fd, temp_name = tempfile.mkstemp(prefix=_temp_prefix(path), dir=folder)

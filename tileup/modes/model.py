@@ -11,7 +11,6 @@ back into it.
 from __future__ import annotations
 
 import copy
-import functools
 import math
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -76,6 +75,35 @@ class LoadOptions:
     """torch.compile the UNet (its first calls at each batch shape pay the compilation)."""
 
 
+@dataclass(frozen=True, eq=False)
+class PromptEncoder:
+    """A checkpoint's text encoders (kept on the host) and tokenizers, to encode other prompts
+    after loading (per-call prompts, a hires-fix pass with its own prompt)."""
+
+    family: str
+    text_encoders: tuple[nn.Module, ...]
+    tokenizers: tuple[Any, ...]
+
+    def schedule(
+        self,
+        prompt: str,
+        negative_prompt: str,
+        steps: int,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> tuple[tuple[int, Conditioning], ...]:
+        """:func:`~tileup.sampling.conditioning.encode_schedule` with the encoders brought to
+        ``device`` for the call and sent back to the host after."""
+        for encoder in self.text_encoders:
+            encoder.to(device=device, dtype=dtype)
+        try:
+            return encode_schedule(self, prompt, negative_prompt, steps, device=device, dtype=dtype)
+        finally:
+            for encoder in self.text_encoders:  # no longer needed: free the device memory
+                encoder.to("cpu")
+
+
 @dataclass
 class DiffusionReport:
     """Counts and fallbacks of one canvas's re-diffusion (filled in by the modes)."""
@@ -117,6 +145,7 @@ class DiffusionModel:
         dtype: torch.dtype,
         info: ModelInfo | None = None,
         schedule: tuple[tuple[int, Conditioning], ...] = (),
+        prompts: PromptEncoder | None = None,
     ) -> None:
         self.unet = unet
         self.vae = vae
@@ -125,6 +154,10 @@ class DiffusionModel:
         """(last step, conditioning) pairs of A1111's prompt editing: step i (0-based) uses
         the first entry whose last step is ≥ i (one entry without editing)."""
         self.sampling = sampling
+        self.prompts = prompts
+        """The text encoders, to encode other prompts later (None: these prompts only)."""
+        self.prompt_texts: tuple[str, str] | None = None
+        """The (prompt, negative prompt) ``conditioning`` encodes, when known."""
         self.scheduler_config = scheduler_config
         self.prediction_type = prediction_type
         self.device = device
@@ -133,6 +166,7 @@ class DiffusionModel:
         self.factor = vae.factor
         self.unet_placement = "device"
         self._streamed: object | None = None
+        self._evaluations: dict[tuple[SamplingOptions, float], int] = {}
         self.replicas: tuple[DiffusionModel, ...] = ()
         """Copies on other devices; the modes split their tiles across ``self`` and these."""
         self.step_plan(1.0)  # refuses a bad sampler, schedule or step count before any work
@@ -159,20 +193,16 @@ class DiffusionModel:
         if device.type == "cuda":
             _fast_layout(sd.unet)
         runner = VaeRunner(sd.vae, device, dtype, vae)
-        encoders: tuple[nn.Module, ...] = sd.text_encoders
-        for encoder in encoders:
-            encoder.to(device=device, dtype=dtype)
-        schedule = encode_schedule(
-            sd, load.prompt, load.negative_prompt, sampling.steps, device=device, dtype=dtype
+        prompts = PromptEncoder(sd.family, tuple(sd.text_encoders), tuple(sd.tokenizers))
+        schedule = prompts.schedule(
+            load.prompt, load.negative_prompt, sampling.steps, device=device, dtype=dtype
         )
         conditioning = schedule[0][1]
-        for encoder in encoders:  # no longer needed: free the device memory
-            encoder.to("cpu")
         info = ModelInfo(sd.name, sd.model_hash, sd.vae_name, sd.family)
         unet: UNet = sd.unet
         if load.compile:  # an nn.Module (OptimizedModule) that keeps the UNet's interface
             unet = cast(UNet, torch.compile(sd.unet))
-        return cls(
+        model = cls(
             unet=unet,
             vae=runner,
             conditioning=conditioning,
@@ -183,7 +213,43 @@ class DiffusionModel:
             dtype=dtype,
             info=info,
             schedule=schedule,
+            prompts=prompts,
         )
+        model.prompt_texts = (load.prompt, load.negative_prompt)
+        return model
+
+    @contextmanager
+    def sampling_as(
+        self, sampling: SamplingOptions, prompt: str, negative_prompt: str
+    ) -> Iterator[None]:
+        """For the duration: other sampling options and prompts (on the replicas too), the
+        prompts encoded again only when their texts, or the steps of an edited prompt, change.
+        SamplerError for options that cannot run, before anything changes."""
+        texts = (prompt, negative_prompt)
+        same_texts = texts == self.prompt_texts
+        if not same_texts and self.prompts is None:
+            raise ValueError("this model was built without its text encoders: no new prompts")
+        saved = [(m.sampling, m.schedule, m.conditioning, m.prompt_texts) for m in self.lanes]
+        if same_texts and not (self.edited and sampling.steps != self.sampling.steps):
+            schedule = tuple(
+                (sampling.steps if k == len(self.schedule) - 1 else last, c)
+                for k, (last, c) in enumerate(self.schedule)
+            )
+        else:
+            assert self.prompts is not None
+            schedule = self.prompts.schedule(
+                prompt, negative_prompt, sampling.steps, device=self.device, dtype=self.dtype
+            )
+        try:
+            for lane in self.lanes:
+                lane.sampling, lane.prompt_texts = sampling, texts
+                lane.schedule = tuple((last, c.to(lane.device)) for last, c in schedule)
+                lane.conditioning = lane.schedule[0][1]
+            self.step_plan(1.0)  # a sampler, schedule and steps that can run
+            yield
+        finally:
+            for lane, state in zip(self.lanes, saved, strict=True):
+                lane.sampling, lane.schedule, lane.conditioning, lane.prompt_texts = state
 
     def conditioning_at(self, step: int) -> Conditioning:
         """The conditioning of sampling step ``step`` (0-based; the last one past the end)."""
@@ -240,10 +306,13 @@ class DiffusionModel:
         )
         return scheduler, plan_steps(scheduler, self.sampling.steps, denoise)
 
-    @functools.cache  # noqa: B019 (one model per job; a handful of denoise values)
     def evaluations(self, denoise: float) -> int:
-        """Model evaluations a run at ``denoise`` makes (0 for denoise 0)."""
-        return self.step_plan(denoise)[1].evaluations
+        """Model evaluations a run at ``denoise`` makes with the current sampling options (0 for
+        denoise 0); remembered per (options, denoise)."""
+        key = (self.sampling, denoise)
+        if key not in self._evaluations:
+            self._evaluations[key] = self.step_plan(denoise)[1].evaluations
+        return self._evaluations[key]
 
     def canvas_size(self, height: int, width: int) -> tuple[int, int]:
         """The pixel canvas actually diffused: ``height``×``width`` rounded up to the factor."""

@@ -12,11 +12,10 @@ from pathlib import Path
 import spandrel
 import torch
 
-from tileup.errors import TileupError
 from tileup.models.weights import first_line, read_weights
+from tileup.upscalers.registry import MODEL_SUFFIXES, UpscalerError
 
-MODEL_SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt")
-"""Suffixes of the SR model files looked up by name in the models folders."""
+__all__ = ["MODEL_SUFFIXES", "UpscalerError", "load_sr_model"]
 
 # Context (in input pixels) around a tile that makes tiled inference match untiled inference
 # within 2/255, by architecture. Measured on an H200 in fp32 (bench/pixel/margin_sweep.py,
@@ -24,10 +23,6 @@ MODEL_SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt")
 # 32 (24 leaves 0.6/255). Other architectures get a conservative 64.
 _CONTEXT_MARGIN = {"ESRGAN": 80, "RealESRGAN Compact": 32, "Compact": 32}
 _DEFAULT_CONTEXT_MARGIN = 64
-
-
-class UpscalerError(TileupError):
-    """An upscaler could not be found or built; the message is one line naming it."""
 
 
 @dataclass(frozen=True, eq=False)

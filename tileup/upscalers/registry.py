@@ -17,7 +17,15 @@ from pathlib import Path
 from typing import ClassVar
 
 from tileup.choices import LATENT_MODES, MODELS_ENV, RESAMPLERS
-from tileup.upscalers.models import MODEL_SUFFIXES, UpscalerError
+from tileup.errors import TileupError
+
+MODEL_SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt")
+"""Suffixes of the SR model files looked up by name in the models folders."""
+
+
+class UpscalerError(TileupError):
+    """An upscaler could not be found or built; the message is one line naming it."""
+
 
 UPSCALER_SUBDIRS = ("ESRGAN", "RealESRGAN", "SwinIR", "DAT", "HAT", "ScuNET", "upscale_models")
 
