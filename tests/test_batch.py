@@ -144,9 +144,13 @@ def test_plan_outputs_names_the_first_problem_and_counts_the_rest(
 def test_missing_output_folder_is_created(tmp_path: Path, photo_file: Path) -> None:
     shots = tree(tmp_path / "shots", photo_file, "a.png", "b.png")
     assert main([str(shots), "-o", f"{tmp_path}/new/out/", *FAST]) == 0
-    assert files_under(tmp_path / "new") == ["out/a_tileup.png", "out/b_tileup.png"]
+    assert files_under(tmp_path / "new") == [
+        "out/.tileup-manifest.jsonl",  # every batch into a folder keeps its manifest
+        "out/a_tileup.png",
+        "out/b_tileup.png",
+    ]
     assert main([str(photo_file), "-o", f"{tmp_path}/single/", *FAST]) == 0
-    assert files_under(tmp_path / "single") == ["photo_tileup.png"]
+    assert files_under(tmp_path / "single") == [".tileup-manifest.jsonl", "photo_tileup.png"]
 
 
 # -- b. --recursive mirrors the tree; never two inputs → one output --------------------------
@@ -157,6 +161,7 @@ def test_recursive_mirrors_the_input_tree(tmp_path: Path, photo_file: Path) -> N
     code = main([str(shots), "--recursive", "-o", f"{tmp_path}/out/", *FAST])
     assert code == 0
     assert files_under(tmp_path / "out") == [
+        ".tileup-manifest.jsonl",
         "a_tileup.png",
         "sub/a_tileup.png",
         "sub/deep/b_tileup.png",
@@ -164,7 +169,11 @@ def test_recursive_mirrors_the_input_tree(tmp_path: Path, photo_file: Path) -> N
     # a recursive glob mirrors the tree below its fixed folders
     code = main([f"{shots}/**/*.png", "--recursive", "-o", f"{tmp_path}/globbed/", *FAST])
     assert code == 0
-    assert files_under(tmp_path / "globbed") == ["a_tileup.png", "sub/a_tileup.png"]
+    assert files_under(tmp_path / "globbed") == [
+        ".tileup-manifest.jsonl",
+        "a_tileup.png",
+        "sub/a_tileup.png",
+    ]
 
 
 def test_two_inputs_for_one_output_stop_the_run(
@@ -352,7 +361,7 @@ def test_output_too_large_is_refused_from_the_header(
         "raise it with --max-pixels"
     ) in err
     assert decoded == [photo_file]  # the big one was never decoded
-    assert files_under(tmp_path / "out") == ["photo_tileup.png"]
+    assert files_under(tmp_path / "out") == [".tileup-manifest.jsonl", "photo_tileup.png"]
 
 
 def test_outcomes_make_failures_obvious(tmp_path: Path, photo_file: Path) -> None:

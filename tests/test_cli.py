@@ -120,7 +120,11 @@ def test_batch_one_bad_file_does_not_stop_others(tmp_path: Path, photo_file: Pat
     code = main([str(folder), "-o", str(outdir), *FAST])
     err = capsys.readouterr().err
     assert code == 1
-    assert sorted(p.name for p in outdir.iterdir()) == ["a_tileup.png", "d_tileup.png"]
+    assert sorted(p.name for p in outdir.iterdir()) == [
+        ".tileup-manifest.jsonl",
+        "a_tileup.png",
+        "d_tileup.png",
+    ]
     assert "b.png" in err and "c.png" in err and "2 done, 2 failed" in err
     assert "Traceback" not in err
 
@@ -146,7 +150,7 @@ def test_a_file_whose_job_cannot_be_planned_fails_alone(
     code = main([str(folder), "-o", str(outdir), *FAST])
     err = capsys.readouterr().err
     assert code == 1 and "Traceback" not in err
-    assert [p.name for p in outdir.iterdir()] == ["a_tileup.png"]
+    assert sorted(p.name for p in outdir.iterdir()) == [".tileup-manifest.jsonl", "a_tileup.png"]
     assert "b.png: failed: cannot plan a 32 px high job" in err and "1 done, 1 failed" in err
 
 
@@ -375,7 +379,7 @@ def test_an_upscaled_image_keeps_its_sources_prompt_and_seed(photo_file: Path) -
 def test_reuse_parameters_fills_what_the_command_line_leaves_out(
     photo_file: Path, capsys, monkeypatch
 ) -> None:
-    from tileup import cli
+    import tileup.batch
 
     seen: dict = {}
 
@@ -383,7 +387,7 @@ def test_reuse_parameters_fills_what_the_command_line_leaves_out(
         seen["settings"] = settings
         return []
 
-    monkeypatch.setattr(cli, "upscale_files", capture)
+    monkeypatch.setattr(tileup.batch, "upscale_files", capture)  # the CLI imports it per run
     source = _with_parameters(photo_file, A1111_TEXT)
     main([str(source), "--reuse-parameters", "--seed", "7", *FAST])
     s = seen["settings"]
@@ -448,7 +452,7 @@ def test_help_is_grouped_and_names_the_sub_commands(capsys) -> None:
 
     assert main(["--help"]) == 0
     text = capsys.readouterr().out
-    assert "tileup {generate,img2img,models,samplers,info,ui} ..." in text
+    assert "tileup {generate,img2img,batch,models,samplers,info,ui} ..." in text
     positions = [text.index(f"\n{title}:\n") for title in ["input and output", *HELP_GROUPS]]
     assert positions == sorted(positions)  # every section, in order
     grouped = [name for names in HELP_GROUPS.values() for name in names]

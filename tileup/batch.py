@@ -4,19 +4,24 @@
    folder its output path is taken relative to.
 2. :func:`plan_outputs` gives every source its output path (sub-folders mirrored under an output
    folder) and checks them all before any work: a bad one raises :class:`OutputError`.
-3. :func:`upscale_files` reads, upscales (one shared :class:`~tileup.pipeline.Upscaler`) and
-   writes each file atomically; a failure is recorded in that file's :class:`FileOutcome` and
-   never stops the rest.
+3. :func:`upscale_files` reads, upscales (one shared :class:`~tileup.pipeline.Upscaler`, or
+   one per GPU, or Ray workers: :mod:`tileup.distributed`) and writes each file atomically; a
+   failure is recorded in that file's :class:`FileOutcome` and never stops the rest. Into an
+   output folder, the manifest (:mod:`tileup.manifest`) records every file and lets a re-run
+   skip what is done.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import itertools
 import os
 import queue
+import stat
 import threading
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +32,17 @@ from tileup.choices import IMAGE_SUFFIXES
 from tileup.devices import on_device
 from tileup.errors import Cancelled, TileupError
 from tileup.imageio import ImageHeader, check_output, read_header, read_image
+from tileup.imageio.write import remove_temp_files
+from tileup.manifest import (
+    MANIFEST_NAME,
+    ManifestWriter,
+    Record,
+    Status,
+    decide,
+    histories,
+    read_manifest,
+    settings_hash,
+)
 from tileup.options import target_size
 from tileup.pipeline import NoProgress, Progress, Upscaler
 from tileup.result import Stats
@@ -41,12 +57,16 @@ class OutputError(TileupError):
 
 @dataclass(frozen=True)
 class FileOutcome:
-    """One input's fate: the output written, or the one-line error."""
+    """One input's fate: the output written, or the one-line error. ``skipped``: the output was
+    done by an earlier run (manifest or ``skip_existing``) and left as it was; ``seconds``: the
+    wall time of reading, upscaling and writing it."""
 
     source: Path
     output: Path | None = None
     error: str | None = None
     stats: Stats | None = None
+    seconds: float | None = None
+    skipped: bool = False
 
 
 class BatchError(TileupError):
@@ -63,7 +83,13 @@ class Outcomes(list[FileOutcome]):
 
     @property
     def written(self) -> list[Path]:
-        return [o.output for o in self if o.output is not None]
+        """The outputs this run wrote (not those it skipped)."""
+        return [o.output for o in self if o.output is not None and not o.skipped]
+
+    @property
+    def skipped(self) -> list[FileOutcome]:
+        """The inputs whose output an earlier run made (see :func:`upscale_files`)."""
+        return [o for o in self if o.skipped]
 
     def raise_for_errors(self) -> Outcomes:
         """Self when no file failed (and at least one was given); else BatchError naming how
@@ -88,10 +114,12 @@ class Source:
 
 @dataclass(frozen=True)
 class Job:
-    """One input file and the output path its result is written to."""
+    """One input file and the output path its result is written to; ``replace``: an existing
+    file there may be replaced (``overwrite``, or the manifest says this tool wrote it)."""
 
     source: Path
     output: Path
+    replace: bool = False
 
 
 def expand_inputs(
@@ -172,9 +200,15 @@ def is_folder_output(output: str | os.PathLike[str]) -> bool:
 
 
 def plan_outputs(
-    sources: Sequence[Source], output: str | None, *, overwrite: bool = False
+    sources: Sequence[Source],
+    output: str | None,
+    *,
+    overwrite: bool = False,
+    replaceable: Collection[Path] = frozenset(),
 ) -> list[Job]:
     """Every source with its output path, all checked before any work is done.
+    ``replaceable``: outputs that may be replaced without ``overwrite`` (as output_path_for
+    spells them).
 
     Raises OutputError naming the first bad output (and how many more there are) when an output
     has an unknown suffix, is a folder, exists without ``overwrite``, is one of the inputs
@@ -206,7 +240,7 @@ def plan_outputs(
             problem = f"{out}: is the input {inputs[key]}; tileup never replaces its inputs"
         else:
             try:
-                check_output(out, overwrite=overwrite)
+                check_output(out, overwrite=overwrite or out in replaceable)
             except TileupError as exc:
                 problem = str(exc)
         if problem is None and key in claimed:
@@ -221,7 +255,7 @@ def plan_outputs(
         if problem is not None:
             problems.append(problem)
         claimed.setdefault(key, source.path)
-        jobs.append(Job(source.path, out))
+        jobs.append(Job(source.path, out, replace=overwrite or out in replaceable))
     if problems:
         more = len(problems) - 1
         tail = f" (and {more} more bad output{'s' * (more > 1)})" if more else ""
@@ -263,6 +297,10 @@ def upscale_files(
     progress: Progress | None = None,
     on_outcome: Callable[[FileOutcome], None] | None = None,
     on_note: Callable[[str], None] | None = None,
+    skip_existing: bool = False,
+    manifest: bool = True,
+    ray: bool | str | None = None,
+    workers: int | None = None,
 ) -> Outcomes:
     """Upscale every input file and write each result atomically; one failure never stops the rest.
 
@@ -271,38 +309,214 @@ def upscale_files(
     outputs (see :func:`plan_outputs`) and settings or model problems common to every file raise
     TileupError before any work, with nothing written. Give ``settings`` (an engine is built from
     them) or an ``engine`` already built (its models are reused; its progress is used).
-    Returns :class:`Outcomes`: a failed file is an outcome with an error, not an exception;
-    ``upscale_files(...).raise_for_errors()`` raises when any failed.
+
+    Into an output folder the batch keeps the manifest ``OUT/.tileup-manifest.jsonl`` (unless
+    ``manifest`` is False) and a re-run resumes: files done with the same settings are skipped,
+    failed ones retried once (see :mod:`tileup.manifest`). ``skip_existing``: skip every input
+    whose output file exists, whoever wrote it.
+
+    ``ray``: run on a Ray cluster (:mod:`tileup.distributed`; needs ``settings``): True starts a
+    local one (or uses the one this process is connected to), ``"auto"``, ``"HOST:PORT"`` or
+    ``"ray://HOST:PORT"`` joins one; ``workers`` engines (default: one per GPU, else one per CPU);
+    ``progress`` then counts files, not tiles.
+
+    Returns :class:`Outcomes` in input order: a failed file is an outcome with an error, not an
+    exception; ``upscale_files(...).raise_for_errors()`` raises when any failed.
     """
     if (settings is None) == (engine is None):
         raise TypeError("upscale_files needs settings or an engine (exactly one)")
+    if ray is not None and engine is not None:
+        raise TypeError("upscale_files(ray=...) needs settings: every Ray worker builds its engine")
+    if workers is not None and ray is None:
+        raise TypeError("upscale_files(workers=...) needs ray=...; one machine follows the device")
+    if settings is None:
+        assert engine is not None
+        settings = engine.settings
     sources, outcomes = expand_inputs(inputs, recursive)
-    # 1. Every output checked before anything is loaded or written.
-    jobs = plan_outputs(sources, output, overwrite=overwrite)
+    # 1. What earlier runs settled (manifest, skip_existing); every other output checked before
+    #    anything is loaded or written.
+    folder = Path(output).expanduser() if output and is_folder_output(output) else None
+    digest = settings_hash(settings)
+    resume = _resume(sources, output, folder if manifest else None, digest, skip_existing)
+    run = [sources[i] for i in resume.run]
+    jobs = plan_outputs(run, output, overwrite=overwrite, replaceable=resume.replaceable)
     for outcome in outcomes:
         _report(on_outcome, outcome)
+    for outcome in resume.settled.values():
+        _report(on_outcome, outcome)
     if not jobs:
-        return Outcomes(outcomes)
-    # 2. One engine for every file.
+        return Outcomes(outcomes + [resume.settled[i] for i in sorted(resume.settled)])
+    recorder = _Recorder(folder, digest, jobs) if folder is not None and manifest else None
+
+    def start() -> None:  # the engines are ready: the files are about to be written
+        for job in jobs:
+            remove_temp_files(job.output)  # left by a writer killed in an earlier run
+        if recorder is not None:
+            recorder.planned()
+
+    def finished(outcome: FileOutcome) -> None:
+        if recorder is not None:
+            recorder.finished(outcome)
+        _report(on_outcome, outcome)
+
+    # 2. The files: on Ray workers, on one engine per device, or one by one.
+    try:
+        if ray is not None:
+            from tileup.distributed import run_on_ray
+
+            done = run_on_ray(
+                jobs,
+                settings,
+                address=ray,
+                workers=workers,
+                overwrite=overwrite,
+                progress=progress,
+                on_start=start,
+                on_outcome=finished,
+                on_note=on_note,
+            )
+        else:
+            done = _run_local(jobs, settings, engine, overwrite, progress, start, finished, on_note)
+    finally:
+        if recorder is not None:
+            recorder.close()
+    ran = dict(zip(resume.run, done, strict=True))
+    return Outcomes(
+        outcomes + [ran[i] if i in ran else resume.settled[i] for i in range(len(sources))]
+    )
+
+
+@dataclass(frozen=True)
+class _Resume:
+    """What earlier runs settled: the indices of the sources to ``run``; the outputs among theirs
+    this tool may replace; the outcome of every other source by index (skipped, or failed)."""
+
+    run: list[int]
+    replaceable: frozenset[Path]
+    settled: dict[int, FileOutcome]
+
+
+def _resume(
+    sources: Sequence[Source],
+    output: str | None,
+    folder: Path | None,
+    digest: str,
+    skip_existing: bool,
+) -> _Resume:
+    """Each source decided from the manifest in ``folder`` (None: no manifest) and, with
+    ``skip_existing``, from its output's presence."""
+    history = {}
+    if folder is not None and folder.is_dir():  # not a folder: plan_outputs says so
+        history = histories(read_manifest(folder / MANIFEST_NAME))
+    run: list[int] = []
+    replaceable: set[Path] = set()
+    settled: dict[int, FileOutcome] = {}
+    for index, source in enumerate(sources):
+        out = output_path_for(source.path, output, root=source.root)
+        size = _size(out)
+        if folder is not None:
+            relative = Path(os.path.relpath(out, folder)).as_posix()
+            decision = decide(history.get(str(source.path.resolve())), digest, relative, size)
+            if decision.action == "skip":
+                settled[index] = FileOutcome(source.path, output=out, skipped=True)
+                continue
+            if decision.action == "give-up":
+                error = decision.error or f"{source.path}: failed"
+                settled[index] = FileOutcome(
+                    source.path, error=f"{error} (failed twice with these settings; not retried)"
+                )
+                continue
+            if decision.replace:
+                replaceable.add(out)
+        if skip_existing and size is not None:
+            settled[index] = FileOutcome(source.path, output=out, skipped=True)
+            continue
+        run.append(index)
+    return _Resume(run, frozenset(replaceable), settled)
+
+
+def _size(path: Path) -> int | None:
+    """The size of the file at ``path``; None when there is no file."""
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    return info.st_size if stat.S_ISREG(info.st_mode) else None
+
+
+class _Recorder:
+    """The batch's manifest lines: ``planned`` for every job before the first file is written,
+    ``done``/``failed`` as each finishes (thread-safe)."""
+
+    def __init__(self, folder: Path, digest: str, jobs: Sequence[Job]) -> None:
+        self.folder, self.digest = folder, digest
+        self.writer = ManifestWriter(folder / MANIFEST_NAME)
+        self.outputs = {job.source: job.output for job in jobs}
+
+    def _record(
+        self,
+        source: Path,
+        status: Status,
+        seconds: float | None = None,
+        error: str | None = None,
+        size: int | None = None,
+    ) -> Record:
+        relative = os.path.relpath(self.outputs[source], self.folder)
+        return Record(
+            str(source.resolve()),
+            Path(relative).as_posix(),
+            self.digest,
+            status,
+            seconds=seconds,
+            error=error,
+            size=size,
+        )
+
+    def planned(self) -> None:
+        self.writer.append([self._record(source, "planned") for source in self.outputs])
+
+    def finished(self, outcome: FileOutcome) -> None:
+        seconds = None if outcome.seconds is None else round(outcome.seconds, 3)
+        if outcome.error is not None or outcome.output is None:
+            record = self._record(outcome.source, "failed", seconds, error=outcome.error)
+        else:
+            record = self._record(outcome.source, "done", seconds, size=_size(outcome.output))
+        self.writer.append([record])
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def _run_local(
+    jobs: list[Job],
+    settings: UpscaleSettings,
+    engine: Upscaler | None,
+    overwrite: bool,
+    progress: Progress | None,
+    start: Callable[[], None],
+    on_outcome: Callable[[FileOutcome], None],
+    on_note: Callable[[str], None] | None,
+) -> list[FileOutcome]:
+    """The jobs on this machine, outcomes in the jobs' order: one engine for every file (built
+    here unless given); with several devices, one file per device at a time."""
     if engine is None:
-        assert settings is not None
         engine = Upscaler(settings, progress or NoProgress())
     progress = engine.progress
     for note in engine.notes:
         if on_note is not None:
             on_note(note)
-    # 3. Headers: the progress total and the output size of every file, nothing decoded.
+    start()
+    # Headers: the progress total and the output size of every file, nothing decoded.
     headers = _read_headers(jobs, engine, progress)
-    # 4. The files, one by one; with several devices, one file per device at a time.
     if len(jobs) > 1 and len(engine.devices) > 1:
         with engine.device_engines() as engines:
-            outcomes += _spread(jobs, engines, overwrite, headers, on_outcome)
-        return Outcomes(outcomes)
+            return _spread(jobs, engines, overwrite, headers, on_outcome)
+    outcomes: list[FileOutcome] = []
     for job in jobs:
         outcome = _process_file(job, engine, overwrite, headers.get(job.source))
         outcomes.append(outcome)
-        _report(on_outcome, outcome)
-    return Outcomes(outcomes)
+        on_outcome(outcome)
+    return outcomes
 
 
 def _spread(
@@ -383,9 +597,22 @@ def _size_problem(path: Path, header: ImageHeader, settings: UpscaleSettings) ->
     )
 
 
+def process_job(job: Job, engine: Upscaler, overwrite: bool = False) -> FileOutcome:
+    """One job as a batch runs it, on ``engine`` (a Ray worker's): its size checked from the
+    header first, written atomically; a problem with the file is its outcome, never raised."""
+    headers = _read_headers([job], engine, engine.progress)
+    return _process_file(job, engine, overwrite, headers.get(job.source))
+
+
 def _process_file(
     job: Job, engine: Upscaler, overwrite: bool, header: Header | None
 ) -> FileOutcome:
+    start = time.perf_counter()
+    outcome = _attempt(job, engine, overwrite or job.replace, header)
+    return dataclasses.replace(outcome, seconds=time.perf_counter() - start)
+
+
+def _attempt(job: Job, engine: Upscaler, overwrite: bool, header: Header | None) -> FileOutcome:
     path, destination = job.source, job.output
     try:
         if header is not None:

@@ -35,7 +35,7 @@ if TYPE_CHECKING:  # torch, spandrel and diffusers load only when a job runs (fa
     from tileup.batch import FileOutcome
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-COMMANDS = ("generate", "img2img", "models", "samplers", "info", "ui")
+COMMANDS = ("generate", "img2img", "batch", "models", "samplers", "info", "ui")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -108,17 +108,29 @@ def _add_settings_arguments(
         section_of[field.name].add_argument(_flag(field), **kwargs)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="tileup",
-        usage="%(prog)s INPUT... [options]\n       %(prog)s {" + ",".join(COMMANDS) + "} ...",
-        description="Upscale images with SR models and re-diffuse the tiles with a Stable "
-        "Diffusion checkpoint, seamless and in bounded memory. Other commands: 'tileup models' "
-        "lists the upscalers found, 'tileup samplers' the samplers and schedules, 'tileup info "
-        "IMAGE' the parameters stored in an image, 'tileup img2img IMAGE --checkpoint M' one "
-        "re-diffusion pass at the image's size, 'tileup generate PROMPT --checkpoint M' txt2img "
-        "with hires fix, 'tileup ui' a local web page and HTTP API.",
-    )
+def build_parser(batch: bool = False) -> argparse.ArgumentParser:
+    """The main command's parser; with ``batch``, ``tileup batch``'s (its options added)."""
+    if batch:
+        parser = _Parser(
+            prog="tileup batch",
+            usage="%(prog)s INPUT... [-o OUT/] [--ray [ADDRESS]] [--workers N] [options]",
+            description="Upscale many files, on this machine or on a Ray cluster (--ray), "
+            "resumably: into an output folder, OUT/.tileup-manifest.jsonl records every file, "
+            "and running the same command again skips those done and retries those that failed "
+            "(once). Takes every option of the main command.",
+        )
+    else:
+        parser = _Parser(
+            prog="tileup",
+            usage="%(prog)s INPUT... [options]\n       %(prog)s {" + ",".join(COMMANDS) + "} ...",
+            description="Upscale images with SR models and re-diffuse the tiles with a Stable "
+            "Diffusion checkpoint, seamless and in bounded memory. Other commands: 'tileup batch' "
+            "runs large batches (resumable; --ray for a cluster), 'tileup models' "
+            "lists the upscalers found, 'tileup samplers' the samplers and schedules, 'tileup "
+            "info IMAGE' the parameters stored in an image, 'tileup img2img IMAGE --checkpoint "
+            "M' one re-diffusion pass at the image's size, 'tileup generate PROMPT --checkpoint "
+            "M' txt2img with hires fix, 'tileup ui' a local web page and HTTP API.",
+        )
     io = parser.add_argument_group("input and output")
     io.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or globs")
     io.add_argument("-o", "--output", help="output file (one input) or folder")
@@ -132,7 +144,36 @@ def build_parser() -> argparse.ArgumentParser:
         help="take the prompt, negative prompt, seed, sampler, schedule, CFG and steps from the "
         "input image's A1111 parameters for every one of them not given here",
     )
+    io.add_argument(
+        "--skip-existing",
+        action="store_true",
+        help="skip every input whose output file exists, whoever wrote it",
+    )
+    io.add_argument(
+        "--no-manifest",
+        action="store_true",
+        help="neither read nor write OUT/.tileup-manifest.jsonl, the record that lets a re-run "
+        "of a batch into a folder skip the files done",
+    )
     parser.add_argument("--version", action="version", version=f"tileup {__version__}")
+    if batch:
+        group = parser.add_argument_group("batch")
+        group.add_argument(
+            "--ray",
+            nargs="?",
+            const=True,
+            metavar="ADDRESS",
+            help="run on a Ray cluster: no ADDRESS starts a local one; auto, HOST:PORT or "
+            "ray://HOST:PORT joins one (the output folder must be shared). Put it after the "
+            "inputs, or write --ray=ADDRESS",
+        )
+        group.add_argument(
+            "--workers",
+            type=int,
+            metavar="N",
+            help="Ray workers, each with its own engine (default: one per GPU of the cluster, "
+            "or one per CPU without GPUs)",
+        )
     _add_settings_arguments(parser)
     return parser
 
@@ -306,6 +347,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from tileup.txt2img_cli import generate_command
 
         return generate_command(argv[1:])
+    if argv and argv[0] == "batch":
+        return _upscale_command(argv[1:], batch=True)
     if argv and argv[0] == "models":
         return _models_command(argv[1:])
     if argv and argv[0] == "info":
@@ -319,10 +362,28 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(describe_samplers())
         return EXIT_OK
+    return _upscale_command(argv, batch=False)
+
+
+def _upscale_command(argv: list[str], batch: bool) -> int:
+    """The main command (``batch``: ``tileup batch``, with its options): settings from the
+    arguments, one :func:`upscale_files` call, progress, summary and exit code."""
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser(batch).parse_args(argv)
     except SystemExit as exc:  # --help, --version (0) or a usage error (2): a code, not a raise
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    ray: bool | str | None = getattr(args, "ray", None)
+    workers: int | None = getattr(args, "workers", None)
+    if workers is not None and ray is None:
+        return _usage_error("--workers needs --ray (on one machine, --device picks the GPUs)")
+    if ray is not None:
+        from tileup.distributed import check_address, import_ray
+
+        try:
+            ray = check_address(ray)
+            import_ray()
+        except TileupError as exc:
+            return _usage_error(_cli_text(exc))
     known = {f.name for f in dataclasses.fields(UpscaleSettings)}
     values = {k: v for k, v in vars(args).items() if k in known}
     if "models_dirs" in values:
@@ -338,13 +399,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     quiet = args.quiet
     if warning:
         print(f"tileup: warning: {warning}", file=sys.stderr)
-    progress = _Bar(disabled=quiet)
+    progress = _Bar(disabled=quiet, unit="image" if ray is not None else "tile")
     failures: list[FileOutcome] = []
+    skipped: list[FileOutcome] = []
 
     def on_outcome(outcome: FileOutcome) -> None:
         if outcome.error:
             failures.append(outcome)
             progress.write(f"tileup: error: {outcome.error}")
+        elif outcome.skipped:
+            skipped.append(outcome)
         elif outcome.output is not None and not quiet:
             progress.write(f"{outcome.source} -> {outcome.output}")
         if args.stats and outcome.stats is not None:
@@ -361,6 +425,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 progress=progress,
                 on_outcome=on_outcome,
                 on_note=None if quiet else (lambda note: progress.write(f"tileup: {note}")),
+                skip_existing=args.skip_existing,
+                manifest=not args.no_manifest,
+                ray=ray,
+                workers=workers,
             )
     except TileupError as exc:
         progress.close()
@@ -374,9 +442,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"tileup: stopped by {signal.Signals(stop.signum).name}", file=sys.stderr)
         return 128 + stop.signum
     progress.close()
-    done = len(outcomes) - len(failures)
+    done = len(outcomes) - len(failures) - len(skipped)
     if failures or (len(outcomes) > 1 and not quiet):
-        print(f"tileup: {done} done, {len(failures)} failed", file=sys.stderr)
+        before = f", {len(skipped)} skipped (done before)" if skipped else ""
+        print(f"tileup: {done} done, {len(failures)} failed{before}", file=sys.stderr)
     return EXIT_FAILED if failures or not outcomes else EXIT_OK
 
 
@@ -448,10 +517,12 @@ def _usage_error(message: str) -> int:
 
 
 class _Bar:
-    """One tqdm bar over every tile of the job, created lazily on stderr."""
+    """One tqdm bar over every tile (or ``unit``: image) of the job, created lazily on stderr;
+    it shows the rate and the time left."""
 
-    def __init__(self, disabled: bool) -> None:
+    def __init__(self, disabled: bool, unit: str = "tile") -> None:
         self.disabled = disabled or os.environ.get("TILEUP_NO_PROGRESS") == "1"
+        self.unit = unit
         self._bar: Any = None
         self._total = 0
 
@@ -459,7 +530,7 @@ class _Bar:
         if self._bar is None and not self.disabled:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=self._total, unit="tile", dynamic_ncols=True, file=sys.stderr)
+            self._bar = tqdm(total=self._total, unit=self.unit, dynamic_ncols=True, file=sys.stderr)
         return self._bar
 
     def add_total(self, count: int) -> None:

@@ -9,6 +9,7 @@ signal handler) the temporary file is removed.
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import tempfile
 from collections.abc import Mapping
@@ -121,7 +122,7 @@ def write_image(
             pixels = pixels[..., [0, 0, 0, 1][: 3 + keep_alpha]]
 
     try:
-        fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=folder)
+        fd, temp_name = tempfile.mkstemp(prefix=_temp_prefix(path), dir=folder)
     except OSError as exc:
         raise ImageError(f"{path}: cannot write to {folder} ({describe(exc)})") from exc
     temp = Path(temp_name)
@@ -145,6 +146,22 @@ def write_image(
         with contextlib.suppress(FileNotFoundError):
             temp.unlink()
     return path
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}.tmp-"
+
+
+def remove_temp_files(path: str | os.PathLike[str]) -> int:
+    """Remove the temporary files a writer of ``path`` killed without warning (SIGKILL, a lost
+    machine) left beside it; returns how many. Only for a path no other process is writing."""
+    path = Path(path)
+    removed = 0
+    for name in glob.glob(glob.escape(str(path.parent / _temp_prefix(path))) + "*"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name)
+            removed += 1
+    return removed
 
 
 def quantise(values: np.ndarray, out: np.ndarray) -> None:
