@@ -118,14 +118,15 @@ def _run(
 
 def _table(entries: dict[str, dict[str, Any]]) -> str:
     rows = [
-        "| device | workers | files | size | seconds (all) | images/s (all) | images/s (steady) "
-        "| s per file in a worker | same bytes as the first run |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| device | job | workers | files | size | seconds (all) | images/s (all) "
+        "| images/s (steady) | s per file in a worker | same bytes as the first run |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for entry in entries.values():
         workers = entry["workers"] if entry["workers"] is not None else "local (no Ray)"
         rows.append(
-            f"| {entry['device']} | {workers} | {entry['files']} | {entry['size']}² | "
+            f"| {entry['device']} | {entry.get('job', 'pixel')} | {workers} | {entry['files']} | "
+            f"{entry['size']}² | "
             f"{entry['seconds']} | {entry['images_per_s']} | {entry['steady_images_per_s']} | "
             f"{entry['worker_seconds']} | {entry['same_bytes']} |"
         )
@@ -154,7 +155,8 @@ def _write(results: Path, entries: dict[str, dict[str, Any]]) -> None:
         "",
         "`bench/ray_batch.py`: crops of skimage's astronaut, upscaled 2× by the built-in "
         "Real-ESRGAN model (`upscaler=default`) with `tileup.upscale_files(..., ray=True, "
-        "workers=N)` on a local Ray cluster, manifest on. *all*: the whole call (workers "
+        "workers=N)` on a local Ray cluster, manifest on; *rediffused* rows also re-diffuse "
+        "with `--checkpoint` (fused tiles, 20 steps, the given denoise). *all*: the whole call (workers "
         "started, models loaded); *steady*: between the first and the last file finished. "
         "Raw numbers: `ray_batch.json`.",
         "",
@@ -176,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--upscaler", default="default")
     parser.add_argument("--scale", type=float, default=2)
     parser.add_argument("--cpus", type=int, default=None, help="CPUs of the local cluster")
+    parser.add_argument("--checkpoint", default=None, help="re-diffuse with this SD model")
+    parser.add_argument("--denoise", type=float, default=0.3, help="with --checkpoint")
     parser.add_argument("--local", action="store_true", help="also run without Ray")
     parser.add_argument("--date", default=datetime.date.today().isoformat())
     parser.add_argument("--results", type=Path, default=RESULTS)
@@ -188,7 +192,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    settings = UpscaleSettings(upscaler=args.upscaler, scale=args.scale, device=args.device)
+    settings = UpscaleSettings(
+        upscaler=args.upscaler, scale=args.scale, device=args.device,
+        checkpoint=args.checkpoint, denoise=args.denoise if args.checkpoint else 0.3,
+    )  # fmt: skip
+    job = "rediffused" if args.checkpoint else "pixel"
     work = Path(tempfile.mkdtemp(prefix="tileup-ray-bench-"))
     machine = _machine(args.device)
     commit = (
@@ -215,8 +223,10 @@ def main(argv: list[str] | None = None) -> int:
             entry.update(
                 device=args.device, size=args.size, upscaler=args.upscaler, scale=args.scale,
                 same_bytes=got == reference, date=args.date, commit=commit, machine=machine,
+                job=job, checkpoint=Path(args.checkpoint).name if args.checkpoint else None,
+                denoise=args.denoise if args.checkpoint else 0,
             )  # fmt: skip
-            key = f"{args.device}-{'local' if workers is None else workers}"
+            key = f"{args.device}-{job}-{'local' if workers is None else workers}"
             entries[key] = entry
             print(json.dumps({key: entry}), flush=True)
             shutil.rmtree(out)
