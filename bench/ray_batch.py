@@ -156,9 +156,9 @@ def _write(results: Path, entries: dict[str, dict[str, Any]]) -> None:
         "`bench/ray_batch.py`: crops of skimage's astronaut, upscaled 2× by the built-in "
         "Real-ESRGAN model (`upscaler=default`) with `tileup.upscale_files(..., ray=True, "
         "workers=N)` on a local Ray cluster, manifest on; *rediffused* rows also re-diffuse "
-        "with `--checkpoint` (fused tiles, 20 steps, the given denoise). *all*: the whole call (workers "
-        "started, models loaded); *steady*: between the first and the last file finished. "
-        "Raw numbers: `ray_batch.json`.",
+        "with `--checkpoint` (fused tiles, 20 steps, the given denoise). *all*: the whole "
+        "call (workers started, models loaded); *steady*: between the first and the last file "
+        "finished. Raw numbers: `ray_batch.json`.",
         "",
         *(f"- {device}: {text}" for device, text in machines.items()),
         "",
