@@ -193,9 +193,13 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     settings = UpscaleSettings(
-        upscaler=args.upscaler, scale=args.scale, device=args.device,
-        checkpoint=args.checkpoint, denoise=args.denoise if args.checkpoint else 0.3,
-    )  # fmt: skip
+        upscaler=args.upscaler,
+        scale=args.scale,
+        device=args.device,
+        checkpoint=args.checkpoint,
+        denoise=args.denoise if args.checkpoint else 0.3,
+        seed=1,
+    )  # fmt: skip (a fixed seed: every run must give the same bytes)
     job = "rediffused" if args.checkpoint else "pixel"
     work = Path(tempfile.mkdtemp(prefix="tileup-ray-bench-"))
     machine = _machine(args.device)
