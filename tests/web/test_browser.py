@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,15 @@ ARGS = [
 SCREENSHOTS = os.environ.get("TILEUP_SCREENSHOTS")  # a folder: save the main states there
 
 
+def _install_chromium() -> None:
+    """Debian's chromium, installed by the tests themselves where they may (root with apt-get,
+    as in CI): the README's test command is then the whole set-up."""
+    if shutil.which("apt-get") is None or os.geteuid() != 0:
+        return
+    for command in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "chromium"]):
+        subprocess.run(command, check=False, capture_output=True, timeout=900)
+
+
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     if os.environ.get("TILEUP_SKIP_BROWSER") == "1":
@@ -36,6 +46,8 @@ def browser() -> Iterator[Any]:
         from playwright.sync_api import sync_playwright
     except ImportError:
         pytest.fail("playwright is not installed: pip install '.[test]'")
+    if not (shutil.which(CHROMIUM) or Path(CHROMIUM).is_file()):
+        _install_chromium()
     if not (shutil.which(CHROMIUM) or Path(CHROMIUM).is_file()):
         pytest.fail(f"{CHROMIUM} not found: apt-get install chromium (or TILEUP_SKIP_BROWSER=1)")
     with sync_playwright() as p:
