@@ -15,7 +15,8 @@ import functools
 import gc
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, TypeVar, cast
@@ -33,6 +34,7 @@ from tileup.txt2img import GenerateSettings, Generator
 
 if TYPE_CHECKING:
     from tileup.pipeline import Progress
+    from tileup.modes.model import SamplingOptions
     from tileup.sampling.conditioning import Conditioning
     from tileup.sampling.protocols import UNet
     from tileup.upscalers.pixel import ModelRunner
@@ -59,6 +61,18 @@ class GeometryModel(DiffusionModel):
 
     def add_replicas(self, devices: tuple[torch.device, ...]) -> None:
         """Nothing to copy."""
+
+    @contextmanager
+    def sampling_as(
+        self, sampling: SamplingOptions, prompt: str, negative_prompt: str
+    ) -> Iterator[None]:
+        """Other sampling options for the duration (prompts mean nothing to a stand-in)."""
+        saved, self.sampling = self.sampling, sampling
+        try:
+            self.step_plan(1.0)
+            yield
+        finally:
+            self.sampling = saved
 
 
 @functools.lru_cache(maxsize=32)
