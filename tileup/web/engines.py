@@ -33,8 +33,8 @@ from tileup.settings import UpscaleSettings
 from tileup.txt2img import GenerateSettings, Generator
 
 if TYPE_CHECKING:
-    from tileup.pipeline import Progress
     from tileup.modes.model import SamplingOptions
+    from tileup.pipeline import Progress
     from tileup.sampling.conditioning import Conditioning
     from tileup.sampling.protocols import UNet
     from tileup.upscalers.pixel import ModelRunner
