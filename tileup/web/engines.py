@@ -187,14 +187,18 @@ class EngineCache:
     def generator(self, settings: GenerateSettings, *, plan_only: bool = False) -> Generator:
         """A :class:`~tileup.txt2img.Generator` whose engines load through this cache.
 
-        ``plan_only``: no checkpoint is loaded (geometry stand-ins, the family read from the
-        checkpoint's header for the native size). A hires checkpoint and the first one are kept
-        together as one entry (both must be on the device for the job anyway)."""
+        ``plan_only``: no checkpoint is loaded and a loaded one is never touched (planning
+        switches a pass's sampling options on its model, which the worker may be running):
+        geometry stand-ins, the family read from the checkpoint's header for the native size.
+        A hires checkpoint and the first one are kept together as one entry (both must be on
+        the device for the job anyway)."""
 
         def make(
             s: UpscaleSettings, progress: Progress | None = None, *, model: Any = None
         ) -> Upscaler:
-            return _CachedUpscaler(s, self, plan_only=plan_only, progress=progress, model=model)
+            return _CachedUpscaler(
+                s, self, plan_only=plan_only, progress=progress, model=model, stand_in=plan_only
+            )
 
         if plan_only or not (settings.hires_fix and settings.hr_checkpoint):
             return Generator(settings, make_engine=make)
@@ -216,7 +220,8 @@ class EngineCache:
 
 
 class _CachedUpscaler(Upscaler):
-    """An Upscaler whose loads go through an :class:`EngineCache`."""
+    """An Upscaler whose loads go through an :class:`EngineCache`; ``stand_in``: a planner
+    that always plans on a geometry stand-in, never on the loaded model."""
 
     def __init__(
         self,
@@ -226,9 +231,11 @@ class _CachedUpscaler(Upscaler):
         plan_only: bool,
         progress: Progress | None = None,
         model: DiffusionModel | None = None,
+        stand_in: bool = False,
     ) -> None:
         self._cache = cache
         self._plan_only = plan_only
+        self._stand_in = stand_in
         super().__init__(settings, progress, model=model)
 
     def _place_sr_model(self, upscaler: ModelUpscaler) -> ModelRunner:
@@ -247,7 +254,7 @@ class _CachedUpscaler(Upscaler):
     def _load(self, checkpoint: str) -> DiffusionModel:
         key = model_key(self.settings, checkpoint, self.device)
         if self._plan_only:  # the loaded model only when its step plan is these settings'
-            loaded = self._cache.loaded(key)
+            loaded = None if self._stand_in else self._cache.loaded(key)
             if loaded is not None and loaded.sampling == sampling_options(self.settings):
                 return loaded
             return geometry_model(self.settings, self.device, checkpoint)
