@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -181,13 +182,14 @@ def test_generate_tab_runs_txt2img_with_hires_fix(
     text = "a lighthouse\nNegative prompt: fog\nSteps: 2, Sampler: DDIM, CFG scale: 4, Seed: 12, "
     text += "Size: 64x64, Denoising strength: 0.5, Hires upscale: 1.5, Hires upscaler: Latent"
     page.set_input_files("#gen-reuse-file", str(_photo_file(tmp_path, small_photo, "g.png", text)))
-    page.wait_for_function("document.getElementById('g-prompt').value === 'a lighthouse'")
+    page.wait_for_selector("#gen-form[data-reused='g.png']")
+    assert page.input_value("#g-prompt") == "a lighthouse"
     assert page.input_value("#g-sampler") == "DDIM" and page.input_value("#g-hr_scale") == "1.5"
     page.fill("#g-prompt", "a lighthouse at night")
     page.fill("#g-tile", "128")
     page.wait_for_selector("#summary[data-output='96x96']")
     assert "first pass 64×64" in page.inner_text("#summary")
-    _shot(page, "ui-generate.png")
+    assert page.is_hidden("#stage-box")
     page.click("#run")
     item = _job(page, "done")
     assert "100 %" in item.inner_text() and "seed 12" in item.inner_text()
@@ -196,4 +198,8 @@ def test_generate_tab_runs_txt2img_with_hires_fix(
     params = page.inner_text("#parameters")
     assert "a lighthouse at night" in params and "Hires upscale: 1.5" in params
     assert "Size: 64x64" in params and "Seed: 12" in params
-    page.wait_for_function("document.getElementById('after-img').naturalWidth === 96")
+    deadline = time.monotonic() + 10
+    while page.eval_on_selector("#after-img", "e => e.naturalWidth") != 96:
+        assert time.monotonic() < deadline, "the result image did not load"
+        page.wait_for_timeout(50)
+    _shot(page, "ui-generate.png")

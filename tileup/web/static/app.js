@@ -405,6 +405,7 @@ async function reuseFromFile(file) {
     const answer = await api("/api/parameters", { method: "POST", body: form });
     if (!answer.text) { showMessage(`${file.name}: no generation parameters in it`); return; }
     applyGenerate(answer.generate);
+    $("gen-form").dataset.reused = file.name;
     if (answer.warning) showMessage(answer.warning);
   } catch (error) {
     showMessage(error.message);
@@ -533,6 +534,7 @@ function showAfter(job) {
   after.onload = fitBefore;
   after.src = `/api/jobs/${job.id}/result`;
   $("compare").classList.toggle("generated", job.generated);
+  $("slider").parentElement.hidden = job.generated;
   if (job.generated) before.removeAttribute("src");  // nothing came before a generated image
   else before.src = job.file ? URL.createObjectURL(job.file) : `/api/jobs/${job.id}/source`;
   $("download").href = `/api/jobs/${job.id}/result`;
