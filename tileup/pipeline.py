@@ -76,7 +76,8 @@ class Observer(Protocol):
     with several devices): an observer must be thread-safe.
 
     - ``stage(name)``: a stage begins: ``pixel_upscale``, ``vae_encode``, ``diffusion``,
-      ``vae_decode``, ``redraw``, ``seam_fix``, ``color_fix``, ``alpha``;
+      ``vae_decode``, ``redraw``, ``seam_fix``, ``color_fix``, ``alpha`` (and ``first_pass``,
+      the sampling from noise of :meth:`Upscaler.txt2img`);
     - ``add_total(count)`` / ``advance(count)``: progress units as :class:`Progress` gets them
       (those of :meth:`Upscaler.planned_tiles`): ``advance`` comes after every SR tile and
       every model evaluation, so at least once per sampling step;
@@ -523,12 +524,13 @@ class Upscaler:
             self.model = model
 
     def txt2img(
-        self, height: int, width: int, seed: int
+        self, height: int, width: int, seed: int, *, observer: Observer | None = None
     ) -> tuple[torch.Tensor, np.ndarray, DiffusionReport, dict[str, float]]:
         """A first pass from pure noise (denoise 1) at ``height``×``width`` with this engine's
         model, sampling options and prompts, fused and tiled like any canvas (one tile at the
         model's native size). Returns the scaled latents, the decoded RGB, the report and the
-        seconds per stage."""
+        seconds per stage. ``observer`` sees the stages ``first_pass`` and ``vae_decode``, every
+        model evaluation (advance, tiles, latent preview) and may cancel (see Observer)."""
         from tileup.modes.fused import sample_fused
         from tileup.modes.model import DiffusionReport
 
@@ -543,27 +545,40 @@ class Upscaler:
         options = fused_options(self.settings)
         if plan is not None and self.settings.tile_batch is None:
             options = dataclasses.replace(options, tile_batch=plan.unet_batch)
+        hooks = None if observer is None else _Hooks(observer, (height, width), f)
         with clock.stage("diffusion"):
+            if hooks is not None:
+                hooks.observer.stage("first_pass")
             self._place(plan, "unet")
             latents = sample_fused(
                 model, zeros, seed=seed, denoise=1.0, options=options, report=report,
-                on_tiles=self._on_tile,
+                on_tiles=self._on_tile if hooks is None else self._watched(hooks),
+                on_batch=hooks.on_fused_batch if hooks is not None else None,
+                on_step=hooks.on_latents if hooks is not None else None,
             )  # fmt: skip
         with clock.stage("vae_decode"):
+            if hooks is not None:
+                hooks.observer.stage("vae_decode")
             self._place(plan, "vae")
             rgb = model.vae.decode_canvas(latents, report.fallbacks, self._vae_options(plan))
         return latents, rgb[:height, :width], report, clock.seconds
 
     def from_latents(
-        self, image: ImageInput, latents: torch.Tensor, **overrides: Any
+        self,
+        image: ImageInput,
+        latents: torch.Tensor,
+        *,
+        observer: Observer | None = None,
+        **overrides: Any,
     ) -> UpscaleResult:
         """:meth:`__call__` for an image whose scaled latents (1×C×h×w, this model's VAE) are
         already known, such as a generated first pass: a latent upscaler interpolates them
-        instead of encoding the image again (no VAE round trip); other upscalers ignore them."""
+        instead of encoding the image again (no VAE round trip); other upscalers ignore them.
+        ``observer`` as for :meth:`__call__`."""
         if not overrides:
-            return self._run(image, latents)
+            return self._run(image, latents, observer)
         with self.using(**overrides):
-            return self._run(image, latents)
+            return self._run(image, latents, observer)
 
     def _run(
         self,

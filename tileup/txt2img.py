@@ -27,8 +27,12 @@ from tileup.infotext import format_parameters, job_parameters, parse_parameters
 from tileup.settings import SettingsError, UpscaleSettings
 
 if TYPE_CHECKING:
-    from tileup.pipeline import Progress, Upscaler
+    from tileup.modes.model import DiffusionModel
+    from tileup.pipeline import Observer, Progress, Upscaler
     from tileup.result import UpscaleResult
+
+    EngineFactory = Callable[..., Upscaler]
+    """Builds an engine as ``Upscaler(settings, progress, model=...)`` does."""
 
 FAMILY_SIZES = {"sd1": 512, "sd2": 512, "sd2-v": 768, "sdxl": 1024}
 """The native size of each model family (SD 2.x v-prediction models: 768)."""
@@ -181,15 +185,18 @@ class Generated:
 
 class Generator:
     """Loads the checkpoint (and the hires checkpoint) once, then generates any number of
-    images. ``model`` injects an already loaded DiffusionModel (tests), as for Upscaler."""
+    images. ``model`` and ``hr_model`` inject already loaded DiffusionModels (tests, a cache),
+    as for Upscaler; ``make_engine`` builds the two passes' engines (default
+    :class:`~tileup.pipeline.Upscaler`; the web UI's cache passes its own)."""
 
     def __init__(
         self,
         settings: GenerateSettings,
         progress: Progress | None = None,
         *,
-        model: Any = None,
-        hr_model: Any = None,
+        model: DiffusionModel | None = None,
+        hr_model: DiffusionModel | None = None,
+        make_engine: EngineFactory | None = None,
     ) -> None:
         import os
 
@@ -200,12 +207,13 @@ class Generator:
             raise SettingsError(
                 f"generate needs --checkpoint MODEL.safetensors (or ${CHECKPOINT_ENV})"
             )
-        self.first = Upscaler(s.first_pass(), progress, model=model)
+        make = make_engine or Upscaler
+        self.first = make(s.first_pass(), progress, model=model)
         assert self.first.model is not None
         self.second: Upscaler | None = None
         if s.hires_fix:
             shared = self.first.model if not s.hr_checkpoint and hr_model is None else hr_model
-            self.second = Upscaler(s.second_pass(), self.first.progress, model=shared)
+            self.second = make(s.second_pass(), self.first.progress, model=shared)
         self.notes = [*self.first.notes, *(self.second.notes if self.second else [])]
 
     def native_size(self) -> tuple[int, int]:
@@ -246,8 +254,9 @@ class Generator:
         for seed in self.seeds():
             yield self.generate_one(seed)
 
-    def generate_one(self, seed: int) -> Generated:
-        """One image with ``seed``: the first pass, then the hires pass when enabled."""
+    def generate_one(self, seed: int, observer: Observer | None = None) -> Generated:
+        """One image with ``seed``: the first pass, then the hires pass when enabled.
+        ``observer`` watches both passes and may cancel either (see Observer)."""
         from tileup.imageio import Picture
         from tileup.result import Stats, UpscaleResult
 
@@ -255,7 +264,9 @@ class Generator:
         assert first_model is not None
         height, width = self.native_size()
         with self.first.using(seed=seed):  # the first pass's sampling and prompts on the model
-            latents, rgb, report, seconds = self.first.txt2img(height, width, seed)
+            latents, rgb, report, seconds = self.first.txt2img(
+                height, width, seed, observer=observer
+            )
         picture = Picture(rgb=rgb, alpha=None, bit_depth=8)
         stats = Stats(
             tiles=report.tiles, pixel_tiles=0, tile_steps=report.tile_steps,
@@ -268,7 +279,7 @@ class Generator:
         if self.second is not None:
             upscaled, cropped = hires_size(height, width, s)
             with self.second.using(height=upscaled[0], width=upscaled[1], seed=seed):
-                final = self.second.from_latents(picture, latents)
+                final = self.second.from_latents(picture, latents, observer=observer)
             if upscaled != cropped:
                 final = _crop(final, cropped)
         parameters = self.parameters(seed, (height, width))

@@ -10,6 +10,7 @@ import io
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -183,3 +184,34 @@ def test_an_a1111_png_offers_its_parameters(
     page.click("#reuse-apply")
     assert page.input_value("#f-prompt") == "a castle on a hill"
     assert page.input_value("#f-steps") == "7" and page.input_value("#f-sampler") == "DDIM"
+
+
+def test_generate_tab_runs_txt2img_with_hires_fix(
+    page: Any, server: Server, small_photo: np.ndarray, tmp_path: Path
+) -> None:
+    page.click("#mode-generate")
+    assert page.is_hidden("#upscale-controls") and page.inner_text("#run") == "Generate"
+    text = "a lighthouse\nNegative prompt: fog\nSteps: 2, Sampler: DDIM, CFG scale: 4, Seed: 12, "
+    text += "Size: 64x64, Denoising strength: 0.5, Hires upscale: 1.5, Hires upscaler: Latent"
+    page.set_input_files("#gen-reuse-file", str(_photo_file(tmp_path, small_photo, "g.png", text)))
+    page.wait_for_selector("#gen-form[data-reused='g.png']")
+    assert page.input_value("#g-prompt") == "a lighthouse"
+    assert page.input_value("#g-sampler") == "DDIM" and page.input_value("#g-hr_scale") == "1.5"
+    page.fill("#g-prompt", "a lighthouse at night")
+    page.fill("#g-tile", "128")
+    page.wait_for_selector("#summary[data-output='96x96']")
+    assert "first pass 64×64" in page.inner_text("#summary")
+    assert page.is_hidden("#stage-box")
+    page.click("#run")
+    item = _job(page, "done")
+    assert "100 %" in item.inner_text() and "seed 12" in item.inner_text()
+    page.wait_for_selector("#after:not([hidden])")
+    assert "(96×96" in page.inner_text("#after-name")
+    params = page.inner_text("#parameters")
+    assert "a lighthouse at night" in params and "Hires upscale: 1.5" in params
+    assert "Size: 64x64" in params and "Seed: 12" in params
+    deadline = time.monotonic() + 10
+    while page.eval_on_selector("#after-img", "e => e.naturalWidth") != 96:
+        assert time.monotonic() < deadline, "the result image did not load"
+        page.wait_for_timeout(50)
+    _shot(page, "ui-generate.png")

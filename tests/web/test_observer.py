@@ -101,3 +101,26 @@ def test_latent_preview_is_the_fixed_projection() -> None:
     latents[0, 0] = 1.0
     rgb = latents_to_rgb(latents)
     assert torch.allclose(rgb[:, 0, 0], torch.tensor([(1 + 0.298) / 2, (1 + 0.207) / 2, 0.604]))
+
+
+def test_generate_observer_covers_both_passes_and_cancels_in_the_first(
+    checkpoint_dir: Path,
+) -> None:
+    from tileup.txt2img import GenerateSettings, Generator
+
+    settings = GenerateSettings.from_mapping(
+        dict(prompt="a cat", checkpoint=str(checkpoint_dir / "tiny.safetensors"), width=64,
+             height=64, steps=2, seed=4, tile=128, overlap=32, hr_scale=1.5, device="cpu")
+    )  # fmt: skip
+    generator = Generator(settings)
+    seen = Recorder()
+    watched = generator.generate_one(4, seen)
+    assert seen.stages[:2] == ["first_pass", "vae_decode"]
+    assert seen.stages[2:] == ["pixel_upscale", "diffusion", "vae_decode", "alpha"]
+    assert seen.done == generator.planned_units() and seen.added == 0
+    assert (8, 8) in {shape[-2:] for shape, latent in seen.previews if latent}  # first pass
+    assert (12, 12) in {shape[-2:] for shape, latent in seen.previews if latent}  # hires
+    plain = generator.generate_one(4)  # an observer changes nothing in the result
+    assert np.array_equal(watched.final.picture.rgb, plain.final.picture.rgb)
+    with pytest.raises(Cancelled):
+        generator.generate_one(4, Recorder(cancel_after=1))

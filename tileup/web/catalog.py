@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tileup.choices import LATENT_MODES, RESAMPLERS
 from tileup.settings import SettingsError
-from tileup.upscalers.registry import iter_model_files, models_dirs
+from tileup.upscalers.registry import A1111_LATENT_NAMES, iter_model_files, models_dirs
 
 CHECKPOINT_SUBDIRS = ("Stable-diffusion", "checkpoints")
 VAE_SUBDIRS = ("VAE", "vae")
@@ -99,6 +99,24 @@ class Catalog:
                 f"{', '.join(self.listing()['upscalers'] + list(RESAMPLERS))}"
             )
         return str(found)
+
+    def hr_upscalers(self) -> list[str]:
+        """The hires-fix upscaler names offered: A1111's latent names, then the resamplers,
+        the built-in model and the models folders' files."""
+        latent = ["Latent", *(n[0].upper() + n[1:] for n in A1111_LATENT_NAMES)]
+        return [*latent, "None", *RESAMPLERS, "default", *self.upscalers()]
+
+    def hr_upscaler(self, name: object) -> str:
+        """The ``hr_upscaler`` setting for a client's name (kept as given, for the metadata): an
+        A1111 latent name ("Latent (bicubic antialiased)"), a built-in, or a listed model name
+        (the engine finds it in the same folders)."""
+        key = check_name("hr_upscaler", name)
+        lowered = " ".join(key.lower().split())
+        if lowered in A1111_LATENT_NAMES or lowered in ("latent", "none"):
+            return key
+        if key in self.upscalers():  # the name: found again in the same folders, shown as is
+            return key
+        return self.upscaler(key)
 
     def checkpoint(self, name: object) -> str:
         """The file of a listed checkpoint name; ``.ckpt`` and unlisted names are refused."""

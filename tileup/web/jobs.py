@@ -1,10 +1,13 @@
 """The job queue behind the one GPU: jobs run one at a time, in order, on one worker thread.
 
-A :class:`Job` is created by the server with its checked settings and its uploaded file; the
-worker builds an engine (models from the :class:`~tileup.web.engines.EngineCache`), runs it with
-a :class:`JobObserver` (progress, stage, tile, preview, cancel) and writes the result atomically
-under the output folder. Any exception marks that job failed with one line and the worker goes
-on; a cancelled job writes nothing.
+A :class:`Job` is created by the server with its checked settings and its uploaded file (an
+upscale job) or its :class:`~tileup.txt2img.GenerateSettings` for one seed (a generate job: one
+job per image of a batch); the worker builds an engine or a generator (models from the
+:class:`~tileup.web.engines.EngineCache`), runs it with a :class:`JobObserver` (progress, stage,
+tile, preview, cancel; both passes of a generate job) and writes the result atomically under the
+output folder (``<stem>_tileup.png``, or A1111's ``NNNNN-SEED.png`` for a generated image).
+Any exception marks that job failed with one line and the worker goes on; a cancelled job
+writes nothing.
 """
 
 from __future__ import annotations
@@ -28,8 +31,10 @@ import torch
 
 from tileup.errors import Cancelled, TileupError
 from tileup.imageio import read_image, write_image
+from tileup.result import UpscaleResult
 from tileup.settings import UpscaleSettings
 from tileup.tiler import Box
+from tileup.txt2img import MANAGED, GenerateSettings
 from tileup.web.engines import EngineCache
 from tileup.web.plan import box_json
 from tileup.web.preview import jpeg_bytes, latents_to_rgb, thumbnail
@@ -47,18 +52,27 @@ def safe_stem(name: str | None) -> str:
     return clean or "image"
 
 
+_NUMBERED = re.compile(r"^(\d{5})-")
+
+
 @dataclass(eq=False)
 class Job:
-    """One image's job; its fields change under ``lock`` (the worker writes, HTTP threads read)."""
+    """One image's job; its fields change under ``lock`` (the worker writes, HTTP threads read).
+
+    An upscale job has its upload as ``source``; a generate job has none and its settings in
+    ``generate`` (``settings`` is then its hires pass's, or first pass's, for the rates)."""
 
     id: str
     name: str
-    source: Path
+    source: Path | None
     settings: UpscaleSettings
     input_size: tuple[int, int]
     output_size: tuple[int, int]
     total: float
     batch: str = ""
+    generate: GenerateSettings | None = None
+    save_first_pass: bool = False
+    first_pass_output: Path | None = None
     state: str = "queued"
     stage: str = ""
     done: float = 0.0
@@ -105,6 +119,11 @@ class Job:
                 "input_size": list(self.input_size),
                 "output_size": list(self.output_size),
                 "output": self.output.name if self.output else None,
+                "kind": "upscale" if self.generate is None else "generate",
+                "seed": None if self.generate is None else self.generate.seed,
+                "first_pass_output": (
+                    self.first_pass_output.name if self.first_pass_output else None
+                ),
                 "stats": self.stats,
                 "parameters": self.parameters,
                 "has_preview": self.preview is not None,
@@ -127,14 +146,19 @@ class JobObserver:
     def __init__(self, job: Job, family: str = "") -> None:
         self.job, self.family = job, family
         self.last_preview = 0.0
+        self.passes = 0
 
     def _check(self) -> None:
         if self.job.cancel.is_set():
             raise Cancelled(f"{self.job.name}: cancelled")
 
     def stage(self, name: str) -> None:
+        """Record the stage; a generate job's hires pass shows as ``hires: <stage>``."""
+        if self.job.generate is not None and name == "pixel_upscale":
+            self.passes += 1  # the hires pass always begins with the upscale
+        shown = f"hires: {name}" if self.passes else name
         with self.job.lock:
-            self.job.stage = name
+            self.job.stage = shown
         self._check()
 
     def add_total(self, count: int) -> None:
@@ -214,9 +238,13 @@ class JobQueue:
             if job.state == "queued":
                 job.state, job.finished = "cancelled", time.time()
 
-    def rate(self, settings: UpscaleSettings) -> float | None:
+    def rate(self, settings: UpscaleSettings, generate: bool = False) -> float | None:
         """Seconds per progress unit measured on the last finished job like this one."""
-        return self.rates.get(rate_key(settings))
+        return self.rates.get(rate_key(settings, generate))
+
+    def rate_of(self, job: Job) -> float | None:
+        """:meth:`rate` for ``job``'s kind and settings."""
+        return self.rate(job.settings, job.generate is not None)
 
     # -- the worker -------------------------------------------------------------------------
 
@@ -238,19 +266,7 @@ class JobQueue:
         with job.lock:
             job.state, job.started, job.stage = "running", time.time(), "loading models"
         try:
-            engine = self.engines.engine(job.settings)
-            if job.cancel.is_set():
-                raise Cancelled(f"{job.name}: cancelled")
-            picture = read_image(job.source, max_pixels=job.settings.max_pixels)
-            family = engine.model.info.family if engine.model is not None else ""
-            with job.lock:
-                job.stage = "starting"
-            result = engine(picture, observer=JobObserver(job, family))
-            if job.cancel.is_set():
-                raise Cancelled(f"{job.name}: cancelled")
-            with job.lock:
-                job.stage = "writing"
-            written = self._write(job, result)
+            written, result = self._generate(job) if job.generate else self._upscale(job)
         except Cancelled:
             self._finish(job, "cancelled", None)
         except TileupError as exc:
@@ -270,7 +286,51 @@ class JobQueue:
                 job.parameters = result.parameters
             self._finish(job, "done", None)
             elapsed = (job.finished or time.time()) - (job.started or time.time())
-            self.rates[rate_key(job.settings)] = elapsed / max(job.total, 1)
+            self.rates[rate_key(job.settings, job.generate is not None)] = elapsed / max(
+                job.total, 1
+            )
+
+    def _upscale(self, job: Job) -> tuple[Path, UpscaleResult]:
+        """An upscale job's result, written (Cancelled once cancelled)."""
+        assert job.source is not None
+        engine = self.engines.engine(job.settings)
+        _check_cancel(job)
+        picture = read_image(job.source, max_pixels=job.settings.max_pixels)
+        family = engine.model.info.family if engine.model is not None else ""
+        with job.lock:
+            job.stage = "starting"
+        result = engine(picture, observer=JobObserver(job, family))
+        _check_cancel(job)
+        with job.lock:
+            job.stage = "writing"
+        return self._write(job, result), result
+
+    def _generate(self, job: Job) -> tuple[Path, UpscaleResult]:
+        """A generate job's image (its one seed), written as ``NNNNN-SEED.png`` (and
+        ``NNNNN-SEED-first-pass.png`` when asked); Cancelled once cancelled, in either pass."""
+        settings = job.generate
+        assert settings is not None
+        generator = self.engines.generator(settings)
+        _check_cancel(job)
+        model = generator.first.model
+        assert model is not None
+        units = generator.planned_units()
+        height, width = generator.native_size()
+        with job.lock:  # the loaded model's own count and sizes (the plan may have guessed)
+            job.total, job.stage = float(max(units, 1)), "starting"
+            job.input_size = (width, height)
+        image = generator.generate_one(settings.seed, JobObserver(job, model.info.family))
+        _check_cancel(job)
+        with job.lock:
+            job.stage = "writing"
+            job.output_size = (image.final.picture.width, image.final.picture.height)
+        path = self._write_numbered(image.final, settings.seed)
+        if job.save_first_pass:
+            first = path.with_name(f"{path.stem}-first-pass.png")
+            written = self._write_at(first, image.first_pass)
+            with job.lock:
+                job.first_pass_output = written
+        return path, image.final
 
     def _finish(self, job: Job, state: str, error: str | None) -> None:
         with job.lock:
@@ -289,33 +349,64 @@ class JobQueue:
                 raise TileupError(f"{name}: refused: outside the output folder")
             if os.path.lexists(path):
                 continue
-            p = result.picture
             try:
-                return write_image(
-                    path,
-                    p.rgb,
-                    alpha=p.alpha,
-                    bit_depth=p.bit_depth,
-                    icc_profile=p.icc_profile,
-                    parameters=result.parameters,
-                )
+                return self._write_at(path, result)
             except TileupError:
                 if os.path.lexists(path):  # taken meanwhile: the next name
                     continue
                 raise
         raise AssertionError("unreachable")
 
+    def _write_numbered(self, result: UpscaleResult, seed: int) -> Path:
+        """``result`` written atomically as A1111's ``NNNNN-SEED.png`` in the output folder,
+        numbered after the highest number there."""
+        folder = self.output_dir.resolve()
+        folder.mkdir(parents=True, exist_ok=True)
+        numbers = [int(m.group(1)) for p in folder.iterdir() if (m := _NUMBERED.match(p.name))]
+        for n in itertools.count(max(numbers, default=-1) + 1):
+            path = folder / f"{n:05d}-{seed}.png"
+            if os.path.lexists(path):
+                continue
+            try:
+                return self._write_at(path, result)
+            except TileupError:
+                if os.path.lexists(path):
+                    continue
+                raise
+        raise AssertionError("unreachable")
 
-def rate_key(settings: UpscaleSettings) -> Any:
-    """Jobs whose seconds per progress unit are alike: same models, mode, steps and device."""
+    def _write_at(self, path: Path, result: UpscaleResult) -> Path:
+        """``result`` written atomically at ``path`` (never replacing a file)."""
+        p = result.picture
+        return write_image(
+            path,
+            p.rgb,
+            alpha=p.alpha,
+            bit_depth=p.bit_depth,
+            icc_profile=p.icc_profile,
+            parameters=result.parameters,
+        )
+
+
+def _check_cancel(job: Job) -> None:
+    if job.cancel.is_set():
+        raise Cancelled(f"{job.name}: cancelled")
+
+
+def rate_key(settings: UpscaleSettings, generate: bool = False) -> Any:
+    """Jobs whose seconds per progress unit are alike: same kind, models, mode, steps and
+    device."""
     s = settings
-    return (s.upscaler, s.checkpoint, s.mode, s.tile, s.device, s.dtype, s.cfg != 1)
+    return (generate, s.upscaler, s.checkpoint, s.mode, s.tile, s.device, s.dtype, s.cfg != 1)
 
 
-def settings_summary(settings: UpscaleSettings) -> dict[str, Any]:
-    """The settings as JSON, with file paths reduced to their names."""
+def settings_summary(settings: UpscaleSettings | GenerateSettings) -> dict[str, Any]:
+    """The settings as JSON (a GenerateSettings flat, as ``from_mapping`` takes them), with
+    file paths reduced to their names."""
     data = dataclasses.asdict(settings)
-    for key in ("checkpoint", "vae", "upscaler"):
+    if isinstance(settings, GenerateSettings):
+        data = data | {k: v for k, v in data.pop("upscale").items() if k not in MANAGED}
+    for key in ("checkpoint", "hr_checkpoint", "vae", "upscaler"):
         if data.get(key) and ("/" in data[key] or "\\" in data[key]):
             data[key] = Path(data[key]).name if key != "upscaler" else Path(data[key]).stem
     data.pop("models_dirs", None)

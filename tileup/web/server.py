@@ -10,8 +10,12 @@ Routes (JSON unless said otherwise; errors are ``{"error": "<one line>"}`` with 
 - ``GET /api/jobs``; ``GET /api/jobs/ID`` status; ``GET /api/jobs/ID/result`` the PNG with its
   metadata; ``GET /api/jobs/ID/preview`` a JPEG; ``GET /api/jobs/ID/source`` the upload;
   ``POST /api/jobs/ID/cancel``;
+- ``POST /api/generate`` (JSON, or multipart with a ``settings`` field: GenerateSettings
+  fields, flat, plus ``save_first_pass``) → 202 ``{"jobs": [...]}``, one job per image of the
+  batch (seeds ``seed``, ``seed+1``, …); ``POST /api/generate/plan`` (the same body) → the
+  first-pass and output sizes, seeds, progress units and estimate, nothing queued;
 - ``POST /api/parameters`` (multipart ``image``) → the A1111 parameters in it and the settings
-  they would reuse.
+  they would reuse (``settings`` for an upscale, ``generate`` for the Generate form).
 
 Every route asks for HTTP Basic auth when the server has ``auth``. Bodies are refused from their
 Content-Length before they are read; images from their header before they are decoded. A
@@ -45,6 +49,7 @@ from tileup.choices import IMAGE_SUFFIXES
 from tileup.errors import TileupError
 from tileup.imageio import ImageError, read_header
 from tileup.settings import UpscaleSettings
+from tileup.txt2img import GenerateSettings, hires_size, settings_from_parameters
 from tileup.version import __version__
 from tileup.web.catalog import Catalog
 from tileup.web.config import ServerConfig
@@ -53,7 +58,11 @@ from tileup.web.jobs import Job, JobQueue, safe_stem, settings_summary
 from tileup.web.multipart import parse_multipart
 from tileup.web.plan import plan_job
 from tileup.web.presets import PRESETS
-from tileup.web.validation import parse_settings_json, settings_from_client
+from tileup.web.validation import (
+    generate_from_client,
+    parse_settings_json,
+    settings_from_client,
+)
 
 JSON_LIMIT = 1 << 20
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1", "[::1]")
@@ -115,6 +124,8 @@ class WebApp:
             ("GET", re.compile(r"/api/jobs/(?P<id>[0-9a-f]{12})/source"), self.job_source),
             ("POST", re.compile(r"/api/jobs/(?P<id>[0-9a-f]{12})/cancel"), self.job_cancel),
             ("POST", re.compile(r"/api/parameters"), self.parameters),
+            ("POST", re.compile(r"/api/generate"), self.generate),
+            ("POST", re.compile(r"/api/generate/plan"), self.generate_plan),
         ]
 
     def start(self) -> None:
@@ -209,6 +220,8 @@ class WebApp:
         request.send_json(
             {
                 **listing,
+                "hr_upscalers": self.catalog.hr_upscalers(),
+                "generate_defaults": _generate_defaults(),
                 "default_checkpoint": self.catalog.default_checkpoint(),
                 "samplers": [s.name for s in SAMPLERS],
                 "schedulers": ["automatic", *(s.name for s in SCHEDULES)],
@@ -272,7 +285,8 @@ class WebApp:
                 jobs.append(self._new_job(part.filename, part.data, settings, planner, batch))
         except BaseException:
             for job in jobs:
-                job.source.unlink(missing_ok=True)
+                if job.source is not None:
+                    job.source.unlink(missing_ok=True)
             raise
         for job in jobs:
             self.queue.submit(job)
@@ -333,13 +347,11 @@ class WebApp:
         return job
 
     def list_jobs(self, request: Handler) -> None:
-        request.send_json(
-            {"jobs": [j.status(self.queue.rate(j.settings)) for j in self.queue.all()]}
-        )
+        request.send_json({"jobs": [j.status(self.queue.rate_of(j)) for j in self.queue.all()]})
 
     def job_status(self, request: Handler, id: str) -> None:
         job = self._job(id)
-        request.send_json(job.status(self.queue.rate(job.settings)))
+        request.send_json(job.status(self.queue.rate_of(job)))
 
     def job_result(self, request: Handler, id: str) -> None:
         job = self._job(id)
@@ -360,6 +372,8 @@ class WebApp:
 
     def job_source(self, request: Handler, id: str) -> None:
         job = self._job(id)
+        if job.source is None:
+            raise HttpError(HTTPStatus.NOT_FOUND, f"job {id} is a generate job: no upload")
         if not job.source.is_file():
             raise HttpError(HTTPStatus.GONE, f"job {id}: its upload is gone")
         kind = mimetypes.guess_type(job.source.name)[0] or "application/octet-stream"
@@ -381,14 +395,99 @@ class WebApp:
             raise HttpError(HTTPStatus.BAD_REQUEST, "send one 'image' file")
         name = safe_stem(images[0].filename)
         text = parameters_in(Path(name), images[0].data)
-        answer: dict[str, Any] = {"text": text, "settings": {}, "items": {}, "warning": None}
+        answer: dict[str, Any] = {
+            "text": text, "settings": {}, "generate": {}, "items": {}, "warning": None
+        }  # fmt: skip
         if text:
             answer["items"] = parse_parameters(text)[2]
             try:
                 answer["settings"] = reusable_settings(text)
+                answer["generate"] = settings_from_parameters(text)
             except ParametersWarning as exc:
                 answer["warning"] = str(exc)
         request.send_json(answer)
+
+    # -- generate ---------------------------------------------------------------------------
+
+    def _generate_request(self, request: Handler) -> tuple[GenerateSettings, bool, dict]:
+        """The checked settings of a generate request (JSON body or multipart ``settings``),
+        whether to save the first pass, and the plan of its batch (sizes, seeds, units)."""
+        body = request.read_body(JSON_LIMIT)
+        kind = request.headers.get("Content-Type", "")
+        if kind.startswith("multipart/"):
+            texts = [p.data for p in parse_multipart(kind, body) if p.name == "settings"]
+            values = parse_settings_json(texts[-1] if texts else None)
+        else:
+            values = parse_settings_json(body)
+        save_first_pass = values.pop("save_first_pass", False)
+        if not isinstance(save_first_pass, bool):
+            raise HttpError(HTTPStatus.BAD_REQUEST, "save_first_pass must be a bool")
+        settings = generate_from_client(values, self.catalog, self.config)
+        return settings, save_first_pass, self._generate_plan(settings)
+
+    def _generate_plan(self, settings: GenerateSettings) -> dict[str, Any]:
+        generator = self.engines.generator(settings, plan_only=True)
+        first = generator.native_size()
+        output = hires_size(*first, settings)[1] if settings.hires_fix else first
+        limit = settings.upscale.max_pixels
+        if output[0] * output[1] > limit:
+            raise HttpError(
+                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                f"output {output[1]}x{output[0]} = {output[0] * output[1]} pixels exceeds the "
+                f"limit of {limit}",
+            )
+        units = generator.planned_units() // settings.batch_count
+        rate = self.queue.rate(_rate_settings(settings), True)
+        return {
+            "first_pass": [first[1], first[0]],
+            "output": [output[1], output[0]],
+            "seeds": generator.seeds(),
+            "units": units,
+            "notes": list(generator.notes),
+            "estimate_seconds": None if rate is None else round(rate * units, 1),
+            "queue_ahead": sum(1 for j in self.queue.all() if j.state in ("queued", "running")),
+        }
+
+    def generate_plan(self, request: Handler) -> None:
+        request.send_json(self._generate_request(request)[2])
+
+    def generate(self, request: Handler) -> None:
+        settings, save_first_pass, plan = self._generate_request(request)
+        seeds = plan["seeds"]
+        batch = self.queue.new_id() if len(seeds) > 1 else ""
+        jobs = []
+        for seed in seeds:
+            one = dataclasses.replace(settings, seed=seed, batch_count=1)
+            jobs.append(
+                Job(
+                    id=self.queue.new_id(),
+                    name=f"seed {seed}",
+                    source=None,
+                    settings=_rate_settings(one),
+                    input_size=(plan["first_pass"][0], plan["first_pass"][1]),
+                    output_size=(plan["output"][0], plan["output"][1]),
+                    total=float(max(plan["units"], 1)),
+                    batch=batch,
+                    generate=one,
+                    save_first_pass=save_first_pass,
+                )
+            )
+        for job in jobs:
+            self.queue.submit(job)
+        request.send_json(
+            {"jobs": [j.id for j in jobs], "seeds": seeds, "settings": settings_summary(settings)},
+            HTTPStatus.ACCEPTED,
+        )
+
+
+def _generate_defaults() -> dict[str, Any]:
+    """GenerateSettings' own fields and their defaults (the Generate form's)."""
+    return {f.name: f.default for f in dataclasses.fields(GenerateSettings) if f.name != "upscale"}
+
+
+def _rate_settings(settings: GenerateSettings) -> UpscaleSettings:
+    """The pass whose settings key a generate job's rate: the hires pass when enabled."""
+    return settings.second_pass() if settings.hires_fix else settings.first_pass()
 
 
 class Handler(BaseHTTPRequestHandler):

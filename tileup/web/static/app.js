@@ -4,7 +4,8 @@
 const $ = (id) => document.getElementById(id);
 const state = {
   models: null, fields: {}, files: [], imageSize: null, plan: null, jobs: new Map(),
-  selected: null, planTimer: null, reuse: null, sourceUrl: null,
+  selected: null, planTimer: null, reuse: null, reuseGenerate: null, sourceUrl: null,
+  mode: "upscale", genTimer: null,
 };
 
 function showMessage(text) {
@@ -173,6 +174,7 @@ async function checkParameters(file) {
     const answer = await api("/api/parameters", { method: "POST", body: form });
     if (answer.text) {
       state.reuse = answer.settings;
+      state.reuseGenerate = answer.generate;
       $("reuse-text").textContent = answer.text;
       $("reuse").hidden = false;
     }
@@ -286,9 +288,152 @@ function drawOverlay(activeBoxes) {
   canvas.dataset.active = (activeBoxes || []).length;
 }
 
+// -- the Generate mode: txt2img + hires fix ----------------------------------------------------
+
+function fillSelect(id, values, emptyLabel) {
+  const select = $(id);
+  select.textContent = "";
+  for (const value of values) {
+    const option = document.createElement("option");
+    option.value = value;
+    option.textContent = value === "" ? emptyLabel : value;
+    select.append(option);
+  }
+}
+
+function setGen(name, value) {
+  const input = $("g-" + name);
+  if (!input) return;
+  if (input.type === "checkbox") { input.checked = Boolean(value); return; }
+  const text = value === null || value === undefined ? "" : String(value);
+  if (input.tagName === "SELECT" && text && ![...input.options].some((o) => o.value === text)) {
+    const option = document.createElement("option");  // from a PNG: the server will judge it
+    option.value = option.textContent = text;
+    input.append(option);
+  }
+  input.value = text;
+}
+
+function buildGenerateForm() {
+  const m = state.models;
+  fillSelect("g-checkpoint", m.checkpoints.length ? m.checkpoints : [""], "(none offered)");
+  fillSelect("g-sampler", m.samplers);
+  fillSelect("g-scheduler", m.schedulers);
+  fillSelect("g-hr_upscaler", m.hr_upscalers);
+  fillSelect("g-hr_checkpoint", ["", ...m.checkpoints], "(same checkpoint)");
+  fillSelect("g-hr_sampler", ["", ...m.samplers], "(same)");
+  fillSelect("g-hr_scheduler", ["", ...m.schedulers], "(same)");
+  for (const [name, value] of Object.entries(m.generate_defaults)) setGen(name, value);
+  for (const name of ["tile", "overlap"]) setGen(name, state.fields[name].default);
+  setGen("checkpoint", m.default_checkpoint || "");
+  $("gen-form").addEventListener("input", scheduleGenPlan);
+  $("gen-form").addEventListener("change", scheduleGenPlan);
+}
+
+function readGenerate() {
+  const settings = {};
+  for (const input of $("gen-form").elements) {
+    if (!input.name) continue;
+    if (input.type === "checkbox") settings[input.name] = input.checked;
+    else if (input.value === "") continue;  // not set: the default (native size, the first pass's)
+    else settings[input.name] = input.type === "number" ? Number(input.value) : input.value;
+  }
+  return settings;
+}
+
+function applyGenerate(values) {
+  for (const [name, value] of Object.entries(values || {})) setGen(name, value);
+  scheduleGenPlan();
+}
+
+function scheduleGenPlan() {
+  clearTimeout(state.genTimer);
+  state.genTimer = setTimeout(requestGenPlan, 200);
+}
+
+async function requestGenPlan() {
+  if (state.mode !== "generate") return;
+  const summary = $("summary");
+  try {
+    const settings = readGenerate();
+    delete settings.save_first_pass;
+    const plan = await api("/api/generate/plan", {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify(settings),
+    });
+    showMessage("");
+    const [fw, fh] = plan.first_pass, [ow, oh] = plan.output;
+    const parts = [`first pass <b>${fw}×${fh}</b>`, `output <b>${ow}×${oh}</b>`];
+    parts.push(`${plan.seeds.length} image(s), seed ${plan.seeds.join(", ")}`);
+    parts.push(`<b>${plan.units}</b> progress units each`);
+    parts.push(plan.estimate_seconds === null ? "time: measured after the first generate job" : `about <b>${formatSeconds(plan.estimate_seconds)}</b> each`);
+    if (plan.queue_ahead) parts.push(`${plan.queue_ahead} job(s) ahead in the queue`);
+    const notes = plan.notes.length ? `<div class="small">${plan.notes.map(escapeHtml).join("<br>")}</div>` : "";
+    summary.innerHTML = parts.join(" · ") + notes;
+    summary.dataset.output = `${ow}x${oh}`;
+  } catch (error) {
+    summary.dataset.output = "";
+    showMessage(error.message);
+  }
+}
+
+function setMode(mode) {
+  state.mode = mode;
+  document.body.dataset.mode = mode;
+  const generate = mode === "generate";
+  $("generate-controls").hidden = !generate;
+  $("upscale-controls").hidden = generate;
+  $("stage-box").hidden = generate;
+  for (const [id, on] of [["mode-upscale", !generate], ["mode-generate", generate]]) {
+    $(id).setAttribute("aria-selected", String(on));
+    $(id).classList.toggle("quiet", !on);
+  }
+  $("run").textContent = generate ? "Generate" : "Upscale";
+  $("run").disabled = generate ? false : state.files.length === 0;
+  showMessage("");
+  if (generate) scheduleGenPlan();
+  else if (state.plan) showPlan(state.plan);
+  else $("summary").textContent = "Choose an image to see its tiles.";
+}
+
+async function reuseFromFile(file) {
+  if (!file) return;
+  const form = new FormData();
+  form.append("image", file, file.name);
+  try {
+    const answer = await api("/api/parameters", { method: "POST", body: form });
+    if (!answer.text) { showMessage(`${file.name}: no generation parameters in it`); return; }
+    applyGenerate(answer.generate);
+    $("gen-form").dataset.reused = file.name;
+    if (answer.warning) showMessage(answer.warning);
+  } catch (error) {
+    showMessage(error.message);
+  }
+}
+
+async function runGenerate() {
+  $("run").disabled = true;
+  try {
+    const answer = await api("/api/generate", {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify(readGenerate()),
+    });
+    showMessage("");
+    answer.jobs.forEach((id, i) => addJob(id, null, `seed ${answer.seeds[i]}`));
+    select(answer.jobs[0]);
+  } catch (error) {
+    showMessage(error.message);
+  } finally {
+    $("run").disabled = false;
+  }
+}
+
 // -- jobs -------------------------------------------------------------------------------------
 
 async function run() {
+  if (state.mode === "generate") return runGenerate();
   if (!state.files.length) return;
   const form = new FormData();
   for (const file of state.files) form.append("image", file, file.name);
@@ -306,7 +451,7 @@ async function run() {
   }
 }
 
-function addJob(id, file) {
+function addJob(id, file, label) {
   const item = document.createElement("li");
   item.className = "job";
   item.dataset.id = id;
@@ -315,14 +460,17 @@ function addJob(id, file) {
     <button type="button" class="cancel quiet">Cancel</button>
     <a class="download" hidden download>Download</a></div>
     <progress max="1" value="0"></progress><div class="error"></div>`;
-  item.querySelector(".name").textContent = file ? file.name : id;
+  item.querySelector(".name").textContent = file ? file.name : (label || id);
+  item.dataset.kind = label ? "generate" : "upscale";
   item.querySelector(".cancel").addEventListener("click", (event) => {
     event.stopPropagation();
     api(`/api/jobs/${id}/cancel`, { method: "POST" }).catch((e) => showMessage(e.message));
   });
   item.addEventListener("click", () => select(id));
   $("queue").prepend(item);
-  state.jobs.set(id, { id, file, item, status: null, timer: setTimeout(() => poll(id), 100) });
+  state.jobs.set(id, {
+    id, file, item, generated: Boolean(label), status: null, timer: setTimeout(() => poll(id), 100),
+  });
 }
 
 function select(id) {
@@ -353,7 +501,7 @@ async function poll(id) {
   const finished = ["done", "failed", "cancelled"].includes(status.state);
   item.querySelector(".cancel").hidden = finished;
   if (id === state.selected) {
-    drawOverlay(status.state === "running" ? status.tiles : []);
+    if (!job.generated) drawOverlay(status.state === "running" ? status.tiles : []);
     if (status.has_preview && status.state === "running") {
       $("preview-box").hidden = false;
       $("preview").src = `/api/jobs/${id}/preview?t=${Date.now()}`;
@@ -371,7 +519,8 @@ async function poll(id) {
   }
   if (finished) {
     if (id === state.selected) $("preview-box").hidden = true;
-    schedulePlan();
+    if (state.mode === "generate") scheduleGenPlan();
+    else schedulePlan();
     return;
   }
   job.timer = setTimeout(() => poll(id), 300);
@@ -384,7 +533,10 @@ function showAfter(job) {
   const after = $("after-img"), before = $("before-img");
   after.onload = fitBefore;
   after.src = `/api/jobs/${job.id}/result`;
-  before.src = job.file ? URL.createObjectURL(job.file) : `/api/jobs/${job.id}/source`;
+  $("compare").classList.toggle("generated", job.generated);
+  $("slider").parentElement.hidden = job.generated;
+  if (job.generated) before.removeAttribute("src");  // nothing came before a generated image
+  else before.src = job.file ? URL.createObjectURL(job.file) : `/api/jobs/${job.id}/source`;
   $("download").href = `/api/jobs/${job.id}/result`;
   $("download").download = s.output;
   $("parameters").textContent = s.parameters || "";
@@ -412,6 +564,13 @@ async function init() {
   $("output-dir").textContent = state.models.output_dir;
   for (const field of state.models.fields) state.fields[field.name] = field;
   buildForm();
+  buildGenerateForm();
+  $("mode-upscale").addEventListener("click", () => setMode("upscale"));
+  $("mode-generate").addEventListener("click", () => setMode("generate"));
+  $("gen-reuse-file").addEventListener("change", (e) => reuseFromFile(e.target.files[0]));
+  const genBox = $("generate-controls");
+  genBox.addEventListener("dragover", (e) => e.preventDefault());
+  genBox.addEventListener("drop", (e) => { e.preventDefault(); reuseFromFile(e.dataTransfer.files[0]); });
   for (const name of Object.keys(state.models.presets)) {
     const option = document.createElement("option");
     option.value = option.textContent = name;
@@ -433,6 +592,11 @@ async function init() {
   $("run").addEventListener("click", run);
   $("reuse-apply").addEventListener("click", () => { applySettings(state.reuse || {}); $("reuse").hidden = true; });
   $("reuse-dismiss").addEventListener("click", () => { $("reuse").hidden = true; });
+  $("reuse-generate").addEventListener("click", () => {
+    $("reuse").hidden = true;
+    setMode("generate");
+    applyGenerate(state.reuseGenerate);
+  });
   $("slider").addEventListener("input", fitBefore);
   $("zoom").addEventListener("click", () => { $("compare").classList.toggle("zoom"); fitBefore(); });
   window.addEventListener("resize", () => { drawOverlay(); fitBefore(); });
