@@ -433,20 +433,24 @@ def _upscale_command(argv: list[str], batch: bool) -> int:
     except TileupError as exc:
         progress.close()
         return _usage_error(_cli_text(exc))
-    except KeyboardInterrupt:
-        progress.close()
-        print("tileup: interrupted", file=sys.stderr)
-        return 130
-    except _Terminated as stop:
-        progress.close()
-        print(f"tileup: stopped by {signal.Signals(stop.signum).name}", file=sys.stderr)
-        return 128 + stop.signum
+    except (KeyboardInterrupt, _Terminated) as stop:
+        return _stopped(progress, stop)
     progress.close()
     done = len(outcomes) - len(failures) - len(skipped)
     if failures or (len(outcomes) > 1 and not quiet):
         before = f", {len(skipped)} skipped (done before)" if skipped else ""
         print(f"tileup: {done} done, {len(failures)} failed{before}", file=sys.stderr)
     return EXIT_FAILED if failures or not outcomes else EXIT_OK
+
+
+def _stopped(progress: _Bar, stop: BaseException) -> int:
+    """The exit status of a job stopped by SIGINT (130) or a signal N (128 + N), said once."""
+    progress.close()
+    if isinstance(stop, _Terminated):
+        print(f"tileup: stopped by {signal.Signals(stop.signum).name}", file=sys.stderr)
+        return 128 + stop.signum
+    print("tileup: interrupted", file=sys.stderr)
+    return 130
 
 
 class _Terminated(BaseException):

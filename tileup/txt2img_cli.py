@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +23,7 @@ from tileup.cli import (
     _cli_text,
     _Parser,
     _signals_raise,
+    _stopped,
     _Terminated,
     _usage_error,
     _warnings_as_notes,
@@ -184,14 +184,8 @@ def generate_command(argv: Sequence[str]) -> int:
         progress.close()
         print(f"tileup: error: {_cli_text(exc)}", file=sys.stderr)
         return EXIT_FAILED if written else 2
-    except KeyboardInterrupt:
-        progress.close()
-        print("tileup: interrupted", file=sys.stderr)
-        return 130
-    except _Terminated as stop:
-        progress.close()
-        print(f"tileup: stopped by {signal.Signals(stop.signum).name}", file=sys.stderr)
-        return 128 + stop.signum
+    except (KeyboardInterrupt, _Terminated) as stop:
+        return _stopped(progress, stop)
     progress.close()
     return EXIT_OK
 

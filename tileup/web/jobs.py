@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from tileup.errors import Cancelled, TileupError
-from tileup.imageio import read_image, write_image
+from tileup.imageio import read_image
 from tileup.result import UpscaleResult
 from tileup.settings import UpscaleSettings
 from tileup.tiler import Box
@@ -377,15 +377,7 @@ class JobQueue:
 
     def _write_at(self, path: Path, result: UpscaleResult) -> Path:
         """``result`` written atomically at ``path`` (never replacing a file)."""
-        p = result.picture
-        return write_image(
-            path,
-            p.rgb,
-            alpha=p.alpha,
-            bit_depth=p.bit_depth,
-            icc_profile=p.icc_profile,
-            parameters=result.parameters,
-        )
+        return result.save(path)
 
 
 def _check_cancel(job: Job) -> None:
