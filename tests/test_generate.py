@@ -209,6 +209,7 @@ def test_family_native_sizes(checkpoints, tmp_path: Path) -> None:
         (["--hr-sampler", "bogus"], "unknown sampler 'bogus'"),
         (["--hr-upscaler", "no-such-model"], "no-such-model"),
         (["--mode", "sideways"], "invalid choice"),
+        (["--mode", "redraw"], "pick a pixel --hr-upscaler"),
     ],
 )
 def test_bad_values_are_refused_and_nothing_is_written(

@@ -207,6 +207,15 @@ class Generator:
             raise SettingsError(
                 f"generate needs --checkpoint MODEL.safetensors (or ${CHECKPOINT_ENV})"
             )
+        if s.hires_fix and s.upscale.mode == "redraw":
+            from tileup.upscalers.registry import resolve_upscaler
+
+            if resolve_upscaler(s.hr_upscaler, s.upscale.models_dirs).works_on_latents:
+                raise SettingsError(
+                    f"--mode redraw redraws pixel tiles; the hires upscaler {s.hr_upscaler!r} "
+                    "works on latents: pick a pixel --hr-upscaler (lanczos, an SR model) or "
+                    "--mode fused"
+                )
         make = make_engine or Upscaler
         self.first = make(s.first_pass(), progress, model=model)
         assert self.first.model is not None
