@@ -272,3 +272,23 @@ def _bomb_png(width: int, height: int) -> bytes:
         + chunk(b"IDAT", zlib.compress(b"\0" * 1024))
         + chunk(b"IEND", b"")
     )
+
+
+def test_a1111_upscaler_names_resolve_to_the_listed_files(tmp_path: Path, shared_models) -> None:
+    """Parameters copied from an A1111 PNG name models A1111's way ("R-ESRGAN 4x+"): accepted
+    when the file it stands for is in the configured folders, refused otherwise."""
+    import shutil
+
+    from tileup.settings import SettingsError
+    from tileup.web.catalog import Catalog
+
+    (tmp_path / "ESRGAN").mkdir()
+    target = tmp_path / "ESRGAN" / "RealESRGAN_x4plus_anime_6B.safetensors"
+    shutil.copy(shared_models / "RealESRGAN_x4plus_anime_6B.safetensors", target)
+    catalog = Catalog(models_dirs=(tmp_path,))
+    assert catalog.upscaler("R-ESRGAN 4x+ Anime6B") == str(target)
+    assert catalog.hr_upscaler("r-esrgan 4x+  anime6b") == "r-esrgan 4x+  anime6b"
+    with pytest.raises(SettingsError, match="not offered"):
+        catalog.upscaler("R-ESRGAN 4x+")  # its file RealESRGAN_x4plus is not there
+    with pytest.raises(SettingsError, match="not offered"):
+        catalog.hr_upscaler("R-ESRGAN 4x+")

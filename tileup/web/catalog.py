@@ -17,7 +17,12 @@ from pathlib import Path
 
 from tileup.choices import LATENT_MODES, RESAMPLERS
 from tileup.settings import SettingsError
-from tileup.upscalers.registry import A1111_LATENT_NAMES, iter_model_files, models_dirs
+from tileup.upscalers.registry import (
+    A1111_LATENT_NAMES,
+    A1111_MODEL_FILES,
+    iter_model_files,
+    models_dirs,
+)
 
 CHECKPOINT_SUBDIRS = ("Stable-diffusion", "checkpoints")
 VAE_SUBDIRS = ("VAE", "vae")
@@ -92,7 +97,7 @@ class Catalog:
         key = check_name("upscaler", name)
         if key.lower() in BUILTIN_UPSCALERS:
             return key.lower()
-        found = self.upscalers().get(key)
+        found = self.upscalers().get(key) or self._a1111_model(key)
         if found is None:
             raise SettingsError(
                 f"upscaler {key!r} is not offered by this server; choose one of "
@@ -114,9 +119,17 @@ class Catalog:
         lowered = " ".join(key.lower().split())
         if lowered in A1111_LATENT_NAMES or lowered in ("latent", "none"):
             return key
-        if key in self.upscalers():  # the name: found again in the same folders, shown as is
-            return key
+        if key in self.upscalers() or self._a1111_model(key):  # found again by the engine in
+            return key  # the same folders; kept as given for the metadata
         return self.upscaler(key)
+
+    def _a1111_model(self, name: str) -> Path | None:
+        """The listed file an A1111 upscaler name stands for ("R-ESRGAN 4x+" →
+        RealESRGAN_x4plus), as parameters copied from an A1111 PNG carry them; or None."""
+        stem = A1111_MODEL_FILES.get(" ".join(name.lower().split()))
+        if stem is None:
+            return None
+        return next((p for s, p in self.upscalers().items() if s.lower() == stem.lower()), None)
 
     def checkpoint(self, name: object) -> str:
         """The file of a listed checkpoint name; ``.ckpt`` and unlisted names are refused."""
