@@ -126,6 +126,16 @@ def test_every_hires_override_is_honoured(checkpoints, monkeypatch) -> None:
     assert items["Denoising strength"] == "0.5" and items["Hires upscaler"] == "Latent"
 
 
+def test_both_resize_sides_cut_the_upscale_before_the_second_pass(checkpoints, monkeypatch):
+    calls = Calls(monkeypatch)
+    (image,) = tileup.generate(**_settings(checkpoints["a"], hr_resize_x=96, hr_resize_y=64))
+    assert image.final.image.size == (96, 64)  # covers 96x96 (x1.5), its centre 96x64 kept
+    assert calls.calls_at((8, 12)) == [2, 2, 2]  # the second pass runs on the cut latents
+    assert calls.calls_at((12, 12)) == []
+    _, _, items = parse_parameters(image.final.parameters)
+    assert items["Hires resize"] == "96x64"
+
+
 def test_hr_checkpoint_runs_the_second_pass_with_another_model(checkpoints) -> None:
     (same,) = tileup.generate(**_settings(checkpoints["a"]))
     (swapped,) = tileup.generate(**_settings(checkpoints["a"], hr_checkpoint=str(checkpoints["b"])))

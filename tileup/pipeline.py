@@ -569,25 +569,29 @@ class Upscaler:
         latents: torch.Tensor,
         *,
         observer: Observer | None = None,
+        crop: tuple[int, int] | None = None,
         **overrides: Any,
     ) -> UpscaleResult:
         """:meth:`__call__` for an image whose scaled latents (1×C×h×w, this model's VAE) are
         already known, such as a generated first pass: a latent upscaler interpolates them
         instead of encoding the image again (no VAE round trip); other upscalers ignore them.
-        ``observer`` as for :meth:`__call__`."""
+        ``crop`` (H, W): the upscale is cut to its centre at that size before re-diffusion, on
+        the latent grid (A1111's hires fix with both resize sides). ``observer`` as for
+        :meth:`__call__`."""
         if not overrides:
-            return self._run(image, latents, observer)
+            return self._run(image, latents, observer, crop)
         with self.using(**overrides):
-            return self._run(image, latents, observer)
+            return self._run(image, latents, observer, crop)
 
     def _run(
         self,
         image: ImageInput,
         latents: torch.Tensor | None = None,
         observer: Observer | None = None,
+        crop: tuple[int, int] | None = None,
     ) -> UpscaleResult:
         with self._model_as_settings():
-            return self._run_as_set(image, latents, observer)
+            return self._run_as_set(image, latents, observer, crop)
 
     def _model_as_settings(self) -> contextlib.AbstractContextManager[None]:
         """A loaded model shared by several engines (a cache, generate's two passes) runs with
@@ -602,7 +606,11 @@ class Upscaler:
         return model.sampling_as(options, s.prompt, s.negative_prompt)
 
     def _run_as_set(
-        self, image: ImageInput, latents: torch.Tensor | None, observer: Observer | None
+        self,
+        image: ImageInput,
+        latents: torch.Tensor | None,
+        observer: Observer | None,
+        crop: tuple[int, int] | None = None,
     ) -> UpscaleResult:
         from tileup.upscalers.tiled import RunReport
 
@@ -637,6 +645,9 @@ class Upscaler:
                 )
             else:
                 rgb = self._upscale_pixels(picture.rgb, target, report, plan, hooks)
+        if crop is not None and crop != target:
+            rgb, latents, target = self._centre_crop(rgb, latents, target, crop)
+            hooks = dataclasses.replace(hooks, target=target) if hooks is not None else None
         # 3. Re-diffusion: fused (tiled VAE encode, fused sampling, tiled decode) or per-tile
         #    redraw; then the seam-fix passes and the colour fix, when asked.
         passes: tuple[PassCounts, ...] = ()
@@ -772,6 +783,27 @@ class Upscaler:
             on_tile=self._on_tile if hooks is None else self._watched(hooks),
             on_core=hooks.on_core if hooks is not None else None,
         )
+
+    def _centre_crop(
+        self,
+        rgb: np.ndarray | None,
+        latents: torch.Tensor | None,
+        target: tuple[int, int],
+        crop: tuple[int, int],
+    ) -> tuple[np.ndarray | None, torch.Tensor | None, tuple[int, int]]:
+        """The upscale's centre at ``crop`` (H, W), cut as A1111 truncates the hires latents:
+        half the excess latent cells above/left (rounded down), the rest below/right; pixels
+        are cut at the same latent-grid offsets."""
+        if crop[0] > target[0] or crop[1] > target[1]:
+            raise ValueError(f"crop {crop} is larger than the upscale {target}")
+        f = self.model.factor if self.model is not None else 1
+        top, left = ((target[0] - crop[0]) // f // 2) * f, ((target[1] - crop[1]) // f // 2) * f
+        if rgb is not None:
+            rgb = np.ascontiguousarray(rgb[top : top + crop[0], left : left + crop[1]])
+        if latents is not None:
+            rows, cols = -(-crop[0] // f), -(-crop[1] // f)
+            latents = latents[..., top // f : top // f + rows, left // f : left // f + cols]
+        return rgb, latents, crop
 
     def _upscale_latents(
         self,

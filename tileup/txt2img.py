@@ -4,7 +4,8 @@ modes, so the result can reach 4K in bounded memory.
 
 The meaning and defaults are A1111's: ``hr_scale`` 2, ``hr_resize_x``/``hr_resize_y``
 overriding it (one alone keeps the aspect; both: the upscale covers that size and is cropped
-to it, centred), ``hr_upscaler`` "Latent", ``denoise`` 0.7 for the second pass,
+to it, centred, before the second pass), ``hr_upscaler`` "Latent", ``denoise`` 0.7 for the
+second pass,
 ``hr_second_pass_steps`` 0 = the first pass's steps, and the ``hr_*`` sampler, schedule,
 prompts and CFG defaulting to the first pass's. ``hr_checkpoint`` swaps the model for the second
 pass (A1111's refiner-style checkpoint swap). Steps are fixed: every pass runs exactly its
@@ -19,8 +20,6 @@ import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
-
-import numpy as np
 
 from tileup.choices import CHECKPOINT_ENV
 from tileup.infotext import format_parameters, job_parameters, parse_parameters
@@ -253,8 +252,8 @@ class Generator:
         options = _fused_options(self.first.settings)
         units = planned_tile_steps(model, height, width, 1.0, options)
         if self.second is not None:
-            upscaled, _ = hires_size(height, width, self.settings)
-            with self.second.using(height=upscaled[0], width=upscaled[1]):
+            _, cropped = hires_size(height, width, self.settings)  # re-diffused at this size
+            with self.second.using(height=cropped[0], width=cropped[1]):
                 units += self.second.planned_tiles(height, width)
         return units * self.settings.batch_count
 
@@ -288,9 +287,7 @@ class Generator:
         if self.second is not None:
             upscaled, cropped = hires_size(height, width, s)
             with self.second.using(height=upscaled[0], width=upscaled[1], seed=seed):
-                final = self.second.from_latents(picture, latents, observer=observer)
-            if upscaled != cropped:
-                final = _crop(final, cropped)
+                final = self.second.from_latents(picture, latents, observer=observer, crop=cropped)
         parameters = self.parameters(seed, (height, width))
         return Generated(
             final=dataclasses.replace(final, parameters=parameters),
@@ -346,15 +343,6 @@ def _fused_options(settings: UpscaleSettings) -> Any:
     from tileup.options import fused_options
 
     return fused_options(settings)
-
-
-def _crop(result: UpscaleResult, size: tuple[int, int]) -> UpscaleResult:
-    """The centre ``size`` (H, W) of a result (hires resize with both sides given)."""
-    p = result.picture
-    top, left = (p.height - size[0]) // 2, (p.width - size[1]) // 2
-    rgb = np.ascontiguousarray(p.rgb[top : top + size[0], left : left + size[1]])
-    stats = dataclasses.replace(result.stats, output_size=(size[1], size[0]))
-    return dataclasses.replace(result, picture=dataclasses.replace(p, rgb=rgb), stats=stats)
 
 
 def generate(
