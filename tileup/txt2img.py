@@ -5,11 +5,10 @@ modes, so the result can reach 4K in bounded memory.
 The meaning and defaults are A1111's: ``hr_scale`` 2, ``hr_resize_x``/``hr_resize_y``
 overriding it (one alone keeps the aspect; both: the upscale covers that size and is cropped
 to it, centred, before the second pass), ``hr_upscaler`` "Latent", ``denoise`` 0.7 for the
-second pass,
-``hr_second_pass_steps`` 0 = the first pass's steps, and the ``hr_*`` sampler, schedule,
-prompts and CFG defaulting to the first pass's. ``hr_checkpoint`` swaps the model for the second
-pass (A1111's refiner-style checkpoint swap). Steps are fixed: every pass runs exactly its
-steps. Batch image ``i`` uses seed ``seed + i``, as A1111's batch count does.
+second pass, ``hr_second_pass_steps`` 0 = the first pass's steps, and the ``hr_*`` sampler,
+schedule, prompts and CFG defaulting to the first pass's. ``hr_checkpoint`` swaps the model for
+the second pass (A1111's refiner-style checkpoint swap). Steps are fixed: every pass runs
+exactly its steps. Batch image ``i`` uses seed ``seed + i``, as A1111's batch count does.
 """
 
 from __future__ import annotations
