@@ -59,6 +59,24 @@ def test_check_address() -> None:
             check_address(bad)
 
 
+def test_an_unreachable_cluster_is_one_line_at_once() -> None:
+    """Ray itself retries an unreachable address for minutes: tileup checks the port first."""
+    import socket
+    import time
+
+    from tileup.distributed import RayError, _check_reachable
+
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    start = time.perf_counter()
+    for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
+        with pytest.raises(RayError, match="cannot connect to the Ray cluster"):
+            _check_reachable(address)
+    assert time.perf_counter() - start < 10
+    _check_reachable("auto")  # left to Ray
+
+
 def test_ray_missing_is_one_line_exit_2(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -158,6 +158,8 @@ def connect(ray: ModuleType, address: bool | str) -> bool:
     if ray.is_initialized():
         return False
     quiet: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": False}
+    if isinstance(address, str):
+        _check_reachable(address)
     handlers = _python_handlers()
     try:
         if address is True:
@@ -174,6 +176,22 @@ def connect(ray: ModuleType, address: bool | str) -> bool:
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
     return True
+
+
+def _check_reachable(address: str) -> None:
+    """RayError at once when ``HOST:PORT`` (or ``ray://HOST:PORT``) does not accept a TCP
+    connection within 5 s: Ray itself would retry for minutes. ``auto`` is left to Ray."""
+    import socket
+
+    hostport = address.removeprefix("ray://")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        return  # "auto" or a form Ray interprets itself
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise RayError(f"--ray {address}: cannot connect to the Ray cluster ({reason})") from None
 
 
 def _python_handlers() -> dict[int, Any]:
