@@ -15,7 +15,7 @@ import signal
 import sys
 import threading
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
@@ -242,21 +242,32 @@ def _info_command(argv: Sequence[str]) -> int:
 def _reuse_parameters(values: dict[str, Any], inputs: Sequence[str]) -> str | None:
     """Fill ``values`` (the settings given on the command line) from the one input image's
     ``parameters`` for every reusable setting not given; a one-line warning, or None."""
-    from tileup.imageio import read_parameters
-    from tileup.infotext import ParametersWarning, reusable_settings
+    from tileup.infotext import reusable_settings
 
     if len(inputs) != 1 or not Path(inputs[0]).is_file():
         raise TileupError("--reuse-parameters takes exactly one input image")
+    return reuse_from_image(values, inputs[0], reusable_settings)
+
+
+def reuse_from_image(
+    values: dict[str, Any], image: str, extract: Callable[[str], dict[str, object]]
+) -> str | None:
+    """Fill ``values`` with what ``extract`` finds in ``image``'s A1111 ``parameters``, for
+    every setting not already there; a one-line warning (unreadable, none, malformed: the
+    defaults stay), or None."""
+    from tileup.imageio import read_parameters
+    from tileup.infotext import ParametersWarning
+
     try:
-        text = read_parameters(inputs[0])
+        text = read_parameters(image)
     except (TileupError, OSError) as exc:
         return f"--reuse-parameters: {exc}; using the defaults"
     if text is None:
-        return f"--reuse-parameters: {inputs[0]} has no parameters; using the defaults"
+        return f"--reuse-parameters: {image} has no parameters; using the defaults"
     try:
-        found = reusable_settings(text)
+        found = extract(text)
     except ParametersWarning as exc:
-        return f"--reuse-parameters: {inputs[0]}: {exc}; using the defaults"
+        return f"--reuse-parameters: {image}: {exc}; using the defaults"
     for name, value in found.items():
         values.setdefault(name, value)
     return None

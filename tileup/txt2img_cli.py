@@ -27,6 +27,7 @@ from tileup.cli import (
     _Terminated,
     _usage_error,
     _warnings_as_notes,
+    reuse_from_image,
 )
 from tileup.errors import TileupError
 from tileup.imageio import WRITE_FORMATS, check_output
@@ -199,24 +200,13 @@ def _upscale_names() -> set[str]:
 
 
 def _reuse(values: dict[str, Any], image: str) -> str | None:
-    """Fill ``values`` from ``image``'s parameters for every generation setting not given."""
-    from tileup.imageio import read_parameters
-    from tileup.infotext import ParametersWarning
+    """Fill ``values`` from ``image``'s parameters for every generation setting not given (the
+    image must exist: it is what the command reuses)."""
     from tileup.txt2img import settings_from_parameters
 
-    try:
-        text = read_parameters(image)
-    except (TileupError, OSError) as exc:
-        raise TileupError(f"--reuse-parameters: {exc}") from None
-    if text is None:
-        return f"--reuse-parameters: {image} has no parameters; using the defaults"
-    try:
-        found = settings_from_parameters(text)
-    except ParametersWarning as exc:
-        return f"--reuse-parameters: {image}: {exc}; using the defaults"
-    for name, value in found.items():
-        values.setdefault(name, value)
-    return None
+    if not Path(image).is_file():
+        raise TileupError(f"--reuse-parameters: {image}: no such image file")
+    return reuse_from_image(values, image, settings_from_parameters)
 
 
 class _Target:

@@ -36,6 +36,20 @@ def parse_settings_json(text: str | bytes | None) -> dict[str, Any]:
     return value
 
 
+def _check_names_and_types(values: Mapping[str, Any], kinds: Mapping[str, str]) -> None:
+    """SettingsError for a name not in ``kinds`` (field → type), one the server sets itself,
+    or a value of the wrong JSON type."""
+    unknown = sorted(set(values) - set(kinds))
+    if unknown:
+        raise SettingsError(
+            f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(kinds))}"
+        )
+    fixed = sorted(set(values) & set(SERVER_FIELDS))
+    if fixed:
+        raise SettingsError(f"{', '.join(fixed)} is set by the server, not by a client")
+    _check_types(values, kinds)
+
+
 def settings_from_client(
     values: Mapping[str, Any], catalog: Catalog, config: ServerConfig
 ) -> UpscaleSettings:
@@ -43,16 +57,9 @@ def settings_from_client(
 
     No checkpoint named: the server's default (the first offered), unless ``checkpoint`` is
     null or "" (pixel upscale only). Raises SettingsError with one line."""
-    known = {f.name for f in dataclasses.fields(UpscaleSettings)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise SettingsError(
-            f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
-        )
-    fixed = sorted(set(values) & set(SERVER_FIELDS))
-    if fixed:
-        raise SettingsError(f"{', '.join(fixed)} is set by the server, not by a client")
-    _check_types(values, {f.name: str(f.type) for f in dataclasses.fields(UpscaleSettings)})
+    _check_names_and_types(
+        values, {f.name: str(f.type) for f in dataclasses.fields(UpscaleSettings)}
+    )
     chosen = dict(values)
     chosen["upscaler"] = catalog.upscaler(chosen.get("upscaler", "default"))
     _server_side(chosen, catalog, config)
@@ -99,15 +106,7 @@ def generate_from_client(
     rest = {f.name: str(f.type) for f in dataclasses.fields(UpscaleSettings)}
     kinds = {k: v for k, v in rest.items() if k not in MANAGED} | own
     kinds.pop("upscale")
-    unknown = sorted(set(values) - set(kinds))
-    if unknown:
-        raise SettingsError(
-            f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(kinds))}"
-        )
-    fixed = sorted(set(values) & set(SERVER_FIELDS))
-    if fixed:
-        raise SettingsError(f"{', '.join(fixed)} is set by the server, not by a client")
-    _check_types(values, kinds)
+    _check_names_and_types(values, kinds)
     chosen = dict(values)
     _server_side(chosen, catalog, config)
     if not chosen["checkpoint"]:
