@@ -15,7 +15,8 @@ from tileup.version import __version__
 if TYPE_CHECKING:
     from tileup.batch import BatchError, FileOutcome, Outcomes, upscale_files
     from tileup.imageio import Picture
-    from tileup.pipeline import Observer, Upscaler, upscale
+    from tileup.pipeline import Upscaler, upscale
+    from tileup.progress import Observer
     from tileup.result import Stats, UpscaleResult
     from tileup.settings import SettingsError, UpscaleSettings
     from tileup.txt2img import GenerateSettings, Generator, generate
@@ -29,7 +30,7 @@ _LAZY = {
     "Generator": "tileup.txt2img",
     "generate": "tileup.txt2img",
     "Picture": "tileup.imageio",
-    "Observer": "tileup.pipeline",
+    "Observer": "tileup.progress",
     "Upscaler": "tileup.pipeline",
     "upscale": "tileup.pipeline",
     "Stats": "tileup.result",

@@ -44,7 +44,8 @@ from tileup.manifest import (
     settings_hash,
 )
 from tileup.options import target_size
-from tileup.pipeline import NoProgress, Progress, Upscaler
+from tileup.pipeline import Upscaler
+from tileup.progress import NoProgress, Progress
 from tileup.result import Stats
 from tileup.settings import UpscaleSettings
 

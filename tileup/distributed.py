@@ -33,7 +33,8 @@ from typing import Any
 from tileup.batch import FileOutcome, Job, process_job
 from tileup.errors import TileupError
 from tileup.imageio.write import remove_temp_files
-from tileup.pipeline import NoProgress, Progress, Upscaler
+from tileup.pipeline import Upscaler
+from tileup.progress import NoProgress, Progress
 from tileup.settings import SettingsError, UpscaleSettings
 
 IN_FLIGHT = 2

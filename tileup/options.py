@@ -8,14 +8,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from tileup.settings import UpscaleSettings
+from tileup.settings import SettingsError, UpscaleSettings
 
 if TYPE_CHECKING:
     import torch
 
     from tileup.modes.fused import FusedOptions
-    from tileup.modes.model import LoadOptions, SamplingOptions
+    from tileup.modes.model import DiffusionModel, LoadOptions, SamplingOptions
     from tileup.modes.redraw import RedrawOptions
+    from tileup.upscalers.registry import UpscalerChoice
     from tileup.vae.runner import VaeOptions
 
 
@@ -87,3 +88,38 @@ def merge_settings(
     if settings is None:
         return UpscaleSettings.from_mapping(overrides)
     return settings.replace(**overrides) if overrides else settings
+
+
+RELOAD_FIELDS = frozenset(
+    {
+        "checkpoint", "vae", "prediction", "upscaler", "models_dirs", "model_tile", "device",
+        "dtype", "vram", "low_vram", "compile", "vae_tile",
+    }
+)  # fmt: skip
+"""Settings an engine loads or plans with once: they cannot change per call."""
+
+
+def diffuses(settings: UpscaleSettings, upscaler: UpscalerChoice) -> bool:
+    """Whether ``settings`` re-diffuse anything: a denoise above 0, a latent upscaler (its
+    latents must be decoded), or a seam fix with a denoise of its own."""
+    seam_fix = settings.seam_fix != "none" and settings.seam_denoise > 0
+    return settings.denoise > 0 or upscaler.works_on_latents or seam_fix
+
+
+def check_tiles(settings: UpscaleSettings, model: DiffusionModel) -> None:
+    """SettingsError unless the tiles fit the model's VAE grid."""
+    if settings.tile % model.factor or settings.overlap % model.factor:
+        raise SettingsError(
+            f"--tile and --overlap must be multiples of the VAE scale factor {model.factor}"
+        )
+
+
+def check_sampler(settings: UpscaleSettings) -> None:
+    """SamplerError for an unknown sampler or schedule, or a combination that cannot run, before
+    anything loads (and even without a checkpoint, where they would do nothing). The defaults
+    are valid: checking them would import diffusers for pixel-only jobs."""
+    defaults = UpscaleSettings()
+    if (settings.sampler, settings.scheduler) != (defaults.sampler, defaults.scheduler):
+        from tileup.sampling.schedules import resolve
+
+        resolve(settings.sampler, settings.scheduler)

@@ -13,24 +13,25 @@ import copy
 import dataclasses
 import os
 import random
-import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import PIL.Image
 import torch
 
 from tileup.choices import CHECKPOINT_ENV
 from tileup.devices import module_bytes, peak_memory, peak_reserved, resolve_devices, sr_dtype
 from tileup.errors import TileupError
-from tileup.imageio import Picture, read_image
+from tileup.imageio import Picture
 from tileup.infotext import job_parameters
+from tileup.inputs import ImageInput, as_picture
 from tileup.memory import GIB, JobShape, MemoryPlan, ModelSizes, plan_memory
 from tileup.options import (
+    RELOAD_FIELDS,
+    check_sampler,
+    check_tiles,
+    diffuses,
     fused_options,
     load_options,
     merge_settings,
@@ -39,9 +40,9 @@ from tileup.options import (
     target_size,
     vae_options,
 )
+from tileup.progress import Hooks, LockedProgress, NoProgress, Observer, Progress, StageClock
 from tileup.result import Stats, UpscaleResult
 from tileup.settings import SettingsError, UpscaleSettings, flag_of
-from tileup.tiler import Box
 from tileup.upscalers.registry import (
     LatentUpscaler,
     ModelUpscaler,
@@ -54,200 +55,10 @@ if TYPE_CHECKING:
     from tileup.batch import Outcomes
     from tileup.modes.model import DiffusionModel, DiffusionReport
     from tileup.modes.redraw import PassCounts, RedrawPass
-    from tileup.tiler import Tile, TileGrid
+    from tileup.tiler import TileGrid
     from tileup.upscalers.pixel import ModelRunner
     from tileup.upscalers.tiled import RunReport
     from tileup.vae.runner import VaeOptions
-
-
-class Progress(Protocol):
-    """Receives tile counts: ``add_total`` when work is planned, ``advance`` when done."""
-
-    def add_total(self, count: int) -> None: ...
-
-    def advance(self, count: int) -> None: ...
-
-
-class Observer(Protocol):
-    """Watches one picture's job (``Upscaler.__call__(image, observer=...)``), for a UI.
-
-    Every method may raise :class:`~tileup.errors.Cancelled` to stop the job where it is: the
-    call raises it and returns nothing. Calls come from the job's threads (several at once
-    with several devices): an observer must be thread-safe.
-
-    - ``stage(name)``: a stage begins: ``pixel_upscale``, ``vae_encode``, ``diffusion``,
-      ``vae_decode``, ``redraw``, ``seam_fix``, ``color_fix``, ``alpha`` (and ``first_pass``,
-      the sampling from noise of :meth:`Upscaler.txt2img`);
-    - ``add_total(count)`` / ``advance(count)``: progress units as :class:`Progress` gets them
-      (those of :meth:`Upscaler.planned_tiles`): ``advance`` comes after every SR tile and
-      every model evaluation, so at least once per sampling step;
-    - ``tiles(boxes)``: the boxes worked on now, in output pixels (an SR core, a UNet batch of
-      fused tiles, a batch of redraw or seam-fix regions); also once per UNet batch;
-    - ``preview(image, latent)``: the canvas as it stands: latents 1×C×h×w (``latent``, after
-      every model evaluation of fused sampling, cropped to the output) or RGB 3×H×W in [0, 1]
-      (after each batch of redraw regions); read only, on the job's device.
-    """
-
-    def stage(self, name: str) -> None: ...
-
-    def add_total(self, count: int) -> None: ...
-
-    def advance(self, count: int) -> None: ...
-
-    def tiles(self, boxes: Sequence[Box]) -> None: ...
-
-    def preview(self, image: torch.Tensor, latent: bool) -> None: ...
-
-
-class NoProgress:
-    """Progress that goes nowhere."""
-
-    def add_total(self, count: int) -> None:
-        pass
-
-    def advance(self, count: int) -> None:
-        pass
-
-
-ImageInput = str | os.PathLike[str] | PIL.Image.Image | np.ndarray | torch.Tensor | Picture
-"""What the engine takes as one image."""
-
-
-def as_picture(image: ImageInput, max_pixels: int) -> Picture:
-    """``image`` decoded (see :meth:`Upscaler.__call__`); a tensor must be CxHxW or 1xCxHxW
-    (C 1-4) and float in [0, 1]; anything else is an ImageError with one line."""
-    from tileup.imageio import ImageError
-
-    if isinstance(image, Picture):
-        return image
-    if isinstance(image, torch.Tensor):
-        t = image.detach()
-        if t.ndim == 4 and t.shape[0] == 1:
-            t = t[0]
-        if t.ndim != 3 or not 1 <= t.shape[0] <= 4 or not t.is_floating_point():
-            raise ImageError(
-                f"input tensor: expected float CxHxW or 1xCxHxW with C in 1..4, got "
-                f"{t.dtype} {tuple(image.shape)}"
-            )
-        return read_image(t.float().cpu().permute(1, 2, 0).numpy(), max_pixels=max_pixels)
-    if not isinstance(image, (str, os.PathLike, PIL.Image.Image, np.ndarray)):
-        raise ImageError(
-            f"cannot read a {type(image).__name__} object as an image: give a path, a PIL image, a "
-            "numpy array or a torch tensor"
-        )
-    return read_image(image, max_pixels=max_pixels)
-
-
-class LockedProgress:
-    """A progress shared by threads: each call made under one lock."""
-
-    def __init__(self, progress: Progress) -> None:
-        self.progress = progress
-        self.lock = threading.Lock()
-
-    def add_total(self, count: int) -> None:
-        with self.lock:
-            self.progress.add_total(count)
-
-    def advance(self, count: int) -> None:
-        with self.lock:
-            self.progress.advance(count)
-
-
-@dataclass
-class _StageClock:
-    seconds: dict[str, float] = field(default_factory=dict)
-    observer: Observer | None = None
-
-    @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        if self.observer is not None:
-            self.observer.stage(name)
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.add(name, time.perf_counter() - start)
-
-    def add(self, name: str, seconds: float) -> None:
-        self.seconds[name] = round(self.seconds.get(name, 0.0) + seconds, 4)
-
-
-RELOAD_FIELDS = frozenset(
-    {
-        "checkpoint", "vae", "prediction", "upscaler", "models_dirs", "model_tile", "device",
-        "dtype", "vram", "low_vram", "compile", "vae_tile",
-    }
-)  # fmt: skip
-"""Settings an engine loads or plans with once: they cannot change per call."""
-
-
-def _diffuses(settings: UpscaleSettings, upscaler: UpscalerChoice) -> bool:
-    """Whether ``settings`` re-diffuse anything: a denoise above 0, a latent upscaler (its
-    latents must be decoded), or a seam fix with a denoise of its own."""
-    seam_fix = settings.seam_fix != "none" and settings.seam_denoise > 0
-    return settings.denoise > 0 or upscaler.works_on_latents or seam_fix
-
-
-def _check_tiles(settings: UpscaleSettings, model: DiffusionModel) -> None:
-    if settings.tile % model.factor or settings.overlap % model.factor:
-        raise SettingsError(
-            f"--tile and --overlap must be multiples of the VAE scale factor {model.factor}"
-        )
-
-
-def _check_sampler(settings: UpscaleSettings) -> None:
-    """SamplerError for an unknown sampler or schedule, or a combination that cannot run, before
-    anything loads (and even without a checkpoint, where they would do nothing). The defaults
-    are valid: checking them would import diffusers for pixel-only jobs."""
-    defaults = UpscaleSettings()
-    if (settings.sampler, settings.scheduler) != (defaults.sampler, defaults.scheduler):
-        from tileup.sampling.schedules import resolve
-
-        resolve(settings.sampler, settings.scheduler)
-
-
-@dataclass(frozen=True, eq=False)
-class _Hooks:
-    """The stage functions' optional callbacks that feed an :class:`Observer` (all None without
-    one, so a job without an observer runs exactly as before); boxes go out in output pixels.
-    ``factor`` is the VAE scale factor (latent cells → pixels); ``target`` the output (H, W)."""
-
-    observer: Observer
-    target: tuple[int, int]
-    factor: int = 8
-
-    def on_tile(self, count: int) -> None:
-        if count > 0:
-            self.observer.advance(count)
-        else:
-            self.observer.add_total(-count)
-
-    def on_core(self, core: Box, canvas: Box) -> None:
-        """An SR core of a pass over ``canvas``: scaled to the output."""
-        (h, w), sy, sx = self.target, self.target[0] / canvas.height, self.target[1] / canvas.width
-        top, left = round(core.top * sy), round(core.left * sx)
-        bottom, right = min(h, round(core.bottom * sy)), min(w, round(core.right * sx))
-        self.observer.tiles([Box(top, left, bottom - top, right - left)])
-
-    def on_fused_batch(self, tiles: list[Tile]) -> None:
-        self.observer.tiles([self._clip(t.box.scaled(self.factor)) for t in tiles])
-
-    def on_latents(self, latents: torch.Tensor) -> None:
-        f, (h, w) = self.factor, self.target
-        self.observer.preview(latents[..., : -(-h // f), : -(-w // f)], True)
-
-    def on_regions(self, name: str, boxes: tuple[Box, ...]) -> None:
-        self.observer.stage("redraw" if name == "redraw" else "seam_fix")
-        self.observer.tiles([self._clip(b) for b in boxes])
-
-    def on_pasted(self, canvas: torch.Tensor) -> None:
-        self.observer.preview(canvas[:, : self.target[0], : self.target[1]], False)
-
-    def _clip(self, box: Box) -> Box:
-        """``box`` (canvas pixels; the canvas is the output padded at the bottom/right)
-        cut to the output."""
-        return box.intersect(Box(0, 0, *self.target)) or Box(box.top, box.left, 0, 0)
 
 
 class Upscaler:
@@ -273,7 +84,7 @@ class Upscaler:
         self.load_fallbacks: list[str] = []
         self.notes: list[str] = []
         self.budget = self._budget()
-        _check_sampler(settings)
+        check_sampler(settings)
         checkpoint = settings.checkpoint or os.environ.get(CHECKPOINT_ENV) or None
         latent = self.upscaler.works_on_latents
         if latent and settings.mode == "redraw":
@@ -321,7 +132,7 @@ class Upscaler:
         return upscale_files(inputs, engine=self, **options)
 
     def _diffuses(self) -> bool:
-        return _diffuses(self.settings, self.upscaler)
+        return diffuses(self.settings, self.upscaler)
 
     # -- several devices ------------------------------------------------------------------------
 
@@ -411,7 +222,7 @@ class Upscaler:
             sampling=sampling_options(s),
             vae=vae_options(s, self.device),
         )
-        _check_tiles(s, model)
+        check_tiles(s, model)
         return model
 
     def _job_grid(self, model: DiffusionModel, height: int, width: int) -> TileGrid | None:
@@ -495,20 +306,20 @@ class Upscaler:
                 f"{', '.join(flag_of(f) for f in reload)} cannot change per call (the engine "
                 "loads them once); build another Upscaler for them"
             )
-        _check_sampler(settings)
-        if self.model is None and settings.checkpoint and _diffuses(settings, self.upscaler):
+        check_sampler(settings)
+        if self.model is None and settings.checkpoint and diffuses(settings, self.upscaler):
             raise SettingsError(
                 "this engine was built with nothing to re-diffuse (denoise 0), so its checkpoint "
                 "is not loaded; build another Upscaler for a denoise above 0"
             )
-        model = self.model if _diffuses(settings, self.upscaler) else None
+        model = self.model if diffuses(settings, self.upscaler) else None
         self.settings = settings
         try:
             if model is None:
                 with self._without_model():
                     yield
                 return
-            _check_tiles(settings, model)
+            check_tiles(settings, model)
             options = sampling_options(settings)
             with model.sampling_as(options, settings.prompt, settings.negative_prompt):
                 yield
@@ -534,7 +345,7 @@ class Upscaler:
         from tileup.modes.fused import sample_fused
         from tileup.modes.model import DiffusionReport
 
-        model, clock = self.model, _StageClock()
+        model, clock = self.model, StageClock()
         if model is None:
             raise SettingsError("txt2img needs --checkpoint")
         report = DiffusionReport(seed=seed)
@@ -545,7 +356,7 @@ class Upscaler:
         options = fused_options(self.settings)
         if plan is not None and self.settings.tile_batch is None:
             options = dataclasses.replace(options, tile_batch=plan.unet_batch)
-        hooks = None if observer is None else _Hooks(observer, (height, width), f)
+        hooks = None if observer is None else Hooks(observer, (height, width), f)
         with clock.stage("diffusion"):
             if hooks is not None:
                 hooks.observer.stage("first_pass")
@@ -615,7 +426,7 @@ class Upscaler:
         from tileup.upscalers.tiled import RunReport
 
         picture = as_picture(image, self.settings.max_pixels)
-        settings, clock = self.settings, _StageClock(observer=observer)
+        settings, clock = self.settings, StageClock(observer=observer)
         report = RunReport(fallbacks=list(self.load_fallbacks))
         for device in self.devices:
             if device.type == "cuda":
@@ -633,7 +444,7 @@ class Upscaler:
         hooks = None
         if observer is not None:
             factor = self.model.factor if self.model is not None else 8
-            hooks = _Hooks(observer, target, factor)
+            hooks = Hooks(observer, target, factor)
         self._place(plan, "vae")
         # 2. Upscale: pixel (model passes + exact resize) or, for latent modes, in latent space.
         source_latents, latents, rgb = latents, None, None
@@ -646,7 +457,11 @@ class Upscaler:
             else:
                 rgb = self._upscale_pixels(picture.rgb, target, report, plan, hooks)
         if crop is not None and crop != target:
-            rgb, latents, target = self._centre_crop(rgb, latents, target, crop)
+            from tileup.upscalers.latent import centre_crop
+
+            f = self.model.factor if self.model is not None else 1
+            rgb, latents = centre_crop(rgb, latents, target, crop, f)
+            target = crop
             hooks = dataclasses.replace(hooks, target=target) if hooks is not None else None
         # 3. Re-diffusion: fused (tiled VAE encode, fused sampling, tiled decode) or per-tile
         #    redraw; then the seam-fix passes and the colour fix, when asked.
@@ -762,7 +577,7 @@ class Upscaler:
         target: tuple[int, int],
         report: RunReport,
         plan: MemoryPlan | None = None,
-        hooks: _Hooks | None = None,
+        hooks: Hooks | None = None,
     ) -> np.ndarray:
         from tileup.upscalers.pixel import upscale_pixels
         from tileup.upscalers.tiled import auto_tile_size
@@ -783,27 +598,6 @@ class Upscaler:
             on_tile=self._on_tile if hooks is None else self._watched(hooks),
             on_core=hooks.on_core if hooks is not None else None,
         )
-
-    def _centre_crop(
-        self,
-        rgb: np.ndarray | None,
-        latents: torch.Tensor | None,
-        target: tuple[int, int],
-        crop: tuple[int, int],
-    ) -> tuple[np.ndarray | None, torch.Tensor | None, tuple[int, int]]:
-        """The upscale's centre at ``crop`` (H, W), cut as A1111 truncates the hires latents:
-        half the excess latent cells above/left (rounded down), the rest below/right; pixels
-        are cut at the same latent-grid offsets."""
-        if crop[0] > target[0] or crop[1] > target[1]:
-            raise ValueError(f"crop {crop} is larger than the upscale {target}")
-        f = self.model.factor if self.model is not None else 1
-        top, left = ((target[0] - crop[0]) // f // 2) * f, ((target[1] - crop[1]) // f // 2) * f
-        if rgb is not None:
-            rgb = np.ascontiguousarray(rgb[top : top + crop[0], left : left + crop[1]])
-        if latents is not None:
-            rows, cols = -(-crop[0] // f), -(-crop[1] // f)
-            latents = latents[..., top // f : top // f + rows, left // f : left // f + cols]
-        return rgb, latents, crop
 
     def _upscale_latents(
         self,
@@ -835,9 +629,9 @@ class Upscaler:
         latents: torch.Tensor | None,
         target: tuple[int, int],
         diffusion: DiffusionReport,
-        clock: _StageClock,
+        clock: StageClock,
         plan: MemoryPlan | None,
-        hooks: _Hooks | None = None,
+        hooks: Hooks | None = None,
     ) -> tuple[np.ndarray, tuple[PassCounts, ...]]:
         """Step 3: the re-diffusion of the upscaled canvas (``rgb``, or ``latents`` for a latent
         upscaler) in the settings' mode, then the seam fix and the colour fix."""
@@ -913,7 +707,7 @@ class Upscaler:
         alpha: np.ndarray | None,
         target: tuple[int, int],
         report: RunReport,
-        hooks: _Hooks | None = None,
+        hooks: Hooks | None = None,
     ) -> np.ndarray | None:
         if alpha is None:
             return None
@@ -927,7 +721,7 @@ class Upscaler:
         else:
             self.progress.add_total(-count)
 
-    def _watched(self, hooks: _Hooks) -> Callable[[int], None]:
+    def _watched(self, hooks: Hooks) -> Callable[[int], None]:
         """:meth:`_on_tile` that also tells the observer."""
 
         def on_tile(count: int) -> None:

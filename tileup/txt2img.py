@@ -26,7 +26,8 @@ from tileup.settings import SettingsError, UpscaleSettings
 
 if TYPE_CHECKING:
     from tileup.modes.model import DiffusionModel
-    from tileup.pipeline import Observer, Progress, Upscaler
+    from tileup.pipeline import Upscaler
+    from tileup.progress import Observer, Progress
     from tileup.result import UpscaleResult
 
     EngineFactory = Callable[..., Upscaler]

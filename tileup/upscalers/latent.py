@@ -5,6 +5,7 @@ All functions take and return NCHW float tensors; the target is (height, width) 
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -68,3 +69,26 @@ def interpolate_latents(x: torch.Tensor, height: int, width: int, mode: str) -> 
     antialias = mode.endswith("-antialiased")
     base = mode.removesuffix("-antialiased")
     return F.interpolate(x, size=size, mode=base, align_corners=False, antialias=antialias)
+
+
+def centre_crop(
+    rgb: np.ndarray | None,
+    latents: torch.Tensor | None,
+    size: tuple[int, int],
+    crop: tuple[int, int],
+    factor: int,
+) -> tuple[np.ndarray | None, torch.Tensor | None]:
+    """The centre ``crop`` (H, W) of an upscale of ``size`` (H, W): pixels (H×W×C) and/or
+    latents (…×h×w, ``factor`` pixels a cell), cut as A1111 truncates its hires latents: half
+    the excess latent cells above/left (rounded down), the rest below/right; the pixels at the
+    same latent-grid offsets."""
+    if crop[0] > size[0] or crop[1] > size[1]:
+        raise ValueError(f"crop {crop} is larger than the upscale {size}")
+    f = factor
+    top, left = ((size[0] - crop[0]) // f // 2) * f, ((size[1] - crop[1]) // f // 2) * f
+    if rgb is not None:
+        rgb = np.ascontiguousarray(rgb[top : top + crop[0], left : left + crop[1]])
+    if latents is not None:
+        rows, cols = -(-crop[0] // f), -(-crop[1] // f)
+        latents = latents[..., top // f : top // f + rows, left // f : left // f + cols]
+    return rgb, latents

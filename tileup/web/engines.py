@@ -34,7 +34,7 @@ from tileup.txt2img import GenerateSettings, Generator
 
 if TYPE_CHECKING:
     from tileup.modes.model import SamplingOptions
-    from tileup.pipeline import Progress
+    from tileup.progress import Progress
     from tileup.sampling.conditioning import Conditioning
     from tileup.sampling.protocols import UNet
     from tileup.upscalers.pixel import ModelRunner
