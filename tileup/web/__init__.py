@@ -7,6 +7,12 @@ UpscaleSettings, the same SettingsError the CLI gets), ``multipart`` (upload bod
 checkpoint), ``plan`` (tile grid, seam-fix regions, counts, memory plan, estimate: from the
 pipeline's own geometry), ``preview`` (cheap previews), ``jobs`` (the queue behind the one GPU
 and its worker thread), ``presets``, ``server`` (routes, auth, limits) and ``static/`` (the page).
+
+Place in the layout: a front end beside ``cli.py`` and ``batch.py``, above the pipeline (it
+builds UpscaleSettings / GenerateSettings from client JSON and hands them to engines, as the CLI
+does from arguments). The settings stop at the pipeline going down: no stage below it (modes,
+vae, sampling, upscalers, ...) imports them, and only ``cli.py`` (``tileup ui``) imports this
+package.
 """
 
 from __future__ import annotations
