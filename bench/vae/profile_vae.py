@@ -1,0 +1,215 @@
+"""Where the exact tiled VAE spends its time on a GPU, and what its parts could cost.
+
+On the full-size SD VAE architecture (random weights, bf16), prints one JSON object with
+
+- ``attention``: the mid-block global attention at the latent size of a ``--size`` image
+  (1 head, d = 512), per implementation: PyTorch SDPA restricted to each backend, and
+  :func:`tileup.vae.tiled._sdpa` (what the tiled VAE calls); seconds and TFLOP/s;
+- ``conv``: one 3×3 conv (128 → 128 channels, a batch of 4 tiles of 514² px) in NCHW and in
+  channels-last, and the norm-activation pre-op (float32 and fused) on the same batch;
+- ``stages``: the tiled encode and decode of a ``--size`` image with the store on the device,
+  seconds per stage kind (each stage synchronised; a separate, slower run than the total);
+- ``total``: the same encode and decode unsynchronised (median of ``--repeats``).
+
+    python bench/vae/profile_vae.py --size 4096 --out bench/vae/results/profile_h200.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from tileup.vae import engine as vae_engine
+from tileup.vae import tiled
+
+
+def seconds(fn: Callable[[], object], repeats: int = 3) -> float:
+    """Median seconds of ``fn`` on the GPU after one warm-up call."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def gemm_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Softmax attention as two GEMMs per ``chunk`` queries (scores in the input dtype, softmax
+    accumulated in float32)."""
+    out = torch.empty_like(q)
+    kt = k.transpose(-1, -2) * q.shape[-1] ** -0.5
+    for s in range(0, q.shape[2], chunk):
+        scores = torch.matmul(q[:, :, s : s + chunk], kt)
+        torch.matmul(torch.softmax(scores, dim=-1), v, out=out[:, :, s : s + chunk])
+    return out
+
+
+def attention(tokens: int, dim: int, dtype: torch.dtype) -> dict[str, Any]:
+    """Seconds and TFLOP/s of global single-head attention over ``tokens`` tokens."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, k, v = (torch.randn(1, 1, tokens, dim, device="cuda", dtype=dtype) for _ in range(3))
+    flops = 4 * tokens * tokens * dim
+    out: dict[str, Any] = {"tokens": tokens, "dim": dim, "tflop": flops / 1e12}
+
+    def backend(b: SDPBackend) -> Callable[[], object]:
+        def run() -> object:
+            with sdpa_kernel([b]):
+                res = torch.empty_like(q)
+                for s in range(0, tokens, 1 << 16):
+                    res[:, :, s : s + (1 << 16)] = F.scaled_dot_product_attention(
+                        q[:, :, s : s + (1 << 16)], k, v
+                    )
+                return res
+
+        return run
+
+    runs: dict[str, Callable[[], object]] = {
+        "efficient": backend(SDPBackend.EFFICIENT_ATTENTION),
+        "cudnn": backend(SDPBackend.CUDNN_ATTENTION),
+        "flash": backend(SDPBackend.FLASH_ATTENTION),
+        "tileup": lambda: tiled._sdpa(q, k, v),
+        "gemm_2048": lambda: gemm_attention(q, k, v, 2048),
+        "gemm_8192": lambda: gemm_attention(q, k, v, 8192),
+    }
+    for name, fn in runs.items():
+        try:
+            s = seconds(fn, 2)
+            out[name] = {"seconds": s, "tflops": flops / s / 1e12}
+        except Exception as exc:  # a backend may refuse this shape
+            out[name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
+        torch.cuda.empty_cache()
+    return out
+
+
+def conv(dtype: torch.dtype) -> dict[str, Any]:
+    """A 3×3 conv and the norm-activation pre-op on a batch of 4 full-resolution tiles."""
+    x = torch.randn(4, 128, 514, 514, device="cuda", dtype=dtype)
+    layer = torch.nn.Conv2d(128, 128, 3).to("cuda", dtype)
+    flops = 2 * 9 * 128 * 128 * 4 * 512 * 512
+    a = torch.randn(1, 128, 1, 1, device="cuda")
+    b = torch.randn(1, 128, 1, 1, device="cuda")
+    act = torch.nn.SiLU()
+    xl = x.contiguous(memory_format=torch.channels_last)
+    ll = torch.nn.Conv2d(128, 128, 3).to("cuda", dtype).to(memory_format=torch.channels_last)
+    torch.backends.cudnn.benchmark = True
+    bench_nchw = seconds(lambda: layer(x))
+    bench_cl = seconds(lambda: ll(xl))
+    torch.backends.cudnn.benchmark = False
+    res = {
+        "conv_nchw_cudnn_benchmark": bench_nchw,
+        "conv_channels_last_cudnn_benchmark": bench_cl,
+        "conv_nchw": seconds(lambda: layer(x)),
+        "conv_channels_last": seconds(lambda: ll(xl)),
+        "norm_act_float32": seconds(lambda: tiled._norm_act(x, a, b, act, dtype)),
+        "norm_act_channels_last": seconds(lambda: tiled._norm_act(xl, a, b, act, dtype)),
+    }
+    out: dict[str, Any] = {k: {"seconds": v} for k, v in res.items()}
+    for k in [k for k in res if k.startswith("conv")]:
+        out[k]["tflops"] = flops / res[k] / 1e12
+    return out
+
+
+def stage_kind(fn: Callable[..., object]) -> str:
+    """A stage function's kind from its name (``first``, ``second``, ``up``, ``project`` …)."""
+    return getattr(fn, "__qualname__", "?").split(".<locals>.")[-1].replace("<lambda>", "conv_in")
+
+
+def stages(vae: Any, size: int, dtype: torch.dtype) -> dict[str, Any]:
+    """Synchronised seconds per stage kind of a tiled encode and decode."""
+    timings: dict[str, float] = collections.defaultdict(float)
+    counts: dict[str, int] = collections.defaultdict(int)
+    original_stage, original_sdpa = vae_engine.StagedEngine.stage, tiled._sdpa
+
+    def stage(self: Any, inputs: Any, fn: Any, **kw: Any) -> Any:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        res = original_stage(self, inputs, fn, **kw)
+        torch.cuda.synchronize()
+        key = f"{phase}:{stage_kind(fn)}@{kw['scale']}"
+        timings[key] += time.perf_counter() - start
+        counts[key] += 1
+        return res
+
+    def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        res = original_sdpa(q, k, v)
+        torch.cuda.synchronize()
+        timings[f"{phase}:sdpa"] += time.perf_counter() - start
+        return res
+
+    image = torch.rand(1, 3, size, size, device="cuda") * 2 - 1
+    vae_engine.StagedEngine.stage, tiled._sdpa = stage, sdpa  # type: ignore[method-assign]
+    try:
+        phase = "encode"
+        z = tiled.tiled_encode(vae, image, device="cuda", dtype=dtype, batch=4, store="device")
+        phase = "decode"
+        tiled.tiled_decode(vae, z, device="cuda", dtype=dtype, batch=4, store="device")
+    finally:
+        vae_engine.StagedEngine.stage, tiled._sdpa = original_stage, original_sdpa
+    return {k: {"seconds": round(v, 4), "stages": counts.get(k, 0)} for k, v in timings.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=4096)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--parts", default="attention,conv,stages,total")
+    args = parser.parse_args()
+    from diffusers import AutoencoderKL
+
+    from bench.vae.measure_tiled_vae import SD_VAE
+
+    dtype = torch.bfloat16
+    torch.manual_seed(0)
+    vae = AutoencoderKL(**SD_VAE).to("cuda", dtype).eval()
+    parts = args.parts.split(",")
+    result: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "size": args.size,
+        "dtype": "bf16",
+    }
+    with torch.inference_mode():
+        if "attention" in parts:
+            result["attention"] = attention((args.size // 8) ** 2, 512, dtype)
+        if "conv" in parts:
+            result["conv"] = conv(dtype)
+        if "stages" in parts:
+            stages(vae, args.size, dtype)  # warm-up
+            result["stages"] = stages(vae, args.size, dtype)
+        if "total" in parts:
+            image = torch.rand(1, 3, args.size, args.size, device="cuda") * 2 - 1
+            z = tiled.tiled_encode(vae, image, dtype=dtype, batch=4, store="device")
+            result["total"] = {
+                "encode": seconds(
+                    lambda: tiled.tiled_encode(vae, image, dtype=dtype, batch=4, store="device"),
+                    args.repeats,
+                ),
+                "decode": seconds(
+                    lambda: tiled.tiled_decode(vae, z, dtype=dtype, batch=4, store="device"),
+                    args.repeats,
+                ),
+            }
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
