@@ -7,7 +7,7 @@ On the full-size SD VAE architecture (random weights, bf16), prints one JSON obj
   :func:`tileup.vae.tiled._sdpa` (what the tiled VAE calls); seconds and TFLOP/s;
 - ``conv``: one 3×3 conv (128 → 128 channels, a batch of 4 tiles of 514² px) in NCHW and in
   channels-last, and the norm-activation pre-op (float32 and fused) on the same batch;
-- ``stages``: the tiled encode and decode of a ``--size`` image with the store on the device,
+- ``stages``: the tiled encode and decode of a ``--size`` image with the store on ``--store``,
   seconds per stage kind (each stage synchronised; a separate, slower run than the total);
 - ``total``: the same encode and decode unsynchronised (median of ``--repeats``).
 
@@ -80,9 +80,14 @@ def attention(tokens: int, dim: int, dtype: torch.dtype) -> dict[str, Any]:
         "cudnn": backend(SDPBackend.CUDNN_ATTENTION),
         "flash": backend(SDPBackend.FLASH_ATTENTION),
         "tileup": lambda: tiled._sdpa(q, k, v),
-        "gemm_2048": lambda: gemm_attention(q, k, v, 2048),
-        "gemm_8192": lambda: gemm_attention(q, k, v, 8192),
+        "tileup_budget_2^26": lambda: tiled._sdpa(q, k, v, 1 << 26),
+        "tileup_budget_2^28": lambda: tiled._sdpa(q, k, v, 1 << 28),
+        "gemm_bf16_scores_8192": lambda: gemm_attention(q, k, v, 8192),
     }
+    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
+        ref = F.scaled_dot_product_attention(q[:, :, :4096], k, v).float()
+    mine = tiled._sdpa(q[:, :, :4096].contiguous(), k, v).float()
+    out["tileup_vs_efficient_max_abs"] = (mine - ref).abs().max().item()
     for name, fn in runs.items():
         try:
             s = seconds(fn, 2)
@@ -126,7 +131,7 @@ def stage_kind(fn: Callable[..., object]) -> str:
     return getattr(fn, "__qualname__", "?").split(".<locals>.")[-1].replace("<lambda>", "conv_in")
 
 
-def stages(vae: Any, size: int, dtype: torch.dtype) -> dict[str, Any]:
+def stages(vae: Any, size: int, dtype: torch.dtype, store: str) -> dict[str, Any]:
     """Synchronised seconds per stage kind of a tiled encode and decode."""
     timings: dict[str, float] = collections.defaultdict(float)
     counts: dict[str, int] = collections.defaultdict(int)
@@ -154,9 +159,9 @@ def stages(vae: Any, size: int, dtype: torch.dtype) -> dict[str, Any]:
     vae_engine.StagedEngine.stage, tiled._sdpa = stage, sdpa  # type: ignore[method-assign]
     try:
         phase = "encode"
-        z = tiled.tiled_encode(vae, image, device="cuda", dtype=dtype, batch=4, store="device")
+        z = tiled.tiled_encode(vae, image, device="cuda", dtype=dtype, batch=4, store=store)
         phase = "decode"
-        tiled.tiled_decode(vae, z, device="cuda", dtype=dtype, batch=4, store="device")
+        tiled.tiled_decode(vae, z, device="cuda", dtype=dtype, batch=4, store=store)
     finally:
         vae_engine.StagedEngine.stage, tiled._sdpa = original_stage, original_sdpa
     return {k: {"seconds": round(v, 4), "stages": counts.get(k, 0)} for k, v in timings.items()}
@@ -167,6 +172,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--store", default="device", help="stages: device or cpu")
     parser.add_argument("--parts", default="attention,conv,stages,total")
     args = parser.parse_args()
     from diffusers import AutoencoderKL
@@ -182,6 +188,7 @@ def main() -> None:
         "torch": torch.__version__,
         "size": args.size,
         "dtype": "bf16",
+        "store": args.store,
     }
     with torch.inference_mode():
         if "attention" in parts:
@@ -189,8 +196,8 @@ def main() -> None:
         if "conv" in parts:
             result["conv"] = conv(dtype)
         if "stages" in parts:
-            stages(vae, args.size, dtype)  # warm-up
-            result["stages"] = stages(vae, args.size, dtype)
+            stages(vae, args.size, dtype, args.store)  # warm-up
+            result["stages"] = stages(vae, args.size, dtype, args.store)
         if "total" in parts:
             image = torch.rand(1, 3, args.size, args.size, device="cuda") * 2 - 1
             z = tiled.tiled_encode(vae, image, dtype=dtype, batch=4, store="device")

@@ -144,6 +144,9 @@ class StagedEngine:
         self.acc = torch.float64 if device.type in ("cpu", "cuda") else torch.float32
         self.store_cap = store_cap if device.type == "cuda" else None
         self.notes = notes if notes is not None else []
+        self.channels_last = device.type == "cuda"
+        """On CUDA canvases and tile batches are laid out channels-last (H×W×C in memory): the
+        convs run ~1.5× faster on tensor cores and crops copy as contiguous rows."""
 
     def _place(self, nbytes: int) -> torch.device:
         """Where a new canvas of ``nbytes`` lives: the store, or with a ``store_cap`` (bytes the
@@ -154,12 +157,24 @@ class StagedEngine:
         return self.device if fits else torch.device("cpu")
 
     def _empty(
-        self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, pin: bool = False
+        self,
+        shape: tuple[int, ...],
+        dtype: torch.dtype,
+        device: torch.device,
+        pin: bool = False,
+        channels_last: bool = False,
     ) -> torch.Tensor:
-        """An uninitialised tensor; ``pin``: page-locked when it is a host staging buffer for a
-        CUDA device (whole canvases are not pinned: pinning gigabytes costs seconds)."""
+        """An uninitialised (B×)C×H×W tensor; ``pin``: page-locked when it is a host staging
+        buffer for a CUDA device (whole canvases are not pinned: pinning gigabytes costs
+        seconds); ``channels_last``: laid out (B×)H×W×C when the engine runs channels-last."""
         pinned = pin and device.type == "cpu" and self.device.type == "cuda"
-        return torch.empty(shape, dtype=dtype, device=device, pin_memory=pinned)
+        if not (channels_last and self.channels_last):
+            return torch.empty(shape, dtype=dtype, device=device, pin_memory=pinned)
+        order = (*range(len(shape) - 3), len(shape) - 2, len(shape) - 1, len(shape) - 3)
+        data = torch.empty(
+            tuple(shape[i] for i in order), dtype=dtype, device=device, pin_memory=pinned
+        )
+        return data.permute(*(order.index(i) for i in range(len(shape))))
 
     def _evict(self, canvases: Sequence[Canvas]) -> None:
         """Move canvases held on the device to the host and place every later one there: the
@@ -176,7 +191,7 @@ class StagedEngine:
         """Wrap a C×H×W tensor (copied to the store in the compute dtype)."""
         nbytes = data.numel() * torch.empty((), dtype=self.dtype).element_size()
         place = self._place(nbytes)
-        out = self._empty(tuple(data.shape), self.dtype, place)
+        out = self._empty(tuple(data.shape), self.dtype, place, channels_last=True)
         out.copy_(data)
         return Canvas(out, scale)
 
@@ -203,7 +218,9 @@ class StagedEngine:
         shape = (channels, g.height * scale, g.width * scale)
         dtype = out_dtype or self.dtype
         nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        out = self._empty(shape, dtype, out_device or self._place(nbytes))
+        out = self._empty(
+            shape, dtype, out_device or self._place(nbytes), channels_last=out_device is None
+        )
         means: list[torch.Tensor] = []
         m2s: list[torch.Tensor] = []
         counts: list[int] = []
@@ -268,7 +285,13 @@ class StagedEngine:
         m, (channels, rows, cols) = c.scale, c.data.shape
         ch, cw = self.grid.tile_h * m + lo + hi, self.grid.tile_w * m + lo + hi
         pinned = c.data.device.type == "cpu" and self.device.type == "cuda"
-        buf = self._empty((len(tiles), channels, ch, cw), c.data.dtype, c.data.device, pin=True)
+        buf = self._empty(
+            (len(tiles), channels, ch, cw),
+            c.data.dtype,
+            c.data.device,
+            pin=True,
+            channels_last=True,
+        )
         pads = []
         for i, t in enumerate(tiles):
             y0, x0 = t.top * m - lo, t.left * m - lo
@@ -289,7 +312,13 @@ class StagedEngine:
         if res.device == out.device:
             return res, None
         if out.device.type == "cpu" and res.device.type == "cuda":
-            host = torch.empty(res.shape, dtype=out.dtype, pin_memory=True)
+            host = self._empty(
+                tuple(res.shape),
+                out.dtype,
+                torch.device("cpu"),
+                pin=True,
+                channels_last=out.shape[0] > 1 and out.stride(0) == 1,
+            )
             host.copy_(res, non_blocking=True)
             event = torch.cuda.Event()  # type: ignore[no-untyped-call]  # unannotated in torch
             event.record()

@@ -20,8 +20,8 @@ op ("staged" tiling) over all tiles at once:
   the image a crop is zero and is re-zeroed after every pointwise pre-op, which reproduces the
   convs' zero padding at the image border exactly.
 * The mid-block self-attention is exact and global: pass 1 writes Q, K and V of every owned
-  token to latent-resolution device buffers, one attention call (memory-efficient kernels, or
-  the math kernel on query chunks whose score matrix stays below 2^27 elements) gives O, and
+  token to latent-resolution device buffers, exact attention computed as two matrix products per
+  chunk of queries (float32 scores of at most 2^27 elements a chunk) gives O, and
   pass 2 applies the output projection and residual per tile. Q, K, V and O take 4·C·h·w
   values on the device (1 GiB in fp16 for a 4096² SD image, C = 512).
 
@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -66,12 +66,11 @@ from tileup.vae.protocols import (
     Vae,
 )
 
-if TYPE_CHECKING:
-    from torch.nn.attention import SDPBackend
-
 __all__ = ["NonFiniteError", "store_bytes", "tiled_decode", "tiled_encode", "vae_scale_factor"]
 
-_SCORES_BUDGET = 1 << 27  # max elements of one attention score matrix (heads × queries × keys)
+_SCORES_BUDGET = 1 << 27
+"""Most elements of one chunk of attention scores (queries × keys): 768 MiB with the
+probabilities in half precision."""
 
 
 def vae_scale_factor(vae: Vae) -> int:
@@ -86,9 +85,16 @@ def vae_scale_factor(vae: Vae) -> int:
 def _norm_act(
     x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, act: nn.Module | None, dtype: torch.dtype
 ) -> torch.Tensor:
-    """``act(x·a + b)`` computed in float32, returned in ``dtype``."""
-    h = torch.addcmul(b, x.float(), a)
-    return (act(h) if act is not None else h).to(dtype)
+    """``act(x·a + b)`` in ``dtype``, rounded as diffusers rounds: the affine computed in float32
+    and stored in ``dtype`` (one pass: no float32 copy of ``x``), then the activation in place.
+    Keeps ``x``'s memory format."""
+    h = torch.empty_like(x, dtype=dtype)
+    torch.addcmul(b, x, a, out=h)
+    if act is None:
+        return h
+    if isinstance(act, nn.SiLU):
+        return F.silu(h, inplace=True)
+    return act(h)  # type: ignore[no-any-return]  # an nn.Module call is Any to mypy
 
 
 def _conv(conv: nn.Conv2d, h: torch.Tensor) -> torch.Tensor:
@@ -148,31 +154,39 @@ def _resnet(eng: StagedEngine, x: Canvas, r: ResnetBlock) -> Canvas:
     return eng.stage([h, x], second, channels=r.conv2.out_channels, scale=m, halo=(lo, hi))
 
 
-def _attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backends: list[SDPBackend], chunk: int
+def _scores(q: torch.Tensor, kt: torch.Tensor) -> torch.Tensor:
+    """``q @ kt`` (n×d by d×N) in float32: accumulated and stored in float32 from half inputs on
+    CUDA (no float32 copies of the inputs), computed in float32 elsewhere."""
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        return torch.mm(q, kt, out_dtype=torch.float32)
+    return torch.mm(q.float(), kt.float())
+
+
+def _sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, budget: int = _SCORES_BUDGET
 ) -> torch.Tensor:
-    """Softmax attention of every query (1×heads×N×d) over all keys, ``chunk`` queries a call."""
-    from torch.nn.attention import sdpa_kernel
+    """Exact global softmax attention (1×heads×N×d) as two matrix products per chunk of queries.
 
+    Per chunk: float32 scores (queries pre-scaled by d^-½ in float32, rounded once), an in-place
+    float32 softmax, probabilities in the input dtype times V (float32 accumulation) — the
+    precision of PyTorch's fused attention kernels, at GEMM speed: the VAE's head size (512) is
+    too large for the flash and cuDNN kernels and the memory-efficient kernel runs it at ~14 %
+    of an H200's peak (bench/vae/results/profile_h200.json). A chunk's scores take at most
+    ``budget`` elements (6 bytes each with the probabilities).
+    """
+    _, heads, tokens, dim = q.shape
     out = torch.empty_like(q)
-    with sdpa_kernel(backends):
-        for s in range(0, q.shape[2], chunk):
-            out[:, :, s : s + chunk] = F.scaled_dot_product_attention(q[:, :, s : s + chunk], k, v)
+    chunk = max(1, min(tokens, budget // k.shape[2]))
+    scale = dim**-0.5
+    for head in range(heads):
+        kt, vh = k[0, head].transpose(0, 1), v[0, head]
+        for s in range(0, tokens, chunk):
+            qs = (q[0, head, s : s + chunk].float() * scale).to(q.dtype)
+            scores = _scores(qs, kt)
+            torch.softmax(scores, dim=-1, out=scores)
+            torch.mm(scores.to(v.dtype), vh, out=out[0, head, s : s + chunk])
+            del scores
     return out
-
-
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Exact global attention with bounded memory: memory-efficient kernels (flash, efficient,
-    cuDNN) on 2^16 queries a call; where none applies, the math kernel on chunks whose score
-    matrix stays below ``_SCORES_BUDGET`` elements."""
-    from torch.nn.attention import SDPBackend
-
-    fast = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
-    try:
-        return _attend(q, k, v, fast, 1 << 16)
-    except RuntimeError:  # no memory-efficient kernel for this input (or out of memory)
-        chunk = max(1, _SCORES_BUDGET // (q.shape[1] * k.shape[2]))
-        return _attend(q, k, v, [SDPBackend.MATH], chunk)
 
 
 def _attention(eng: StagedEngine, x: Canvas, attn: Attention) -> Canvas:
