@@ -342,6 +342,10 @@ def _peaks(devices: int, ballast: Ballast | None, cpu_peak: int | None) -> dict[
     out: dict[str, Any] = {
         "peak_allocated_gib": round(max(alloc) / GIB, 3),
         "peak_reserved_gib": round(max(reserved) / GIB, 3),
+        # cudaMalloc failures the allocator survived by freeing its cache (each one a sync)
+        "alloc_retries": sum(
+            torch.cuda.memory_stats(i).get("num_alloc_retries", 0) for i in range(devices)
+        ),
     }
     if devices > 1:
         out["peak_allocated_gib_per_device"] = [round(a / GIB, 3) for a in alloc]

@@ -126,6 +126,40 @@ def conv(dtype: torch.dtype) -> dict[str, Any]:
     return out
 
 
+def micro(dtype: torch.dtype) -> dict[str, float]:
+    """Seconds of candidate per-batch ops on 4 channels-last full-resolution tiles."""
+    x = torch.randn(4, 128, 512, 512, device="cuda", dtype=dtype).contiguous(
+        memory_format=torch.channels_last
+    )
+    a = torch.rand(1, 128, 1, 1, device="cuda") + 0.5
+    b = torch.randn(1, 128, 1, 1, device="cuda")
+    ones, zeros = torch.ones(128, device="cuda"), torch.zeros(128, device="cuda")
+
+    def per_tile() -> object:
+        return [torch.var_mean(x[i].float(), dim=(1, 2), correction=0) for i in range(4)]
+
+    def batch_norm() -> object:
+        return F.batch_norm(x, zeros, ones, a.flatten(), b.flatten(), False, 0.0, 0.0)
+
+    def addcmul() -> object:
+        h = torch.empty_like(x)
+        return torch.addcmul(b, x, a, out=h)
+
+    return {
+        "var_mean_per_tile_float": seconds(per_tile),
+        "var_mean_batch_float": seconds(lambda: torch.var_mean(x.float(), dim=(2, 3))),
+        "var_mean_batch_flat": seconds(
+            lambda: torch.var_mean(x.float().permute(0, 2, 3, 1).flatten(1, 2), dim=1)
+        ),
+        "float_copy": seconds(lambda: x.float()),
+        "norm_addcmul_out": seconds(addcmul),
+        "norm_batch_norm": seconds(batch_norm),
+        "batch_norm_max_diff": (batch_norm() - addcmul()).abs().max().item(),  # type: ignore[operator]
+        "silu_inplace": seconds(lambda: F.silu(x.clone(), inplace=True)),
+        "clone": seconds(lambda: x.clone()),
+    }
+
+
 def stage_kind(fn: Callable[..., object]) -> str:
     """A stage function's kind from its name (``first``, ``second``, ``up``, ``project`` …)."""
     return getattr(fn, "__qualname__", "?").split(".<locals>.")[-1].replace("<lambda>", "conv_in")
@@ -167,12 +201,44 @@ def stages(vae: Any, size: int, dtype: torch.dtype, store: str) -> dict[str, Any
     return {k: {"seconds": round(v, 4), "stages": counts.get(k, 0)} for k, v in timings.items()}
 
 
+def trace(vae: Any, size: int, dtype: torch.dtype, store: str, limit: int | None) -> dict[str, Any]:
+    """torch.profiler over one tiled encode and one decode: the top CUDA kernels and CPU ops."""
+    from torch.profiler import ProfilerActivity, profile
+
+    image = torch.rand(1, 3, size, size, device="cuda") * 2 - 1
+    kw: dict[str, Any] = {"dtype": dtype, "batch": 4, "store": store, "store_limit": limit}
+    z = tiled.tiled_encode(vae, image, **kw)
+    torch.cuda.reset_peak_memory_stats()
+    retries = torch.cuda.memory_stats().get("num_alloc_retries", 0)
+    out: dict[str, Any] = {}
+    for name, run in (
+        ("encode", lambda: tiled.tiled_encode(vae, image, **kw)),
+        ("decode", lambda: tiled.tiled_decode(vae, z, **kw)),
+    ):
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            start = time.perf_counter()
+            run()
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - start
+        table = prof.key_averages()
+        out[name] = {
+            "seconds_profiled": wall,
+            "cuda": prof.key_averages().table(sort_by="cuda_time_total", row_limit=22),
+            "cpu": table.table(sort_by="self_cpu_time_total", row_limit=15),
+        }
+    out["alloc_retries"] = torch.cuda.memory_stats().get("num_alloc_retries", 0) - retries
+    out["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", default=None)
-    parser.add_argument("--store", default="device", help="stages: device or cpu")
+    parser.add_argument("--store", default="device", help="stages/trace: device, cpu or auto")
+    parser.add_argument("--emulate-gib", type=float, default=0, help="a card of G GiB (ballast)")
+    parser.add_argument("--store-limit-gib", type=float, default=None, help="trace: store_limit")
     parser.add_argument("--parts", default="attention,conv,stages,total")
     args = parser.parse_args()
     from diffusers import AutoencoderKL
@@ -181,6 +247,10 @@ def main() -> None:
 
     dtype = torch.bfloat16
     torch.manual_seed(0)
+    if args.emulate_gib:
+        from bench.gpu import take_ballast
+
+        ballast = take_ballast(args.emulate_gib)  # noqa: F841 - held for the whole run
     vae = AutoencoderKL(**SD_VAE).to("cuda", dtype).eval()
     parts = args.parts.split(",")
     result: dict[str, Any] = {
@@ -198,6 +268,11 @@ def main() -> None:
         if "stages" in parts:
             stages(vae, args.size, dtype, args.store)  # warm-up
             result["stages"] = stages(vae, args.size, dtype, args.store)
+        if "micro" in parts:
+            result["micro"] = micro(dtype)
+        if "trace" in parts:
+            limit = None if args.store_limit_gib is None else int(args.store_limit_gib * 2**30)
+            result["trace"] = trace(vae, args.size, dtype, args.store, limit)
         if "total" in parts:
             image = torch.rand(1, 3, args.size, args.size, device="cuda") * 2 - 1
             z = tiled.tiled_encode(vae, image, dtype=dtype, batch=4, store="device")

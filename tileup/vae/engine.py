@@ -256,13 +256,9 @@ class StagedEngine:
             start += len(tiles)
             if res is None:
                 continue
-            for i, (y0, y1, x0, x1) in enumerate(owned):
-                var, mean = torch.var_mean(
-                    res[i, :, y0:y1, x0:x1].float(), dim=(1, 2), correction=0
-                )
-                n = (y1 - y0) * (x1 - x0)
+            for mean, m2, n in _owned_stats(res, owned):
                 means.append(mean)
-                m2s.append(var * n)
+                m2s.append(m2)
                 counts.append(n)
             moved = self._to(res, out)
             if pending is not None:
@@ -319,6 +315,12 @@ class StagedEngine:
                 pin=True,
                 channels_last=out.shape[0] > 1 and out.stride(0) == 1,
             )
+            if res.stride() != host.stride():
+                # relaid on the device first: a copy between devices and layouts would go
+                # through pageable memory and a transpose on the host (seconds per canvas)
+                res = torch.empty_strided(
+                    host.shape, host.stride(), dtype=host.dtype, device=res.device
+                ).copy_(res)
             host.copy_(res, non_blocking=True)
             event = torch.cuda.Event()  # type: ignore[no-untyped-call]  # unannotated in torch
             event.record()
@@ -365,6 +367,29 @@ class StagedEngine:
         if not bool(torch.isfinite(a).all() & torch.isfinite(b).all()):
             raise NonFiniteError(f"non-finite activations before a GroupNorm in {self.dtype}")
         return a.float().view(1, -1, 1, 1), b.float().view(1, -1, 1, 1)
+
+
+def _owned_stats(
+    res: torch.Tensor, owned: Sequence[tuple[int, int, int, int]]
+) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+    """Per tile of a result batch, float32 channel mean, M2 and pixel count over its owned region.
+
+    Tiles that own their whole core are reduced in one call (the common case: one kernel a
+    batch instead of one a tile), the others one by one."""
+    rows, cols = res.shape[-2:]
+    whole = [i for i, o in enumerate(owned) if o == (0, rows, 0, cols)]
+    stats: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}
+    if whole:
+        picked = res if len(whole) == len(owned) else res[whole]
+        var, mean = torch.var_mean(picked.float(), dim=(2, 3), correction=0)
+        for j, i in enumerate(whole):
+            stats[i] = (mean[j], var[j] * (rows * cols), rows * cols)
+    for i, (y0, y1, x0, x1) in enumerate(owned):
+        if i not in stats:
+            var, mean = torch.var_mean(res[i, :, y0:y1, x0:x1].float(), dim=(1, 2), correction=0)
+            n = (y1 - y0) * (x1 - x0)
+            stats[i] = (mean, var * n, n)
+    return [stats[i] for i in range(len(owned))]
 
 
 def owned_region(t: VaeTile, scale: int) -> tuple[int, int, int, int]:
