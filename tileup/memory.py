@@ -39,6 +39,10 @@ the compute dtype, the float32 norm-activation intermediate and the conv output.
 VAE_ATTENTION_BYTES_PER_CELL = 4 * 512 * 2
 """Q, K, V and O of the VAE mid-block attention per latent cell (512 channels, bf16)."""
 
+VAE_SCORES_BYTES = 6 << 24
+"""A small chunk of VAE attention scores (2^24 float32 scores and their bf16 probabilities);
+the attention takes larger chunks, up to 2^27 scores, when half the free memory holds them."""
+
 VAE_STORE_BYTES_PER_PX = 1024
 """Peak bytes per output pixel of the tiled VAE's full-size activations ((256 + 2·128) channels
 at full resolution, bf16, while decoding); all of it on the device is the fast case."""
@@ -117,6 +121,13 @@ def vae_fixed_bytes(shape: JobShape) -> int:
     return cells * VAE_ATTENTION_BYTES_PER_CELL
 
 
+def vae_scores_bytes(shape: JobShape) -> int:
+    """Device bytes of the smallest chunk of attention scores the plan allows for (while the
+    attention runs no tile batch is on the device)."""
+    cells = (shape.canvas_height // shape.vae_factor) * (shape.canvas_width // shape.vae_factor)
+    return min(VAE_SCORES_BYTES, 6 * cells * cells)
+
+
 def vae_tile_bytes(shape: JobShape) -> int:
     """Working bytes of one tiled-VAE tile."""
     return (shape.vae_tile + 2) ** 2 * VAE_TILE_BYTES_PER_PX
@@ -138,7 +149,7 @@ def plan_memory(budget: int, sizes: ModelSizes, shape: JobShape, *, low_vram: bo
     """
     free = budget - RESERVE_BYTES
     tile, vae_tile = unet_tile_bytes(shape), vae_tile_bytes(shape)
-    vae_need = sizes.vae + vae_fixed_bytes(shape) + vae_tile
+    vae_need = sizes.vae + vae_fixed_bytes(shape) + max(vae_tile, vae_scores_bytes(shape))
     stream_need = sizes.unet_block + tile
     crop = redraw_crop_bytes(shape) if shape.redraw else 0
     # the smallest plan: UNet streamed block by block, one tile, VAE alone with one tile; a

@@ -172,20 +172,34 @@ def _sdpa(
     precision of PyTorch's fused attention kernels, at GEMM speed: the VAE's head size (512) is
     too large for the flash and cuDNN kernels and the memory-efficient kernel runs it at ~14 %
     of an H200's peak (bench/vae/results/profile_h200.json). A chunk's scores take at most
-    ``budget`` elements (6 bytes each with the probabilities).
+    ``budget`` elements (6 bytes each with the probabilities) and, on CUDA, at most half the free
+    memory; out of memory halves the chunk.
     """
     _, heads, tokens, dim = q.shape
     out = torch.empty_like(q)
+    if q.is_cuda:  # at most half of what is free now (the device's and the allocator's cache)
+        free = torch.cuda.mem_get_info(q.device)[0] + torch.cuda.memory_reserved(q.device)
+        budget = min(budget, (free - torch.cuda.memory_allocated(q.device)) // 12)
     chunk = max(1, min(tokens, budget // k.shape[2]))
     scale = dim**-0.5
     for head in range(heads):
         kt, vh = k[0, head].transpose(0, 1), v[0, head]
-        for s in range(0, tokens, chunk):
-            qs = (q[0, head, s : s + chunk].float() * scale).to(q.dtype)
-            scores = _scores(qs, kt)
-            torch.softmax(scores, dim=-1, out=scores)
-            torch.mm(scores.to(v.dtype), vh, out=out[0, head, s : s + chunk])
-            del scores
+        s = 0
+        while s < tokens:
+            try:
+                qs = (q[0, head, s : s + chunk].float() * scale).to(q.dtype)
+                scores = _scores(qs, kt)
+                torch.softmax(scores, dim=-1, out=scores)
+                torch.mm(scores.to(v.dtype), vh, out=out[0, head, s : s + chunk])
+            except torch.OutOfMemoryError:
+                if chunk == 1:
+                    raise
+                qs = scores = torch.empty(0)
+                chunk //= 2
+                torch.cuda.empty_cache()
+                continue
+            del qs, scores
+            s += chunk
     return out
 
 
