@@ -237,8 +237,13 @@ class StagedEngine:
                     crop, pads = self._gather(c, tiles, halo)
                     crops.append(crop)
                 res = fn(crops, StageBatch(pads, owned, cores))
-            except torch.OutOfMemoryError:
                 crops = []
+                # statistics and the move to the store in the try too: their float32 copy and
+                # relayout are as large as the batch
+                stats = [] if res is None else _owned_stats(res, owned)
+                moved = None if res is None else self._to(res, out)
+            except torch.OutOfMemoryError:
+                crops, res, stats, moved = [], None, [], None
                 if self.batch > 1:
                     self.batch //= 2
                     torch.cuda.empty_cache()
@@ -252,15 +257,13 @@ class StagedEngine:
                     out = out.to("cpu")
                 self.notes.append("VAE out of memory: activations moved to the host")
                 continue
-            del crops
             start += len(tiles)
-            if res is None:
+            if moved is None:
                 continue
-            for mean, m2, n in _owned_stats(res, owned):
+            for mean, m2, n in stats:
                 means.append(mean)
                 m2s.append(m2)
                 counts.append(n)
-            moved = self._to(res, out)
             if pending is not None:
                 self._scatter(out, scale, *pending)
             pending = (*moved, tiles)

@@ -88,8 +88,14 @@ def _norm_act(
     """``act(x·a + b)`` in ``dtype``, rounded as diffusers rounds: the affine computed in float32
     and stored in ``dtype`` (one pass: no float32 copy of ``x``), then the activation in place.
     Keeps ``x``'s memory format."""
-    h = torch.empty_like(x, dtype=dtype)
-    torch.addcmul(b, x, a, out=h)
+    if x.is_cuda and x.dtype == dtype != torch.float32:
+        # the inference batch norm kernel: x·a + b with float32 a, b on half x, 2.8× faster
+        # than a mixed-precision addcmul (bench/vae/profile_vae.py micro)
+        ones, zeros = torch.ones_like(a).flatten(), torch.zeros_like(a).flatten()
+        h = F.batch_norm(x, zeros, ones, a.flatten(), b.flatten(), False, 0.0, 1e-30)
+    else:
+        h = torch.empty_like(x, dtype=dtype)
+        torch.addcmul(b, x, a, out=h)
     if act is None:
         return h
     if isinstance(act, nn.SiLU):
@@ -237,7 +243,7 @@ def _attention(eng: StagedEngine, x: Canvas, attn: Attention) -> Canvas:
                 grid5(dst[0])[:, top + y0 : top + y1, left + x0 : left + x1] = p[i, :, y0:y1, x0:x1]
 
     eng.stage([x], project, channels=0, scale=m, halo=(0, 0))
-    o = grid5(_sdpa(*qkv)[0])
+    o = grid5(_sdpa(qkv[0], qkv[1], qkv[2])[0])
     qkv.clear()
 
     def out(crops: list[torch.Tensor], batch: StageBatch) -> torch.Tensor:
