@@ -1,0 +1,143 @@
+"""The tiled VAE's CUDA paths, on a real GPU (skipped without one; run on the GPU machine).
+
+CUDA-only code: channels-last canvases and tile batches, the inference batch-norm affine in half
+precision, float32 attention scores from half inputs (``torch.mm(out_dtype=)``), the host store's
+pinned staging and its relayout on the device. The VAE is a seeded random AutoencoderKL with
+the SD layout at reduced widths (diffusers only: no text encoder needed on that machine).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from tileup.vae import tiled as tv
+from tileup.vae.engine import StagedEngine, vae_grid
+from tileup.vae.tiled import tiled_decode, tiled_encode
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(scope="module")
+def vae() -> torch.nn.Module:
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    model = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(64, 128, 128, 128),
+        layers_per_block=2,
+        latent_channels=4,
+        norm_num_groups=32,
+    )
+    return model.to("cuda").eval()
+
+
+@pytest.fixture(scope="module")
+def latents() -> torch.Tensor:
+    gen = torch.Generator().manual_seed(1)
+    return torch.randn(1, 4, 40, 48, generator=gen).cuda()
+
+
+@pytest.fixture(scope="module")
+def image() -> torch.Tensor:
+    """A smooth random picture, 1×3×320×384 in [-1, 1]."""
+    gen = torch.Generator().manual_seed(2)
+    coarse = torch.rand(1, 3, 10, 12, generator=gen) * 2 - 1
+    return torch.nn.functional.interpolate(coarse, size=(320, 384), mode="bicubic").cuda()
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32() -> None:
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+
+def test_fp32_tiled_equals_untiled_on_cuda(vae, latents, image) -> None:
+    with torch.inference_mode():
+        decoded = vae.decode(latents).sample.clamp(-1, 1).cpu()
+        encoded = vae.encode(image).latent_dist.mean.cpu()
+    out = tiled_decode(vae, latents, tile=16, batch=4, store="device")
+    assert (out - decoded).abs().max().item() < 2e-4
+    z = tiled_encode(vae, image, tile=128, batch=4, store="device")
+    assert (z - encoded).abs().max().item() < 2e-4
+
+
+def test_bf16_tiled_is_as_close_to_fp32_as_untiled_bf16(vae, latents, image) -> None:
+    half = copy.deepcopy(vae).to(torch.bfloat16)
+    with torch.inference_mode():
+        untiled_dec = half.decode(latents.bfloat16()).sample.float().clamp(-1, 1).cpu()
+        untiled_enc = half.encode(image.bfloat16()).latent_dist.mean.float().cpu()
+    with torch.inference_mode():
+        truth_dec = vae.decode(latents).sample.clamp(-1, 1).cpu()
+        truth_enc = vae.encode(image).latent_dist.mean.cpu()
+    dec = tiled_decode(vae, latents, tile=16, batch=4, dtype=torch.bfloat16, store="device")
+    enc = tiled_encode(vae, image, tile=128, batch=4, dtype=torch.bfloat16, store="device")
+    for out, untiled, truth in ((dec, untiled_dec, truth_dec), (enc, untiled_enc, truth_enc)):
+        err = (out - truth).abs().mean().item()
+        assert err <= 1.5 * (untiled - truth).abs().mean().item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_host_store_gives_the_device_store_bytes(vae, latents, image, dtype) -> None:
+    kw = {"batch": 3, "dtype": dtype}
+    on_device = tiled_decode(vae, latents, tile=16, store="device", **kw)
+    assert torch.equal(tiled_decode(vae, latents, tile=16, store="cpu", **kw), on_device)
+    # a memory plan's cap of 0 bytes: every canvas on the host, pinned staging both ways
+    capped = tiled_decode(vae, latents, tile=16, store="device", store_limit=0, **kw)
+    assert torch.equal(capped, on_device)
+    z = tiled_encode(vae, image, tile=128, store="device", **kw)
+    assert torch.equal(tiled_encode(vae, image, tile=128, store="cpu", **kw), z)
+
+
+def test_canvases_and_batches_are_channels_last(vae, latents) -> None:
+    grid = vae_grid(40, 48, 16)
+    eng = StagedEngine(grid, torch.device("cuda"), torch.bfloat16, torch.device("cuda"), 4)
+    canvas = eng.canvas(latents[0], 1)
+    assert canvas.data.shape == (4, 40, 48) and canvas.data.stride()[0] == 1
+    seen = []
+
+    def fn(crops, batch):
+        seen.append(crops[0].is_contiguous(memory_format=torch.channels_last))
+        return crops[0][:, :, 1:-1, 1:-1] * 2
+
+    out = eng.stage([canvas], fn, channels=4, scale=1, halo=(1, 1))
+    assert seen and all(seen)
+    assert out.data.stride()[0] == 1
+    assert torch.equal(out.data, canvas.data * 2)
+    # statistics of the owned regions: the whole canvas's channel means
+    mean = (out.mean * out.count).sum(0) / out.count.sum()
+    assert torch.allclose(mean.float(), out.data.float().mean((1, 2)), atol=1e-3)
+
+
+def test_attention_in_bf16_is_as_close_as_the_fused_kernel() -> None:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    q, k, v = (torch.randn(1, 1, 4096, 512, device="cuda", generator=gen) for _ in range(3))
+    ref = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    half = [t.bfloat16() for t in (q, k, v)]
+    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
+        fused = torch.nn.functional.scaled_dot_product_attention(*half)
+    mine = tv._sdpa(*half, budget=4096 * 512)  # 8 chunks of queries
+    assert mine.dtype == torch.bfloat16
+    fused_err = (fused.double() - ref).abs().mean().item()
+    assert (mine.double() - ref).abs().mean().item() <= 1.1 * fused_err
+
+
+def test_batch_norm_affine_matches_the_float32_formula() -> None:
+    x = torch.randn(2, 64, 33, 35, device="cuda").bfloat16()
+    x = x.contiguous(memory_format=torch.channels_last)
+    a = torch.rand(1, 64, 1, 1, device="cuda") + 0.5
+    b = torch.randn(1, 64, 1, 1, device="cuda") * 10
+    out = tv._norm_act(x, a, b, torch.nn.SiLU(), torch.bfloat16)
+    affine = (x.float() * a + b).bfloat16()
+    expected = torch.nn.functional.silu(affine.float()).bfloat16()
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    # one bf16 rounding step at most (the kernel may fuse the multiply-add differently)
+    assert ((out.float() - expected.float()).abs() <= expected.float().abs() / 128 + 1e-6).all()
