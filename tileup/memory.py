@@ -34,7 +34,7 @@ UNET_SAMPLE_BYTES_64 = 96 * MIB
 
 VAE_TILE_BYTES_PER_PX = 2000
 """Tiled-VAE working bytes per pixel of a tile in one batch: 128 channels at full resolution in
-the compute dtype, the float32 norm-activation intermediate and the conv output."""
+the compute dtype, the float32 copy its statistics are reduced from and the conv output."""
 
 VAE_ATTENTION_BYTES_PER_CELL = 4 * 512 * 2
 """Q, K, V and O of the VAE mid-block attention per latent cell (512 channels, bf16)."""

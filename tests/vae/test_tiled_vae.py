@@ -218,3 +218,46 @@ def test_sd3_flux_style_vae_without_quant_convs(image) -> None:
         ref = vae.decode(z).sample.clamp(-1, 1)
     assert (tiled_decode(vae, z, tile=4) - ref).abs().max().item() < DECODE_TOL
     assert (tiled_encode(vae, image, tile=32) - untiled_encode(vae, image)).abs().max() < ENCODE_TOL
+
+
+def _fail_once(monkeypatch: pytest.MonkeyPatch, module: object, name: str, when) -> list[int]:
+    """Make ``module.name`` raise an out-of-memory error the first time ``when(*args)`` holds;
+    returns the list of calls that raised (one element once it has)."""
+    original = getattr(module, name)
+    raised: list[int] = []
+
+    def wrapped(*args, **kwargs):
+        if not raised and when(*args):
+            raised.append(1)
+            raise torch.OutOfMemoryError("simulated")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, wrapped)
+    return raised
+
+
+def test_out_of_memory_in_a_stage_halves_the_batch_and_finishes(vae, latents, monkeypatch) -> None:
+    from tileup.vae import engine
+
+    expected = tiled_decode(vae, latents, tile=8, batch=2)
+    # the float32 statistics of a full batch (what crashed a 4 GiB card), then the conv itself
+    raised = _fail_once(monkeypatch, engine, "_owned_stats", lambda res, owned: len(owned) == 4)
+    notes: list[str] = []
+    out = tiled_decode(vae, latents, tile=8, batch=4, notes=notes)
+    assert raised and notes == ["VAE out of memory: 2 tiles per batch"]
+    assert torch.equal(out, expected)  # every later batch at the halved size: batch 2's bytes
+
+
+def test_out_of_memory_in_the_attention_halves_its_chunk(monkeypatch) -> None:
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 1, 40, 8, generator=gen) for _ in range(3))
+    expected = tv._sdpa(q, k, v, 10 * 40)
+    raised = _fail_once(monkeypatch, tv, "_scores", lambda qs, kt: qs.shape[0] == 16)
+    out = tv._sdpa(q, k, v, 16 * 40)  # chunks of 16 queries, then 8 after the failure
+    assert raised
+    assert (out - expected).abs().max().item() < 1e-6
+    monkeypatch.setattr(
+        tv, "_scores", lambda qs, kt: (_ for _ in ()).throw(torch.OutOfMemoryError())
+    )
+    with pytest.raises(torch.OutOfMemoryError):  # one query a chunk and still no room
+        tv._sdpa(q, k, v, 16 * 40)

@@ -30,11 +30,16 @@ canvases on ``store`` hold up to three activations at once; the peak is at full 
 decode ≈ (c₁ + 2c₀)·H·W elements (c₀, c₁ the first two ``block_out_channels``: 512 channels
 for SD, 16 GiB in fp16 / 32 GiB in fp32 for a 4096² image), encode ≈ 3c₀·H·W (12 GiB fp16).
 With a CPU store every canvas crosses the host link once per stage, which dominates the time.
-Measured on an H200 (SD VAE architecture, bf16, tile 512 px, batch 4; bench/vae): decode of
-2048² takes 3.2 s with ``store="cpu"``, 0.43 s with ``store="device"``, 0.43 s untiled; of
-4096², 13.4 s / 2.7 s / 3.0 s, at 3.8 / 18.8 / 38.5 GiB peak device memory. Every stage
-boundary is one host sync (to check the statistics are finite); crop and paste work per tile
-is tile-sized, never image-sized.
+On CUDA canvases and tile batches are channels-last (the convs run ~1.5× faster on tensor
+cores), the norm-affine is the inference batch-norm kernel, and the attention is two GEMMs per
+chunk of queries with float32 scores (the 512-wide head has no flash/cuDNN kernel and the
+memory-efficient one ran it at 14 % of peak). Measured on an H200 (SD VAE architecture, bf16,
+tile 512 px, batch 4; bench/vae/profile_vae.py, 2026-11-30): a 4096² image encodes in 1.20 s
+and decodes in 1.63 s with ``store="device"`` (2.01 s / 2.60 s before those three changes;
+untiled diffusers 2.43 s / 3.03 s), the attention taking 0.62 s of each (1.32 s before); with
+a memory plan's 3.08 GiB device store on an 8 GiB card (the rest on the host) 4.8 s / 7.2 s,
+bound by host-side crop and paste copies. Every stage boundary is one host sync (to check the
+statistics are finite); crop and paste work per tile is tile-sized, never image-sized.
 """
 
 from __future__ import annotations
