@@ -261,3 +261,37 @@ def test_out_of_memory_in_the_attention_halves_its_chunk(monkeypatch) -> None:
     )
     with pytest.raises(torch.OutOfMemoryError):  # one query a chunk and still no room
         tv._sdpa(q, k, v, 16 * 40)
+
+
+def test_a_second_lane_gives_the_one_device_bytes(vae, latents, image) -> None:
+    """Every other tile batch of each stage on a copy of the VAE (here on the same CPU)."""
+    other = [(copy.deepcopy(vae), "cpu")]
+    one = tiled_decode(vae, latents, tile=8, batch=2)
+    assert torch.equal(tiled_decode(vae, latents, tile=8, batch=2, lanes=other), one)
+    z = tiled_encode(vae, image, tile=16, batch=2)
+    assert torch.equal(tiled_encode(vae, image, tile=16, batch=2, lanes=other), z)
+
+
+def test_every_module_of_a_stage_goes_through_its_lane(vae, latents, image, monkeypatch) -> None:
+    """A stage function that used a primary module directly would run the primary's weights on
+    the other device: every conv and linear layer must be looked up through the batch's lane."""
+    from tileup.vae.engine import Lane
+
+    looked_up: set[int] = set()
+    original = Lane.__call__
+
+    def recording(self, obj):
+        if self.device is not None and isinstance(obj, torch.nn.Module):
+            looked_up.add(id(obj))
+        return original(self, obj)
+
+    monkeypatch.setattr(Lane, "__call__", recording)
+    other = [(copy.deepcopy(vae), "cpu")]
+    tiled_decode(vae, latents[:, :, :16, :16], tile=4, batch=1, lanes=other)
+    tiled_encode(vae, image[:, :, :32, :32], tile=8, batch=1, lanes=other)
+    layers = (torch.nn.Conv2d, torch.nn.Linear)
+    for part in (vae.decoder, vae.encoder, vae.post_quant_conv, vae.quant_conv):
+        used = {id(m) for m in part.modules() if isinstance(m, layers)}
+        assert used <= looked_up, [
+            type(m).__name__ for m in part.modules() if id(m) in used - looked_up
+        ]

@@ -14,6 +14,7 @@ import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar, cast
 
 import torch
 from torch import nn
@@ -21,7 +22,9 @@ from torch import nn
 from tileup.tiler import axis_starts
 
 __all__ = [
+    "PRIMARY",
     "Canvas",
+    "Lane",
     "NonFiniteError",
     "StageBatch",
     "StageFn",
@@ -79,6 +82,42 @@ def vae_grid(height: int, width: int, tile: int) -> VaeGrid:
     return VaeGrid(height, width, th, tw, tiles)
 
 
+_T = TypeVar("_T")
+
+
+class Lane:
+    """A device a stage's tile batches run on. A stage function passes every module and tensor
+    it uses through the batch's lane: on the primary device they come back as they are; on
+    another device a module comes back as its copy there (``modules`` maps each primary module
+    to it) and a tensor is copied over."""
+
+    def __init__(
+        self, device: torch.device | None = None, modules: dict[int, nn.Module] | None = None
+    ) -> None:
+        self.device, self.modules = device, modules
+
+    def __call__(self, obj: _T) -> _T:
+        if self.device is None:
+            return obj
+        if isinstance(obj, torch.Tensor):
+            return cast(_T, obj.to(self.device))
+        copy = self.modules.get(id(obj)) if self.modules is not None else None
+        if copy is None:
+            raise RuntimeError(f"no copy of {type(obj).__name__} on {self.device}")
+        return cast(_T, copy)  # the same module type, on another device
+
+    @classmethod
+    def of(cls, device: torch.device, primary: nn.Module, replica: nn.Module) -> Lane:
+        """The lane of ``device`` whose modules are ``replica``'s, matched to ``primary``'s
+        (the same architecture) in order."""
+        pairs = zip(primary.modules(), replica.modules(), strict=True)
+        return cls(device, {id(a): b for a, b in pairs})
+
+
+PRIMARY = Lane()
+"""The primary device's lane: everything as it is."""
+
+
 @dataclass(frozen=True)
 class StageBatch:
     """What a stage function needs to know about the tiles of one batch.
@@ -91,6 +130,8 @@ class StageBatch:
     pads: tuple[tuple[int, int, int, int], ...]
     owned: tuple[tuple[int, int, int, int], ...]
     cores: tuple[tuple[int, int], ...]
+    lane: Lane = PRIMARY
+    """Where the batch runs: pass modules and device tensors through it (see :class:`Lane`)."""
 
     def zero_outside(self, h: torch.Tensor) -> torch.Tensor:
         """Zero, in place, the crop outside the image (the convs' zero padding); returns ``h``."""
@@ -138,8 +179,13 @@ class StagedEngine:
         *,
         store_cap: int | None = None,
         notes: list[str] | None = None,
+        lanes: Sequence[Lane] = (),
     ) -> None:
         self.grid, self.device, self.dtype, self.store = grid, device, dtype, store
+        self.lanes: tuple[Lane, ...] = (PRIMARY, *lanes)
+        """The primary device and the other devices whose copies of the modules take every
+        ``len(lanes)``-th tile batch of each stage in turn (one thread issues them all; the
+        devices overlap because CUDA work is asynchronous)."""
         self.batch = batch
         self.acc = torch.float64 if device.type in ("cpu", "cuda") else torch.float32
         self.store_cap = store_cap if device.type == "cuda" else None
@@ -225,18 +271,19 @@ class StagedEngine:
         m2s: list[torch.Tensor] = []
         counts: list[int] = []
         pending: tuple[torch.Tensor, torch.cuda.Event | None, Sequence[VaeTile]] | None = None
-        start = 0
+        start = batches = 0
         while start < len(g.tiles):
             tiles = g.tiles[start : start + self.batch]
             owned = tuple(owned_region(t, scale) for t in tiles)
             cores = tuple((t.top * scale, t.left * scale) for t in tiles)
+            lane = self.lanes[batches % len(self.lanes)]
             try:
                 crops: list[torch.Tensor] = []
                 pads: tuple[tuple[int, int, int, int], ...] = ()
                 for c in inputs:
-                    crop, pads = self._gather(c, tiles, halo)
+                    crop, pads = self._gather(c, tiles, halo, lane.device or self.device)
                     crops.append(crop)
-                res = fn(crops, StageBatch(pads, owned, cores))
+                res = fn(crops, StageBatch(pads, owned, cores, lane))
                 crops = []
                 # statistics and the move to the store in the try too: their float32 copy and
                 # relayout are as large as the batch
@@ -258,11 +305,12 @@ class StagedEngine:
                 self.notes.append("VAE out of memory: activations moved to the host")
                 continue
             start += len(tiles)
+            batches += 1
             if moved is None:
                 continue
             for mean, m2, n in stats:
-                means.append(mean)
-                m2s.append(m2)
+                means.append(mean.to(self.device))
+                m2s.append(m2.to(self.device))
                 counts.append(n)
             if pending is not None:
                 self._scatter(out, scale, *pending)
@@ -277,9 +325,9 @@ class StagedEngine:
         return result
 
     def _gather(
-        self, c: Canvas, tiles: Sequence[VaeTile], halo: tuple[int, int]
+        self, c: Canvas, tiles: Sequence[VaeTile], halo: tuple[int, int], device: torch.device
     ) -> tuple[torch.Tensor, tuple[tuple[int, int, int, int], ...]]:
-        """Batched crops (B×C×(th·m + lo + hi)×(tw·m + lo + hi)) on the device, zero outside."""
+        """Batched crops (B×C×(th·m + lo + hi)×(tw·m + lo + hi)) on ``device``, zero outside."""
         lo, hi = halo
         m, (channels, rows, cols) = c.scale, c.data.shape
         ch, cw = self.grid.tile_h * m + lo + hi, self.grid.tile_w * m + lo + hi
@@ -301,7 +349,7 @@ class StagedEngine:
             pads.append(pad)
         batch = StageBatch(tuple(pads), (), ())
         batch.zero_outside(buf)
-        return buf.to(self.device, self.dtype, non_blocking=pinned), batch.pads
+        return buf.to(device, self.dtype, non_blocking=pinned), batch.pads
 
     def _to(
         self, res: torch.Tensor, out: torch.Tensor
@@ -326,7 +374,7 @@ class StagedEngine:
                 ).copy_(res)
             host.copy_(res, non_blocking=True)
             event = torch.cuda.Event()  # type: ignore[no-untyped-call]  # unannotated in torch
-            event.record()
+            event.record(torch.cuda.current_stream(res.device))
             return host, event
         return res.to(out.device), None
 

@@ -45,7 +45,7 @@ statistics are finite); crop and paste work per tile is tile-sized, never image-
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 import torch
@@ -54,6 +54,7 @@ from torch import nn
 
 from tileup.vae.engine import (
     Canvas,
+    Lane,
     NonFiniteError,
     StageBatch,
     StagedEngine,
@@ -147,8 +148,9 @@ def _resnet(eng: StagedEngine, x: Canvas, r: ResnetBlock) -> Canvas:
     a1, b1 = eng.affine(x, r.norm1)
 
     def first(crops: list[torch.Tensor], batch: StageBatch) -> torch.Tensor:
+        a, b, lane = batch.lane(a1), batch.lane(b1), batch.lane
         return _conv(
-            r.conv1, batch.zero_outside(_norm_act(crops[0], a1, b1, r.nonlinearity, dtype))
+            lane(r.conv1), batch.zero_outside(_norm_act(crops[0], a, b, r.nonlinearity, dtype))
         )
 
     h = eng.stage([x], first, channels=r.conv1.out_channels, scale=m, halo=_halo(r.conv1))
@@ -156,10 +158,13 @@ def _resnet(eng: StagedEngine, x: Canvas, r: ResnetBlock) -> Canvas:
     lo, hi = _halo(r.conv2)
 
     def second(crops: list[torch.Tensor], batch: StageBatch) -> torch.Tensor:
-        out = _conv(r.conv2, batch.zero_outside(_norm_act(crops[0], a2, b2, r.nonlinearity, dtype)))
+        a, b, lane = batch.lane(a2), batch.lane(b2), batch.lane
+        out = _conv(
+            lane(r.conv2), batch.zero_outside(_norm_act(crops[0], a, b, r.nonlinearity, dtype))
+        )
         skip = crops[1][:, :, lo : crops[1].shape[2] - hi, lo : crops[1].shape[3] - hi]
         if r.conv_shortcut is not None:
-            skip = r.conv_shortcut(skip)
+            skip = lane(r.conv_shortcut)(skip)
         return (skip + out) / r.output_scale_factor
 
     return eng.stage([h, x], second, channels=r.conv2.out_channels, scale=m, halo=(lo, hi))
@@ -240,9 +245,10 @@ def _attention(eng: StagedEngine, x: Canvas, attn: Attention) -> Canvas:
         return t.view(heads, rows, cols, d)
 
     def project(crops: list[torch.Tensor], batch: StageBatch) -> None:
-        h = _norm_act(crops[0], a, b, None, dtype).permute(0, 2, 3, 1)  # B×th×tw×C
+        lane = batch.lane
+        h = _norm_act(crops[0], lane(a), lane(b), None, dtype).permute(0, 2, 3, 1)  # B×th×tw×C
         for proj, dst in zip((attn.to_q, attn.to_k, attn.to_v), qkv, strict=True):
-            p = proj(h).unflatten(-1, (heads, d)).permute(0, 3, 1, 2, 4)  # B×heads×th×tw×d
+            p = lane(proj)(h).unflatten(-1, (heads, d)).permute(0, 3, 1, 2, 4)  # B×heads×th×tw×d
             for i, (top, left) in enumerate(batch.cores):
                 y0, y1, x0, x1 = batch.owned[i]
                 grid5(dst[0])[:, top + y0 : top + y1, left + x0 : left + x1] = p[i, :, y0:y1, x0:x1]
@@ -254,9 +260,10 @@ def _attention(eng: StagedEngine, x: Canvas, attn: Attention) -> Canvas:
     def out(crops: list[torch.Tensor], batch: StageBatch) -> torch.Tensor:
         x_in = crops[0]
         th, tw = x_in.shape[-2:]
+        lane = batch.lane
         h = torch.stack([o[:, top : top + th, left : left + tw] for top, left in batch.cores])
-        h = h.permute(0, 2, 3, 1, 4).flatten(-2)  # B×th×tw×inner
-        h = attn.to_out[1](attn.to_out[0](h)).permute(0, 3, 1, 2)
+        h = lane(h).permute(0, 2, 3, 1, 4).flatten(-2)  # B×th×tw×inner
+        h = lane(attn.to_out[1])(lane(attn.to_out[0])(h)).permute(0, 3, 1, 2)
         if attn.residual_connection:
             h = h + x_in
         return h / attn.rescale_output_factor
@@ -294,7 +301,7 @@ def _downsample(eng: StagedEngine, x: Canvas, ds: Downsample) -> Canvas:
     halo = (p, 3 - 2 - p)  # output o reads input 2o - p .. 2o - p + 2
 
     def down(crops: list[torch.Tensor], batch: StageBatch) -> torch.Tensor:
-        return _conv(conv, crops[0])
+        return _conv(batch.lane(conv), crops[0])
 
     return eng.stage([x], down, channels=conv.out_channels, scale=x.scale // 2, halo=halo)
 
@@ -309,7 +316,7 @@ def _upsample(eng: StagedEngine, x: Canvas, us: Upsample) -> Canvas:
         raise _unsupported(f"got upsampler conv {conv}")
 
     def up(crops: list[torch.Tensor], batch: StageBatch) -> torch.Tensor:
-        h = _conv(conv, F.interpolate(crops[0], scale_factor=2.0, mode="nearest"))
+        h = _conv(batch.lane(conv), F.interpolate(crops[0], scale_factor=2.0, mode="nearest"))
         return h[:, :, 1:-1, 1:-1]
 
     return eng.stage([x], up, channels=conv.out_channels, scale=x.scale * 2, halo=(1, 1))
@@ -324,7 +331,7 @@ def _encode_one(
     """Encoder → quant_conv → posterior mean; (latent C×h×w float32 CPU, finite flag)."""
     x = eng.stage(
         [image],
-        lambda c, b: _conv(enc.conv_in, c[0]),
+        lambda c, b: _conv(b.lane(enc.conv_in), c[0]),
         channels=enc.conv_in.out_channels,
         scale=image.scale,
         halo=_halo(enc.conv_in),
@@ -341,12 +348,13 @@ def _encode_one(
     flags: list[torch.Tensor] = []
 
     def out(crops: list[torch.Tensor], batch: StageBatch) -> torch.Tensor:
-        h = batch.zero_outside(_norm_act(crops[0], a, b, enc.conv_act, eng.dtype))
-        h = _conv(enc.conv_out, h)
+        lane = batch.lane
+        h = batch.zero_outside(_norm_act(crops[0], lane(a), lane(b), enc.conv_act, eng.dtype))
+        h = _conv(lane(enc.conv_out), h)
         if quant is not None:
-            h = quant(h)
+            h = lane(quant)(h)
         h = h[:, :latent]
-        flags.append(torch.isfinite(h).all())
+        flags.append(torch.isfinite(h).all().to(eng.device))
         return h
 
     z = eng.stage(
@@ -370,8 +378,8 @@ def _decode_one(
         raise _unsupported("got a decoder with spatial norm")
 
     def conv_in(crops: list[torch.Tensor], batch: StageBatch) -> torch.Tensor:
-        h = crops[0] if post is None else batch.zero_outside(post(crops[0]))
-        return _conv(dec.conv_in, h)
+        h = crops[0] if post is None else batch.zero_outside(batch.lane(post)(crops[0]))
+        return _conv(batch.lane(dec.conv_in), h)
 
     x = eng.stage(
         [z], conv_in, channels=dec.conv_in.out_channels, scale=z.scale, halo=_halo(dec.conv_in)
@@ -388,9 +396,10 @@ def _decode_one(
     flags: list[torch.Tensor] = []
 
     def out(crops: list[torch.Tensor], batch: StageBatch) -> torch.Tensor:
-        h = batch.zero_outside(_norm_act(crops[0], a, b, dec.conv_act, eng.dtype))
-        h = _conv(dec.conv_out, h)
-        flags.append(torch.isfinite(h).all())
+        lane = batch.lane
+        h = batch.zero_outside(_norm_act(crops[0], lane(a), lane(b), dec.conv_act, eng.dtype))
+        h = _conv(lane(dec.conv_out), h)
+        flags.append(torch.isfinite(h).all().to(eng.device))
         return h.clamp(-1, 1)
 
     img = eng.stage(
@@ -424,6 +433,26 @@ def _placed(
         copy.deepcopy(main).to(device, dtype),
         None if conv is None else copy.deepcopy(conv).to(device, dtype),
     )
+
+
+def _lanes(
+    lanes: Sequence[tuple[Vae, torch.device | str]],
+    part: Callable[[Vae], tuple[Placeable, nn.Module | None]],
+    primary: tuple[Placeable, nn.Module | None],
+    dtype: torch.dtype,
+) -> list[Lane]:
+    """A :class:`Lane` per (VAE copy, device): ``part`` picks the module pair a pass uses (encoder
+    and quant conv, or decoder and post-quant conv), placed like the primary's."""
+
+    def tree(pair: tuple[Placeable, nn.Module | None]) -> nn.Module:
+        return nn.ModuleList([m for m in pair if m is not None])  # type: ignore[misc]  # modules
+
+    out = []
+    for vae, device in lanes:
+        dev = torch.device(device)
+        main, conv = part(vae)
+        out.append(Lane.of(dev, tree(primary), tree(_placed(main, conv, dev, dtype))))
+    return out
 
 
 def store_bytes(vae: Vae, height: int, width: int, dtype: torch.dtype, *, decode: bool) -> int:
@@ -477,6 +506,7 @@ def tiled_encode(
     store: torch.device | str = "cpu",
     store_limit: int | None = None,
     notes: list[str] | None = None,
+    lanes: Sequence[tuple[Vae, torch.device | str]] = (),
 ) -> torch.Tensor:
     """Posterior mean of a diffusers AutoencoderKL, computed tile by tile, exactly.
 
@@ -493,7 +523,9 @@ def tiled_encode(
     need at most half of its free memory; ``store_limit`` (CUDA) instead places each activation
     on the device while the device holds at most that many bytes more than when the call
     started, else on the host (pinned): the budget of a memory plan. On out-of-memory the batch
-    is halved (noted in ``notes``). Raises NonFiniteError on NaN/inf.
+    is halved (noted in ``notes``). ``lanes``: copies of the VAE on other devices, each taking
+    its turn of every stage's tile batches (the canvases stay with ``device``; the result is the
+    one-device result when the devices compute alike). Raises NonFiniteError on NaN/inf.
     """
     f = vae_scale_factor(vae)
     if image.ndim != 4 or image.shape[1] != vae.config.in_channels:
@@ -506,8 +538,16 @@ def tiled_encode(
     )
     enc, quant = _placed(vae.encoder, getattr(vae, "quant_conv", None), dev, dt)
     grid = vae_grid(height // f, width // f, tile // f)
+    others = _lanes(lanes, lambda v: (v.encoder, getattr(v, "quant_conv", None)), (enc, quant), dt)
     eng = StagedEngine(
-        grid, dev, dt, st, max(1, batch), store_cap=_cap(dev, store_limit), notes=notes
+        grid,
+        dev,
+        dt,
+        st,
+        max(1, batch),
+        store_cap=_cap(dev, store_limit),
+        notes=notes,
+        lanes=others,
     )
     latent = vae.config.latent_channels
     outs = []
@@ -531,6 +571,7 @@ def tiled_decode(
     store: torch.device | str = "cpu",
     store_limit: int | None = None,
     notes: list[str] | None = None,
+    lanes: Sequence[tuple[Vae, torch.device | str]] = (),
 ) -> torch.Tensor:
     """Decode with a diffusers AutoencoderKL tile by tile, exactly.
 
@@ -555,8 +596,18 @@ def tiled_decode(
     )
     dec, post = _placed(vae.decoder, getattr(vae, "post_quant_conv", None), dev, dt)
     grid = vae_grid(latents.shape[2], latents.shape[3], tile)
+    others = _lanes(
+        lanes, lambda v: (v.decoder, getattr(v, "post_quant_conv", None)), (dec, post), dt
+    )
     eng = StagedEngine(
-        grid, dev, dt, st, max(1, batch), store_cap=_cap(dev, store_limit), notes=notes
+        grid,
+        dev,
+        dt,
+        st,
+        max(1, batch),
+        store_cap=_cap(dev, store_limit),
+        notes=notes,
+        lanes=others,
     )
     outs = []
     with torch.inference_mode():
