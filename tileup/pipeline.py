@@ -371,7 +371,9 @@ class Upscaler:
             if hooks is not None:
                 hooks.observer.stage("vae_decode")
             self._place(plan, "vae")
-            rgb = model.vae.decode_canvas(latents, report.fallbacks, self._vae_options(plan))
+            rgb = model.vae.decode_canvas(
+                latents, report.fallbacks, self._vae_options(plan), model.vae_lanes
+            )
         return latents, rgb[:height, :width], report, clock.seconds
 
     def from_latents(
@@ -618,7 +620,9 @@ class Upscaler:
             latents = source_latents
         else:
             padded = model.pad_canvas(rgb)
-            latents = model.vae.encode_canvas(padded, notes, self._vae_options(plan))
+            latents = model.vae.encode_canvas(
+                padded, notes, self._vae_options(plan), model.vae_lanes
+            )
         canvas = model.canvas_size(*target)
         return interpolate_latents(latents, canvas[0] // f, canvas[1] // f, self.upscaler.mode)
 
@@ -647,7 +651,9 @@ class Upscaler:
                 assert rgb is not None
                 with clock.stage("vae_encode"):
                     canvas = model.pad_canvas(rgb)
-                    latents = model.vae.encode_canvas(canvas, diffusion.fallbacks, vae_plan)
+                    latents = model.vae.encode_canvas(
+                        canvas, diffusion.fallbacks, vae_plan, model.vae_lanes
+                    )
             options = fused_options(s)
             if plan is not None and s.tile_batch is None:
                 options = dataclasses.replace(options, tile_batch=plan.unet_batch)
@@ -666,7 +672,9 @@ class Upscaler:
                 )
             with clock.stage("vae_decode"):
                 self._place(plan, "vae")
-                rgb = model.vae.decode_canvas(latents, diffusion.fallbacks, vae_plan)
+                rgb = model.vae.decode_canvas(
+                    latents, diffusion.fallbacks, vae_plan, model.vae_lanes
+                )
                 rgb = rgb[: target[0], : target[1]]
         assert rgb is not None
         grid = self._job_grid(model, *model.canvas_size(*target))

@@ -143,3 +143,14 @@ def test_batch_norm_affine_matches_the_float32_formula() -> None:
     assert out.is_contiguous(memory_format=torch.channels_last)
     # one bf16 rounding step at most (the kernel may fuse the multiply-add differently)
     assert ((out.float() - expected.float()).abs() <= expected.float().abs() / 128 + 1e-6).all()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+@pytest.mark.parametrize("store", ["device", "cpu"])
+def test_a_second_gpu_takes_turns_and_gives_the_same_bytes(vae, latents, image, store) -> None:
+    other = [(copy.deepcopy(vae).to("cuda:1"), torch.device("cuda:1"))]
+    kw = {"batch": 2, "dtype": torch.bfloat16, "store": store}
+    one = tiled_decode(vae, latents, tile=16, **kw)
+    assert torch.equal(tiled_decode(vae, latents, tile=16, lanes=other, **kw), one)
+    z = tiled_encode(vae, image, tile=128, **kw)
+    assert torch.equal(tiled_encode(vae, image, tile=128, lanes=other, **kw), z)

@@ -130,6 +130,28 @@ def test_fused_job_on_two_lanes_matches_one(tiny) -> None:
     assert float((outs[0] - latents).abs().mean()) > 0.01  # it was sampled
 
 
+def test_a_job_on_two_lanes_deals_the_tiled_vae_batches_too(tiny, tmp_path: Path) -> None:
+    checkpoint = save_single_file(tiny, tmp_path / "sd1.safetensors", "sd1")
+    settings = UpscaleSettings(
+        checkpoint=str(checkpoint), upscaler="lanczos", scale=1.0, tile=64, overlap=16,
+        steps=2, denoise=0.4, prompt="a photo", seed=11, device="cpu", vae_tile=64,
+    )  # fmt: skip
+    photo = (_photo(64, 96).permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+    one = Upscaler(settings)(photo)
+    engine = Upscaler(settings)
+    assert engine.model is not None
+    engine.devices = (CPU, CPU)  # two lanes on this CPU-only machine
+    engine.model.add_replicas((CPU,))
+    replica = engine.model.replicas[0].vae
+    asked: list[torch.dtype] = []
+    module_in = replica.module_in
+    replica.module_in = lambda dtype: asked.append(dtype) or module_in(dtype)  # type: ignore[method-assign]
+    two = engine(photo)
+    assert asked == [torch.float32, torch.float32]  # the replica's VAE took turns: encode, decode
+    # the fused lanes sum their partial canvases in another order: float rounding apart
+    assert np.abs(two.picture.rgb - one.picture.rgb).max() < 1e-4
+
+
 # -- redraw: each wave's crops split across lanes ----------------------------------------------
 
 

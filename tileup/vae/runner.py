@@ -11,7 +11,7 @@ in float32.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,12 +61,27 @@ class VaeRunner:
 
     def _module(self) -> Vae:
         """The VAE in the current precision (the fp32 original, or its cached cast copy)."""
+        return self.module_in(self.dtype)
+
+    def module_in(self, dtype: torch.dtype) -> Vae:
+        """The VAE in ``dtype``: the fp32 original, or a cast copy (cached for ``self.dtype``)."""
         params = list(self.vae.parameters())
-        if self.dtype == torch.float32 or not params or params[0].dtype == self.dtype:
+        if dtype == torch.float32 or not params or params[0].dtype == dtype:
             return self.vae
-        if self._cast is None:
-            self._cast = copy.deepcopy(self.vae).to(self.device, self.dtype)
+        if self._cast is None or next(self._cast.parameters()).dtype != dtype:
+            self._cast = copy.deepcopy(self.vae).to(self.device, dtype)
         return self._cast
+
+    def _lane_args(
+        self, lanes: Sequence[VaeRunner], dtype: torch.dtype
+    ) -> list[tuple[Vae, torch.device]]:
+        """The tiled VAE's ``lanes``: each other runner's VAE in ``dtype`` with its device, for
+        the runners whose VAE is on their device (a VAE parked on the host takes no turn)."""
+        return [
+            (r.module_in(dtype), r.device)
+            for r in lanes
+            if next(r.vae.parameters()).device == r.device
+        ]
 
     def _guarded(self, run: _Run, notes: list[str]) -> torch.Tensor:
         """``run(module, dtype)``; on NaN/inf in half precision, noted and once more in fp32."""
@@ -94,10 +109,15 @@ class VaeRunner:
     # -- whole canvases (exact tiled VAE) ---------------------------------------------------
 
     def encode_canvas(
-        self, rgb: np.ndarray, notes: list[str], options: VaeOptions | None = None
+        self,
+        rgb: np.ndarray,
+        notes: list[str],
+        options: VaeOptions | None = None,
+        lanes: Sequence[VaeRunner] = (),
     ) -> torch.Tensor:
         """HxWx3 float32 in [0, 1] (multiples of f) → scaled latents 1×C×h×w (CPU float32).
-        ``options`` (a memory plan's batch and store) override the runner's for this call."""
+        ``options`` (a memory plan's batch and store) override the runner's for this call;
+        ``lanes``: runners of copies on other devices that take turns with the tile batches."""
         image = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))[None] * 2 - 1
         o = options or self.options
 
@@ -112,14 +132,20 @@ class VaeRunner:
                 store=o.store,
                 store_limit=o.store_bytes,
                 notes=notes,
+                lanes=self._lane_args(lanes, dtype),
             )
 
         return self._guarded(run, notes) * self.scale
 
     def decode_canvas(
-        self, latents: torch.Tensor, notes: list[str], options: VaeOptions | None = None
+        self,
+        latents: torch.Tensor,
+        notes: list[str],
+        options: VaeOptions | None = None,
+        lanes: Sequence[VaeRunner] = (),
     ) -> np.ndarray:
-        """Scaled latents 1×C×h×w → HxWx3 float32 in [0, 1] (``options`` as for encoding)."""
+        """Scaled latents 1×C×h×w → HxWx3 float32 in [0, 1] (``options``, ``lanes`` as for
+        encoding)."""
         z = latents.float().cpu() / self.scale
         o = options or self.options
         tile = max(8, o.tile // self.factor)
@@ -135,6 +161,7 @@ class VaeRunner:
                 store=o.store,
                 store_limit=o.store_bytes,
                 notes=notes,
+                lanes=self._lane_args(lanes, dtype),
             )
 
         image = self._guarded(run, notes)
