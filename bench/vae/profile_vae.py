@@ -80,8 +80,8 @@ def attention(tokens: int, dim: int, dtype: torch.dtype) -> dict[str, Any]:
         "cudnn": backend(SDPBackend.CUDNN_ATTENTION),
         "flash": backend(SDPBackend.FLASH_ATTENTION),
         "tileup": lambda: tiled._sdpa(q, k, v),
-        "tileup_budget_2^26": lambda: tiled._sdpa(q, k, v, 1 << 26),
-        "tileup_budget_2^28": lambda: tiled._sdpa(q, k, v, 1 << 28),
+        "tileup_budget_2^26": lambda: tiled._chunked_attention(q, k, v, 1 << 26),
+        "tileup_budget_2^28": lambda: tiled._chunked_attention(q, k, v, 1 << 28),
         "gemm_bf16_scores_8192": lambda: gemm_attention(q, k, v, 8192),
     }
     with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):

@@ -124,7 +124,7 @@ def test_attention_in_bf16_is_as_close_as_the_fused_kernel() -> None:
     half = [t.bfloat16() for t in (q, k, v)]
     with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
         fused = torch.nn.functional.scaled_dot_product_attention(*half)
-    mine = tv._sdpa(*half, budget=4096 * 512)  # 8 chunks of queries
+    mine = tv._chunked_attention(*half, budget=4096 * 512)  # 8 chunks of queries
     assert mine.dtype == torch.bfloat16
     # bf16 probabilities before the second product (as flash attention rounds them): measured
     # on an H200 8.27e-5 against the memory-efficient kernel's 7.46e-5 (outputs ~3e-2)

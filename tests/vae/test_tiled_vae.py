@@ -170,9 +170,11 @@ def test_chunked_gemm_attention_equals_sdpa() -> None:
     q, k, v = (torch.randn(1, 2, 37, 8, generator=gen) * 3 for _ in range(3))
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v)
     for budget in (1, 5 * 37, 1 << 27):  # one query a chunk, 5, all at once
-        assert (tv._sdpa(q, k, v, budget) - ref).abs().max().item() < 5e-5  # values up to ~9
+        assert (
+            tv._chunked_attention(q, k, v, budget) - ref
+        ).abs().max().item() < 5e-5  # values up to ~9
     bf16 = [t.bfloat16() for t in (q, k, v)]
-    half = tv._sdpa(*bf16, 5 * 37)
+    half = tv._chunked_attention(*bf16, 5 * 37)
     assert half.dtype == torch.bfloat16
     # in bf16 as close to the float32 result as PyTorch's own attention in bf16 (0.100 vs 0.104)
     torch_half = torch.nn.functional.scaled_dot_product_attention(*bf16)
@@ -251,16 +253,16 @@ def test_out_of_memory_in_a_stage_halves_the_batch_and_finishes(vae, latents, mo
 def test_out_of_memory_in_the_attention_halves_its_chunk(monkeypatch) -> None:
     gen = torch.Generator().manual_seed(4)
     q, k, v = (torch.randn(1, 1, 40, 8, generator=gen) for _ in range(3))
-    expected = tv._sdpa(q, k, v, 10 * 40)
+    expected = tv._chunked_attention(q, k, v, 10 * 40)
     raised = _fail_once(monkeypatch, tv, "_scores", lambda qs, kt: qs.shape[0] == 16)
-    out = tv._sdpa(q, k, v, 16 * 40)  # chunks of 16 queries, then 8 after the failure
+    out = tv._chunked_attention(q, k, v, 16 * 40)  # chunks of 16 queries, then 8 after the failure
     assert raised
     assert (out - expected).abs().max().item() < 1e-6
     monkeypatch.setattr(
         tv, "_scores", lambda qs, kt: (_ for _ in ()).throw(torch.OutOfMemoryError())
     )
     with pytest.raises(torch.OutOfMemoryError):  # one query a chunk and still no room
-        tv._sdpa(q, k, v, 16 * 40)
+        tv._chunked_attention(q, k, v, 16 * 40)
 
 
 def test_a_second_lane_gives_the_one_device_bytes(vae, latents, image) -> None:

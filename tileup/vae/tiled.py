@@ -178,7 +178,15 @@ def _scores(q: torch.Tensor, kt: torch.Tensor) -> torch.Tensor:
     return torch.mm(q.float(), kt.float())
 
 
-def _sdpa(
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Exact global softmax attention (1×heads×N×d): :func:`_chunked_attention` on accelerators,
+    PyTorch's blockwise kernel on the CPU (as fast there, and without chunks of scores)."""
+    if q.device.type == "cpu":
+        return F.scaled_dot_product_attention(q, k, v)
+    return _chunked_attention(q, k, v)
+
+
+def _chunked_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, budget: int = _SCORES_BUDGET
 ) -> torch.Tensor:
     """Exact global softmax attention (1×heads×N×d) as two matrix products per chunk of queries.
@@ -187,9 +195,9 @@ def _sdpa(
     float32 softmax, probabilities in the input dtype times V (float32 accumulation) — the
     precision of PyTorch's fused attention kernels, at GEMM speed: the VAE's head size (512) is
     too large for the flash and cuDNN kernels and the memory-efficient kernel runs it at ~14 %
-    of an H200's peak (bench/vae/results/profile_h200.json). A chunk's scores take at most
-    ``budget`` elements (6 bytes each with the probabilities) and, on CUDA, at most half the free
-    memory; out of memory halves the chunk.
+    of an H200's peak (bench/vae/results/profile_h200_4096_gemm_attention.json). A chunk's
+    scores take at most ``budget`` elements (6 bytes each with the probabilities) and, on CUDA,
+    at most half the free memory; out of memory halves the chunk.
     """
     _, heads, tokens, dim = q.shape
     out = torch.empty_like(q)
