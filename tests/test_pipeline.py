@@ -343,7 +343,7 @@ def test_color_fix_restores_the_source_colour(
         np.asarray(Image.open(photo_file), dtype=np.float32) / 255, 128, 160, "lanczos"
     )
 
-    def shifted_decode(self, latents, notes, options=None, lanes=()):
+    def shifted_decode(self, latents, notes, options=None):
         h, w = latents.shape[-2] * 8, latents.shape[-1] * 8
         shifted = source * np.array([1.0, 0.9, 1.0]) + np.array([0.08, 0.0, -0.05])
         pads = ((0, h - source.shape[0]), (0, w - source.shape[1]), (0, 0))

@@ -371,9 +371,7 @@ class Upscaler:
             if hooks is not None:
                 hooks.observer.stage("vae_decode")
             self._place(plan, "vae")
-            rgb = model.vae.decode_canvas(
-                latents, report.fallbacks, self._vae_options(plan), model.vae_lanes
-            )
+            rgb = model.vae.decode_canvas(latents, report.fallbacks, self._vae_options(plan))
         return latents, rgb[:height, :width], report, clock.seconds
 
     def from_latents(
@@ -558,12 +556,14 @@ class Upscaler:
             model.place_vae("host" if stage == "unet" and plan.swap_unet else "device")
 
     def _vae_options(self, plan: MemoryPlan | None) -> VaeOptions | None:
-        """The tiled VAE's batch and device store from the plan (None: the runner's own)."""
-        if plan is None or self.model is None:
+        """The tiled VAE's options for a job: the plan's batch and device store, the replicas'
+        VAEs as lanes (None: no model)."""
+        if self.model is None:
             return None
-        return dataclasses.replace(
-            self.model.vae.options, batch=plan.vae_batch, store_bytes=plan.vae_store_bytes
-        )
+        options = dataclasses.replace(self.model.vae.options, lanes=self.model.vae_lanes)
+        if plan is None:
+            return options
+        return dataclasses.replace(options, batch=plan.vae_batch, store_bytes=plan.vae_store_bytes)
 
     def _new_report(self) -> DiffusionReport | None:
         if self.model is None:
@@ -620,9 +620,7 @@ class Upscaler:
             latents = source_latents
         else:
             padded = model.pad_canvas(rgb)
-            latents = model.vae.encode_canvas(
-                padded, notes, self._vae_options(plan), model.vae_lanes
-            )
+            latents = model.vae.encode_canvas(padded, notes, self._vae_options(plan))
         canvas = model.canvas_size(*target)
         return interpolate_latents(latents, canvas[0] // f, canvas[1] // f, self.upscaler.mode)
 
@@ -651,9 +649,7 @@ class Upscaler:
                 assert rgb is not None
                 with clock.stage("vae_encode"):
                     canvas = model.pad_canvas(rgb)
-                    latents = model.vae.encode_canvas(
-                        canvas, diffusion.fallbacks, vae_plan, model.vae_lanes
-                    )
+                    latents = model.vae.encode_canvas(canvas, diffusion.fallbacks, vae_plan)
             options = fused_options(s)
             if plan is not None and s.tile_batch is None:
                 options = dataclasses.replace(options, tile_batch=plan.unet_batch)
@@ -672,9 +668,7 @@ class Upscaler:
                 )
             with clock.stage("vae_decode"):
                 self._place(plan, "vae")
-                rgb = model.vae.decode_canvas(
-                    latents, diffusion.fallbacks, vae_plan, model.vae_lanes
-                )
+                rgb = model.vae.decode_canvas(latents, diffusion.fallbacks, vae_plan)
                 rgb = rgb[: target[0], : target[1]]
         assert rgb is not None
         grid = self._job_grid(model, *model.canvas_size(*target))

@@ -34,6 +34,8 @@ class VaeOptions:
     store_bytes: int | None = None
     """With a memory plan: device bytes the tiled VAE's activations may take (the rest wait on
     the host); None: ``store`` decides."""
+    lanes: tuple[VaeRunner, ...] = ()
+    """Runners of copies on other devices that take turns with the tiled VAE's tile batches."""
 
     @classmethod
     def for_device(cls, device: torch.device, tile: int) -> VaeOptions:
@@ -109,15 +111,11 @@ class VaeRunner:
     # -- whole canvases (exact tiled VAE) ---------------------------------------------------
 
     def encode_canvas(
-        self,
-        rgb: np.ndarray,
-        notes: list[str],
-        options: VaeOptions | None = None,
-        lanes: Sequence[VaeRunner] = (),
+        self, rgb: np.ndarray, notes: list[str], options: VaeOptions | None = None
     ) -> torch.Tensor:
         """HxWx3 float32 in [0, 1] (multiples of f) → scaled latents 1×C×h×w (CPU float32).
-        ``options`` (a memory plan's batch and store) override the runner's for this call;
-        ``lanes``: runners of copies on other devices that take turns with the tile batches."""
+        ``options`` (a memory plan's batch and store, the lanes) override the runner's for this
+        call."""
         image = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))[None] * 2 - 1
         o = options or self.options
 
@@ -132,20 +130,15 @@ class VaeRunner:
                 store=o.store,
                 store_limit=o.store_bytes,
                 notes=notes,
-                lanes=self._lane_args(lanes, dtype),
+                lanes=self._lane_args(o.lanes, dtype),
             )
 
         return self._guarded(run, notes) * self.scale
 
     def decode_canvas(
-        self,
-        latents: torch.Tensor,
-        notes: list[str],
-        options: VaeOptions | None = None,
-        lanes: Sequence[VaeRunner] = (),
+        self, latents: torch.Tensor, notes: list[str], options: VaeOptions | None = None
     ) -> np.ndarray:
-        """Scaled latents 1×C×h×w → HxWx3 float32 in [0, 1] (``options``, ``lanes`` as for
-        encoding)."""
+        """Scaled latents 1×C×h×w → HxWx3 float32 in [0, 1] (``options`` as for encoding)."""
         z = latents.float().cpu() / self.scale
         o = options or self.options
         tile = max(8, o.tile // self.factor)
@@ -161,7 +154,7 @@ class VaeRunner:
                 store=o.store,
                 store_limit=o.store_bytes,
                 notes=notes,
-                lanes=self._lane_args(lanes, dtype),
+                lanes=self._lane_args(o.lanes, dtype),
             )
 
         image = self._guarded(run, notes)

@@ -58,6 +58,7 @@ from tileup.vae.engine import (
     NonFiniteError,
     StageBatch,
     StagedEngine,
+    VaeGrid,
     vae_grid,
 )
 from tileup.vae.protocols import (
@@ -443,24 +444,43 @@ def _placed(
     )
 
 
-def _lanes(
+def _encoder(vae: Vae) -> tuple[Encoder, nn.Module | None]:
+    """The modules an encode pass runs: the encoder and the quant conv (if any)."""
+    return vae.encoder, getattr(vae, "quant_conv", None)
+
+
+def _decoder(vae: Vae) -> tuple[Decoder, nn.Module | None]:
+    """The modules a decode pass runs: the decoder and the post-quant conv (if any)."""
+    return vae.decoder, getattr(vae, "post_quant_conv", None)
+
+
+def _staged(
+    part: Callable[[Vae], tuple[_M, nn.Module | None]],
+    vae: Vae,
     lanes: Sequence[tuple[Vae, torch.device | str]],
-    part: Callable[[Vae], tuple[Placeable, nn.Module | None]],
-    primary: tuple[Placeable, nn.Module | None],
-    dtype: torch.dtype,
-) -> list[Lane]:
-    """A :class:`Lane` per (VAE copy, device): ``part`` picks the module pair a pass uses (encoder
-    and quant conv, or decoder and post-quant conv), placed like the primary's."""
+    grid: VaeGrid,
+    where: tuple[torch.device, torch.dtype, torch.device],
+    batch: int,
+    store_limit: int | None,
+    notes: list[str] | None,
+) -> tuple[StagedEngine, _M, nn.Module | None]:
+    """A pass's modules (``part`` of ``vae``) placed on the (device, dtype) of ``where`` and its
+    staged engine over ``grid`` (store: ``where``'s third), with a :class:`Lane` per (VAE copy,
+    device) in ``lanes`` whose modules are that copy's ``part``, placed alike."""
+    dev, dt, st = where
+    main, conv = _placed(*part(vae), dev, dt)
 
     def tree(pair: tuple[Placeable, nn.Module | None]) -> nn.Module:
         return nn.ModuleList([m for m in pair if m is not None])  # type: ignore[misc]  # modules
 
-    out = []
-    for vae, device in lanes:
-        dev = torch.device(device)
-        main, conv = part(vae)
-        out.append(Lane.of(dev, tree(primary), tree(_placed(main, conv, dev, dtype))))
-    return out
+    others = []
+    for copy_, device in lanes:
+        lane_dev = torch.device(device)
+        placed = _placed(*part(copy_), lane_dev, dt)
+        others.append(Lane.of(lane_dev, tree((main, conv)), tree(placed)))
+    cap = _cap(dev, store_limit)
+    eng = StagedEngine(grid, dev, dt, st, max(1, batch), store_cap=cap, notes=notes, lanes=others)
+    return eng, main, conv
 
 
 def store_bytes(vae: Vae, height: int, width: int, dtype: torch.dtype, *, decode: bool) -> int:
@@ -544,19 +564,8 @@ def tiled_encode(
     dev, dt, st = _setup(
         vae, device, dtype, store, lambda d: store_bytes(vae, height, width, d, decode=False)
     )
-    enc, quant = _placed(vae.encoder, getattr(vae, "quant_conv", None), dev, dt)
     grid = vae_grid(height // f, width // f, tile // f)
-    others = _lanes(lanes, lambda v: (v.encoder, getattr(v, "quant_conv", None)), (enc, quant), dt)
-    eng = StagedEngine(
-        grid,
-        dev,
-        dt,
-        st,
-        max(1, batch),
-        store_cap=_cap(dev, store_limit),
-        notes=notes,
-        lanes=others,
-    )
+    eng, enc, quant = _staged(_encoder, vae, lanes, grid, (dev, dt, st), batch, store_limit, notes)
     latent = vae.config.latent_channels
     outs = []
     with torch.inference_mode():
@@ -602,21 +611,8 @@ def tiled_decode(
     dev, dt, st = _setup(
         vae, device, dtype, store, lambda d: store_bytes(vae, h, w, d, decode=True)
     )
-    dec, post = _placed(vae.decoder, getattr(vae, "post_quant_conv", None), dev, dt)
     grid = vae_grid(latents.shape[2], latents.shape[3], tile)
-    others = _lanes(
-        lanes, lambda v: (v.decoder, getattr(v, "post_quant_conv", None)), (dec, post), dt
-    )
-    eng = StagedEngine(
-        grid,
-        dev,
-        dt,
-        st,
-        max(1, batch),
-        store_cap=_cap(dev, store_limit),
-        notes=notes,
-        lanes=others,
-    )
+    eng, dec, post = _staged(_decoder, vae, lanes, grid, (dev, dt, st), batch, store_limit, notes)
     outs = []
     with torch.inference_mode():
         for one in latents:
