@@ -9,7 +9,8 @@ On the full-size SD VAE architecture (random weights, bf16), prints one JSON obj
   channels-last, and the norm-activation pre-op (float32 and fused) on the same batch;
 - ``stages``: the tiled encode and decode of a ``--size`` image with the store on ``--store``,
   seconds per stage kind (each stage synchronised; a separate, slower run than the total);
-- ``total``: the same encode and decode unsynchronised (median of ``--repeats``).
+- ``total``: the same encode and decode unsynchronised (median of ``--repeats``);
+- ``lanes``: the same with every other GPU's VAE copy taking turns with the tile batches.
 
     python bench/vae/profile_vae.py --size 4096 --out bench/vae/results/profile_h200.json
 """
@@ -231,6 +232,29 @@ def trace(vae: Any, size: int, dtype: torch.dtype, store: str, limit: int | None
     return out
 
 
+def totals(
+    vae: Any, size: int, dtype: torch.dtype, repeats: int, lanes: list[Any]
+) -> dict[str, Any]:
+    """Seconds of a whole tiled encode and decode (store on the device), ``lanes`` as given."""
+    image = torch.rand(1, 3, size, size, device="cuda") * 2 - 1
+    kw: dict[str, Any] = {"dtype": dtype, "batch": 4, "store": "device", "lanes": lanes}
+    z = tiled.tiled_encode(vae, image, **kw)
+
+    def synced(fn: Callable[[], object]) -> Callable[[], object]:
+        def run() -> object:
+            out = fn()
+            for i in range(torch.cuda.device_count()):
+                torch.cuda.synchronize(i)
+            return out
+
+        return run
+
+    return {
+        "encode": seconds(synced(lambda: tiled.tiled_encode(vae, image, **kw)), repeats),
+        "decode": seconds(synced(lambda: tiled.tiled_decode(vae, z, **kw)), repeats),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=4096)
@@ -274,18 +298,16 @@ def main() -> None:
             limit = None if args.store_limit_gib is None else int(args.store_limit_gib * 2**30)
             result["trace"] = trace(vae, args.size, dtype, args.store, limit)
         if "total" in parts:
-            image = torch.rand(1, 3, args.size, args.size, device="cuda") * 2 - 1
-            z = tiled.tiled_encode(vae, image, dtype=dtype, batch=4, store="device")
-            result["total"] = {
-                "encode": seconds(
-                    lambda: tiled.tiled_encode(vae, image, dtype=dtype, batch=4, store="device"),
-                    args.repeats,
-                ),
-                "decode": seconds(
-                    lambda: tiled.tiled_decode(vae, z, dtype=dtype, batch=4, store="device"),
-                    args.repeats,
-                ),
-            }
+            result["total"] = totals(vae, args.size, dtype, args.repeats, lanes=[])
+        if "lanes" in parts:  # every GPU but the first takes turns with the tile batches
+            import copy
+
+            lanes = [
+                (copy.deepcopy(vae).to(f"cuda:{i}"), torch.device("cuda", i))
+                for i in range(1, torch.cuda.device_count())
+            ]
+            result["lanes"] = totals(vae, args.size, dtype, args.repeats, lanes=lanes)
+            result["lanes"]["devices"] = 1 + len(lanes)
     text = json.dumps(result, indent=1)
     print(text)
     if args.out:
