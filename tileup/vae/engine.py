@@ -183,9 +183,9 @@ class StagedEngine:
     ) -> None:
         self.grid, self.device, self.dtype, self.store = grid, device, dtype, store
         self.lanes: tuple[Lane, ...] = (PRIMARY, *lanes)
-        """The primary device and the other devices whose copies of the modules take every
-        ``len(lanes)``-th tile batch of each stage in turn (one thread issues them all; the
-        devices overlap because CUDA work is asynchronous)."""
+        """The primary device, then the other devices with copies of the modules: each stage's
+        tile batches go to them in turn (one thread issues them all; the devices overlap
+        because CUDA work is asynchronous). Canvases and statistics stay with ``device``."""
         self.batch = batch
         self.acc = torch.float64 if device.type in ("cpu", "cuda") else torch.float32
         self.store_cap = store_cap if device.type == "cuda" else None

@@ -20,8 +20,8 @@ op ("staged" tiling) over all tiles at once:
   the image a crop is zero and is re-zeroed after every pointwise pre-op, which reproduces the
   convs' zero padding at the image border exactly.
 * The mid-block self-attention is exact and global: pass 1 writes Q, K and V of every owned
-  token to latent-resolution device buffers, exact attention computed as two matrix products per
-  chunk of queries (float32 scores of at most 2^27 elements a chunk) gives O, and
+  token to latent-resolution device buffers, exact attention (on CUDA two matrix products per
+  chunk of queries, float32 scores of at most 2^27 elements a chunk) gives O, and
   pass 2 applies the output projection and residual per tile. Q, K, V and O take 4·C·h·w
   values on the device (1 GiB in fp16 for a 4096² SD image, C = 512).
 
