@@ -133,6 +133,15 @@ class StageBatch:
     lane: Lane = PRIMARY
     """Where the batch runs: pass modules and device tensors through it (see :class:`Lane`)."""
 
+    def inner(self, by: int) -> StageBatch:
+        """The batch as seen by the output of an unpadded conv of halo ``by`` on its crops: the
+        same tiles, each side's outside rows/cols ``by`` fewer."""
+        pads = tuple(
+            (max(0, t - by), max(0, b - by), max(0, lf - by), max(0, r - by))
+            for t, b, lf, r in self.pads
+        )
+        return StageBatch(pads, self.owned, self.cores, self.lane)
+
     def zero_outside(self, h: torch.Tensor) -> torch.Tensor:
         """Zero, in place, the crop outside the image (the convs' zero padding); returns ``h``."""
         rows, cols = h.shape[-2:]
@@ -190,6 +199,10 @@ class StagedEngine:
         self.acc = torch.float64 if device.type in ("cpu", "cuda") else torch.float32
         self.store_cap = store_cap if device.type == "cuda" else None
         self.notes = notes if notes is not None else []
+        self.recompute: bool | None = None
+        """Whether a resnet block recomputes its first conv inside its second stage instead of
+        storing it (one canvas written and read less, one conv computed twice); None: when its
+        input canvas waits on the host of a CUDA device (host traffic costs more than a conv)."""
         self.channels_last = device.type == "cuda"
         """On CUDA canvases and tile batches are laid out channels-last (H×W×C in memory): the
         convs run ~1.5× faster on tensor cores and crops copy as contiguous rows."""
@@ -251,12 +264,14 @@ class StagedEngine:
         halo: tuple[int, int],
         out_dtype: torch.dtype | None = None,
         out_device: torch.device | None = None,
+        keep: bool = True,
     ) -> Canvas:
         """Run ``fn`` over all tiles; returns the output canvas (C=``channels``, at ``scale``).
 
         Every input (all at one scale) is cropped to core + ``halo`` = (before, after) input px
         per axis; ``fn`` maps the batched crops to the batched output cores (B×C×th·s×tw·s) or
-        returns None (side effects only; the returned canvas is then empty).
+        returns None (side effects only; the returned canvas is then empty). ``keep=False``:
+        only the output's statistics are kept (the returned canvas holds no data).
         """
         g, m_in = self.grid, inputs[0].scale
         if any(c.scale != m_in for c in inputs):
@@ -264,9 +279,12 @@ class StagedEngine:
         shape = (channels, g.height * scale, g.width * scale)
         dtype = out_dtype or self.dtype
         nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        out = self._empty(
-            shape, dtype, out_device or self._place(nbytes), channels_last=out_device is None
-        )
+        if keep:
+            out = self._empty(
+                shape, dtype, out_device or self._place(nbytes), channels_last=out_device is None
+            )
+        else:
+            out = self._empty((channels, 0, 0), dtype, self.device)
         means: list[torch.Tensor] = []
         m2s: list[torch.Tensor] = []
         counts: list[int] = []
@@ -288,7 +306,7 @@ class StagedEngine:
                 # statistics and the move to the store in the try too: their float32 copy and
                 # relayout are as large as the batch
                 stats = [] if res is None else _owned_stats(res, owned)
-                moved = None if res is None else self._to(res, out)
+                moved = None if res is None or not keep else self._to(res, out)
             except torch.OutOfMemoryError:
                 crops, res, stats, moved = [], None, [], None
                 if self.batch > 1:
@@ -306,12 +324,12 @@ class StagedEngine:
                 continue
             start += len(tiles)
             batches += 1
-            if moved is None:
-                continue
             for mean, m2, n in stats:
                 means.append(mean.to(self.device))
                 m2s.append(m2.to(self.device))
                 counts.append(n)
+            if moved is None:
+                continue
             if pending is not None:
                 self._scatter(out, scale, *pending)
             pending = (*moved, tiles)

@@ -154,7 +154,11 @@ def _resnet(eng: StagedEngine, x: Canvas, r: ResnetBlock) -> Canvas:
             lane(r.conv1), batch.zero_outside(_norm_act(crops[0], a, b, r.nonlinearity, dtype))
         )
 
-    h = eng.stage([x], first, channels=r.conv1.out_channels, scale=m, halo=_halo(r.conv1))
+    recompute = eng.recompute
+    if recompute is None:
+        recompute = eng.device.type == "cuda" and x.data.device.type == "cpu"
+    l1 = _halo(r.conv1)
+    h = eng.stage([x], first, channels=r.conv1.out_channels, scale=m, halo=l1, keep=not recompute)
     a2, b2 = eng.affine(h, r.norm2)
     lo, hi = _halo(r.conv2)
 
@@ -168,7 +172,19 @@ def _resnet(eng: StagedEngine, x: Canvas, r: ResnetBlock) -> Canvas:
             skip = lane(r.conv_shortcut)(skip)
         return (skip + out) / r.output_scale_factor
 
-    return eng.stage([h, x], second, channels=r.conv2.out_channels, scale=m, halo=(lo, hi))
+    if not recompute:
+        return eng.stage([h, x], second, channels=r.conv2.out_channels, scale=m, halo=(lo, hi))
+
+    def both(crops: list[torch.Tensor], batch: StageBatch) -> torch.Tensor:
+        """``first`` on a crop wider by the second conv's halo, then ``second`` on its output."""
+        x_crop = crops[0]
+        h_crop = first([x_crop], batch)
+        rows, cols = x_crop.shape[-2:]
+        x_inner = x_crop[:, :, l1[0] : rows - l1[1], l1[0] : cols - l1[1]]
+        return second([h_crop, x_inner], batch.inner(l1[0]))
+
+    channels = r.conv2.out_channels
+    return eng.stage([x], both, channels=channels, scale=m, halo=(l1[0] + lo, l1[1] + hi))
 
 
 def _scores(q: torch.Tensor, kt: torch.Tensor) -> torch.Tensor:
