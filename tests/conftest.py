@@ -38,3 +38,21 @@ def photo() -> np.ndarray:
 def _isolated_models_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory) -> None:
     monkeypatch.delenv("TILEUP_MODELS", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture
+def vae_recompute(monkeypatch: pytest.MonkeyPatch):
+    """``vae_recompute(True/False)``: every staged VAE engine built afterwards in the test
+    recomputes its resnets' first conv (or never does), whatever the store."""
+    from tileup.vae.engine import StagedEngine
+
+    def force(value: bool) -> None:
+        init = StagedEngine.__init__
+
+        def forced(self, *args, **kwargs):
+            init(self, *args, **kwargs)
+            self.recompute = value
+
+        monkeypatch.setattr(StagedEngine, "__init__", forced)
+
+    return force

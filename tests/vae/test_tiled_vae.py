@@ -299,28 +299,15 @@ def test_every_module_of_a_stage_goes_through_its_lane(vae, latents, image, monk
         ]
 
 
-def _recompute(monkeypatch: pytest.MonkeyPatch, value: bool) -> None:
-    """Every staged engine of the test recomputes its resnets' first conv (or never does)."""
-    from tileup.vae.engine import StagedEngine
-
-    init = StagedEngine.__init__
-
-    def forced(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        self.recompute = value
-
-    monkeypatch.setattr(StagedEngine, "__init__", forced)
-
-
 @pytest.mark.parametrize(("tile", "batch"), [(7, 1), (16, 3)])
 def test_recomputing_the_first_conv_gives_the_stored_result(
-    vae, latents, decoded, image, monkeypatch, tile: int, batch: int
+    vae, latents, decoded, image, vae_recompute, tile: int, batch: int
 ) -> None:
     """The host-store mode: each resnet's first conv is only reduced to its statistics, then
     computed again (on a crop one halo wider) inside the second stage — same result."""
     stored = tiled_decode(vae, latents, tile=tile, batch=batch)
     z_stored = tiled_encode(vae, image, tile=tile * F, batch=batch)
-    _recompute(monkeypatch, True)
+    vae_recompute(True)
     out = tiled_decode(vae, latents, tile=tile, batch=batch)
     assert (out - decoded).abs().max().item() < DECODE_TOL
     assert (out - stored).abs().max().item() < 1e-5
