@@ -38,7 +38,10 @@ tile 512 px, batch 4; bench/vae/profile_vae.py, 2026-11-30): a 4096² image enco
 and decodes in 1.63 s with ``store="device"`` (2.01 s / 2.60 s before those three changes;
 untiled diffusers 2.43 s / 3.03 s), the attention taking 0.62 s of each (1.32 s before); with
 a memory plan's 3.08 GiB device store on an 8 GiB card (the rest on the host) 4.8 s / 7.2 s,
-bound by host-side crop and paste copies. Every stage boundary is one host sync (to check the
+bound by host-side crop and paste copies. Since then a resnet whose input waits on the host
+reduces its first conv to statistics only and recomputes it inside its second stage (on crops
+one halo wider): three full-size canvas copies across the host link per resnet instead of five
+(not yet measured on the GPU). Every stage boundary is one host sync (to check the
 statistics are finite); crop and paste work per tile is tile-sized, never image-sized.
 """
 
