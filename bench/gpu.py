@@ -91,6 +91,7 @@ import threading
 import time
 import traceback
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -395,6 +396,7 @@ class OneArgs:
     steps: int
     flops: bool
     smoke: bool
+    trace: Path | None = None
 
 
 def _engine_settings(
@@ -474,6 +476,8 @@ def _engine_job(o: OneArgs, kind: Kind, job: Job, rec: dict[str, Any]) -> np.nda
     rec["input_size"] = stats["input_size"]
     image = _as_uint8(result.picture.rgb)
     del result
+    if o.trace is not None:
+        rec["trace"] = _trace(lambda: engine(picture), o.trace, f"{o.job}-{_card(o.gib)}")
     if o.flops:
         if ballast is not None and ballast.tensor is not None:  # count on the whole GPU
             del engine
@@ -492,6 +496,37 @@ def _engine_job(o: OneArgs, kind: Kind, job: Job, rec: dict[str, Any]) -> np.nda
         rec["flops_seconds"] = round(seconds, 3)
         rec["flops_method"] = "FlopCounterMode around one untimed run of the whole job"
     return image
+
+
+def _trace(fn: Callable[[], object], folder: Path, name: str) -> str:
+    """One more untimed run under ``torch.profiler``: the top CUDA kernels and CPU ops (and
+    each device's busy time) written to ``folder/trace-NAME.txt``; returns that path."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + (
+        [ProfilerActivity.CUDA] if torch.cuda.is_available() else []
+    )
+    with profile(activities=activities) as prof:
+        fn()
+        _sync()
+    table = prof.key_averages()
+    busy: dict[int, float] = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            seconds = getattr(event, "device_time", 0.0) / 1e6
+            busy[event.device_index] = busy.get(event.device_index, 0.0) + seconds
+    text = "\n\n".join(
+        [
+            f"device busy seconds (sum of kernel and copy times): {busy}",
+            table.table(sort_by="cuda_time_total" if busy else "cpu_time_total", row_limit=30),
+            table.table(sort_by="self_cpu_time_total", row_limit=20),
+        ]
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"trace-{name.replace(' ', '_')}.txt"
+    path.write_text(text + "\n")
+    return str(path)
 
 
 def img2img_steps(steps: int, denoise: float) -> int:
@@ -711,6 +746,7 @@ def launch(proc: Process, args: argparse.Namespace, timeout: float) -> dict[str,
     cmd += ["--sr-model", args.sr_model, "--steps", str(args.steps)]
     cmd += ["--flops"] if proc.flops else []
     cmd += ["--smoke"] if args.smoke else []
+    cmd += ["--trace", str(args.trace)] if args.trace else []
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     child = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT
@@ -1170,11 +1206,15 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--recount-flops", action="store_true", help="even when the file has them")
     r.add_argument("--commit", default=None, help="commit to record (default: git, if any)")
     r.add_argument("--dry-run", action="store_true", help="print the processes; run nothing")
+    r.add_argument(
+        "--trace", type=Path, default=None, help="also profile one more run per process into DIR"
+    )
 
     o = sub.add_parser("one", help="(internal) one job in this process; prints its record")
     common(o)
     o.add_argument("--job", required=True, choices=list(JOBS))
     o.add_argument("--emulate-gib", type=float, default=None, help="card size; 0 = whole GPU")
+    o.add_argument("--trace", type=Path, default=None)
     o.add_argument("--flops", action="store_true")
 
     args = parser.parse_args(argv)
@@ -1194,7 +1234,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     gib = JOBS[args.job].gib if args.emulate_gib is None else args.emulate_gib
     record = one(
-        OneArgs(args.job, gib, args.work, args.sr_model, args.steps, args.flops, args.smoke)
+        OneArgs(
+            args.job, gib, args.work, args.sr_model, args.steps, args.flops, args.smoke, args.trace
+        )
     )
     print(RESULT_PREFIX + json.dumps(record, default=str), flush=True)
 
