@@ -59,7 +59,9 @@ HELP_GROUPS = {
         "seam_mask_blur", "seam_padding",
     ),
     "colour": ("color_fix",),
-    "device and memory": ("device", "dtype", "vram", "low_vram", "compile", "max_pixels"),
+    "device and memory": (
+        "device", "dtype", "vram", "low_vram", "compile", "cuda_graphs", "max_pixels"
+    ),
 }  # fmt: skip
 """The --help sections, as A1111/ComfyUI users group the settings; every field is in one."""
 

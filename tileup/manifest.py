@@ -45,8 +45,11 @@ RETRIES = 1
 """How many times an input that failed under the same settings is tried again in later runs."""
 
 NOT_HASHED = frozenset(
-    {"device", "vram", "low_vram", "tile_batch", "model_tile", "compile", "max_pixels"}
-)
+    {
+        "device", "vram", "low_vram", "tile_batch", "model_tile", "compile", "cuda_graphs",
+        "max_pixels",
+    }
+)  # fmt: skip
 """Settings that do not change an output's bytes (beyond the float rounding of kernels): where
 the job runs, its memory plan and batches (a tiled SR model equals the untiled one), compilation,
 and a size limit (a refused file fails, and failures are retried). ``models_dirs`` is left out

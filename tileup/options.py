@@ -60,7 +60,7 @@ def load_options(settings: UpscaleSettings) -> LoadOptions:
     from tileup.modes.model import LoadOptions
 
     s = settings
-    return LoadOptions(s.vae, s.prediction, s.prompt, s.negative_prompt, s.compile)
+    return LoadOptions(s.vae, s.prediction, s.prompt, s.negative_prompt, s.compile, s.cuda_graphs)
 
 
 def vae_options(settings: UpscaleSettings, device: torch.device) -> VaeOptions:
@@ -93,7 +93,7 @@ def merge_settings(
 RELOAD_FIELDS = frozenset(
     {
         "checkpoint", "vae", "prediction", "upscaler", "models_dirs", "model_tile", "device",
-        "dtype", "vram", "low_vram", "compile", "vae_tile",
+        "dtype", "vram", "low_vram", "compile", "cuda_graphs", "vae_tile",
     }
 )  # fmt: skip
 """Settings an engine loads or plans with once: they cannot change per call."""

@@ -467,9 +467,12 @@ class Upscaler:
         #    redraw; then the seam-fix passes and the colour fix, when asked.
         passes: tuple[PassCounts, ...] = ()
         if self.model is not None and diffusion is not None:
-            rgb, passes = self._rediffuse(
-                picture, rgb, latents, target, diffusion, clock, plan, hooks
-            )
+            try:
+                rgb, passes = self._rediffuse(
+                    picture, rgb, latents, target, diffusion, clock, plan, hooks
+                )
+            finally:
+                self.model.release_graphs()
         assert rgb is not None
         # 4. Alpha, upscaled separately with the same upscaler.
         with clock.stage("alpha"):
@@ -544,6 +547,8 @@ class Upscaler:
         """Models where the plan wants them for ``stage`` ("vae": the SR model and the tiled
         VAE run; "unet": fused sampling; "redraw": per-region passes need both)."""
         model = self.model
+        if model is not None and stage == "vae":
+            model.release_graphs()  # the UNet's CUDA graphs hold their activations' memory
         if plan is None or model is None:
             return
         unet_home = "streamed" if plan.offload_unet else "device"

@@ -326,6 +326,12 @@ class UpscaleSettings:
         "compile the UNet with torch.compile (a one-time cost, reported apart, then faster steps)",
         needs_checkpoint=True,
     )
+    cuda_graphs: bool = knob(
+        True,
+        "replay the UNet from CUDA graphs (CUDA, UNet on the device, not compiled): the same "
+        "kernels without launching each one, for small tile batches",
+        needs_checkpoint=True,
+    )
     vae_tile: int = knob(
         512, "tiled VAE tile size in pixels", bounds=_TILE_PX, needs_checkpoint=True, metavar="N"
     )

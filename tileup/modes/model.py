@@ -24,6 +24,7 @@ from torch import nn
 from tileup.memory import MAX_UNET_BATCH, UNET_SAMPLE_BYTES_64
 from tileup.models.checkpoint import load_checkpoint
 from tileup.sampling.conditioning import Conditioning, encode_schedule
+from tileup.sampling.graphs import GraphedUNet
 from tileup.sampling.loop import StepPlan, plan_steps
 from tileup.sampling.protocols import Scheduler, UNet
 from tileup.sampling.schedules import make_scheduler
@@ -73,6 +74,8 @@ class LoadOptions:
     negative_prompt: str
     compile: bool = False
     """torch.compile the UNet (its first calls at each batch shape pay the compilation)."""
+    cuda_graphs: bool = True
+    """Replay the uncompiled UNet from CUDA graphs on CUDA (:mod:`tileup.sampling.graphs`)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -202,6 +205,8 @@ class DiffusionModel:
         unet: UNet = sd.unet
         if load.compile:  # an nn.Module (OptimizedModule) that keeps the UNet's interface
             unet = cast(UNet, torch.compile(sd.unet))
+        elif load.cuda_graphs and device.type == "cuda":
+            unet = cast(UNet, GraphedUNet(sd.unet))
         model = cls(
             unet=unet,
             vae=runner,
@@ -273,6 +278,8 @@ class DiffusionModel:
             original = cast(nn.Module, getattr(base, "_orig_mod", base))
             unet_copy = copy.deepcopy(original).to(device)
             unet = cast(UNet, torch.compile(unet_copy) if compiled else unet_copy)
+            if isinstance(self.unet, GraphedUNet) and device.type == "cuda":
+                unet = cast(UNet, GraphedUNet(unet_copy))
             replica = DiffusionModel(
                 unet=unet,
                 vae=self.vae.replica(device),
@@ -338,9 +345,17 @@ class DiffusionModel:
         return unet, vae, max((module_bytes(b) for b in blocks), default=unet)
 
     def _unet_module(self) -> torch.nn.Module:
-        unet = self.unet
+        """The UNet module itself (inside its CUDA-graph wrapper, if any)."""
+        unet = self.unet.unet if isinstance(self.unet, GraphedUNet) else self.unet
         assert isinstance(unet, torch.nn.Module), "placement needs an nn.Module UNet"
         return unet
+
+    def release_graphs(self) -> None:
+        """Free the UNet's CUDA graphs and their memory (here and on the replicas); the next
+        diffusion captures again. The pipeline calls it after each diffusion stage."""
+        for lane in self.lanes:
+            if isinstance(lane.unet, GraphedUNet):
+                lane.unet.release()
 
     def _unet_blocks(self) -> list[torch.nn.Module]:
         unet = self._unet_module()
@@ -357,6 +372,9 @@ class DiffusionModel:
             replica.place_unet(where)
         if where == self.unet_placement:
             return
+        if isinstance(self.unet, GraphedUNet):  # graphs hold the weights' addresses
+            self.unet.release()
+            self.unet.enabled = where == "device"
         if isinstance(self._streamed, StreamedBlocks):
             self._streamed.remove()
             self._streamed = None

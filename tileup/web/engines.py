@@ -52,7 +52,16 @@ def model_key(settings: UpscaleSettings, checkpoint: str, device: torch.device) 
     options are not part of it: an engine runs a cached model with its own (they are encoded
     again when they differ)."""
     s = settings
-    return (checkpoint, s.vae, s.prediction, s.compile, s.vae_tile, s.dtype, str(device))
+    return (
+        checkpoint,
+        s.vae,
+        s.prediction,
+        s.compile,
+        s.cuda_graphs,
+        s.vae_tile,
+        s.dtype,
+        str(device),
+    )
 
 
 class GeometryModel(DiffusionModel):
