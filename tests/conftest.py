@@ -42,16 +42,18 @@ def _isolated_models_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory) -> N
 
 @pytest.fixture
 def vae_recompute(monkeypatch: pytest.MonkeyPatch):
-    """``vae_recompute(True/False)``: every staged VAE engine built afterwards in the test
-    recomputes its resnets' first conv (or never does), whatever the store."""
+    """``vae_recompute(True/False, chain=None)``: every staged VAE engine built afterwards in
+    the test recomputes its resnets' first conv (or never does), whatever the store, and
+    recomputes chainable stages' outputs instead of storing them (``chain``; default: alike)."""
     from tileup.vae.engine import StagedEngine
 
-    def force(value: bool) -> None:
+    def force(value: bool, chain: bool | None = None) -> None:
         init = StagedEngine.__init__
 
         def forced(self, *args, **kwargs):
             init(self, *args, **kwargs)
             self.recompute = value
+            self.chain = value if chain is None else chain
 
         monkeypatch.setattr(StagedEngine, "__init__", forced)
 

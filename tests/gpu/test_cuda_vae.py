@@ -158,11 +158,18 @@ def test_a_second_gpu_takes_turns_and_gives_the_same_bytes(vae, latents, image, 
 
 
 def test_host_store_recomputes_first_convs_and_stays_close(vae, latents, image) -> None:
-    """With the canvases on the host each resnet's first conv is computed again on wider crops
-    (not stored): the same values up to the convs' rounding for another input size."""
+    """A canvas that would wait on the host is recomputed from the last stored one instead (and
+    each resnet's first conv computed again inside its second stage): the same values up to
+    the convs' rounding for other input sizes."""
     kw = {"batch": 3, "dtype": torch.bfloat16}
     on_device = tiled_decode(vae, latents, tile=16, store="device", **kw)
     on_host = tiled_decode(vae, latents, tile=16, store="cpu", **kw)
     assert (on_host - on_device).abs().mean().item() < 2e-3
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    limit = 6 * 40 * 48 * 128 * 2  # a memory plan's cap: a few low-resolution canvases
+    capped = tiled_decode(vae, latents, tile=16, store="device", store_limit=limit, **kw)
+    assert (capped - on_device).abs().mean().item() < 2e-3
+    assert torch.cuda.max_memory_allocated() - before < limit + 64 * 2**20
     z = tiled_encode(vae, image, tile=128, store="device", **kw)
     assert (tiled_encode(vae, image, tile=128, store="cpu", **kw) - z).abs().mean().item() < 2e-3

@@ -130,7 +130,7 @@ def test_fused_job_on_two_lanes_matches_one(tiny) -> None:
     assert float((outs[0] - latents).abs().mean()) > 0.01  # it was sampled
 
 
-def test_a_job_on_two_lanes_deals_the_tiled_vae_batches_too(tiny, tmp_path: Path) -> None:
+def test_a_job_on_two_lanes_runs_the_tiled_vae_on_the_first_device(tiny, tmp_path: Path) -> None:
     checkpoint = save_single_file(tiny, tmp_path / "sd1.safetensors", "sd1")
     settings = UpscaleSettings(
         checkpoint=str(checkpoint), upscaler="lanczos", scale=1.0, tile=64, overlap=16,
@@ -147,7 +147,7 @@ def test_a_job_on_two_lanes_deals_the_tiled_vae_batches_too(tiny, tmp_path: Path
     module_in = replica.module_in
     replica.module_in = lambda dtype: asked.append(dtype) or module_in(dtype)  # type: ignore[method-assign]
     two = engine(photo)
-    assert asked == [torch.float32, torch.float32]  # the replica's VAE took turns: encode, decode
+    assert asked == []  # the replica's VAE is not asked: lanes were slower for the VAE
     # the fused lanes sum their partial canvases in another order: float rounding apart
     assert np.abs(two.picture.rgb - one.picture.rgb).max() < 1e-4
 

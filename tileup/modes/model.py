@@ -301,11 +301,6 @@ class DiffusionModel:
         """The primary model and its replicas: one lane of work per device."""
         return (self, *self.replicas)
 
-    @property
-    def vae_lanes(self) -> tuple[VaeRunner, ...]:
-        """The replicas' VAE runners: the tiled VAE deals tile batches to them in turn."""
-        return tuple(r.vae for r in self.replicas)
-
     # -- planning ---------------------------------------------------------------------------
 
     def step_plan(self, denoise: float) -> tuple[Scheduler, StepPlan]:

@@ -163,13 +163,33 @@ StageFn = Callable[[list[torch.Tensor], StageBatch], "torch.Tensor | None"]
 @dataclass
 class Canvas:
     """A whole activation, ``data`` C×H×W at ``scale`` px per latent px, with per-tile channel
-    statistics of it (on the compute device): ``mean``/``m2`` T×C, ``count`` T×1."""
+    statistics of it (on the compute device): ``mean``/``m2`` T×C, ``count`` T×1.
+
+    A *recomputed* canvas has a ``recipe`` and no data (``data`` is an empty C×0×0 host tensor):
+    every crop of it is computed again from its recipe's inputs when a stage needs it."""
 
     data: torch.Tensor
     scale: int
     mean: torch.Tensor | None = None
     m2: torch.Tensor | None = None
     count: torch.Tensor | None = None
+    recipe: Recipe | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class Recipe:
+    """How a recomputed canvas is made: the stage that made it (its inputs, all at ``scale``, its
+    function and input halo) and the stages of recomputation behind it (``depth``)."""
+
+    inputs: tuple[Canvas, ...]
+    fn: StageFn
+    halo: tuple[int, int]
+    scale: int
+    depth: int
+
+
+MAX_CHAIN = 16
+"""Most stages recomputed behind one canvas; a longer chain stores the canvas (on the host)."""
 
 
 # --- the staged engine -------------------------------------------------------------------------
@@ -203,6 +223,11 @@ class StagedEngine:
         """Whether a resnet block recomputes its first conv inside its second stage instead of
         storing it (one canvas written and read less, one conv computed twice); None: when its
         input canvas waits on the host of a CUDA device (host traffic costs more than a conv)."""
+        self.chain: bool | None = None
+        """Whether a chainable stage whose output would wait on the host keeps no output at all
+        (its statistics only) and is recomputed from its inputs, crop by crop, wherever a later
+        stage reads it (up to :data:`MAX_CHAIN` stages deep). None: on CUDA (a host round trip of
+        a canvas costs more than recomputing several convs); True: every chainable stage."""
         self.channels_last = device.type == "cuda"
         """On CUDA canvases and tile batches are laid out channels-last (H×W×C in memory): the
         convs run ~1.5× faster on tensor cores and crops copy as contiguous rows."""
@@ -265,6 +290,7 @@ class StagedEngine:
         out_dtype: torch.dtype | None = None,
         out_device: torch.device | None = None,
         keep: bool = True,
+        chain: bool = False,
     ) -> Canvas:
         """Run ``fn`` over all tiles; returns the output canvas (C=``channels``, at ``scale``).
 
@@ -272,6 +298,9 @@ class StagedEngine:
         per axis; ``fn`` maps the batched crops to the batched output cores (B×C×th·s×tw·s) or
         returns None (side effects only; the returned canvas is then empty). ``keep=False``:
         only the output's statistics are kept (the returned canvas holds no data).
+        ``chain``: ``fn`` also maps wider crops to proportionally wider outputs (convs, pointwise
+        ops, nearest upsampling; it reads no ``owned``/``cores``), so the output may be a
+        recomputed canvas (see :attr:`chain`).
         """
         g, m_in = self.grid, inputs[0].scale
         if any(c.scale != m_in for c in inputs):
@@ -279,6 +308,14 @@ class StagedEngine:
         shape = (channels, g.height * scale, g.width * scale)
         dtype = out_dtype or self.dtype
         nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        depth = 1 + max((c.recipe.depth for c in inputs if c.recipe is not None), default=0)
+        recipe = None
+        if keep and chain and out_device is None and dtype == self.dtype and depth <= MAX_CHAIN:
+            wanted = self.chain
+            if wanted is None:
+                wanted = self.device.type == "cuda" and self._place(nbytes).type == "cpu"
+            if wanted:
+                keep, recipe = False, Recipe(tuple(inputs), fn, halo, m_in, depth)
         if keep:
             out = self._empty(
                 shape, dtype, out_device or self._place(nbytes), channels_last=out_device is None
@@ -299,7 +336,7 @@ class StagedEngine:
                 crops: list[torch.Tensor] = []
                 pads: tuple[tuple[int, int, int, int], ...] = ()
                 for c in inputs:
-                    crop, pads = self._gather(c, tiles, halo, lane.device or self.device)
+                    crop, pads = self._crop(c, tiles, halo, lane)
                     crops.append(crop)
                 res = fn(crops, StageBatch(pads, owned, cores, lane))
                 crops = []
@@ -314,10 +351,10 @@ class StagedEngine:
                     torch.cuda.empty_cache()
                     self.notes.append(f"VAE out of memory: {self.batch} tiles per batch")
                     continue
-                on_device = [c for c in (*inputs, Canvas(out, scale)) if c.data.is_cuda]
+                on_device = [c for c in (*_stored(inputs), Canvas(out, scale)) if c.data.is_cuda]
                 if not on_device:
                     raise
-                self._evict(inputs)
+                self._evict(_stored(inputs))
                 if out.is_cuda:
                     out = out.to("cpu")
                 self.notes.append("VAE out of memory: activations moved to the host")
@@ -336,11 +373,67 @@ class StagedEngine:
         if pending is not None:
             self._scatter(out, scale, *pending)
         result = Canvas(out, scale)
+        if recipe is not None:
+            result.data, result.recipe = torch.empty((channels, 0, 0), dtype=dtype), recipe
         if means:
             result.mean = torch.stack(means).to(self.acc)
             result.m2 = torch.stack(m2s).to(self.acc)
             result.count = torch.tensor(counts, dtype=self.acc, device=self.device)[:, None]
         return result
+
+    def _crop(
+        self, c: Canvas, tiles: Sequence[VaeTile], halo: tuple[int, int], lane: Lane
+    ) -> tuple[torch.Tensor, tuple[tuple[int, int, int, int], ...]]:
+        """Batched crops of ``c`` (core + ``halo``) on the lane's device, zero outside the image,
+        and their pads: gathered from a stored canvas, computed for a recomputed one."""
+        if c.recipe is None:
+            return self._gather(c, tiles, halo, lane.device or self.device)
+        r, m = c.recipe, c.scale
+        # the recipe's stage maps an input margin e to an output margin e·m/r.scale (×2 for an
+        # upsampler, ½ for a downsampler): ask for enough input margin, then trim the excess
+        margin = tuple(-(-h * r.scale // m) for h in halo)
+        crops: list[torch.Tensor] = []
+        pads: tuple[tuple[int, int, int, int], ...] = ()
+        for inp in r.inputs:
+            crop, pads = self._crop(
+                inp, tiles, (r.halo[0] + margin[0], r.halo[1] + margin[1]), lane
+            )
+            crops.append(crop)
+        res = r.fn(crops, StageBatch(pads, (), (), lane))
+        if res is None:
+            raise RuntimeError("a recomputed canvas needs a stage that returns its output")
+        del crops
+        lo, hi = (e * m // r.scale - h for e, h in zip(margin, halo, strict=True))
+        rows, cols = res.shape[-2:]
+        layout = torch.channels_last if self.channels_last else torch.contiguous_format
+        res = res[:, :, lo : rows - hi, lo : cols - hi].to(self.dtype)
+        res = res.contiguous(memory_format=layout)
+        out_pads = self._pads(tiles, m, halo, (self.grid.height * m, self.grid.width * m))
+        return StageBatch(out_pads, (), ()).zero_outside(res), out_pads
+
+    def _pads(
+        self,
+        tiles: Sequence[VaeTile],
+        m: int,
+        halo: tuple[int, int],
+        size: tuple[int, int],
+    ) -> tuple[tuple[int, int, int, int], ...]:
+        """Per tile, the rows/cols of its crop (core + ``halo`` at scale ``m``) outside a canvas
+        of ``size``: (top, bottom, left, right)."""
+        lo, hi = halo
+        ch, cw = self.grid.tile_h * m + lo + hi, self.grid.tile_w * m + lo + hi
+        pads = []
+        for t in tiles:
+            y0, x0 = t.top * m - lo, t.left * m - lo
+            pads.append(
+                (
+                    max(0, -y0),
+                    max(0, y0 + ch - size[0]),
+                    max(0, -x0),
+                    max(0, x0 + cw - size[1]),
+                )
+            )
+        return tuple(pads)
 
     def _gather(
         self, c: Canvas, tiles: Sequence[VaeTile], halo: tuple[int, int], device: torch.device
@@ -436,6 +529,15 @@ class StagedEngine:
         if not bool(torch.isfinite(a).all() & torch.isfinite(b).all()):
             raise NonFiniteError(f"non-finite activations before a GroupNorm in {self.dtype}")
         return a.float().view(1, -1, 1, 1), b.float().view(1, -1, 1, 1)
+
+
+def _stored(canvases: Sequence[Canvas]) -> list[Canvas]:
+    """The stored canvases among ``canvases`` and behind their recipes (each once)."""
+    out: list[Canvas] = []
+    for c in canvases:
+        found = [c] if c.recipe is None else _stored(c.recipe.inputs)
+        out += [f for f in found if not any(f is o for o in out)]
+    return out
 
 
 def _owned_stats(

@@ -158,10 +158,12 @@ def _resnet(eng: StagedEngine, x: Canvas, r: ResnetBlock) -> Canvas:
         )
 
     recompute = eng.recompute
-    if recompute is None:
+    if recompute is None:  # x is on the host or recomputed: read it once for both convs
         recompute = eng.device.type == "cuda" and x.data.device.type == "cpu"
     l1 = _halo(r.conv1)
-    h = eng.stage([x], first, channels=r.conv1.out_channels, scale=m, halo=l1, keep=not recompute)
+    h = eng.stage(
+        [x], first, channels=r.conv1.out_channels, scale=m, halo=l1, keep=not recompute, chain=True
+    )
     a2, b2 = eng.affine(h, r.norm2)
     lo, hi = _halo(r.conv2)
 
@@ -176,7 +178,8 @@ def _resnet(eng: StagedEngine, x: Canvas, r: ResnetBlock) -> Canvas:
         return (skip + out) / r.output_scale_factor
 
     if not recompute:
-        return eng.stage([h, x], second, channels=r.conv2.out_channels, scale=m, halo=(lo, hi))
+        channels = r.conv2.out_channels
+        return eng.stage([h, x], second, channels=channels, scale=m, halo=(lo, hi), chain=True)
 
     def both(crops: list[torch.Tensor], batch: StageBatch) -> torch.Tensor:
         """``first`` on a crop wider by the second conv's halo, then ``second`` on its output."""
@@ -187,7 +190,8 @@ def _resnet(eng: StagedEngine, x: Canvas, r: ResnetBlock) -> Canvas:
         return second([h_crop, x_inner], batch.inner(l1[0]))
 
     channels = r.conv2.out_channels
-    return eng.stage([x], both, channels=channels, scale=m, halo=(l1[0] + lo, l1[1] + hi))
+    halo = (l1[0] + lo, l1[1] + hi)
+    return eng.stage([x], both, channels=channels, scale=m, halo=halo, chain=True)
 
 
 def _scores(q: torch.Tensor, kt: torch.Tensor) -> torch.Tensor:
@@ -331,7 +335,8 @@ def _downsample(eng: StagedEngine, x: Canvas, ds: Downsample) -> Canvas:
     def down(crops: list[torch.Tensor], batch: StageBatch) -> torch.Tensor:
         return _conv(batch.lane(conv), crops[0])
 
-    return eng.stage([x], down, channels=conv.out_channels, scale=x.scale // 2, halo=halo)
+    channels, scale = conv.out_channels, x.scale // 2
+    return eng.stage([x], down, channels=channels, scale=scale, halo=halo, chain=True)
 
 
 def _upsample(eng: StagedEngine, x: Canvas, us: Upsample) -> Canvas:
@@ -347,7 +352,8 @@ def _upsample(eng: StagedEngine, x: Canvas, us: Upsample) -> Canvas:
         h = _conv(batch.lane(conv), F.interpolate(crops[0], scale_factor=2.0, mode="nearest"))
         return h[:, :, 1:-1, 1:-1]
 
-    return eng.stage([x], up, channels=conv.out_channels, scale=x.scale * 2, halo=(1, 1))
+    channels, scale = conv.out_channels, x.scale * 2
+    return eng.stage([x], up, channels=channels, scale=scale, halo=(1, 1), chain=True)
 
 
 # --- encoder / decoder walks --------------------------------------------------------------------
@@ -363,6 +369,7 @@ def _encode_one(
         channels=enc.conv_in.out_channels,
         scale=image.scale,
         halo=_halo(enc.conv_in),
+        chain=True,
     )
     for block in enc.down_blocks:
         if type(block).__name__ != "DownEncoderBlock2D":
@@ -409,9 +416,8 @@ def _decode_one(
         h = crops[0] if post is None else batch.zero_outside(batch.lane(post)(crops[0]))
         return _conv(batch.lane(dec.conv_in), h)
 
-    x = eng.stage(
-        [z], conv_in, channels=dec.conv_in.out_channels, scale=z.scale, halo=_halo(dec.conv_in)
-    )
+    channels, halo = dec.conv_in.out_channels, _halo(dec.conv_in)
+    x = eng.stage([z], conv_in, channels=channels, scale=z.scale, halo=halo, chain=True)
     x = _mid(eng, x, dec.mid_block)
     for block in dec.up_blocks:
         if type(block).__name__ != "UpDecoderBlock2D":
