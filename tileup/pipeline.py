@@ -467,12 +467,9 @@ class Upscaler:
         #    redraw; then the seam-fix passes and the colour fix, when asked.
         passes: tuple[PassCounts, ...] = ()
         if self.model is not None and diffusion is not None:
-            try:
-                rgb, passes = self._rediffuse(
-                    picture, rgb, latents, target, diffusion, clock, plan, hooks
-                )
-            finally:
-                self.model.release_graphs()
+            rgb, passes = self._rediffuse(
+                picture, rgb, latents, target, diffusion, clock, plan, hooks
+            )
         assert rgb is not None
         # 4. Alpha, upscaled separately with the same upscaler.
         with clock.stage("alpha"):
@@ -546,8 +543,7 @@ class Upscaler:
     def _place(self, plan: MemoryPlan | None, stage: str) -> None:
         """Models where the plan wants them for ``stage`` ("vae": the SR model and the tiled
         VAE run; "unet": fused sampling; "redraw": per-region passes need both)."""
-        model = self.model
-        if model is not None and stage == "vae":
+        if (model := self.model) is not None and stage == "vae":
             model.release_graphs()  # the UNet's CUDA graphs hold their activations' memory
         if plan is None or model is None:
             return
@@ -561,9 +557,8 @@ class Upscaler:
             model.place_vae("host" if stage == "unet" and plan.swap_unet else "device")
 
     def _vae_options(self, plan: MemoryPlan | None) -> VaeOptions | None:
-        """The tiled VAE's options for a job: the plan's batch and device store (None: no model).
-        It runs on the first device only: dealing its batches to the replicas' VAEs (lanes) was
-        measured slower on two H200s (2026-11-30: encode 1.32 → 1.65 s, decode 1.85 → 2.08 s)."""
+        """The tiled VAE's options for a job: the plan's batch and device store (None: no model);
+        first device only (lanes of replicas were slower: bench/results/gpu.md)."""
         if self.model is None:
             return None
         options = self.model.vae.options
@@ -698,6 +693,7 @@ class Upscaler:
                 on_pasted=hooks.on_pasted if hooks is not None else None,
             )
             rgb = canvas[: target[0], : target[1]]
+            model.release_graphs()  # their memory pool
             for p in counts:
                 clock.add("redraw" if p.name == "redraw" else "seam_fix", p.seconds)
         if s.color_fix != "none":
@@ -746,11 +742,9 @@ def upscale(
     progress: Progress | None = None,
     **overrides: Any,
 ) -> UpscaleResult:
-    """Upscale one image (anything :meth:`Upscaler.__call__` takes) with its stats.
-
-    Settings come from ``settings`` and/or keyword overrides named as in UpscaleSettings,
-    e.g. ``upscale("photo.png", scale=4, upscaler="lanczos")``.
-    """
+    """Upscale one image (anything :meth:`Upscaler.__call__` takes) with its stats. Settings
+    come from ``settings`` and/or keyword overrides named as in UpscaleSettings, e.g.
+    ``upscale("photo.png", scale=4, upscaler="lanczos")``."""
     settings = merge_settings(settings, overrides)
     picture = as_picture(image, settings.max_pixels)
     return Upscaler(settings, progress)(picture)

@@ -206,7 +206,7 @@ class GraphedUNet(nn.Module):
         )
         self._fill(holder, sample, timestep, context, added)
         if self._stream is None or self._stream.device != device:
-            self._stream = torch.cuda.Stream(device)
+            self._stream = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]  # torch
         stream = self._stream
         try:
             stream.wait_stream(torch.cuda.current_stream(device))
@@ -247,5 +247,5 @@ class GraphedUNet(nn.Module):
             graph.timestep.fill_(value)
         graph.context.copy_(context)
         if added is not None and graph.added is not None:
-            for key, value in added.items():
-                graph.added[key].copy_(value)
+            for key, tensor in added.items():
+                graph.added[key].copy_(tensor)
