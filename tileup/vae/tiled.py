@@ -38,11 +38,17 @@ tile 512 px, batch 4; bench/vae/profile_vae.py, 2026-11-30): a 4096² image enco
 and decodes in 1.63 s with ``store="device"`` (2.01 s / 2.60 s before those three changes;
 untiled diffusers 2.43 s / 3.03 s), the attention taking 0.62 s of each (1.32 s before); with
 a memory plan's 3.08 GiB device store on an 8 GiB card (the rest on the host) 4.8 s / 7.2 s,
-bound by host-side crop and paste copies. Since then a resnet whose input waits on the host
-reduces its first conv to statistics only and recomputes it inside its second stage (on crops
-one halo wider): three full-size canvas copies across the host link per resnet instead of five
-(not yet measured on the GPU). Every stage boundary is one host sync (to check the
-statistics are finite); crop and paste work per tile is tile-sized, never image-sized.
+bound by host-side crop and paste copies. So on CUDA a canvas that would wait on the host is
+not stored at all: its stage keeps only its statistics, and every later stage that reads it
+computes its crops again from the last canvas stored on the device, through the chain of
+stages in between (convs, norm-activations, resnet adds, samplers), on crops widened by each
+conv's halo (:class:`tileup.vae.engine.Recipe`; at most ``MAX_CHAIN`` stages, then a canvas
+is stored on the host after all). A full-resolution conv costs milliseconds, a gigabyte
+canvas crossing the host link hundreds of them. A resnet whose input is recomputed (or on
+the host) reduces its first conv to statistics only and computes it again inside its second
+stage, so its input is produced once per batch. Every stage boundary is one host sync (to
+check the statistics are finite); crop and paste work per tile is tile-sized, never
+image-sized.
 """
 
 from __future__ import annotations
