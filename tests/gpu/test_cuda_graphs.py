@@ -74,11 +74,22 @@ def test_parked_weights_and_grad_mode_run_eagerly_then_capture_again(tiny) -> No
     assert (graphed.captures, graphed.replays) == (2, 3)
 
 
+def test_a_call_whose_activations_do_not_fit_twice_stays_eager(tiny, monkeypatch) -> None:
+    graphed = GraphedUNet(copy.deepcopy(tiny["unet"]).to(CUDA, torch.bfloat16))
+    sample, context = _inputs(4, seed=2)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (0, 80 * 2**30))
+    with torch.inference_mode():
+        outs = [graphed(sample, 300.0, encoder_hidden_states=context)[0] for _ in range(3)]
+    assert (graphed.captures, graphed.replays, graphed.declined) == (0, 0, 1)
+    assert torch.equal(outs[2], outs[0])
+
+
 def _model(tiny: dict, graphs: bool) -> DiffusionModel:
     gen = torch.Generator().manual_seed(5)
+    cond, uncond = (torch.randn(1, 77, 32, generator=gen) for _ in "cu")
     conditioning = Conditioning(
-        cond=torch.randn(1, 77, 32, generator=gen), uncond=torch.randn(1, 77, 32, generator=gen)
-    ).to(CUDA)
+        cond=cond.to(CUDA, torch.bfloat16), uncond=uncond.to(CUDA, torch.bfloat16)
+    )
     unet = copy.deepcopy(tiny["unet"]).to(CUDA, torch.bfloat16)
     vae = VaeRunner(copy.deepcopy(tiny["vae"]), CUDA, torch.bfloat16, VaeOptions(512, 4, "cuda"))
     return DiffusionModel(

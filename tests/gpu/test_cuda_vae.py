@@ -162,14 +162,21 @@ def test_host_store_recomputes_first_convs_and_stays_close(vae, latents, image) 
     each resnet's first conv computed again inside its second stage): the same values up to
     the convs' rounding for other input sizes."""
     kw = {"batch": 3, "dtype": torch.bfloat16}
+    truth = tiled_decode(vae, latents, tile=16, store="device", batch=3)  # float32
+
+    def error(out: torch.Tensor) -> float:
+        return (out - truth).abs().mean().item()
+
     on_device = tiled_decode(vae, latents, tile=16, store="device", **kw)
     on_host = tiled_decode(vae, latents, tile=16, store="cpu", **kw)
-    assert (on_host - on_device).abs().mean().item() < 2e-3
+    assert error(on_host) <= 1.5 * error(on_device)  # rounded elsewhere, not worse
     before = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     limit = 6 * 40 * 48 * 128 * 2  # a memory plan's cap: a few low-resolution canvases
     capped = tiled_decode(vae, latents, tile=16, store="device", store_limit=limit, **kw)
-    assert (capped - on_device).abs().mean().item() < 2e-3
+    assert error(capped) <= 1.5 * error(on_device)
     assert torch.cuda.max_memory_allocated() - before < limit + 64 * 2**20
+    z_truth = tiled_encode(vae, image, tile=128, store="device", batch=3)
     z = tiled_encode(vae, image, tile=128, store="device", **kw)
-    assert (tiled_encode(vae, image, tile=128, store="cpu", **kw) - z).abs().mean().item() < 2e-3
+    z_host = tiled_encode(vae, image, tile=128, store="cpu", **kw)
+    assert (z_host - z_truth).abs().mean() <= 1.5 * (z - z_truth).abs().mean()

@@ -10,10 +10,14 @@ and replays it. The kernels are the ones eager runs, so the output is the same.
 
 Anything the graph cannot hold runs eagerly, as before: a UNet not wholly on one CUDA device
 (parked on the host, streamed block by block), grad mode, keyword arguments other than the
-text states and SDXL's added conditions, more signatures than :data:`MAX_GRAPHS`, a capture
-that runs out of memory (that signature stays eager). Graphs share one memory pool per wrapper
-and hold it until :meth:`GraphedUNet.release`; the model releases them when it moves the UNet and
-after each diffusion stage.
+text states and SDXL's added conditions, more signatures than :data:`MAX_GRAPHS`, a call whose
+activations (the memory plan's per-sample estimate) would not fit twice in the free memory,
+a capture that fails (out of memory): those signatures stay eager. A graph keeps its
+activations' memory in its own pool, beside the allocator's cache, so on a card where the
+UNet batch was sized to the memory the graphs step aside (measured on an emulated 8 GiB card,
+2026-11-30: graphs there made the UNet batch halve three times). Graphs share one memory pool
+per wrapper and hold it until :meth:`GraphedUNet.release`; the model releases them when it
+moves the UNet and after each diffusion stage.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from tileup.memory import RESERVE_BYTES, UNET_SAMPLE_BYTES_64
 
 MAX_GRAPHS = 16
 """Input signatures captured at most per wrapper (beyond them, new signatures run eagerly)."""
@@ -61,6 +67,8 @@ class GraphedUNet(nn.Module):
         self.enabled = True
         self.captures = 0
         self.replays = 0
+        self.declined = 0
+        """Signatures left eager: no room for a graph's memory, or a failed capture."""
         self._graphs: dict[Signature, _Graph] = {}
         self._seen: set[Signature] = set()
         self._eager_only: set[Signature] = set()
@@ -191,8 +199,16 @@ class GraphedUNet(nn.Module):
         context: torch.Tensor,
         added: dict[str, torch.Tensor] | None,
     ) -> _Graph | None:
-        """Record a call with this signature; None (and eager from now on) when out of memory."""
+        """Record a call with this signature; None (and eager from now on for it) when the
+        free memory cannot hold its activations twice or the capture fails."""
         device = sample.device
+        area = sample.shape[0] * sample.shape[-2] * sample.shape[-1] / 64**2
+        need = 2 * UNET_SAMPLE_BYTES_64 * area + RESERVE_BYTES
+        free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
+        if free - torch.cuda.memory_allocated(device) < need:
+            self._eager_only.add(signature)
+            self.declined += 1
+            return None
         static_sample = torch.empty_like(sample)
         if isinstance(timestep, torch.Tensor):
             static_t = torch.empty((), dtype=timestep.dtype, device=device)
@@ -205,22 +221,22 @@ class GraphedUNet(nn.Module):
             torch.cuda.CUDAGraph(), static_sample, static_t, static_context, static_added, sample
         )
         self._fill(holder, sample, timestep, context, added)
-        if self._stream is None or self._stream.device != device:
-            self._stream = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]  # torch
-        stream = self._stream
+        inputs = (static_sample, static_t, static_context, static_added)
         try:
+            if self._stream is None or self._stream.device != device:
+                self._stream = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]  # torch
+            stream = self._stream
             stream.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(stream):  # warm-up off the capture: lazy library set-up
-                self._eager(static_sample, static_t, static_context, static_added)
+                self._eager(*inputs)
             torch.cuda.current_stream(device).wait_stream(stream)
             with torch.cuda.graph(
                 holder.graph, pool=self._pool, stream=stream, capture_error_mode="thread_local"
             ):
-                holder.output = self._eager(static_sample, static_t, static_context, static_added)[
-                    0
-                ]
-        except torch.OutOfMemoryError:
+                holder.output = self._eager(*inputs)[0]
+        except (torch.OutOfMemoryError, RuntimeError):  # incl. a stream the driver cannot create
             self._eager_only.add(signature)
+            self.declined += 1
             torch.cuda.synchronize(device)
             return None
         if self._pool is None:
