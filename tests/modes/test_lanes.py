@@ -237,3 +237,17 @@ def test_device_lists_are_read_and_checked() -> None:
     for bad in ["cuda:0,", "gpu", "cuda:0;cuda:1", "cpu,cuda"]:
         with pytest.raises(SettingsError, match=r"^device must be"):
             UpscaleSettings(device=bad)
+
+
+def test_small_redraw_waves_are_split_only_when_the_unet_is_graphed(tiny) -> None:
+    from tileup.modes.redraw import MIN_LANE_CROPS, MIN_LANE_CROPS_GRAPHED, _min_lane_crops
+    from tileup.sampling.graphs import GraphedUNet
+
+    model = _model(tiny)
+    assert _min_lane_crops(model) == MIN_LANE_CROPS == 8
+    model.unet = GraphedUNet(model.unet)
+    assert _min_lane_crops(model) == MIN_LANE_CROPS_GRAPHED == 2
+    assert lane_count(4, 2, 8, MIN_LANE_CROPS_GRAPHED) == 2  # a wave of 4: 2 + 2
+    assert lane_count(4, 2, 8, MIN_LANE_CROPS) == 1
+    model.unet.enabled = False  # parked or streamed: launches cost again
+    assert _min_lane_crops(model) == MIN_LANE_CROPS

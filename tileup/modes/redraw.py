@@ -47,6 +47,7 @@ import torch
 from tileup.devices import on_device
 from tileup.modes.model import DiffusionModel, DiffusionReport
 from tileup.modes.regions import Region, context_crop, crop_masks, seam_fix_passes, tile_regions
+from tileup.sampling.graphs import GraphedUNet
 from tileup.sampling.guidance import GuidanceInputs, guidance_inputs, guided_prediction
 from tileup.sampling.loop import StepPlan, noise_latents, run_sampler
 from tileup.sampling.protocols import Scheduler
@@ -217,6 +218,17 @@ hold at most 8 crops, took 35.7 s split 4 + 4 against 24.0 s on one GPU (each UN
 few crops is bound by the host's kernel launches, and two lanes' threads share one
 interpreter)."""
 
+MIN_LANE_CROPS_GRAPHED = 2
+"""The same with the UNet replayed from CUDA graphs (:mod:`tileup.sampling.graphs`): a call no
+longer waits on the host's launches, so even small waves are worth splitting."""
+
+
+def _min_lane_crops(model: DiffusionModel) -> int:
+    """:data:`MIN_LANE_CROPS_GRAPHED` when the UNet runs from CUDA graphs, else
+    :data:`MIN_LANE_CROPS`."""
+    graphed = isinstance(model.unet, GraphedUNet) and model.unet.enabled
+    return MIN_LANE_CROPS_GRAPHED if graphed else MIN_LANE_CROPS
+
 
 def lane_count(crops: int, lanes: int, max_batch: int, min_lane_crops: int) -> int:
     """Lanes a batch of ``crops`` runs on: enough that none gets more than ``max_batch``, and
@@ -245,7 +257,7 @@ def redraw_regions(
     fallbacks: list[str] | None = None,
     on_tiles: Progress | None = None,
     on_batch: Callable[[tuple[int, ...]], None] | None = None,
-    min_lane_crops: int = MIN_LANE_CROPS,
+    min_lane_crops: int | None = None,
     on_pasted: Callable[[torch.Tensor], None] | None = None,
 ) -> tuple[torch.Tensor, PassCounts]:
     """Redraw ``regions`` of ``canvas`` (3×H×W float32 in [0, 1], H and W multiples of f) in
@@ -296,7 +308,8 @@ def redraw_regions(
                 seeds=[region_seed(seed, pass_index, j) for j in batch],
             )
             try:
-                lanes_used = lane_count(len(batch), len(works), max_batch, min_lane_crops)
+                least = min_lane_crops or _min_lane_crops(model)
+                lanes_used = lane_count(len(batch), len(works), max_batch, least)
                 run = works[:lanes_used]
                 _redraw_batch(run, pool, canvas, job, plan, mask_blur, notes, counted)
             except torch.OutOfMemoryError:
