@@ -58,3 +58,19 @@ def vae_recompute(monkeypatch: pytest.MonkeyPatch):
         monkeypatch.setattr(StagedEngine, "__init__", forced)
 
     return force
+
+
+@pytest.fixture
+def vae_recipes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The depth of every recomputed canvas the staged VAE engines make during the test."""
+    from tileup.vae import engine
+
+    depths: list[int] = []
+    init = engine.Recipe.__init__
+
+    def recorded(self, *args, **kwargs) -> None:
+        init(self, *args, **kwargs)
+        depths.append(self.depth)
+
+    monkeypatch.setattr(engine.Recipe, "__init__", recorded)
+    return depths

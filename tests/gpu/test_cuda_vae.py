@@ -158,7 +158,7 @@ def test_a_second_gpu_takes_turns_and_gives_the_same_bytes(vae, latents, image, 
 
 
 def test_host_store_recomputes_first_convs_and_stays_close(
-    vae, latents, image, monkeypatch
+    vae, latents, image, vae_recipes
 ) -> None:
     """A canvas that would wait on the host is recomputed from the last stored one instead (and
     each resnet's first conv computed again inside its second stage): the same values up to
@@ -172,20 +172,10 @@ def test_host_store_recomputes_first_convs_and_stays_close(
     on_device = tiled_decode(vae, latents, tile=16, store="device", **kw)
     on_host = tiled_decode(vae, latents, tile=16, store="cpu", **kw)
     assert error(on_host) <= 1.5 * error(on_device)  # rounded elsewhere, not worse
-    from tileup.vae import engine
-
-    recipes: list[int] = []
-    init = engine.Recipe.__init__
-
-    def counted(self, *args, **kwargs) -> None:
-        init(self, *args, **kwargs)
-        recipes.append(self.depth)
-
-    monkeypatch.setattr(engine.Recipe, "__init__", counted)
     limit = 6 * 40 * 48 * 128 * 2  # a memory plan's cap: a few low-resolution canvases
     capped = tiled_decode(vae, latents, tile=16, store="device", store_limit=limit, **kw)
     assert error(capped) <= 1.5 * error(on_device)
-    assert recipes  # canvases beyond the cap were recomputed, not stored
+    assert vae_recipes  # canvases beyond the cap were recomputed, not stored
     z_truth = tiled_encode(vae, image, tile=128, store="device", batch=3)
     z = tiled_encode(vae, image, tile=128, store="device", **kw)
     z_host = tiled_encode(vae, image, tile=128, store="cpu", **kw)
