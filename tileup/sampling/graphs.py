@@ -74,6 +74,7 @@ class GraphedUNet(nn.Module):
         self._eager_only: set[Signature] = set()
         self._pool: Any = None
         self._stream: torch.cuda.Stream | None = None
+        self._resident_key: tuple[torch.device, int] | None = None
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -164,7 +165,7 @@ class GraphedUNet(nn.Module):
         if first is None or first.device != device:
             return False
         key = (device, first.data_ptr())
-        if getattr(self, "_resident_key", None) == key:
+        if self._resident_key == key:
             return True
         tensors: Iterator[torch.Tensor] = iter([*self.unet.parameters(), *self.unet.buffers()])
         if any(t.device != device for t in tensors):
