@@ -16,6 +16,11 @@ def test_fast_layout_keeps_the_unet_function() -> None:
     _fast_layout(fast)
     attention = fast.down_blocks[0].attentions[0].transformer_blocks[0].attn1
     assert attention.fused_projections  # one QKV GEMM
+    cross = fast.down_blocks[0].attentions[0].transformer_blocks[0].attn2
+    assert attention.to_q is attention.to_k is cross.to_k is None  # no second copy kept
+    assert cross.to_q is not None  # the cross-attention's query still runs alone
+    params = sum(p.numel() for p in unet.parameters())
+    assert sum(p.numel() for p in fast.parameters()) == params  # the same weights, regrouped
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, 16, 16, generator=gen)
     context = torch.randn(2, 77, 32, generator=gen)

@@ -46,12 +46,20 @@ def _quiet_diffusers() -> Iterator[None]:
 
 def _fast_layout(unet: nn.Module) -> None:
     """The UNet's faster GPU form: fused QKV projections in its attention (one GEMM instead of
-    three); the same function up to kernel rounding. Channels-last weights were measured
-    slower eager (diffusion 11.1 s against 10.1 s on the reference job, H200, 2026-11-29:
-    GroupNorm has no fast channels-last kernel), so the layout stays NCHW."""
+    three); the same function up to kernel rounding. The separate projections the fused
+    attention no longer reads are dropped (kept, they were a second copy of ~0.9 GiB of SDXL
+    weights: its 8 GiB card ran out of memory loading the text encoders). Channels-last weights
+    were measured slower eager (diffusion 11.1 s against 10.1 s on the reference job, H200,
+    2026-11-29: GroupNorm has no fast channels-last kernel), so the layout stays NCHW."""
     fuse = getattr(unet, "fuse_qkv_projections", None)
-    if callable(fuse):
-        fuse()
+    if not callable(fuse):
+        return
+    fuse()
+    for module in unet.modules():
+        if getattr(module, "fused_projections", False):  # cross-attention still reads to_q
+            unused = ("to_k", "to_v") if module.is_cross_attention else ("to_q", "to_k", "to_v")
+            for name in unused:
+                setattr(module, name, None)
 
 
 @dataclass(frozen=True)
