@@ -45,8 +45,8 @@ def test_graphed_calls_give_the_eager_bytes_and_capture_once_per_shape(tiny) -> 
             expected = unet(sample, t, encoder_hidden_states=context, return_dict=False)[0]
             got = graphed(sample, t, encoder_hidden_states=context, return_dict=False)[0]
             assert torch.equal(got, expected), (step, batch)
-    # per shape: call 1 eager, call 2 captured and replayed, call 3 replayed
-    assert (graphed.captures, graphed.replays) == (2, 4)
+    # per shape: call 1 eager, call 2 computed by the capture's warm-up, call 3 replayed
+    assert (graphed.captures, graphed.replays) == (2, 2)
     assert float(expected.float().abs().mean()) > 0.01  # a real prediction
 
 
@@ -62,16 +62,16 @@ def test_parked_weights_and_grad_mode_run_eagerly_then_capture_again(tiny) -> No
 
     with torch.no_grad():
         first = [call() for _ in range(3)]
-        assert (graphed.captures, graphed.replays) == (1, 2)
+        assert (graphed.captures, graphed.replays) == (1, 1)
         assert torch.equal(first[2], first[0])
         model.place_unet("host")  # the graphs hold the old weight addresses: released
         model.place_unet("device")
-        again = [call() for _ in range(2)]
-    assert (graphed.captures, graphed.replays) == (2, 3)  # eager, then a new capture
-    assert torch.equal(again[1], first[0])
+        again = [call() for _ in range(3)]
+    assert (graphed.captures, graphed.replays) == (2, 2)  # eager, a new capture, a replay
+    assert torch.equal(again[1], first[0]) and torch.equal(again[2], first[0])
     with torch.enable_grad():
         call()
-    assert (graphed.captures, graphed.replays) == (2, 3)
+    assert (graphed.captures, graphed.replays) == (2, 2)
 
 
 def test_a_call_whose_activations_do_not_fit_twice_stays_eager(tiny, monkeypatch) -> None:

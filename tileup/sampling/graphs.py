@@ -111,11 +111,12 @@ class GraphedUNet(nn.Module):
             if signature not in self._seen or len(self._graphs) >= MAX_GRAPHS:
                 self._seen.add(signature)
                 return self._eager(sample, timestep, encoder_hidden_states, added_cond_kwargs)
-            graph = self._capture(
+            warm = self._capture(
                 signature, sample, timestep, encoder_hidden_states, added_cond_kwargs
             )
-            if graph is None:
+            if warm is None:
                 return self._eager(sample, timestep, encoder_hidden_states, added_cond_kwargs)
+            return warm
         self._fill(graph, sample, timestep, encoder_hidden_states, added_cond_kwargs)
         graph.graph.replay()
         self.replays += 1
@@ -199,9 +200,11 @@ class GraphedUNet(nn.Module):
         timestep: torch.Tensor | float,
         context: torch.Tensor,
         added: dict[str, torch.Tensor] | None,
-    ) -> _Graph | None:
-        """Record a call with this signature; None (and eager from now on for it) when the
-        free memory cannot hold its activations twice or the capture fails."""
+    ) -> tuple[torch.Tensor, ...] | None:
+        """Record a call with this signature and return its output: the warm-up call that
+        precedes the capture (on the capture stream) computes it. None, and eager from now on
+        for this signature, when the free memory cannot hold its activations twice or the
+        warm-up fails; a failed capture returns the warm-up's output and stays eager too."""
         device = sample.device
         area = sample.shape[0] * sample.shape[-2] * sample.shape[-1] / 64**2
         need = 2 * UNET_SAMPLE_BYTES_64 * area + RESERVE_BYTES
@@ -223,14 +226,18 @@ class GraphedUNet(nn.Module):
         )
         self._fill(holder, sample, timestep, context, added)
         inputs = (static_sample, static_t, static_context, static_added)
+        warm: tuple[torch.Tensor, ...] | None = None
         try:
             if self._stream is None or self._stream.device != device:
                 self._stream = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]  # torch
             stream = self._stream
             stream.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(stream):  # warm-up off the capture: lazy library set-up
-                self._eager(*inputs)
-            torch.cuda.current_stream(device).wait_stream(stream)
+                warm = tuple(self._eager(*inputs))
+            current = torch.cuda.current_stream(device)
+            current.wait_stream(stream)
+            for tensor in warm:  # made on the side stream, read on the caller's
+                tensor.record_stream(current)
             with torch.cuda.graph(
                 holder.graph, pool=self._pool, stream=stream, capture_error_mode="thread_local"
             ):
@@ -239,12 +246,12 @@ class GraphedUNet(nn.Module):
             self._eager_only.add(signature)
             self.declined += 1
             torch.cuda.synchronize(device)
-            return None
+            return warm
         if self._pool is None:
             self._pool = holder.graph.pool()
         self._graphs[signature] = holder
         self.captures += 1
-        return holder
+        return warm
 
     @staticmethod
     def _fill(
