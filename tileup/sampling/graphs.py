@@ -4,9 +4,10 @@ A UNet call on a few tiles (a redraw wave, a small card's batch) is bound by the
 its ~1500 kernels, not by the GPU (36 ms for a 512² tile with CFG on an H200, eager). A CUDA
 graph launches the whole recorded call at once. :class:`GraphedUNet` wraps a resident CUDA UNet
 and keeps the UNet's call signature: the first call with a new input signature (shapes, dtypes,
-device, the timestep's kind) runs eagerly, the second captures a graph (after one warm-up call
-on the capture stream) and every later one copies its inputs into the graph's static buffers
-and replays it. The kernels are the ones eager runs, so the output is the same.
+device, the timestep's kind) runs eagerly, the second captures a graph (its output is the
+warm-up call made on the capture stream just before) and every later one copies its inputs into
+the graph's static buffers and replays it. The kernels are the ones eager runs, so the output
+is the same.
 
 Anything the graph cannot hold runs eagerly, as before: a UNet not wholly on one CUDA device
 (parked on the host, streamed block by block), grad mode, keyword arguments other than the
