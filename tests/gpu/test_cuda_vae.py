@@ -180,3 +180,24 @@ def test_host_store_recomputes_first_convs_and_stays_close(
     z = tiled_encode(vae, image, tile=128, store="device", **kw)
     z_host = tiled_encode(vae, image, tile=128, store="cpu", **kw)
     assert (z_host - z_truth).abs().mean() <= 1.5 * (z - z_truth).abs().mean()
+
+
+def test_a_canvas_the_device_cannot_allocate_is_recomputed(vae, latents, monkeypatch) -> None:
+    """Under the memory plan's cap but out of memory all the same (fragments): the activation is
+    recomputed (or put on the host), noted, and the result stays within rounding."""
+    kw = {"batch": 3, "dtype": torch.bfloat16, "store": "device"}
+    expected = tiled_decode(vae, latents, tile=16, **kw)
+    original = StagedEngine._empty
+    refused: list[tuple[int, ...]] = []
+
+    def fragmented(self, shape, dtype, device, pin=False, channels_last=False):
+        if torch.device(device).type == "cuda" and len(shape) == 3 and shape[1] and not refused:
+            refused.append(tuple(shape))
+            raise torch.OutOfMemoryError("fragmented")
+        return original(self, shape, dtype, device, pin, channels_last)
+
+    monkeypatch.setattr(StagedEngine, "_empty", fragmented)
+    notes: list[str] = []
+    got = tiled_decode(vae, latents, tile=16, notes=notes, **kw)
+    assert refused and any("recomputed or on the host" in n for n in notes)
+    assert (got - expected).abs().mean().item() < 2e-3

@@ -309,19 +309,28 @@ class StagedEngine:
         dtype = out_dtype or self.dtype
         nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         depth = 1 + max((c.recipe.depth for c in inputs if c.recipe is not None), default=0)
+        chainable = chain and out_device is None and dtype == self.dtype and depth <= MAX_CHAIN
         recipe = None
-        if keep and chain and out_device is None and dtype == self.dtype and depth <= MAX_CHAIN:
+        place = out_device or self._place(nbytes)
+        if keep and chainable:
             wanted = self.chain
             if wanted is None:
-                wanted = self.device.type == "cuda" and self._place(nbytes).type == "cpu"
+                wanted = self.device.type == "cuda" and place.type == "cpu"
             if wanted:
                 keep, recipe = False, Recipe(tuple(inputs), fn, halo, m_in, depth)
+        out = self._empty((channels, 0, 0), dtype, self.device)
         if keep:
-            out = self._empty(
-                shape, dtype, out_device or self._place(nbytes), channels_last=out_device is None
-            )
-        else:
-            out = self._empty((channels, 0, 0), dtype, self.device)
+            try:
+                out = self._empty(shape, dtype, place, channels_last=out_device is None)
+            except torch.OutOfMemoryError:  # the cap fit, the device's fragments did not
+                if place.type != "cuda" or out_device is not None:
+                    raise
+                torch.cuda.empty_cache()
+                self.notes.append("VAE out of memory: an activation recomputed or on the host")
+                if chainable:
+                    keep, recipe = False, Recipe(tuple(inputs), fn, halo, m_in, depth)
+                else:
+                    out = self._empty(shape, dtype, torch.device("cpu"), channels_last=True)
         means: list[torch.Tensor] = []
         m2s: list[torch.Tensor] = []
         counts: list[int] = []
