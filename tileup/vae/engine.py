@@ -459,17 +459,13 @@ class StagedEngine:
             pin=True,
             channels_last=True,
         )
-        pads = []
-        for i, t in enumerate(tiles):
+        pads = self._pads(tiles, m, halo, (rows, cols))
+        for i, (t, (top, bottom, left, right)) in enumerate(zip(tiles, pads, strict=True)):
             y0, x0 = t.top * m - lo, t.left * m - lo
-            sy0, sy1 = max(y0, 0), min(y0 + ch, rows)
-            sx0, sx1 = max(x0, 0), min(x0 + cw, cols)
-            pad = (sy0 - y0, y0 + ch - sy1, sx0 - x0, x0 + cw - sx1)
-            buf[i, :, pad[0] : ch - pad[1], pad[2] : cw - pad[3]] = c.data[:, sy0:sy1, sx0:sx1]
-            pads.append(pad)
-        batch = StageBatch(tuple(pads), (), ())
-        batch.zero_outside(buf)
-        return buf.to(device, self.dtype, non_blocking=pinned), batch.pads
+            inside = c.data[:, y0 + top : y0 + ch - bottom, x0 + left : x0 + cw - right]
+            buf[i, :, top : ch - bottom, left : cw - right] = inside
+        StageBatch(pads, (), ()).zero_outside(buf)
+        return buf.to(device, self.dtype, non_blocking=pinned), pads
 
     def _to(
         self, res: torch.Tensor, out: torch.Tensor
