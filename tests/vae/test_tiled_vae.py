@@ -299,6 +299,20 @@ def test_every_module_of_a_stage_goes_through_its_lane(vae, latents, image, monk
         ]
 
 
+def _assert_as_stored(vae, latents, decoded, image, tile: int, batch: int, switch) -> None:
+    """Decode and encode stored, ``switch()`` the engines' mode, then again: the same result
+    (and still the untiled one within the tiling tolerances)."""
+    stored = tiled_decode(vae, latents, tile=tile, batch=batch)
+    z_stored = tiled_encode(vae, image, tile=tile * F, batch=batch)
+    switch()
+    out = tiled_decode(vae, latents, tile=tile, batch=batch)
+    assert (out - decoded).abs().max().item() < DECODE_TOL
+    assert (out - stored).abs().max().item() < 1e-5
+    z = tiled_encode(vae, image, tile=tile * F, batch=batch)
+    assert (z - untiled_encode(vae, image)).abs().max().item() < ENCODE_TOL
+    assert (z - z_stored).abs().max().item() < 1e-5
+
+
 @pytest.mark.parametrize(("tile", "batch"), [(7, 1), (16, 3)])
 def test_recomputed_canvases_give_the_stored_result(
     vae, latents, decoded, image, vae_recompute, vae_recipes, tile: int, batch: int
@@ -308,15 +322,10 @@ def test_recomputed_canvases_give_the_stored_result(
     the samplers) — the same result, with chains cut at MAX_CHAIN stages."""
     from tileup.vae import engine
 
-    stored = tiled_decode(vae, latents, tile=tile, batch=batch)
-    z_stored = tiled_encode(vae, image, tile=tile * F, batch=batch)
-    vae_recompute(False, chain=True)  # resnets' h recomputed too: recipes with two inputs
-    out = tiled_decode(vae, latents, tile=tile, batch=batch)
-    assert (out - decoded).abs().max().item() < DECODE_TOL
-    assert (out - stored).abs().max().item() < 1e-5
-    z = tiled_encode(vae, image, tile=tile * F, batch=batch)
-    assert (z - untiled_encode(vae, image)).abs().max().item() < ENCODE_TOL
-    assert (z - z_stored).abs().max().item() < 1e-5
+    # resnets' h recomputed too: recipes with two inputs
+    _assert_as_stored(
+        vae, latents, decoded, image, tile, batch, lambda: vae_recompute(False, chain=True)
+    )
     assert max(vae_recipes) == engine.MAX_CHAIN and len(vae_recipes) > 2 * engine.MAX_CHAIN
 
 
@@ -326,12 +335,4 @@ def test_recomputing_the_first_conv_gives_the_stored_result(
 ) -> None:
     """The host-store mode: each resnet's first conv is only reduced to its statistics, then
     computed again (on a crop one halo wider) inside the second stage — same result."""
-    stored = tiled_decode(vae, latents, tile=tile, batch=batch)
-    z_stored = tiled_encode(vae, image, tile=tile * F, batch=batch)
-    vae_recompute(True)
-    out = tiled_decode(vae, latents, tile=tile, batch=batch)
-    assert (out - decoded).abs().max().item() < DECODE_TOL
-    assert (out - stored).abs().max().item() < 1e-5
-    z = tiled_encode(vae, image, tile=tile * F, batch=batch)
-    assert (z - untiled_encode(vae, image)).abs().max().item() < ENCODE_TOL
-    assert (z - z_stored).abs().max().item() < 1e-5
+    _assert_as_stored(vae, latents, decoded, image, tile, batch, lambda: vae_recompute(True))
