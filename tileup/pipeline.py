@@ -173,9 +173,9 @@ class Upscaler:
             return None
         cache: dict[torch.device, ModelRunner] = self.__dict__.setdefault("_sr_replicas", {})
         if device not in cache:
-            model = copy.deepcopy(self.runner.model)
-            model.descriptor.to(device=device)
-            cache[device] = dataclasses.replace(self.runner, model=model, device=device)
+            m = copy.deepcopy(self.runner.model)
+            m.descriptor.to(device=device)
+            cache[device] = dataclasses.replace(self.runner, model=m, device=device, replicas=())
         return cache[device]
 
     # -- loading ------------------------------------------------------------------------------
@@ -247,9 +247,7 @@ class Upscaler:
         if grid is None:
             return ()
         s = self.settings
-        return plan_passes(
-            grid, redraw_options(self.settings), s.denoise, redraw_tiles=s.mode == "redraw"
-        )
+        return plan_passes(grid, redraw_options(s), s.denoise, redraw_tiles=s.mode == "redraw")
 
     # -- planning -----------------------------------------------------------------------------
 
@@ -267,9 +265,7 @@ class Upscaler:
 
             model, s = self.model, self.settings
             if s.mode == "fused":
-                diffusion = fused.planned_tile_steps(
-                    model, *target, s.denoise, fused_options(self.settings)
-                )
+                diffusion = fused.planned_tile_steps(model, *target, s.denoise, fused_options(s))
             grid = self._job_grid(model, *model.canvas_size(*target))
             diffusion += redraw.planned_tile_steps(model, self._passes(grid))
         return pixel * (2 if has_alpha else 1) + diffusion
@@ -592,6 +588,9 @@ class Upscaler:
             # the SR tile from the plan's SR budget
             tile = auto_tile_size(runner.model, self.device, runner.dtype, plan.sr_bytes)
             runner = dataclasses.replace(runner, tile=tile)
+        if runner is not None and len(self.devices) > 1:  # every device takes cores
+            others = tuple(self._sr_replica(d) for d in self.devices[1:])
+            runner = dataclasses.replace(runner, replicas=tuple(filter(None, others)))
         return upscale_pixels(
             image,
             target,

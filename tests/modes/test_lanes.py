@@ -152,6 +152,23 @@ def test_a_job_on_two_lanes_runs_the_tiled_vae_on_the_first_device(tiny, tmp_pat
     assert np.abs(two.picture.rgb - one.picture.rgb).max() < 1e-4
 
 
+def test_pixel_cores_are_shared_by_the_devices() -> None:
+    """The SR model's cores are taken by every device (here two CPU lanes): same bytes."""
+    settings = UpscaleSettings(device="cpu", model_tile=16)
+    photo = (_photo(48, 64).permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+    one = Upscaler(settings)(photo)
+    engine = Upscaler(settings)
+    engine.devices = (CPU, CPU)
+    replica = engine._sr_replica(CPU)
+    assert replica is not None and engine.runner is not None
+    replica_calls = CallCounter(replica.model.descriptor.model)
+    primary_calls = CallCounter(engine.runner.model.descriptor.model)
+    two = engine(photo)
+    assert replica_calls.samples > 0 and primary_calls.samples > 0
+    assert replica_calls.samples + primary_calls.samples == 12  # 48×64 px in 16 px cores
+    assert np.array_equal(two.picture.rgb, one.picture.rgb)
+
+
 # -- redraw: each wave's crops split across lanes ----------------------------------------------
 
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import pickle
 import shutil
+import threading
+import time
 import warnings
+from copy import deepcopy
 from pathlib import Path
 
 import numpy as np
@@ -124,6 +127,73 @@ def test_out_of_memory_halves_tile_and_finishes(tiny, photo, monkeypatch) -> Non
     assert report.tiles > 1
     assert sum(progress) == 1, "split cores are added to and then advance the progress total"
     assert (out - expected).abs().max().item() <= 2 / 255
+
+
+def _recorded(model, seen: list[str], fail: bool = False):
+    """A copy of ``model`` that records which thread ran each call (and may fail there)."""
+
+    def hook(module: torch.nn.Module, args: object) -> None:
+        seen.append(threading.current_thread().name)
+        if fail:
+            raise ValueError("replica broke")
+        time.sleep(0.01)  # long enough for the other device's thread to take a core
+
+    copy = deepcopy(model)
+    copy.descriptor.model.register_forward_pre_hook(hook)
+    return copy
+
+
+def test_replicas_share_the_cores_and_give_the_same_bytes(tiny, photo) -> None:
+    """Cores dealt to a replica (here on the same CPU) come back into the same places."""
+    image = _nchw(photo)
+    report = RunReport()
+    expected = run_tiled(tiny, image, device=CPU, dtype=torch.float32, tile=24, report=report)
+    seen: list[str] = []
+    progress: list[int] = []
+    shared = RunReport()
+    out = run_tiled(
+        _recorded(tiny, seen),
+        image,
+        device=CPU,
+        dtype=torch.float32,
+        tile=24,
+        report=shared,
+        on_tile=progress.append,
+        replicas=[(_recorded(tiny, seen), CPU)],
+    )
+    assert torch.equal(out, expected)
+    assert shared.tiles == report.tiles == sum(progress) == len(seen) == 12
+    assert len(set(seen)) == 2, "both devices' threads ran cores"
+
+
+def test_an_error_on_one_replica_stops_the_run(tiny, photo) -> None:
+    seen: list[str] = []
+    with pytest.raises(ValueError, match="replica broke"):
+        run_tiled(
+            _recorded(tiny, seen),
+            _nchw(photo),
+            device=CPU,
+            dtype=torch.float32,
+            tile=16,
+            report=RunReport(),
+            replicas=[(_recorded(tiny, seen, fail=True), CPU)],
+        )
+    assert len(seen) < count_tiles(photo.shape[0], photo.shape[1], 16), "the run stopped early"
+
+
+def test_runner_replicas_reach_the_tiled_run(tiny, photo) -> None:
+    seen: list[str] = []
+    runner = ModelRunner(
+        _recorded(tiny, seen),
+        CPU,
+        torch.float32,
+        tile=24,
+        replicas=(ModelRunner(_recorded(tiny, seen), CPU, torch.float32, tile=24),),
+    )
+    out = upscale_pixels(photo, (128, 160), runner=runner)
+    single = upscale_pixels(photo, (128, 160), runner=ModelRunner(tiny, CPU, torch.float32, 24))
+    np.testing.assert_array_equal(out, single)
+    assert len(set(seen)) == 2
 
 
 def test_model_passes() -> None:

@@ -16,12 +16,14 @@ from tileup.upscalers.tiled import RunReport, count_tiles, run_tiled
 
 @dataclass(frozen=True, eq=False)
 class ModelRunner:
-    """An SR model placed on a device, with the precision and core tile size to run it at."""
+    """An SR model placed on a device, with the precision and core tile size to run it at;
+    ``replicas``: runners of copies of the model on other devices that share its cores."""
 
     model: SRModel
     device: torch.device
     dtype: torch.dtype
     tile: int | None
+    replicas: tuple[ModelRunner, ...] = ()
 
     def run(
         self,
@@ -41,6 +43,7 @@ class ModelRunner:
             report=report,
             on_tile=on_tile,
             on_core=on_core,
+            replicas=[(r.model, r.device) for r in self.replicas],
         )
         return np.ascontiguousarray(y[0].numpy().transpose(1, 2, 0))
 

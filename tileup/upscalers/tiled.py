@@ -10,8 +10,10 @@ split into parts of half its size and the run continues.
 from __future__ import annotations
 
 import math
+import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 import spandrel
@@ -154,6 +156,7 @@ def run_tiled(
     on_tile: Callable[[int], None] | None = None,
     budget_bytes: int | None = None,
     on_core: Callable[[Box, Box], None] | None = None,
+    replicas: Sequence[tuple[SRModel, torch.device]] = (),
 ) -> torch.Tensor:
     """Upscale a 1×3×H×W float32 CPU image in [0, 1]; returns 1×3×sH×sW float32 on the CPU.
 
@@ -162,49 +165,106 @@ def run_tiled(
     half-precision output with NaN/inf is recomputed in float32. ``on_tile(n)`` is called with
     the number of cores completed (and with a negative count when a split adds cores).
     ``on_core(core, canvas)`` sees each core (input pixels) just before it runs.
+    ``replicas``: copies of ``model`` on other devices; each device then takes the next core
+    from one shared queue in its own thread (a core's output does not depend on which device
+    ran it; the callbacks are called under one lock). The first error stops every device.
     """
     _, _, height, width = image.shape
-    scale, margin = model.scale, model.context_margin
-    canvas = Box(0, 0, height, width)
-    output = torch.empty(1, 3, height * scale, width * scale)
-    limit = tile or max(height, width)
+    scale = model.scale
     budget = budget_bytes or (GPU_BUDGET_BYTES if device.type == "cuda" else CPU_BUDGET_BYTES)
     runtime = _Runtime(device, dtype, model.stages, _tail_tile(model, dtype, budget))
-    queue = deque(split_box(canvas, limit))
-    while queue:
-        core = queue.popleft()
-        if max(core.height, core.width) > limit:
-            parts = split_box(core, limit)
-            queue.extendleft(reversed(parts))
-            _notify(on_tile, -(len(parts) - 1))
-            continue
-        if on_core is not None:
-            on_core(core, canvas)
-        region = core.expanded(margin, within=canvas)
-        crop = image[..., region.top : region.bottom, region.left : region.right]
-        local = core.shifted(-region.top, -region.left)
-        try:
+    canvas = Box(0, 0, height, width)
+    run = _SharedRun(
+        image=image,
+        output=torch.empty(1, 3, height * scale, width * scale),
+        canvas=canvas,
+        queue=deque(split_box(canvas, tile or max(height, width))),
+        limit=tile or max(height, width),
+        tail_tile=runtime.tail_tile,
+        report=report,
+        on_tile=on_tile,
+        on_core=on_core,
+    )
+    workers = [(model, runtime)] + [(m, replace(runtime, device=d)) for m, d in replicas]
+    if len(workers) == 1:
+        _work(run, model, runtime)
+        return run.output
+    with ThreadPoolExecutor(len(workers), thread_name_prefix="tileup-sr") as pool:
+        futures = [pool.submit(_work, run, m, r) for m, r in workers]
+    errors = [f.exception() for f in futures]
+    first = next((e for e in errors if e is not None), None)
+    if first is not None:
+        raise first
+    return run.output
+
+
+@dataclass
+class _SharedRun:
+    """One tiled run's queue of cores and its state, shared by the devices' threads."""
+
+    image: torch.Tensor
+    output: torch.Tensor
+    canvas: Box
+    queue: deque[Box]
+    limit: int
+    tail_tile: int
+    report: RunReport
+    on_tile: Callable[[int], None] | None
+    on_core: Callable[[Box, Box], None] | None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    failed: bool = False
+
+
+def _work(run: _SharedRun, model: SRModel, runtime: _Runtime) -> None:
+    """Run cores from the shared queue on one device until it is empty (or another failed)."""
+    scale, margin = model.scale, model.context_margin
+    try:
+        while True:
+            with run.lock:
+                if run.failed or not run.queue:
+                    return
+                core = run.queue.popleft()
+                if max(core.height, core.width) > run.limit:
+                    parts = split_box(core, run.limit)
+                    run.queue.extendleft(reversed(parts))
+                    _notify(run.on_tile, -(len(parts) - 1))
+                    continue
+                if run.on_core is not None:
+                    run.on_core(core, run.canvas)
+                runtime = replace(runtime, tail_tile=run.tail_tile)
+            region = core.expanded(margin, within=run.canvas)
+            crop = run.image[..., region.top : region.bottom, region.left : region.right]
+            local = core.shifted(-region.top, -region.left)
             try:
                 result = _forward_core(model, crop, local, runtime)
             except _NonFinite:
-                report.fallbacks.append(f"{model.name}: non-finite output in {dtype}; tile in fp32")
+                with run.lock:
+                    run.report.fallbacks.append(
+                        f"{model.name}: non-finite output in {runtime.dtype}; tile in fp32"
+                    )
                 result = _forward_core(model, crop, local, replace(runtime, dtype=torch.float32))
-        except Exception as exc:
-            if not _is_out_of_memory(exc) or limit <= MIN_TILE:
-                raise
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            limit = max(MIN_TILE, max(core.height, core.width) // 2)
-            runtime = replace(runtime, tail_tile=max(MIN_TILE, runtime.tail_tile // 2))
-            report.fallbacks.append(f"{model.name}: out of memory; tile reduced to {limit}px")
-            queue.appendleft(core)
-            continue
-        output[
-            ..., core.top * scale : core.bottom * scale, core.left * scale : core.right * scale
-        ] = result
-        report.tiles += 1
-        _notify(on_tile, 1)
-    return output
+            except Exception as exc:
+                if not _is_out_of_memory(exc) or run.limit <= MIN_TILE:
+                    raise
+                if runtime.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                with run.lock:
+                    run.limit = min(run.limit, max(MIN_TILE, max(core.height, core.width) // 2))
+                    run.tail_tile = max(MIN_TILE, min(run.tail_tile, runtime.tail_tile // 2))
+                    run.report.fallbacks.append(
+                        f"{model.name}: out of memory; tile reduced to {run.limit}px"
+                    )
+                    run.queue.appendleft(core)
+                continue
+            rows = slice(core.top * scale, core.bottom * scale)
+            cols = slice(core.left * scale, core.right * scale)
+            run.output[..., rows, cols] = result  # cores are disjoint: no lock needed
+            with run.lock:
+                run.report.tiles += 1
+                _notify(run.on_tile, 1)
+    except BaseException:
+        run.failed = True
+        raise
 
 
 def _notify(on_tile: Callable[[int], None] | None, count: int) -> None:
