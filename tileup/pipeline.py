@@ -553,11 +553,12 @@ class Upscaler:
             model.place_vae("host" if stage == "unet" and plan.swap_unet else "device")
 
     def _vae_options(self, plan: MemoryPlan | None) -> VaeOptions | None:
-        """The tiled VAE's options for a job: the plan's batch and device store (None: no model);
-        first device only (lanes of replicas were slower: bench/results/gpu.md)."""
+        """The tiled VAE's options for a job: the plan's batch and device store (None: no model),
+        and a lane of tile rows per other device (its replica's VAE)."""
         if self.model is None:
             return None
-        options = self.model.vae.options
+        lanes = tuple(r.vae for r in self.model.replicas) if len(self.devices) > 1 else ()
+        options = dataclasses.replace(self.model.vae.options, lanes=lanes)
         if plan is None:
             return options
         return dataclasses.replace(options, batch=plan.vae_batch, store_bytes=plan.vae_store_bytes)

@@ -10,7 +10,7 @@ On the full-size SD VAE architecture (random weights, bf16), prints one JSON obj
 - ``stages``: the tiled encode and decode of a ``--size`` image with the store on ``--store``,
   seconds per stage kind (each stage synchronised; a separate, slower run than the total);
 - ``total``: the same encode and decode unsynchronised (median of ``--repeats``);
-- ``lanes``: the same with every other GPU's VAE copy taking turns with the tile batches.
+- ``lanes``: the same with every other GPU's VAE copy taking a band of tile rows.
 
     python bench/vae/profile_vae.py --size 4096 --out bench/vae/results/profile_h200.json
 """
@@ -80,14 +80,14 @@ def attention(tokens: int, dim: int, dtype: torch.dtype) -> dict[str, Any]:
         "efficient": backend(SDPBackend.EFFICIENT_ATTENTION),
         "cudnn": backend(SDPBackend.CUDNN_ATTENTION),
         "flash": backend(SDPBackend.FLASH_ATTENTION),
-        "tileup": lambda: tiled._sdpa(q, k, v),
+        "tileup": lambda: tiled._sdpa([(q, k, v)]),
         "tileup_budget_2^26": lambda: tiled._chunked_attention(q, k, v, 1 << 26),
         "tileup_budget_2^28": lambda: tiled._chunked_attention(q, k, v, 1 << 28),
         "gemm_bf16_scores_8192": lambda: gemm_attention(q, k, v, 8192),
     }
     with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
         ref = F.scaled_dot_product_attention(q[:, :, :4096], k, v).float()
-    mine = tiled._sdpa(q[:, :, :4096].contiguous(), k, v).float()
+    mine = tiled._sdpa([(q[:, :, :4096].contiguous(), k, v)])[0].float()
     out["tileup_vs_efficient_max_abs"] = (mine - ref).abs().max().item()
     for name, fn in runs.items():
         try:
@@ -182,10 +182,10 @@ def stages(vae: Any, size: int, dtype: torch.dtype, store: str) -> dict[str, Any
         counts[key] += 1
         return res
 
-    def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def sdpa(jobs: Any) -> list[torch.Tensor]:
         torch.cuda.synchronize()
         start = time.perf_counter()
-        res = original_sdpa(q, k, v)
+        res = original_sdpa(jobs)
         torch.cuda.synchronize()
         timings[f"{phase}:sdpa"] += time.perf_counter() - start
         return res
@@ -299,7 +299,7 @@ def main() -> None:
             result["trace"] = trace(vae, args.size, dtype, args.store, limit)
         if "total" in parts:
             result["total"] = totals(vae, args.size, dtype, args.repeats, lanes=[])
-        if "lanes" in parts:  # every GPU but the first takes turns with the tile batches
+        if "lanes" in parts:  # every GPU but the first takes a band of tile rows
             import copy
 
             lanes = [

@@ -148,13 +148,21 @@ def test_batch_norm_affine_matches_the_float32_formula() -> None:
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
 @pytest.mark.parametrize("store", ["device", "cpu"])
-def test_a_second_gpu_takes_turns_and_gives_the_same_bytes(vae, latents, image, store) -> None:
+def test_a_second_gpu_takes_a_band_of_tile_rows(vae, latents, image, store) -> None:
+    """The second GPU computes the lower tile rows from its own copies of the canvases (or the
+    host's): the one-GPU result up to kernel rounding (its attention queries and batches are
+    other shapes), as close to the float32 truth."""
     other = [(copy.deepcopy(vae).to("cuda:1"), torch.device("cuda:1"))]
-    kw = {"batch": 2, "dtype": torch.bfloat16, "store": store}
-    one = tiled_decode(vae, latents, tile=16, **kw)
-    assert torch.equal(tiled_decode(vae, latents, tile=16, lanes=other, **kw), one)
-    z = tiled_encode(vae, image, tile=128, **kw)
-    assert torch.equal(tiled_encode(vae, image, tile=128, lanes=other, **kw), z)
+    kw = {"dtype": torch.bfloat16, "store": store}
+    truth = tiled_decode(vae, latents, tile=16, store="device", batch=1)  # float32
+    for batch in (1, 2):
+        one = tiled_decode(vae, latents, tile=16, batch=batch, **kw)
+        two = tiled_decode(vae, latents, tile=16, batch=batch, lanes=other, **kw)
+        assert (two - one).abs().mean().item() < 2e-3
+        assert (two - truth).abs().mean().item() <= 1.5 * (one - truth).abs().mean().item()
+        z = tiled_encode(vae, image, tile=128, batch=batch, **kw)
+        z_two = tiled_encode(vae, image, tile=128, batch=batch, lanes=other, **kw)
+        assert (z_two - z).abs().mean().item() < 2e-3
 
 
 def test_host_store_recomputes_first_convs_and_stays_close(

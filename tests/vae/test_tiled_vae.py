@@ -265,13 +265,74 @@ def test_out_of_memory_in_the_attention_halves_its_chunk(monkeypatch) -> None:
         tv._chunked_attention(q, k, v, 16 * 40)
 
 
-def test_a_second_lane_gives_the_one_device_bytes(vae, latents, image) -> None:
-    """Every other tile batch of each stage on a copy of the VAE (here on the same CPU)."""
-    other = [(copy.deepcopy(vae), "cpu")]
-    one = tiled_decode(vae, latents, tile=8, batch=2)
-    assert torch.equal(tiled_decode(vae, latents, tile=8, batch=2, lanes=other), one)
-    z = tiled_encode(vae, image, tile=16, batch=2)
-    assert torch.equal(tiled_encode(vae, image, tile=16, batch=2, lanes=other), z)
+@pytest.mark.parametrize("lanes", [1, 2])
+def test_lanes_of_tile_rows_give_the_one_device_bytes(vae, latents, image, lanes: int) -> None:
+    """Each lane (here copies of the VAE on this CPU) takes a band of tile rows and its own copy
+    of every stored canvas, fetching the rows it reads beyond its band: with one tile per batch
+    (the same batches as one device) the same bytes; larger batches group tiles differently
+    (kernel rounding)."""
+    other = [(copy.deepcopy(vae), "cpu") for _ in range(lanes)]  # 3 tile rows: 2 or 3 lanes
+    one = tiled_decode(vae, latents, tile=8, batch=1)
+    assert torch.equal(tiled_decode(vae, latents, tile=8, batch=1, lanes=other), one)
+    z = tiled_encode(vae, image, tile=16, batch=1)
+    assert torch.equal(tiled_encode(vae, image, tile=16, batch=1, lanes=other), z)
+    grouped = tiled_decode(vae, latents, tile=8, batch=2, lanes=other)
+    assert (grouped - one).abs().max().item() < 1e-5
+
+
+def test_lanes_share_the_rows_their_crops_read(vae, latents, monkeypatch) -> None:
+    """Only the rows beyond a lane's band that its crops reach are copied to it."""
+    from tileup.vae.engine import StagedEngine
+
+    fetched: list[tuple[int, tuple[int, int], tuple[int, int]]] = []
+    share = StagedEngine.share_rows
+
+    def recorded(self, copies, k, rows, have, scale):
+        now = share(self, copies, k, rows, have, scale)
+        fetched.append((k, have, now))
+        return now
+
+    monkeypatch.setattr(StagedEngine, "share_rows", recorded)
+    tiled_decode(vae, latents, tile=8, batch=1, lanes=[(copy.deepcopy(vae), "cpu")])
+    grown = [(k, have, now) for k, have, now in fetched if now != have]
+    assert grown, "the lanes fetched rows"
+    added = {(have[0] - now[0]) + (now[1] - have[1]) for _, have, now in grown}
+    # a 3×3 conv's halo: one row across the band's edge; the attention's keys and values:
+    # all the other lane's latent rows (lane 0 owns 8 of the 24, lane 1 16)
+    assert added == {1, 16, 8}
+
+
+def test_lanes_over_recomputed_canvases(vae, latents, vae_recompute) -> None:
+    """Lanes whose crops are computed again through chains of recipes and resnets."""
+    one = tiled_decode(vae, latents, tile=8, batch=1)
+    vae_recompute(True, chain=True)
+    out = tiled_decode(vae, latents, tile=8, batch=1, lanes=[(copy.deepcopy(vae), "cpu")])
+    assert (out - one).abs().max().item() < 1e-5
+
+
+def test_an_eviction_gathers_every_lanes_rows_on_the_host(vae, latents, monkeypatch) -> None:
+    """An out-of-memory at one tile per batch midway moves the canvases to the host: each
+    lane's own rows go into the one host copy, and the job goes on there."""
+    from tileup.vae import engine
+
+    one = tiled_decode(vae, latents, tile=8, batch=1)
+    calls = {"n": 0}
+    real = engine._owned_stats
+
+    def fail_once(res, owned):
+        calls["n"] += 1
+        if calls["n"] == 60:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return real(res, owned)
+
+    monkeypatch.setattr(engine, "_owned_stats", fail_once)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda t: True))  # evictable here
+    notes: list[str] = []
+    out = tiled_decode(
+        vae, latents, tile=8, batch=1, lanes=[(copy.deepcopy(vae), "cpu")], notes=notes
+    )
+    assert notes == ["VAE out of memory: activations moved to the host"]
+    assert (out - one).abs().max().item() < 1e-5
 
 
 def test_every_module_of_a_stage_goes_through_its_lane(vae, latents, image, monkeypatch) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar, cast
 
 import torch
@@ -95,12 +95,20 @@ class Lane:
         self, device: torch.device | None = None, modules: dict[int, nn.Module] | None = None
     ) -> None:
         self.device, self.modules = device, modules
+        self._copies: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, obj: _T) -> _T:
         if self.device is None:
             return obj
         if isinstance(obj, torch.Tensor):
-            return cast(_T, obj.to(self.device))
+            if obj.device == self.device:
+                return cast(_T, obj)
+            # copied once (a copy between devices waits for both devices' queued work): the
+            # tensors stage functions pass are per-channel affines, kept with their copies
+            kept = self._copies.get(id(obj))
+            if kept is None:
+                kept = self._copies[id(obj)] = (obj, obj.to(self.device))
+            return cast(_T, kept[1])
         copy = self.modules.get(id(obj)) if self.modules is not None else None
         if copy is None:
             raise RuntimeError(f"no copy of {type(obj).__name__} on {self.device}")
@@ -166,7 +174,11 @@ class Canvas:
     statistics of it (on the compute device): ``mean``/``m2`` T×C, ``count`` T×1.
 
     A *recomputed* canvas has a ``recipe`` and no data (``data`` is an empty C×0×0 host tensor):
-    every crop of it is computed again from its recipe's inputs when a stage needs it."""
+    every crop of it is computed again from its recipe's inputs when a stage needs it.
+
+    With several lanes a canvas on the device has a full-size copy on every other lane's device
+    (``parts``, by lane index; ``data`` is lane 0's); each copy holds the rows its lane's tiles
+    own and the rows fetched from the others since (``valid``: per lane, a row range)."""
 
     data: torch.Tensor
     scale: int
@@ -174,6 +186,8 @@ class Canvas:
     m2: torch.Tensor | None = None
     count: torch.Tensor | None = None
     recipe: Recipe | None = None
+    parts: dict[int, torch.Tensor] = field(default_factory=dict)
+    valid: dict[int, tuple[int, int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, eq=False)
@@ -212,9 +226,17 @@ class StagedEngine:
     ) -> None:
         self.grid, self.device, self.dtype, self.store = grid, device, dtype, store
         self.lanes: tuple[Lane, ...] = (PRIMARY, *lanes)
-        """The primary device, then the other devices with copies of the modules: each stage's
-        tile batches go to them in turn (one thread issues them all; the devices overlap
-        because CUDA work is asynchronous). Canvases and statistics stay with ``device``."""
+        """The primary device, then the other devices with copies of the modules. Each lane
+        takes a band of tile rows (:attr:`spans`) in every stage and keeps its own copy of the
+        canvases stored on the device, fetching the rows beyond its band from their owners
+        before a stage reads them (one thread issues every lane's batches in turn; the devices
+        overlap because CUDA work is asynchronous). Statistics meet on ``device``."""
+        rows = sorted({t.top for t in grid.tiles})
+        cuts = [len(rows) * k // len(self.lanes) for k in range(len(self.lanes) + 1)]
+        firsts = [next((i for i, t in enumerate(grid.tiles) if t.top >= r), 0) for r in rows]
+        firsts.append(len(grid.tiles))
+        self.spans = tuple((firsts[cuts[k]], firsts[cuts[k + 1]]) for k in range(len(self.lanes)))
+        """Per lane, its tiles: ``grid.tiles[start:end]`` (whole tile rows, in order)."""
         self.batch = batch
         self.acc = torch.float64 if device.type in ("cpu", "cuda") else torch.float32
         self.store_cap = store_cap if device.type == "cuda" else None
@@ -266,6 +288,10 @@ class StagedEngine:
         for c in canvases:
             if c.data.device.type != "cpu":
                 c.data = c.data.to("cpu")
+            for k, (top, bottom) in enumerate(self.bands(c.scale)):  # each lane's own rows
+                if k in c.parts:
+                    c.data[:, top:bottom] = c.parts[k][:, top:bottom]
+            c.parts.clear()
         self.store_cap = 0 if self.store_cap is not None else None
         if self.store.type != "cpu":
             self.store = torch.device("cpu")
@@ -277,7 +303,59 @@ class StagedEngine:
         place = self._place(nbytes)
         out = self._empty(tuple(data.shape), self.dtype, place, channels_last=True)
         out.copy_(data)
-        return Canvas(out, scale)
+        result = Canvas(out, scale)
+        if self._banded(result):
+            for k, lane in enumerate(self.lanes[1:], 1):
+                result.parts[k] = out.to(lane.device)
+            result.valid = dict.fromkeys(range(len(self.lanes)), (0, out.shape[1]))
+        return result
+
+    def _banded(self, c: Canvas) -> bool:
+        """Whether a new canvas ``c`` gets a copy per lane (on the device, several lanes)."""
+        return len(self.lanes) > 1 and c.data.device == self.device
+
+    @staticmethod
+    def _copy(c: Canvas, k: int) -> torch.Tensor:
+        """Lane ``k``'s copy of a stored canvas (the one copy when it has no parts)."""
+        return c.parts.get(k, c.data) if k else c.data
+
+    def bands(self, scale: int) -> list[tuple[int, int]]:
+        """Per lane, the canvas rows (at ``scale``) that its tiles own."""
+        out = []
+        for start, end in self.spans:
+            tiles = self.grid.tiles[start:end]
+            top = min((t.own_top for t in tiles), default=0)
+            bottom = max((t.own_top + t.own_height for t in tiles), default=0)
+            out.append((top * scale, bottom * scale))
+        return out
+
+    def reach(self, k: int, scale: int, halo: tuple[int, int] = (0, 0)) -> tuple[int, int]:
+        """The canvas rows (at ``scale``) that lane ``k``'s crops of core + ``halo`` read."""
+        start, end = self.spans[k]
+        tiles = self.grid.tiles[start:end]
+        if not tiles:
+            return 0, 0
+        top = min(t.top for t in tiles) * scale - halo[0]
+        bottom = max(t.top for t in tiles) * scale + self.grid.tile_h * scale + halo[1]
+        return max(0, top), min(self.grid.height * scale, bottom)
+
+    def share_rows(
+        self,
+        copies: Sequence[torch.Tensor],
+        k: int,
+        rows: tuple[int, int],
+        have: tuple[int, int],
+        scale: int,
+    ) -> tuple[int, int]:
+        """Copy into ``copies[k]`` the ``rows`` (dimension 1, at ``scale``) it lacks (it holds
+        ``have``) from the lanes that own them; returns the rows it holds now."""
+        lo, hi = have
+        for a, b in ((rows[0], min(rows[1], lo)), (max(rows[0], hi), rows[1])):
+            for j, (o0, o1) in enumerate(self.bands(scale)):
+                s, e = max(a, o0), min(b, o1)
+                if j != k and s < e:
+                    copies[k][:, s:e].copy_(copies[j][:, s:e])
+        return (min(lo, rows[0]), max(hi, rows[1])) if hi > lo else rows
 
     def stage(
         self,
@@ -331,82 +409,92 @@ class StagedEngine:
                     keep, recipe = False, Recipe(tuple(inputs), fn, halo, m_in, depth)
                 else:
                     out = self._empty(shape, dtype, torch.device("cpu"), channels_last=True)
-        means: list[torch.Tensor] = []
-        m2s: list[torch.Tensor] = []
-        counts: list[int] = []
-        pending: tuple[torch.Tensor, torch.cuda.Event | None, Sequence[VaeTile]] | None = None
-        start = batches = 0
-        while start < len(g.tiles):
-            tiles = g.tiles[start : start + self.batch]
+        result = Canvas(out, scale)
+        if keep and out_device is None and self._banded(result):
+            for k, lane in enumerate(self.lanes[1:], 1):
+                result.parts[k] = self._empty(
+                    shape, dtype, lane.device or self.device, channels_last=True
+                )
+        stats: list[list[tuple[torch.Tensor, torch.Tensor, int]]] = [[] for _ in self.lanes]
+        pending: dict[int, tuple[torch.Tensor, torch.cuda.Event | None, Sequence[VaeTile]]] = {}
+        starts = [start for start, _ in self.spans]
+        busy = [k for k, (start, end) in enumerate(self.spans) if start < end]
+        for k in busy if len(busy) > 1 else ():  # rows fetched before any batch is queued
+            for c in inputs:
+                self._fetch(c, halo, k)
+        turn = 0
+        while busy:  # the lanes' batches in turn
+            k = busy[turn % len(busy)]
+            lane, end = self.lanes[k], self.spans[k][1]
+            tiles = g.tiles[starts[k] : min(starts[k] + self.batch, end)]
             owned = tuple(owned_region(t, scale) for t in tiles)
             cores = tuple((t.top * scale, t.left * scale) for t in tiles)
-            lane = self.lanes[batches % len(self.lanes)]
             try:
                 crops: list[torch.Tensor] = []
                 pads: tuple[tuple[int, int, int, int], ...] = ()
                 for c in inputs:
-                    crop, pads = self._crop(c, tiles, halo, lane)
+                    crop, pads = self._crop(c, tiles, halo, k)
                     crops.append(crop)
                 res = fn(crops, StageBatch(pads, owned, cores, lane))
                 crops = []
                 # statistics and the move to the store in the try too: their float32 copy and
                 # relayout are as large as the batch
-                stats = [] if res is None else _owned_stats(res, owned)
-                moved = None if res is None or not keep else self._to(res, out)
+                batch_stats = [] if res is None else _owned_stats(res, owned)
+                moved = None if res is None or not keep else self._to(res, self._copy(result, k))
             except torch.OutOfMemoryError:
-                crops, res, stats, moved = [], None, [], None
+                crops, res, batch_stats, moved = [], None, [], None
                 if self.batch > 1:
                     self.batch //= 2
                     torch.cuda.empty_cache()
                     self.notes.append(f"VAE out of memory: {self.batch} tiles per batch")
                     continue
-                on_device = [c for c in (*_stored(inputs), Canvas(out, scale)) if c.data.is_cuda]
-                if not on_device:
+                if not any(c.data.is_cuda for c in (*_stored(inputs), result)):
                     raise
-                self._evict(_stored(inputs))
-                if out.is_cuda:
-                    out = out.to("cpu")
+                self._evict([*_stored(inputs), result])
                 self.notes.append("VAE out of memory: activations moved to the host")
                 continue
-            start += len(tiles)
-            batches += 1
-            for mean, m2, n in stats:
-                means.append(mean.to(self.device))
-                m2s.append(m2.to(self.device))
-                counts.append(n)
+            starts[k] += len(tiles)
+            stats[k] += batch_stats
+            if starts[k] < end:
+                turn += 1
+            else:
+                busy.remove(k)
             if moved is None:
                 continue
-            if pending is not None:
-                self._scatter(out, scale, *pending)
-            pending = (*moved, tiles)
-        if pending is not None:
-            self._scatter(out, scale, *pending)
-        result = Canvas(out, scale)
+            if k in pending:
+                self._scatter(self._copy(result, k), scale, *pending[k])
+            pending[k] = (*moved, tiles)
+        for k, waiting in pending.items():
+            self._scatter(self._copy(result, k), scale, *waiting)
         if recipe is not None:
             result.data, result.recipe = torch.empty((channels, 0, 0), dtype=dtype), recipe
-        if means:
-            result.mean = torch.stack(means).to(self.acc)
-            result.m2 = torch.stack(m2s).to(self.acc)
+        if result.parts:
+            result.valid = dict(enumerate(self.bands(scale)))
+        if any(stats):  # the lanes' tiles, lane by lane, are the grid's tiles in order
+            per_lane = [list(zip(*one, strict=True)) for one in stats if one]
+            result.mean, result.m2 = (
+                torch.cat([torch.stack(one[i]).to(self.device) for one in per_lane]).to(self.acc)
+                for i in (0, 1)
+            )
+            counts = [n for one in per_lane for n in one[2]]
             result.count = torch.tensor(counts, dtype=self.acc, device=self.device)[:, None]
         return result
 
     def _crop(
-        self, c: Canvas, tiles: Sequence[VaeTile], halo: tuple[int, int], lane: Lane
+        self, c: Canvas, tiles: Sequence[VaeTile], halo: tuple[int, int], k: int
     ) -> tuple[torch.Tensor, tuple[tuple[int, int, int, int], ...]]:
-        """Batched crops of ``c`` (core + ``halo``) on the lane's device, zero outside the image,
-        and their pads: gathered from a stored canvas, computed for a recomputed one."""
+        """Batched crops of ``c`` (core + ``halo``) on lane ``k``'s device, zero outside the
+        image, and their pads: gathered from a stored canvas, computed for a recomputed one."""
+        lane = self.lanes[k]
         if c.recipe is None:
-            return self._gather(c, tiles, halo, lane.device or self.device)
+            self._fetch(c, halo, k)
+            return self._gather(self._copy(c, k), c.scale, tiles, halo, lane.device or self.device)
         r, m = c.recipe, c.scale
-        # the recipe's stage maps an input margin e to an output margin e·m/r.scale (×2 for an
-        # upsampler, ½ for a downsampler): ask for enough input margin, then trim the excess
-        margin = tuple(-(-h * r.scale // m) for h in halo)
         crops: list[torch.Tensor] = []
         pads: tuple[tuple[int, int, int, int], ...] = ()
+        margin, wider = _widened(r, m, halo)
         for inp in r.inputs:
-            crop, pads = self._crop(
-                inp, tiles, (r.halo[0] + margin[0], r.halo[1] + margin[1]), lane
-            )
+            crop, pads = self._crop(inp, tiles, wider, k)
             crops.append(crop)
         res = r.fn(crops, StageBatch(pads, (), (), lane))
         if res is None:
@@ -419,6 +507,18 @@ class StagedEngine:
         res = res.contiguous(memory_format=layout)
         out_pads = self._pads(tiles, m, halo, (self.grid.height * m, self.grid.width * m))
         return StageBatch(out_pads, (), ()).zero_outside(res), out_pads
+
+    def _fetch(self, c: Canvas, halo: tuple[int, int], k: int) -> None:
+        """Give lane ``k``'s copy of ``c`` (or of the stored canvases behind its recipe) the rows
+        its crops of core + ``halo`` read, from the lanes that own them."""
+        if c.recipe is not None:
+            _, wider = _widened(c.recipe, c.scale, halo)
+            for inp in c.recipe.inputs:
+                self._fetch(inp, wider, k)
+        elif c.parts:
+            copies = [self._copy(c, j) for j in range(len(self.lanes))]
+            reach = self.reach(k, c.scale, halo)
+            c.valid[k] = self.share_rows(copies, k, reach, c.valid[k], c.scale)
 
     def _pads(
         self,
@@ -445,24 +545,26 @@ class StagedEngine:
         return tuple(pads)
 
     def _gather(
-        self, c: Canvas, tiles: Sequence[VaeTile], halo: tuple[int, int], device: torch.device
+        self,
+        data: torch.Tensor,
+        m: int,
+        tiles: Sequence[VaeTile],
+        halo: tuple[int, int],
+        device: torch.device,
     ) -> tuple[torch.Tensor, tuple[tuple[int, int, int, int], ...]]:
-        """Batched crops (B×C×(th·m + lo + hi)×(tw·m + lo + hi)) on ``device``, zero outside."""
+        """Batched crops (B×C×(th·m + lo + hi)×(tw·m + lo + hi)) of a canvas's ``data`` (at
+        scale ``m``) on ``device``, zero outside."""
         lo, hi = halo
-        m, (channels, rows, cols) = c.scale, c.data.shape
+        channels, rows, cols = data.shape
         ch, cw = self.grid.tile_h * m + lo + hi, self.grid.tile_w * m + lo + hi
-        pinned = c.data.device.type == "cpu" and self.device.type == "cuda"
+        pinned = data.device.type == "cpu" and self.device.type == "cuda"
         buf = self._empty(
-            (len(tiles), channels, ch, cw),
-            c.data.dtype,
-            c.data.device,
-            pin=True,
-            channels_last=True,
+            (len(tiles), channels, ch, cw), data.dtype, data.device, pin=True, channels_last=True
         )
         pads = self._pads(tiles, m, halo, (rows, cols))
         for i, (t, (top, bottom, left, right)) in enumerate(zip(tiles, pads, strict=True)):
             y0, x0 = t.top * m - lo, t.left * m - lo
-            inside = c.data[:, y0 + top : y0 + ch - bottom, x0 + left : x0 + cw - right]
+            inside = data[:, y0 + top : y0 + ch - bottom, x0 + left : x0 + cw - right]
             buf[i, :, top : ch - bottom, left : cw - right] = inside
         StageBatch(pads, (), ()).zero_outside(buf)
         return buf.to(device, self.dtype, non_blocking=pinned), pads
@@ -533,7 +635,18 @@ class StagedEngine:
             a, b = a * w, b * w + bias
         if not bool(torch.isfinite(a).all() & torch.isfinite(b).all()):
             raise NonFiniteError(f"non-finite activations before a GroupNorm in {self.dtype}")
-        return a.float().view(1, -1, 1, 1), b.float().view(1, -1, 1, 1)
+        a, b = a.float().view(1, -1, 1, 1), b.float().view(1, -1, 1, 1)
+        for lane in self.lanes[1:]:  # copied now, while no lane has work queued
+            lane(a), lane(b)
+        return a, b
+
+
+def _widened(r: Recipe, m: int, halo: tuple[int, int]) -> tuple[tuple[int, ...], tuple[int, int]]:
+    """For crops of core + ``halo`` of a recomputed canvas at scale ``m``: the output margin its
+    recipe computes (an input margin e maps to e·m/r.scale: ×2 through an upsampler, ½ through
+    a downsampler; trimmed after) and the halo of the crops of its inputs."""
+    margin = tuple(-(-h * r.scale // m) for h in halo)
+    return margin, (r.halo[0] + margin[0], r.halo[1] + margin[1])
 
 
 def _stored(canvases: Sequence[Canvas]) -> list[Canvas]:

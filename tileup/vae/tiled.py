@@ -54,7 +54,7 @@ image-sized.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
 
 import torch
@@ -208,12 +208,17 @@ def _scores(q: torch.Tensor, kt: torch.Tensor) -> torch.Tensor:
     return torch.mm(q.float(), kt.float())
 
 
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Exact global softmax attention (1×heads×N×d): :func:`_chunked_attention` on accelerators,
-    PyTorch's blockwise kernel on the CPU (as fast there, and without chunks of scores)."""
-    if q.device.type == "cpu":
-        return F.scaled_dot_product_attention(q, k, v)
-    return _chunked_attention(q, k, v)
+def _sdpa(jobs: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+    """Exact global softmax attention (1×heads×N×d) of each (q, k, v): :func:`_chunked_attention`
+    on accelerators, the jobs' chunks issued in turn (a job per device: every device gets work
+    at once), PyTorch's blockwise kernel on the CPU (as fast there, without chunks of scores)."""
+    if all(q.device.type == "cpu" for q, _, _ in jobs):
+        return [F.scaled_dot_product_attention(q, k, v) for q, k, v in jobs]
+    outs = [torch.empty_like(q) for q, _, _ in jobs]
+    runs = [_attention_chunks(*job, out) for job, out in zip(jobs, outs, strict=True)]
+    while runs:
+        runs = [run for run in runs if next(run, None) is not None]
+    return outs
 
 
 def _chunked_attention(
@@ -229,8 +234,21 @@ def _chunked_attention(
     scores take at most ``budget`` elements (6 bytes each with the probabilities) and, on CUDA,
     at most half the free memory; out of memory halves the chunk.
     """
-    _, heads, tokens, dim = q.shape
     out = torch.empty_like(q)
+    for _ in _attention_chunks(q, k, v, out, budget):
+        pass
+    return out
+
+
+def _attention_chunks(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    budget: int = _SCORES_BUDGET,
+) -> Iterator[bool]:
+    """:func:`_chunked_attention` into ``out``, yielding (True) after each chunk is issued."""
+    _, heads, tokens, dim = q.shape
     if q.is_cuda:  # at most half of what is free now (the device's and the allocator's cache)
         free = torch.cuda.mem_get_info(q.device)[0] + torch.cuda.memory_reserved(q.device)
         budget = min(budget, (free - torch.cuda.memory_allocated(q.device)) // 12)
@@ -254,7 +272,7 @@ def _chunked_attention(
                 continue
             del qs, scores
             s += chunk
-    return out
+            yield True
 
 
 def _attention(eng: StagedEngine, x: Canvas, attn: Attention) -> Canvas:
@@ -276,7 +294,11 @@ def _attention(eng: StagedEngine, x: Canvas, attn: Attention) -> Canvas:
     heads, inner = attn.heads, attn.to_q.out_features
     d, channels = inner // heads, x.data.shape[0]
     rows, cols = eng.grid.height * m, eng.grid.width * m
-    qkv = [torch.empty((1, heads, rows * cols, d), device=eng.device, dtype=dtype) for _ in "qkv"]
+    lanes = range(len(eng.lanes))
+    qkv = [  # per lane, Q, K and V (1×heads×(h·w)×d) on its device, of the tokens its tiles own
+        [torch.empty((1, heads, rows * cols, d), device=dev, dtype=dtype) for _ in "qkv"]
+        for dev in (lane.device or eng.device for lane in eng.lanes)
+    ]
     a, b = eng.affine(x, attn.group_norm)
 
     def grid5(t: torch.Tensor) -> torch.Tensor:
@@ -285,22 +307,37 @@ def _attention(eng: StagedEngine, x: Canvas, attn: Attention) -> Canvas:
     def project(crops: list[torch.Tensor], batch: StageBatch) -> None:
         lane = batch.lane
         h = _norm_act(crops[0], lane(a), lane(b), None, dtype).permute(0, 2, 3, 1)  # B×th×tw×C
-        for proj, dst in zip((attn.to_q, attn.to_k, attn.to_v), qkv, strict=True):
+        mine = qkv[eng.lanes.index(lane)]
+        for proj, dst in zip((attn.to_q, attn.to_k, attn.to_v), mine, strict=True):
             p = lane(proj)(h).unflatten(-1, (heads, d)).permute(0, 3, 1, 2, 4)  # B×heads×th×tw×d
             for i, (top, left) in enumerate(batch.cores):
                 y0, y1, x0, x1 = batch.owned[i]
                 grid5(dst[0])[:, top + y0 : top + y1, left + x0 : left + x1] = p[i, :, y0:y1, x0:x1]
 
     eng.stage([x], project, channels=0, scale=m, halo=(0, 0))
-    o = grid5(_sdpa(qkv[0], qkv[1], qkv[2])[0])
+    bands = eng.bands(m)
+    jobs, reaches = [], [eng.reach(k, m) for k in lanes]
+    for k in lanes:  # each lane: every key and value, the queries its cores read
+        for which, need in ((0, reaches[k]), (1, (0, rows)), (2, (0, rows))):
+            views = [grid5(qkv[j][which][0]) for j in lanes]
+            eng.share_rows(views, k, need, bands[k], m)
+        q, key, value = qkv[k]
+        jobs.append((q[:, :, reaches[k][0] * cols : reaches[k][1] * cols], key, value))
+    outs = []  # per lane, the output of those queries as a heads×rows×cols×d canvas
+    for (top, bottom), o in zip(reaches, _sdpa(jobs), strict=True):
+        full = o if (top, bottom) == (0, rows) else torch.zeros_like(qkv[0][0], device=o.device)
+        if full is not o:
+            full[:, :, top * cols : bottom * cols] = o
+        outs.append(grid5(full[0]))
     qkv.clear()
 
     def out(crops: list[torch.Tensor], batch: StageBatch) -> torch.Tensor:
         x_in = crops[0]
         th, tw = x_in.shape[-2:]
         lane = batch.lane
+        o = outs[eng.lanes.index(lane)]
         h = torch.stack([o[:, top : top + th, left : left + tw] for top, left in batch.cores])
-        h = lane(h).permute(0, 2, 3, 1, 4).flatten(-2)  # B×th×tw×inner
+        h = h.permute(0, 2, 3, 1, 4).flatten(-2)  # B×th×tw×inner
         h = lane(attn.to_out[1])(lane(attn.to_out[0])(h)).permute(0, 3, 1, 2)
         if attn.residual_connection:
             h = h + x_in
@@ -395,7 +432,7 @@ def _encode_one(
         if quant is not None:
             h = lane(quant)(h)
         h = h[:, :latent]
-        flags.append(torch.isfinite(h).all().to(eng.device))
+        flags.append(torch.isfinite(h).all())  # on the lane's device: no wait between lanes
         return h
 
     z = eng.stage(
@@ -407,7 +444,7 @@ def _encode_one(
         out_dtype=torch.float32,
         out_device=torch.device("cpu"),
     )
-    return z.data, torch.stack(flags).all()
+    return z.data, torch.stack([f.to(eng.device) for f in flags]).all()
 
 
 def _decode_one(
@@ -439,7 +476,7 @@ def _decode_one(
         lane = batch.lane
         h = batch.zero_outside(_norm_act(crops[0], lane(a), lane(b), dec.conv_act, eng.dtype))
         h = _conv(lane(dec.conv_out), h)
-        flags.append(torch.isfinite(h).all().to(eng.device))
+        flags.append(torch.isfinite(h).all())  # on the lane's device: no wait between lanes
         return h.clamp(-1, 1)
 
     img = eng.stage(
@@ -451,7 +488,7 @@ def _decode_one(
         out_dtype=torch.float32,
         out_device=torch.device("cpu"),
     )
-    return img.data, torch.stack(flags).all()
+    return img.data, torch.stack([f.to(eng.device) for f in flags]).all()
 
 
 # --- public API ---------------------------------------------------------------------------------
