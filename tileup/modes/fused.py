@@ -215,7 +215,14 @@ class FusedDenoiser:
             return self._run_lane(busy[0], latents, t)
         if self._pool is None:
             self._pool = ThreadPoolExecutor(len(self.lanes), thread_name_prefix="tileup-lane")
-        futures = [self._pool.submit(self._run_lane, lane, latents, t) for lane in busy]
+        # inputs copied to every device here, before any lane queues work: a copy between
+        # devices waits for both devices' queued work, and a blocking copy from the host waits
+        # for the device to finish
+        placed = [(latents.to(lane.device), _on(t, lane.device)) for lane in busy]
+        futures = [
+            self._pool.submit(self._run_lane, lane, *args)
+            for lane, args in zip(busy, placed, strict=True)
+        ]
         parts = [f.result() for f in futures]  # every lane finishes before any error is raised
         out = parts[0].to(latents.device)
         for part in parts[1:]:
@@ -227,8 +234,7 @@ class FusedDenoiser:
     ) -> torch.Tensor:
         """One lane's tiles blended into a canvas on its device (inference mode is per thread)."""
         with torch.inference_mode(), on_device(lane.device):
-            x_all = latents.to(lane.device)
-            t_lane = t.to(lane.device) if isinstance(t, torch.Tensor) else t
+            x_all, t_lane = latents.to(lane.device), _on(t, lane.device)
             out = torch.zeros(x_all.shape, device=lane.device, dtype=torch.float32)
             for batch, inputs in zip(lane.batches, lane.inputs, strict=True):
                 if self.on_batch is not None:
@@ -246,6 +252,16 @@ class FusedDenoiser:
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None
+
+
+def _on(t: torch.Tensor | float, device: torch.device) -> torch.Tensor | float:
+    """The timestep on ``device``; a 0-dim host tensor is filled in there (a blocking copy from
+    the host would wait for the device to finish its queued work)."""
+    if not isinstance(t, torch.Tensor) or t.device == device:
+        return t
+    if t.device.type == "cpu" and t.ndim == 0:
+        return torch.full((), t.item(), dtype=t.dtype, device=device)
+    return t.to(device)
 
 
 def sample_fused(
