@@ -10,6 +10,7 @@ txt2img start is ``add_noise`` of zeros); :func:`run_sampler` runs the plan with
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -154,6 +155,8 @@ def run_sampler(
         return latents
     _rearm(scheduler, plan)
     takes_generator = "generator" in step_params(type(scheduler))
+    if takes_generator and latents.is_cuda:
+        _without_noise_waits(scheduler)
     if hasattr(scheduler, "noise_sampler_seed") and isinstance(generator, torch.Generator):
         seed = torch.randint(0, 2**63 - 1, (), generator=generator, device=generator.device)
         scheduler.noise_sampler_seed = int(seed)
@@ -172,3 +175,38 @@ def run_sampler(
             if on_step is not None:
                 latents = on_step(i, t, latents)
         return latents
+
+
+def _without_noise_waits(scheduler: Scheduler) -> None:
+    """Make the scheduler's module draw step noise from CPU generators into pinned memory and
+    copy it to the device without waiting: diffusers' ``randn_tensor`` draws on the host, then
+    copies with ``.to(device)``, a blocking copy that waits for the device to finish all its
+    queued work once per step. Same values (the same generator calls); idempotent."""
+    module = sys.modules.get(type(scheduler).__module__)
+    draw = getattr(module, "randn_tensor", None)
+    if module is None or draw is None or getattr(draw, "tileup_no_wait", False):
+        return
+    module.randn_tensor = _no_wait(draw)  # type: ignore[attr-defined]  # checked above
+
+
+def _no_wait(draw: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """``draw`` (diffusers' ``randn_tensor``) with CPU generators and a CUDA device: drawn on the
+    host, pinned, copied asynchronously. Anything else goes to ``draw`` as it is."""
+
+    def randn_tensor(
+        shape: Any,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        layout: torch.layout | None = None,
+    ) -> torch.Tensor:
+        target = torch.device(device) if device is not None else None
+        gens = generator if isinstance(generator, list) else [generator]
+        on_host = all(g is not None and g.device.type == "cpu" for g in gens)
+        if target is None or target.type != "cuda" or not on_host:
+            return draw(shape, generator=generator, device=device, dtype=dtype, layout=layout)
+        host = draw(shape, generator=generator, device="cpu", dtype=dtype, layout=layout)
+        return host.pin_memory().to(target, non_blocking=True)
+
+    randn_tensor.tileup_no_wait = True  # type: ignore[attr-defined]  # a marker
+    return randn_tensor
