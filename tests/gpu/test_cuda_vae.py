@@ -150,19 +150,29 @@ def test_batch_norm_affine_matches_the_float32_formula() -> None:
 @pytest.mark.parametrize("store", ["device", "cpu"])
 def test_a_second_gpu_takes_a_band_of_tile_rows(vae, latents, image, store) -> None:
     """The second GPU computes the lower tile rows from its own copies of the canvases (or the
-    host's): the one-GPU result up to kernel rounding (its attention queries and batches are
-    other shapes), as close to the float32 truth."""
+    host's): the one-GPU result up to bf16 rounding (its attention chunks and tile batches have
+    other shapes), no farther from it, nor from the float32 truth, than bf16 is from float32."""
     other = [(copy.deepcopy(vae).to("cuda:1"), torch.device("cuda:1"))]
     kw = {"dtype": torch.bfloat16, "store": store}
     truth = tiled_decode(vae, latents, tile=16, store="device", batch=1)  # float32
+    z_truth = tiled_encode(vae, image, tile=128, store="device", batch=1)
     for batch in (1, 2):
-        one = tiled_decode(vae, latents, tile=16, batch=batch, **kw)
-        two = tiled_decode(vae, latents, tile=16, batch=batch, lanes=other, **kw)
-        assert (two - one).abs().mean().item() < 2e-3
-        assert (two - truth).abs().mean().item() <= 1.5 * (one - truth).abs().mean().item()
-        z = tiled_encode(vae, image, tile=128, batch=batch, **kw)
-        z_two = tiled_encode(vae, image, tile=128, batch=batch, lanes=other, **kw)
-        assert (z_two - z).abs().mean().item() < 2e-3
+        pairs = [
+            (
+                tiled_decode(vae, latents, tile=16, batch=batch, **kw),
+                tiled_decode(vae, latents, tile=16, batch=batch, lanes=other, **kw),
+                truth,
+            ),
+            (
+                tiled_encode(vae, image, tile=128, batch=batch, **kw),
+                tiled_encode(vae, image, tile=128, batch=batch, lanes=other, **kw),
+                z_truth,
+            ),
+        ]
+        for one, two, exact in pairs:
+            rounding = (one - exact).abs().mean().item()
+            assert (two - exact).abs().mean().item() <= 1.5 * rounding
+            assert (two - one).abs().mean().item() <= 1.5 * rounding
 
 
 def test_host_store_recomputes_first_convs_and_stays_close(

@@ -129,41 +129,50 @@ def test_out_of_memory_halves_tile_and_finishes(tiny, photo, monkeypatch) -> Non
     assert (out - expected).abs().max().item() <= 2 / 255
 
 
-def _recorded(model, seen: list[str], fail: bool = False):
-    """A copy of ``model`` that records which thread ran each call (and may fail there)."""
+def _recorded(model, seen: list[str], tag: str = "", fail: bool = False):
+    """A copy of ``model`` whose first conv records ``tag`` and the thread of each call (and may
+    fail there)."""
 
     def hook(module: torch.nn.Module, args: object) -> None:
-        seen.append(threading.current_thread().name)
+        seen.append(f"{tag}@{threading.current_thread().name}")
         if fail:
             raise ValueError("replica broke")
         time.sleep(0.01)  # long enough for the other device's thread to take a core
 
     copy = deepcopy(model)
-    copy.descriptor.model.register_forward_pre_hook(hook)
+    first = next(m for m in copy.descriptor.model.modules() if isinstance(m, torch.nn.Conv2d))
+    first.register_forward_pre_hook(hook)
     return copy
 
 
-def test_replicas_share_the_cores_and_give_the_same_bytes(tiny, photo) -> None:
-    """Cores dealt to a replica (here on the same CPU) come back into the same places."""
-    image = _nchw(photo)
+@pytest.mark.parametrize("name", ["tiny", "x4plus"])
+def test_replicas_share_the_cores_and_give_the_same_bytes(name, request, photo) -> None:
+    """Cores dealt to a replica (here on the same CPU) run on the replica's own weights (also
+    through an RRDBNet's trunk/tail stages) and come back into the same places."""
+    model = request.getfixturevalue(name)
+    image = _nchw(np.ascontiguousarray(photo[:32, :48]))
     report = RunReport()
-    expected = run_tiled(tiny, image, device=CPU, dtype=torch.float32, tile=24, report=report)
+    expected = run_tiled(model, image, device=CPU, dtype=torch.float32, tile=16, report=report)
     seen: list[str] = []
     progress: list[int] = []
     shared = RunReport()
     out = run_tiled(
-        _recorded(tiny, seen),
+        _recorded(model, seen, "primary"),
         image,
         device=CPU,
         dtype=torch.float32,
-        tile=24,
+        tile=16,
         report=shared,
         on_tile=progress.append,
-        replicas=[(_recorded(tiny, seen), CPU)],
+        replicas=[(_recorded(model, seen, "replica"), CPU)],
     )
     assert torch.equal(out, expected)
-    assert shared.tiles == report.tiles == sum(progress) == len(seen) == 12
-    assert len(set(seen)) == 2, "both devices' threads ran cores"
+    assert shared.tiles == report.tiles == sum(progress) == len(seen) == 6
+    threads = {
+        tag: {s.split("@")[1] for s in seen if s.startswith(tag)} for tag in ("primary", "replica")
+    }
+    assert threads["primary"] and threads["replica"], "both copies ran cores"
+    assert not threads["primary"] & threads["replica"], "each copy in its own device's thread"
 
 
 def test_an_error_on_one_replica_stops_the_run(tiny, photo) -> None:
@@ -184,16 +193,16 @@ def test_an_error_on_one_replica_stops_the_run(tiny, photo) -> None:
 def test_runner_replicas_reach_the_tiled_run(tiny, photo) -> None:
     seen: list[str] = []
     runner = ModelRunner(
-        _recorded(tiny, seen),
+        _recorded(tiny, seen, "primary"),
         CPU,
         torch.float32,
         tile=24,
-        replicas=(ModelRunner(_recorded(tiny, seen), CPU, torch.float32, tile=24),),
+        replicas=(ModelRunner(_recorded(tiny, seen, "replica"), CPU, torch.float32, tile=24),),
     )
     out = upscale_pixels(photo, (128, 160), runner=runner)
     single = upscale_pixels(photo, (128, 160), runner=ModelRunner(tiny, CPU, torch.float32, 24))
     np.testing.assert_array_equal(out, single)
-    assert len(set(seen)) == 2
+    assert {s.split("@")[0] for s in seen} == {"primary", "replica"}
 
 
 def test_model_passes() -> None:

@@ -185,7 +185,8 @@ def run_tiled(
         on_tile=on_tile,
         on_core=on_core,
     )
-    workers = [(model, runtime)] + [(m, replace(runtime, device=d)) for m, d in replicas]
+    workers = [(model, runtime)]  # each replica with its own trunk and tail
+    workers += [(m, replace(runtime, device=d, stages=m.stages)) for m, d in replicas]
     if len(workers) == 1:
         _work(run, model, runtime)
         return run.output
