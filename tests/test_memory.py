@@ -12,6 +12,7 @@ from tileup.memory import (
     JobShape,
     MemoryBudgetError,
     ModelSizes,
+    graphs_may_stay,
     plan_memory,
 )
 from tileup.modes.fused import FusedDenoiser
@@ -29,6 +30,22 @@ def test_a_big_card_keeps_everything_on_the_device() -> None:
     assert plan.unet_batch == 32 and plan.vae_batch == 8
     assert plan.vae_store_bytes > 16 * GIB  # the whole 4K decode store fits
     assert plan.as_dict()["unet"] == "device"
+
+
+def test_graphs_stay_beside_the_vae_only_with_room_in_the_budget_and_the_device() -> None:
+    """A whole H200 keeps the UNet's CUDA graphs through the VAE stages (the next job replays
+    them); a card that needs their memory for the VAE frees them."""
+    big = plan_memory(139 * GIB, SD15, K4, low_vram=False)
+    store = 4096 * 4096 * 512 * 2  # the 4K decode's canvases in bf16, about 16 GiB
+    assert store < big.vae_work_bytes < store + 8 * GIB
+    need = big.vae_work_bytes + 2 * GIB
+    assert graphs_may_stay(big, reserved=34 * GIB, free=104 * GIB)  # measured after diffusion
+    assert not graphs_may_stay(big, reserved=big.budget_bytes - need + 1, free=104 * GIB)
+    assert not graphs_may_stay(big, reserved=34 * GIB, free=need - 1)
+    for gib in (4, 8, 24):
+        plan = plan_memory(gib * GIB, SD15, K4, low_vram=False)
+        assert plan.vae_work_bytes <= gib * GIB
+        assert not graphs_may_stay(plan, reserved=plan.budget_bytes // 2, free=gib * GIB // 2)
 
 
 @pytest.mark.parametrize("gib", [4, 6, 8, 12, 24])

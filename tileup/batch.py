@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import glob
 import itertools
@@ -21,8 +22,9 @@ import queue
 import stat
 import threading
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,7 +47,7 @@ from tileup.manifest import (
 )
 from tileup.options import target_size
 from tileup.pipeline import Upscaler
-from tileup.progress import NoProgress, Progress
+from tileup.progress import LockedProgress, NoProgress, Progress
 from tileup.result import Stats
 from tileup.settings import UpscaleSettings
 
@@ -510,7 +512,7 @@ def _run_local(
     # Headers: the progress total and the output size of every file, nothing decoded.
     headers = _read_headers(jobs, engine, progress)
     if len(jobs) > 1 and len(engine.devices) > 1:
-        with engine.device_engines() as engines:
+        with device_engines(engine) as engines:
             return _spread(jobs, engines, overwrite, headers, on_outcome)
     outcomes: list[FileOutcome] = []
     for job in jobs:
@@ -518,6 +520,37 @@ def _run_local(
         outcomes.append(outcome)
         on_outcome(outcome)
     return outcomes
+
+
+@contextmanager
+def device_engines(engine: Upscaler) -> Iterator[list[Upscaler]]:
+    """One engine per device, to spread files across them: ``engine`` on its primary device
+    alone (its model's replicas set aside for the duration) and a view per other device
+    running that device's replica (the SR model copied there once). One device: ``engine``."""
+    model = engine.model
+    if len(engine.devices) == 1:
+        yield [engine]
+        return
+    views: list[Upscaler] = []
+    for k, device in enumerate(engine.devices[1:]):
+        view = copy.copy(engine)
+        view.device, view.devices = device, (device,)
+        view.model = model.replicas[k] if model is not None else None
+        view.runner = engine.sr_replica(device)
+        views.append(view)
+    replicas = model.replicas if model is not None else ()
+    devices, progress = engine.devices, engine.progress
+    if model is not None:
+        model.replicas = ()
+    engine.devices = (engine.device,)
+    for one in [engine, *views]:
+        one.progress = LockedProgress(progress)
+    try:
+        yield [engine, *views]
+    finally:
+        engine.devices, engine.progress = devices, progress
+        if model is not None:
+            model.replicas = replicas
 
 
 def _spread(

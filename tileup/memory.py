@@ -9,7 +9,8 @@ the canvas; its :class:`MemoryPlan` tells the pipeline
   does not fit even alone);
 - the UNet tile batch, the VAE tile batch, and how many bytes the tiled VAE may keep its
   full-size activations in on the device (the rest wait on the host);
-- the SR model's activation budget.
+- the SR model's activation budget;
+- whether the UNet's CUDA graphs may stay through the VAE stages (:func:`graphs_may_stay`).
 
 Estimates are deliberately conservative (measured on an H200, bf16, SD 1.5 and SDXL; see
 bench/results/gpu.md); an out-of-memory error that happens anyway halves the batch or tile it
@@ -99,14 +100,32 @@ class MemoryPlan:
     vae_store_bytes: int
     sr_bytes: int
     redraw_batch: int = 1
+    vae_work_bytes: int = 0
+    """Device bytes a tiled VAE stage takes beside the models: its attention buffers, a tile
+    batch (or a chunk of scores) and its activation store, as far as the store fits."""
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready, with the byte counts also in GiB (rounded) for people."""
         data: dict[str, Any] = asdict(self)
-        for key in ("budget_bytes", "minimum_bytes", "vae_store_bytes", "sr_bytes"):
+        for key in (
+            "budget_bytes",
+            "minimum_bytes",
+            "vae_store_bytes",
+            "sr_bytes",
+            "vae_work_bytes",
+        ):
             data[key.replace("_bytes", "_gib")] = round(data[key] / GIB, 2)
         data["unet"] = "streamed" if self.offload_unet else "parked" if self.swap_unet else "device"
         return data
+
+
+def graphs_may_stay(plan: MemoryPlan, reserved: int, free: int) -> bool:
+    """Whether the UNet's CUDA graphs (and the memory pool they hold) may stay through a VAE
+    stage, so that the next job replays them instead of capturing again: the VAE stage's work
+    (:attr:`MemoryPlan.vae_work_bytes`) and a margin of 2 GiB fit beside everything
+    ``reserved`` now, in the budget and in the device's ``free`` memory."""
+    need = plan.vae_work_bytes + 2 * GIB
+    return reserved + need <= plan.budget_bytes and need <= free
 
 
 def unet_tile_bytes(shape: JobShape) -> int:
@@ -180,6 +199,8 @@ def plan_memory(budget: int, sizes: ModelSizes, shape: JobShape, *, low_vram: bo
     sr = max(64 * MIB, min(SR_MAX_BYTES, sr_room))
     redraw_room = free - (sizes.unet_block if offload else sizes.unet) - sizes.vae
     redraw_batch = max(1, min(MAX_UNET_BATCH, redraw_room // max(crop, 1))) if crop else 1
+    work = vae_fixed_bytes(shape) + max(vae_batch * vae_tile, vae_scores_bytes(shape))
+    work += min(store, store_need)
     return MemoryPlan(
-        budget, minimum, swap, offload, unet_batch, vae_batch, store, sr, redraw_batch
+        budget, minimum, swap, offload, unet_batch, vae_batch, store, sr, redraw_batch, work
     )

@@ -26,7 +26,7 @@ from tileup.errors import TileupError
 from tileup.imageio import Picture
 from tileup.infotext import job_parameters
 from tileup.inputs import ImageInput, as_picture
-from tileup.memory import GIB, JobShape, MemoryPlan, ModelSizes, plan_memory
+from tileup.memory import GIB, JobShape, MemoryPlan, ModelSizes, graphs_may_stay, plan_memory
 from tileup.options import (
     RELOAD_FIELDS,
     check_sampler,
@@ -40,7 +40,7 @@ from tileup.options import (
     target_size,
     vae_options,
 )
-from tileup.progress import Hooks, LockedProgress, NoProgress, Observer, Progress, StageClock
+from tileup.progress import Hooks, NoProgress, Observer, Progress, StageClock
 from tileup.result import Stats, UpscaleResult
 from tileup.settings import SettingsError, UpscaleSettings, flag_of
 from tileup.upscalers.registry import (
@@ -136,38 +136,7 @@ class Upscaler:
 
     # -- several devices ------------------------------------------------------------------------
 
-    @contextmanager
-    def device_engines(self) -> Iterator[list[Upscaler]]:
-        """One engine per device, to spread files across them: this engine on its primary
-        device alone (its model's replicas set aside for the duration) and a view per other
-        device running that device's replica (the SR model copied there once). One device:
-        just this engine."""
-        model = self.model
-        if len(self.devices) == 1:
-            yield [self]
-            return
-        views: list[Upscaler] = []
-        for k, device in enumerate(self.devices[1:]):
-            view = copy.copy(self)
-            view.device, view.devices = device, (device,)
-            view.model = model.replicas[k] if model is not None else None
-            view.runner = self._sr_replica(device)
-            views.append(view)
-        replicas = model.replicas if model is not None else ()
-        devices, progress = self.devices, self.progress
-        if model is not None:
-            model.replicas = ()
-        self.devices = (self.device,)
-        for engine in [self, *views]:
-            engine.progress = LockedProgress(progress)
-        try:
-            yield [self, *views]
-        finally:
-            self.devices, self.progress = devices, progress
-            if model is not None:
-                model.replicas = replicas
-
-    def _sr_replica(self, device: torch.device) -> ModelRunner | None:
+    def sr_replica(self, device: torch.device) -> ModelRunner | None:
         """The SR model's runner on ``device`` (a copy made on first use)."""
         if self.runner is None:
             return None
@@ -424,9 +393,8 @@ class Upscaler:
         picture = as_picture(image, self.settings.max_pixels)
         settings, clock = self.settings, StageClock(observer=observer)
         report = RunReport(fallbacks=list(self.load_fallbacks))
-        for device in self.devices:
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
+        for device in (d for d in self.devices if d.type == "cuda"):
+            torch.cuda.reset_peak_memory_stats(device)
         # 1. Plan the output size.
         height, width = picture.height, picture.width
         target = target_size(height, width, settings)
@@ -437,10 +405,8 @@ class Upscaler:
             )
         diffusion = self._new_report()
         plan = self._plan(target)
-        hooks = None
-        if observer is not None:
-            factor = self.model.factor if self.model is not None else 8
-            hooks = Hooks(observer, target, factor)
+        factor = self.model.factor if self.model is not None else 8
+        hooks = None if observer is None else Hooks(observer, target, factor)
         self._place(plan, "vae")
         # 2. Upscale: pixel (model passes + exact resize) or, for latent modes, in latent space.
         source_latents, latents, rgb = latents, None, None
@@ -539,7 +505,7 @@ class Upscaler:
     def _place(self, plan: MemoryPlan | None, stage: str) -> None:
         """Models where the plan wants them for ``stage`` ("vae": the SR model and the tiled
         VAE run; "unet": fused sampling; "redraw": per-region passes need both)."""
-        if (model := self.model) is not None and stage == "vae":
+        if (model := self.model) is not None and stage == "vae" and not self._graphs_stay(plan):
             model.release_graphs()  # the UNet's CUDA graphs hold their activations' memory
         if plan is None or model is None:
             return
@@ -551,6 +517,13 @@ class Upscaler:
         else:
             model.place_unet(unet_home)
             model.place_vae("host" if stage == "unet" and plan.swap_unet else "device")
+
+    def _graphs_stay(self, plan: MemoryPlan | None) -> bool:
+        """Whether the UNet's graphs may stay beside the VAE (:func:`graphs_may_stay`)."""
+        if plan is None or self.device.type != "cuda":
+            return False
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return graphs_may_stay(plan, torch.cuda.memory_reserved(self.device), free)
 
     def _vae_options(self, plan: MemoryPlan | None) -> VaeOptions | None:
         """The tiled VAE's options for a job: the plan's batch and device store (None: no model),
@@ -590,7 +563,7 @@ class Upscaler:
             tile = auto_tile_size(runner.model, self.device, runner.dtype, plan.sr_bytes)
             runner = dataclasses.replace(runner, tile=tile)
         if runner is not None and len(self.devices) > 1:  # every device takes cores
-            others = tuple(self._sr_replica(d) for d in self.devices[1:])
+            others = tuple(self.sr_replica(d) for d in self.devices[1:])
             runner = dataclasses.replace(runner, replicas=tuple(filter(None, others)))
         return upscale_pixels(
             image,
@@ -693,7 +666,8 @@ class Upscaler:
                 on_pasted=hooks.on_pasted if hooks is not None else None,
             )
             rgb = canvas[: target[0], : target[1]]
-            model.release_graphs()  # their memory pool
+            if not self._graphs_stay(plan):
+                model.release_graphs()  # their memory pool
             for p in counts:
                 clock.add("redraw" if p.name == "redraw" else "seam_fix", p.seconds)
         if s.color_fix != "none":

@@ -129,3 +129,30 @@ def test_redraw_and_fused_jobs_give_the_same_bytes_with_graphs(tiny) -> None:
     assert torch.equal(outs[True][0], outs[False][0])
     assert torch.equal(outs[True][1], outs[False][1])
     assert float((outs[True][0] - canvas).abs().mean()) > 0.001  # something was redrawn
+
+
+def test_a_second_job_replays_the_first_jobs_graphs(tiny, tmp_path) -> None:
+    """On a card with room for the VAE beside them, the UNet's graphs stay through the VAE
+    stages: the next picture replays them (no capture) and comes out the same."""
+    import numpy as np
+    from sd_fixtures import save_single_file
+
+    from tileup.pipeline import Upscaler
+    from tileup.settings import UpscaleSettings
+
+    checkpoint = save_single_file(tiny, tmp_path / "sd1.safetensors", "sd1")
+    settings = UpscaleSettings(
+        checkpoint=str(checkpoint), upscaler="lanczos", scale=2.0, tile=64, overlap=16,
+        steps=4, denoise=0.5, prompt="a photo", seed=3, device="cuda", vae_tile=64,
+    )  # fmt: skip
+    engine = Upscaler(settings)
+    assert engine.model is not None
+    unet = engine.model.unet
+    assert isinstance(unet, GraphedUNet)
+    photo = (np.random.default_rng(0).random((64, 96, 3)) * 255).astype(np.uint8)
+    first = engine(photo)
+    captures, replays = unet.captures, unet.replays
+    assert captures > 0
+    second = engine(photo)
+    assert unet.captures == captures and unet.replays > replays
+    assert np.array_equal(first.picture.rgb, second.picture.rgb)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from tileup.devices import to_hwc
 from tileup.tiler import Box
 from tileup.upscalers.models import SRModel
 from tileup.upscalers.resample import resample, resize_exact
@@ -45,7 +46,7 @@ class ModelRunner:
             on_core=on_core,
             replicas=[(r.model, r.device) for r in self.replicas],
         )
-        return np.ascontiguousarray(y[0].numpy().transpose(1, 2, 0))
+        return to_hwc(y[0]).numpy()
 
 
 def model_passes(src: tuple[int, int], target: tuple[int, int], scale: int) -> int:

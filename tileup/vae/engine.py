@@ -302,7 +302,15 @@ class StagedEngine:
         nbytes = data.numel() * torch.empty((), dtype=self.dtype).element_size()
         place = self._place(nbytes)
         out = self._empty(tuple(data.shape), self.dtype, place, channels_last=True)
-        out.copy_(data)
+        if data.device.type == "cpu" and place.type == "cuda":
+            # bands of rows to the device as they lie, cast there (a copy that changes device,
+            # dtype and layout at once goes through a transposing copy on the host)
+            per_row = max(1, data[:, :1].numel() * data.element_size())
+            rows = max(1, (64 << 20) // per_row)
+            for top in range(0, data.shape[1], rows):
+                out[:, top : top + rows].copy_(data[:, top : top + rows].to(place))
+        else:
+            out.copy_(data)
         result = Canvas(out, scale)
         if self._banded(result):
             for k, lane in enumerate(self.lanes[1:], 1):

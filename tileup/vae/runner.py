@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from tileup.devices import to_hwc
 from tileup.vae.protocols import Vae
 from tileup.vae.tiled import NonFiniteError, tiled_decode, tiled_encode, vae_scale_factor
 
@@ -116,7 +117,8 @@ class VaeRunner:
         """HxWx3 float32 in [0, 1] (multiples of f) → scaled latents 1×C×h×w (CPU float32).
         ``options`` (a memory plan's batch and store, the lanes) override the runner's for this
         call."""
-        image = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))[None] * 2 - 1
+        # scaled as it lies (H×W×3: a channels-last view, the tiled VAE's layout on CUDA)
+        image = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None] * 2 - 1
         o = options or self.options
 
         def run(vae: Vae, dtype: torch.dtype) -> torch.Tensor:
@@ -157,8 +159,7 @@ class VaeRunner:
                 lanes=self._lane_args(o.lanes, dtype),
             )
 
-        image = self._guarded(run, notes)
-        return ((image[0].permute(1, 2, 0).numpy() + 1) / 2).clip(0, 1).astype(np.float32)
+        return _to_rgb(self._guarded(run, notes)[0])
 
     # -- crops (plain VAE, batched) ---------------------------------------------------------
 
@@ -187,3 +188,9 @@ class VaeRunner:
         """Scaled latents → k×3×h×w float32 in [0, 1] (on the device)."""
         x = self._crops(lambda vae, z: vae.decode(z).sample, latents / self.scale, notes)
         return ((x + 1) / 2).clamp(0, 1)
+
+
+def _to_rgb(image: torch.Tensor) -> np.ndarray:
+    """A decoded 3×H×W float32 host image in [-1, 1] → H×W×3 float32 in [0, 1] (the same
+    operations as ``((x + 1) / 2).clip(0, 1)``, in place, on every core)."""
+    return to_hwc(image).add_(1).div_(2).clamp_(0, 1).numpy()
