@@ -397,6 +397,7 @@ class OneArgs:
     flops: bool
     smoke: bool
     trace: Path | None = None
+    full_warmup: bool = False
 
 
 def _engine_settings(
@@ -454,7 +455,9 @@ def _engine_job(o: OneArgs, kind: Kind, job: Job, rec: dict[str, Any]) -> np.nda
     size = kind.shape(o.smoke)[0]
     picture = read_image(_photo(size), max_pixels=settings.max_pixels)
     # compiled: the warm-up is the job itself (its UNet batch shapes are compiled then)
-    warm_size = kind.shape(o.smoke)[0] if job.variant == "compiled" else _warm_size(kind, o.smoke)
+    whole = job.variant == "compiled" or o.full_warmup
+    warm_size = kind.shape(o.smoke)[0] if whole else _warm_size(kind, o.smoke)
+    rec["warmup"] = "the job itself" if whole else f"a {warm_size}² picture"
     warm = read_image(_photo(warm_size), max_pixels=settings.max_pixels)
     start = time.perf_counter()
     engine(warm)
@@ -747,6 +750,7 @@ def launch(proc: Process, args: argparse.Namespace, timeout: float) -> dict[str,
     cmd += ["--flops"] if proc.flops else []
     cmd += ["--smoke"] if args.smoke else []
     cmd += ["--trace", str(args.trace)] if args.trace else []
+    cmd += ["--full-warmup"] if args.full_warmup else []
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     child = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT
@@ -799,8 +803,8 @@ JOB_FIELDS = (
     "peak_allocated_gib_per_device", "peak_note", "tiles", "tile_steps", "steps_per_tile",
     "pixel_tiles", "unet_calls", "unet_batch", "num_inference_steps", "passes", "memory_plan",
     "fallbacks", "input_size", "output_size", "output_sha256", "max_abs_diff_255",
-    "differing_fraction", "compared_with", "emulation", "load_seconds", "warmup_seconds", "steps",
-    "smoke", "note", "error", "flops_error", "date", "commit", "torch", "diffusers",
+    "differing_fraction", "compared_with", "emulation", "load_seconds", "warmup", "warmup_seconds",
+    "steps", "smoke", "note", "error", "flops_error", "date", "commit", "torch", "diffusers",
 )
 SWEEP_FIELDS = (
     "vram_gib", "mode", "whole_gpu", "seconds", "stages", "tflops", "share_of_peak",
@@ -1210,12 +1214,20 @@ def main(argv: list[str] | None = None) -> None:
         "--trace", type=Path, default=None, help="also profile one more run per process into DIR"
     )
 
+    r.add_argument(
+        "--full-warmup",
+        action="store_true",
+        help="warm up with the job itself (the UNet's CUDA graphs captured for its shapes, as "
+        "from the second picture of a folder) instead of a small picture",
+    )
+
     o = sub.add_parser("one", help="(internal) one job in this process; prints its record")
     common(o)
     o.add_argument("--job", required=True, choices=list(JOBS))
     o.add_argument("--emulate-gib", type=float, default=None, help="card size; 0 = whole GPU")
     o.add_argument("--trace", type=Path, default=None)
     o.add_argument("--flops", action="store_true")
+    o.add_argument("--full-warmup", action="store_true")
 
     args = parser.parse_args(argv)
     if args.command == "prepare":
@@ -1235,7 +1247,15 @@ def main(argv: list[str] | None = None) -> None:
     gib = JOBS[args.job].gib if args.emulate_gib is None else args.emulate_gib
     record = one(
         OneArgs(
-            args.job, gib, args.work, args.sr_model, args.steps, args.flops, args.smoke, args.trace
+            args.job,
+            gib,
+            args.work,
+            args.sr_model,
+            args.steps,
+            args.flops,
+            args.smoke,
+            args.trace,
+            args.full_warmup,
         )
     )
     print(RESULT_PREFIX + json.dumps(record, default=str), flush=True)
