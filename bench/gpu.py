@@ -903,18 +903,21 @@ def compare(data: dict[str, Any], work: Path) -> None:
 def derive(data: dict[str, Any]) -> None:
     """TFLOP/s and share of peak from each kind's FLOP count and each entry's seconds."""
     flops = data.get("flops", {})
-    entries = [data[name] for name in JOBS if isinstance(data.get(name), dict)]
+    entries = [
+        (data[name], JOBS[name].devices) for name in JOBS if isinstance(data.get(name), dict)
+    ]
     for e in data.get("vram_sweep", []):
         e["kind"] = JOBS[SWEEP_JOBS[e["mode"]]].kind
-        entries.append(e)
-    for e in entries:
+        entries.append((e, 1))
+    for e, devices in entries:
         count = (flops.get(e.get("kind")) or {}).get("flops")
         seconds = e.get("seconds")
         ok = count is not None and seconds and not e.get("error")
         if "vram_gib" not in e:
             e["flops"] = count if ok else None
         e["tflops"] = round(count / seconds / 1e12, 2) if ok else None
-        e["share_of_peak"] = round(e["tflops"] / PEAK_TFLOPS, 4) if ok else None
+        # the share of the peak of every GPU the job ran on
+        e["share_of_peak"] = round(e["tflops"] / PEAK_TFLOPS / devices, 4) if ok else None
     for e in data.get("vram_sweep", []):
         e.pop("kind", None)
 
@@ -965,7 +968,7 @@ def markdown(data: dict[str, Any]) -> str:
         f"{setup.get('steps')} steps of {SAMPLER} at denoise {DENOISE}, CFG {CFG:g}, bf16, eager. "
         "Models loaded and warmed up; one measured run. Cards emulated by a ballast tensor (each "
         "in its own process). TFLOP/s from `torch.utils.flop_counter` counts (per job kind); "
-        f"share of the {PEAK_TFLOPS:g} TFLOP/s bf16 peak. Raw numbers: `gpu.json`; how: "
+        f"share of the {PEAK_TFLOPS:g} TFLOP/s bf16 peak of each GPU the job ran on. Raw numbers: `gpu.json`; how: "
         "`bench/gpu.py`.",
         "",
         "| job | card | total s | stages (s) | TFLOP | TFLOP/s | share of peak | "
