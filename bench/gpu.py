@@ -968,8 +968,8 @@ def markdown(data: dict[str, Any]) -> str:
         f"{setup.get('steps')} steps of {SAMPLER} at denoise {DENOISE}, CFG {CFG:g}, bf16, eager. "
         "Models loaded and warmed up; one measured run. Cards emulated by a ballast tensor (each "
         "in its own process). TFLOP/s from `torch.utils.flop_counter` counts (per job kind); "
-        f"share of the {PEAK_TFLOPS:g} TFLOP/s bf16 peak of each GPU the job ran on. Raw numbers: `gpu.json`; how: "
-        "`bench/gpu.py`.",
+        f"share of the {PEAK_TFLOPS:g} TFLOP/s bf16 peak of each GPU the job ran on. Raw "
+        "numbers: `gpu.json`; how: `bench/gpu.py`.",
         "",
         "| job | card | total s | stages (s) | TFLOP | TFLOP/s | share of peak | "
         "peak alloc GiB | peak reserved GiB | tiles | diff vs whole GPU (/255) | error |",
