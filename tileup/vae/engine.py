@@ -237,6 +237,13 @@ class StagedEngine:
         firsts.append(len(grid.tiles))
         self.spans = tuple((firsts[cuts[k]], firsts[cuts[k + 1]]) for k in range(len(self.lanes)))
         """Per lane, its tiles: ``grid.tiles[start:end]`` (whole tile rows, in order)."""
+        self._bands = [
+            (
+                min((t.own_top for t in grid.tiles[start:end]), default=0),
+                max((t.own_top + t.own_height for t in grid.tiles[start:end]), default=0),
+            )
+            for start, end in self.spans
+        ]
         self.batch = batch
         self.acc = torch.float64 if device.type in ("cpu", "cuda") else torch.float32
         self.store_cap = store_cap if device.type == "cuda" else None
@@ -329,13 +336,7 @@ class StagedEngine:
 
     def bands(self, scale: int) -> list[tuple[int, int]]:
         """Per lane, the canvas rows (at ``scale``) that its tiles own."""
-        out = []
-        for start, end in self.spans:
-            tiles = self.grid.tiles[start:end]
-            top = min((t.own_top for t in tiles), default=0)
-            bottom = max((t.own_top + t.own_height for t in tiles), default=0)
-            out.append((top * scale, bottom * scale))
-        return out
+        return [(top * scale, bottom * scale) for top, bottom in self._bands]
 
     def reach(self, k: int, scale: int, halo: tuple[int, int] = (0, 0)) -> tuple[int, int]:
         """The canvas rows (at ``scale``) that lane ``k``'s crops of core + ``halo`` read."""

@@ -280,7 +280,9 @@ def _attention(eng: StagedEngine, x: Canvas, attn: Attention) -> Canvas:
 
     Pass 1 projects every owned token to Q, K and V in raster order (device buffers of
     1×heads×(h·w)×d each), then one global attention gives O; pass 2 applies the output
-    projection and the residual tile by tile.
+    projection and the residual tile by tile. With several lanes each projects the tokens its
+    tiles own into buffers on its device, then takes every key and value and the queries its
+    cores read from the others, and computes the output of those queries.
     """
     if (
         attn.spatial_norm is not None
@@ -323,20 +325,19 @@ def _attention(eng: StagedEngine, x: Canvas, attn: Attention) -> Canvas:
             eng.share_rows(views, k, need, bands[k], m)
         q, key, value = qkv[k]
         jobs.append((q[:, :, reaches[k][0] * cols : reaches[k][1] * cols], key, value))
-    outs = []  # per lane, the output of those queries as a heads×rows×cols×d canvas
-    for (top, bottom), o in zip(reaches, _sdpa(jobs), strict=True):
-        full = o if (top, bottom) == (0, rows) else torch.zeros_like(qkv[0][0], device=o.device)
-        if full is not o:
-            full[:, :, top * cols : bottom * cols] = o
-        outs.append(grid5(full[0]))
+    # per lane: the output of its queries (heads×its rows×cols×d) and the first of those rows
+    outs = [
+        (o[0].reshape(heads, bottom - top, cols, d), top)
+        for (top, bottom), o in zip(reaches, _sdpa(jobs), strict=True)
+    ]
     qkv.clear()
 
     def out(crops: list[torch.Tensor], batch: StageBatch) -> torch.Tensor:
         x_in = crops[0]
         th, tw = x_in.shape[-2:]
         lane = batch.lane
-        o = outs[eng.lanes.index(lane)]
-        h = torch.stack([o[:, top : top + th, left : left + tw] for top, left in batch.cores])
+        o, first = outs[eng.lanes.index(lane)]
+        h = torch.stack([o[:, y - first : y - first + th, x : x + tw] for y, x in batch.cores])
         h = h.permute(0, 2, 3, 1, 4).flatten(-2)  # B×th×tw×inner
         h = lane(attn.to_out[1])(lane(attn.to_out[0])(h)).permute(0, 3, 1, 2)
         if attn.residual_connection:
