@@ -359,8 +359,9 @@ class StagedEngine:
         """Copy into ``copies[k]`` the ``rows`` (dimension 1, at ``scale``) it lacks (it holds
         ``have``) from the lanes that own them; returns the rows it holds now."""
         lo, hi = have
+        bands = self.bands(scale)
         for a, b in ((rows[0], min(rows[1], lo)), (max(rows[0], hi), rows[1])):
-            for j, (o0, o1) in enumerate(self.bands(scale)):
+            for j, (o0, o1) in enumerate(bands):
                 s, e = max(a, o0), min(b, o1)
                 if j != k and s < e:
                     copies[k][:, s:e].copy_(copies[j][:, s:e])
@@ -428,7 +429,7 @@ class StagedEngine:
         pending: dict[int, tuple[torch.Tensor, torch.cuda.Event | None, Sequence[VaeTile]]] = {}
         starts = [start for start, _ in self.spans]
         busy = [k for k, (start, end) in enumerate(self.spans) if start < end]
-        for k in busy if len(busy) > 1 else ():  # rows fetched before any batch is queued
+        for k in busy:  # the rows each lane reads, fetched before any batch is queued
             for c in inputs:
                 self._fetch(c, halo, k)
         turn = 0
@@ -495,8 +496,7 @@ class StagedEngine:
         """Batched crops of ``c`` (core + ``halo``) on lane ``k``'s device, zero outside the
         image, and their pads: gathered from a stored canvas, computed for a recomputed one."""
         lane = self.lanes[k]
-        if c.recipe is None:
-            self._fetch(c, halo, k)
+        if c.recipe is None:  # its rows are there: fetched when the stage began
             return self._gather(self._copy(c, k), c.scale, tiles, halo, lane.device or self.device)
         r, m = c.recipe, c.scale
         crops: list[torch.Tensor] = []
