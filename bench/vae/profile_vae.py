@@ -166,8 +166,11 @@ def stage_kind(fn: Callable[..., object]) -> str:
     return getattr(fn, "__qualname__", "?").split(".<locals>.")[-1].replace("<lambda>", "conv_in")
 
 
-def stages(vae: Any, size: int, dtype: torch.dtype, store: str) -> dict[str, Any]:
-    """Synchronised seconds per stage kind of a tiled encode and decode."""
+def stages(
+    vae: Any, size: int, dtype: torch.dtype, store: str, limit: int | None = None, batch: int = 4
+) -> dict[str, Any]:
+    """Synchronised seconds per stage kind of a tiled encode and decode (``limit``: the
+    engine's ``store_limit``, as a memory plan gives it), with their totals and notes."""
     timings: dict[str, float] = collections.defaultdict(float)
     counts: dict[str, int] = collections.defaultdict(int)
     original_stage, original_sdpa = vae_engine.StagedEngine.stage, tiled._sdpa
@@ -191,15 +194,34 @@ def stages(vae: Any, size: int, dtype: torch.dtype, store: str) -> dict[str, Any
         return res
 
     image = torch.rand(1, 3, size, size, device="cuda") * 2 - 1
+    notes: list[str] = []
+    kw: dict[str, Any] = {
+        "device": "cuda",
+        "dtype": dtype,
+        "batch": batch,
+        "store": store,
+        "store_limit": limit,
+        "notes": notes,
+    }
     vae_engine.StagedEngine.stage, tiled._sdpa = stage, sdpa  # type: ignore[method-assign]
+    torch.cuda.reset_peak_memory_stats()
     try:
         phase = "encode"
-        z = tiled.tiled_encode(vae, image, device="cuda", dtype=dtype, batch=4, store=store)
+        start = time.perf_counter()
+        z = tiled.tiled_encode(vae, image, **kw)
+        timings["encode:total"] = time.perf_counter() - start
         phase = "decode"
-        tiled.tiled_decode(vae, z, device="cuda", dtype=dtype, batch=4, store=store)
+        start = time.perf_counter()
+        tiled.tiled_decode(vae, z, **kw)
+        timings["decode:total"] = time.perf_counter() - start
     finally:
         vae_engine.StagedEngine.stage, tiled._sdpa = original_stage, original_sdpa
-    return {k: {"seconds": round(v, 4), "stages": counts.get(k, 0)} for k, v in timings.items()}
+    out: dict[str, Any] = {
+        k: {"seconds": round(v, 4), "stages": counts.get(k, 0)} for k, v in timings.items()
+    }
+    out["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    out["notes"] = notes
+    return out
 
 
 def trace(vae: Any, size: int, dtype: torch.dtype, store: str, limit: int | None) -> dict[str, Any]:
@@ -262,7 +284,11 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     parser.add_argument("--store", default="device", help="stages/trace: device, cpu or auto")
     parser.add_argument("--emulate-gib", type=float, default=0, help="a card of G GiB (ballast)")
-    parser.add_argument("--store-limit-gib", type=float, default=None, help="trace: store_limit")
+    parser.add_argument(
+        "--store-limit-gib", type=float, default=None, help="stages/trace: store_limit"
+    )
+    parser.add_argument("--batch", type=int, default=4, help="stages: tiles per batch")
+    parser.add_argument("--cold", action="store_true", help="stages: no warm-up run")
     parser.add_argument("--parts", default="attention,conv,stages,total")
     args = parser.parse_args()
     from diffusers import AutoencoderKL
@@ -289,13 +315,14 @@ def main() -> None:
             result["attention"] = attention((args.size // 8) ** 2, 512, dtype)
         if "conv" in parts:
             result["conv"] = conv(dtype)
+        limit = None if args.store_limit_gib is None else int(args.store_limit_gib * 2**30)
         if "stages" in parts:
-            stages(vae, args.size, dtype, args.store)  # warm-up
-            result["stages"] = stages(vae, args.size, dtype, args.store)
+            if not args.cold:
+                stages(vae, args.size, dtype, args.store, limit, args.batch)  # warm-up
+            result["stages"] = stages(vae, args.size, dtype, args.store, limit, args.batch)
         if "micro" in parts:
             result["micro"] = micro(dtype)
         if "trace" in parts:
-            limit = None if args.store_limit_gib is None else int(args.store_limit_gib * 2**30)
             result["trace"] = trace(vae, args.size, dtype, args.store, limit)
         if "total" in parts:
             result["total"] = totals(vae, args.size, dtype, args.repeats, lanes=[])
