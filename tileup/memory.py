@@ -193,7 +193,11 @@ def plan_memory(budget: int, sizes: ModelSizes, shape: JobShape, *, low_vram: bo
     unet_room = free - (stream_need if offload else sizes.unet) - (0 if swap else sizes.vae)
     unet_batch = max(1, min(MAX_UNET_BATCH, shape.tiles, unet_room // tile))
     vae_room = free - sizes.vae - vae_fixed_bytes(shape) - (0 if swap else resident_unet)
-    vae_batch = max(1, min(MAX_VAE_BATCH, vae_room // 2 // vae_tile))
+    # a quarter of the room for the tile batch (one 512 px tile is already a full GPU's work;
+    # stages that recompute read wider crops than the estimate), the rest for the store; two
+    # tiles where half the room holds them (the latent-size stages launch fewer calls)
+    vae_batch = max(min(2, vae_room // 2 // vae_tile), vae_room // 4 // vae_tile)
+    vae_batch = max(1, min(MAX_VAE_BATCH, vae_batch))
     store = max(0, vae_room - vae_batch * vae_tile)
     sr_room = free - sizes.sr - sizes.vae - (0 if swap else resident_unet)
     sr = max(64 * MIB, min(SR_MAX_BYTES, sr_room))

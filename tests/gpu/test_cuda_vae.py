@@ -220,3 +220,23 @@ def test_a_canvas_the_device_cannot_allocate_is_recomputed(vae, latents, monkeyp
     got = tiled_decode(vae, latents, tile=16, notes=notes, **kw)
     assert refused and any("recomputed or on the host" in n for n in notes)
     assert (got - expected).abs().mean().item() < 2e-3
+
+
+def test_after_the_attention_its_buffers_go_to_the_store(vae, latents, monkeypatch) -> None:
+    """A capped decode: once the mid-block attention is done its Q, K, V and O bytes are added
+    to the device store's cap, and the result is the uncapped one within rounding."""
+    engines: list[tuple[StagedEngine, int | None]] = []
+    original = StagedEngine.__init__
+
+    def recording(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        engines.append((self, self.store_cap))
+
+    kw = {"batch": 3, "dtype": torch.bfloat16}
+    expected = tiled_decode(vae, latents, tile=16, store="device", **kw)
+    monkeypatch.setattr(StagedEngine, "__init__", recording)
+    got = tiled_decode(vae, latents, tile=16, store="device", store_limit=1 << 20, **kw)
+    ((eng, cap),) = engines
+    attention = 4 * latents.shape[2] * latents.shape[3] * 128 * 2  # Q, K, V, O: 128 ch, bf16
+    assert cap is not None and eng.store_cap == cap + attention
+    assert (got - expected).abs().mean().item() < 2e-3

@@ -17,7 +17,7 @@ import torch
 from sd_fixtures import make_tiny_components
 
 from tileup.vae import tiled as tv
-from tileup.vae.engine import vae_grid
+from tileup.vae.engine import StagedEngine, vae_grid
 from tileup.vae.tiled import NonFiniteError, tiled_decode, tiled_encode
 
 DECODE_TOL = 5e-5
@@ -397,3 +397,42 @@ def test_recomputing_the_first_conv_gives_the_stored_result(
     """The host-store mode: each resnet's first conv is only reduced to its statistics, then
     computed again (on a crop one halo wider) inside the second stage — same result."""
     _assert_as_stored(vae, latents, decoded, image, tile, batch, lambda: vae_recompute(True))
+
+
+def test_a_resnet_stores_its_first_conv_only_when_both_outputs_stay_on_the_device() -> None:
+    """On CUDA the first conv's output is stored only when it and the block's output fit in
+    the device store together; else the second stage recomputes it (one canvas fewer held, so
+    the output or the canvases after it stay on the device)."""
+    from types import SimpleNamespace
+
+    from tileup.vae.engine import Canvas
+
+    on_device = Canvas(torch.empty(8, 4, 4, device="meta"), 1)
+    on_host = Canvas(torch.empty(8, 4, 4), 1)
+    room = 100
+
+    def engine(device: str, recompute: bool | None = None) -> StagedEngine:
+        fits = lambda nbytes: nbytes <= room  # noqa: E731
+        return SimpleNamespace(recompute=recompute, device=torch.device(device), fits=fits)  # type: ignore[return-value]
+
+    decide = tv._recomputes_first_conv
+    assert not decide(engine("cuda"), on_device, 50)  # both fit: h stored, read by the second
+    assert decide(engine("cuda"), on_device, 51)  # only one fits
+    assert decide(engine("cuda"), on_device, 200)  # neither: the output recomputes both convs
+    assert decide(engine("cuda"), on_host, 1)  # x on the host: read once for both convs
+    assert not decide(engine("cpu"), on_device, 200)  # the CPU stores on its own memory
+    assert decide(engine("cpu", True), on_device, 1) and not decide(
+        engine("cuda", False), on_host, 1
+    )
+
+
+def test_the_store_takes_the_attention_buffers_once_they_are_freed() -> None:
+    grid = vae_grid(8, 8, 4)
+    cuda = StagedEngine(
+        grid, torch.device("cuda"), torch.bfloat16, torch.device("cpu"), 1, store_cap=1000
+    )
+    cuda.release(24)
+    assert cuda.store_cap == 1024
+    cpu = StagedEngine(grid, torch.device("cpu"), torch.float32, torch.device("cpu"), 1)
+    cpu.release(24)
+    assert cpu.store_cap is None  # no cap: every canvas goes to the store

@@ -269,6 +269,16 @@ class StagedEngine:
         fits = torch.cuda.memory_allocated(self.device) + nbytes <= self.store_cap
         return self.device if fits else torch.device("cpu")
 
+    def fits(self, nbytes: int) -> bool:
+        """Whether a new canvas of ``nbytes`` would be placed on the device now."""
+        return self._place(nbytes) == self.device
+
+    def release(self, nbytes: int) -> None:
+        """Let the device store take ``nbytes`` more from now on: working buffers of that size,
+        budgeted beside the store (the mid-block attention's), are freed for good."""
+        if self.store_cap is not None:
+            self.store_cap += nbytes
+
     def _empty(
         self,
         shape: tuple[int, ...],

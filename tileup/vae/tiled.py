@@ -163,9 +163,8 @@ def _resnet(eng: StagedEngine, x: Canvas, r: ResnetBlock) -> Canvas:
             lane(r.conv1), batch.zero_outside(_norm_act(crops[0], a, b, r.nonlinearity, dtype))
         )
 
-    recompute = eng.recompute
-    if recompute is None:  # x is on the host or recomputed: read it once for both convs
-        recompute = eng.device.type == "cuda" and x.data.device.type == "cpu"
+    out_bytes = r.conv2.out_channels * eng.grid.height * eng.grid.width * m * m
+    recompute = _recomputes_first_conv(eng, x, out_bytes * dtype.itemsize)
     l1 = _halo(r.conv1)
     h = eng.stage(
         [x], first, channels=r.conv1.out_channels, scale=m, halo=l1, keep=not recompute, chain=True
@@ -198,6 +197,19 @@ def _resnet(eng: StagedEngine, x: Canvas, r: ResnetBlock) -> Canvas:
     channels = r.conv2.out_channels
     halo = (l1[0] + lo, l1[1] + hi)
     return eng.stage([x], both, channels=channels, scale=m, halo=halo, chain=True)
+
+
+def _recomputes_first_conv(eng: StagedEngine, x: Canvas, out_bytes: int) -> bool:
+    """Whether a resnet block on ``x`` whose output takes ``out_bytes`` recomputes its first conv
+    inside its second stage (:attr:`StagedEngine.recompute`; None: on CUDA when ``x`` waits on
+    the host or is recomputed — read it once for both convs — or when the first conv's output
+    and the block's would not both stay on the device: storing the first would leave the
+    output, or later canvases, to the host or to deeper recomputation)."""
+    if eng.recompute is not None:
+        return eng.recompute
+    if eng.device.type != "cuda":
+        return False
+    return x.data.device.type == "cpu" or not eng.fits(2 * out_bytes)
 
 
 def _scores(q: torch.Tensor, kt: torch.Tensor) -> torch.Tensor:
@@ -344,7 +356,11 @@ def _attention(eng: StagedEngine, x: Canvas, attn: Attention) -> Canvas:
             h = h + x_in
         return h / attn.rescale_output_factor
 
-    return eng.stage([x], out, channels=channels, scale=m, halo=(0, 0))
+    result = eng.stage([x], out, channels=channels, scale=m, halo=(0, 0))
+    outs.clear()
+    # its buffers (Q, K, V, O), budgeted beside the store, are free for the stages after it
+    eng.release(4 * heads * rows * cols * d * dtype.itemsize)
+    return result
 
 
 def _mid(eng: StagedEngine, x: Canvas, mid: MidBlock) -> Canvas:
@@ -619,7 +635,8 @@ def tiled_encode(
     ``"device"`` is several times faster when they fit, ``"auto"`` takes the device when they
     need at most half of its free memory; ``store_limit`` (CUDA) instead places each activation
     on the device while the device holds at most that many bytes more than when the call
-    started, else on the host (pinned): the budget of a memory plan. On out-of-memory the batch
+    started (and, once the mid-block attention is done, the bytes its buffers held), else on
+    the host: the budget of a memory plan. On out-of-memory the batch
     is halved (noted in ``notes``). ``lanes``: copies of the VAE on other devices, each taking
     its turn of every stage's tile batches (the canvases stay with ``device``; the result is the
     one-device result when the devices compute alike). Raises NonFiniteError on NaN/inf.
