@@ -37,8 +37,9 @@ VAE_TILE_BYTES_PER_PX = 2000
 """Tiled-VAE working bytes per pixel of a tile in one batch: 128 channels at full resolution in
 the compute dtype, the float32 copy its statistics are reduced from and the conv output."""
 
-VAE_ATTENTION_BYTES_PER_CELL = 4 * 512 * 2
-"""Q, K, V and O of the VAE mid-block attention per latent cell (512 channels, bf16)."""
+VAE_ATTENTION_BYTES_PER_CELL = 3 * 512 * 2
+"""Q, K and V (O is written over Q) of the VAE mid-block attention per latent cell (512
+channels, bf16)."""
 
 VAE_SCORES_BYTES = 6 << 24
 """A small chunk of VAE attention scores (2^24 float32 scores and their bf16 probabilities);
@@ -193,11 +194,10 @@ def plan_memory(budget: int, sizes: ModelSizes, shape: JobShape, *, low_vram: bo
     unet_room = free - (stream_need if offload else sizes.unet) - (0 if swap else sizes.vae)
     unet_batch = max(1, min(MAX_UNET_BATCH, shape.tiles, unet_room // tile))
     vae_room = free - sizes.vae - vae_fixed_bytes(shape) - (0 if swap else resident_unet)
-    # a quarter of the room for the tile batch (one 512 px tile is already a full GPU's work;
-    # stages that recompute read wider crops than the estimate), the rest for the store; two
-    # tiles where half the room holds them (the latent-size stages launch fewer calls)
-    vae_batch = max(min(2, vae_room // 2 // vae_tile), vae_room // 4 // vae_tile)
-    vae_batch = max(1, min(MAX_VAE_BATCH, vae_batch))
+    # half the room for the tile batch: a larger store (a quarter for the batch) made the 8 GiB
+    # card's 4K encode slower (16.1 → 16.7 s, 676f441): a 4 GiB canvas then fit the store but
+    # not the allocator's fragments, and the greedy placement recomputed what came after it
+    vae_batch = max(1, min(MAX_VAE_BATCH, vae_room // 2 // vae_tile))
     store = max(0, vae_room - vae_batch * vae_tile)
     sr_room = free - sizes.sr - sizes.vae - (0 if swap else resident_unet)
     sr = max(64 * MIB, min(SR_MAX_BYTES, sr_room))

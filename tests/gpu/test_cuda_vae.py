@@ -131,6 +131,11 @@ def test_attention_in_bf16_is_as_close_as_the_fused_kernel() -> None:
     # on an H200 8.27e-5 against the memory-efficient kernel's 7.46e-5 (outputs ~3e-2)
     fused_err = (fused.double() - ref).abs().mean().item()
     assert (mine.double() - ref).abs().mean().item() <= 1.25 * fused_err
+    # written over its queries: the same values, in the queries' storage
+    queries = half[0].clone()
+    (over,) = tv._sdpa([(queries, half[1], half[2])], over_queries=True)
+    assert over.data_ptr() == queries.data_ptr()
+    assert torch.equal(over, tv._sdpa([tuple(half)])[0])
 
 
 def test_batch_norm_affine_matches_the_float32_formula() -> None:
@@ -223,8 +228,9 @@ def test_a_canvas_the_device_cannot_allocate_is_recomputed(vae, latents, monkeyp
 
 
 def test_after_the_attention_its_buffers_go_to_the_store(vae, latents, monkeypatch) -> None:
-    """A capped decode: once the mid-block attention is done its Q, K, V and O bytes are added
-    to the device store's cap, and the result is the uncapped one within rounding."""
+    """A capped decode: once the mid-block attention is done its Q, K and V bytes (O is written
+    over Q) are added to the device store's cap, and the result is as close to the float32
+    truth as the uncapped one (bf16 rounding: recomputed crops round differently)."""
     engines: list[tuple[StagedEngine, int | None]] = []
     original = StagedEngine.__init__
 
@@ -233,10 +239,11 @@ def test_after_the_attention_its_buffers_go_to_the_store(vae, latents, monkeypat
         engines.append((self, self.store_cap))
 
     kw = {"batch": 3, "dtype": torch.bfloat16}
+    truth = tiled_decode(vae, latents, tile=16, store="device", batch=3)
     expected = tiled_decode(vae, latents, tile=16, store="device", **kw)
     monkeypatch.setattr(StagedEngine, "__init__", recording)
     got = tiled_decode(vae, latents, tile=16, store="device", store_limit=1 << 20, **kw)
     ((eng, cap),) = engines
-    attention = 4 * latents.shape[2] * latents.shape[3] * 128 * 2  # Q, K, V, O: 128 ch, bf16
+    attention = 3 * latents.shape[2] * latents.shape[3] * 128 * 2  # Q, K, V: 128 ch, bf16
     assert cap is not None and eng.store_cap == cap + attention
-    assert (got - expected).abs().mean().item() < 2e-3
+    assert (got - truth).abs().mean() <= 1.5 * (expected - truth).abs().mean()

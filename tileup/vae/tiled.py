@@ -21,9 +21,10 @@ op ("staged" tiling) over all tiles at once:
   convs' zero padding at the image border exactly.
 * The mid-block self-attention is exact and global: pass 1 writes Q, K and V of every owned
   token to latent-resolution device buffers, exact attention (on CUDA two matrix products per
-  chunk of queries, float32 scores of at most 2^27 elements a chunk) gives O, and
-  pass 2 applies the output projection and residual per tile. Q, K, V and O take 4·C·h·w
-  values on the device (1 GiB in fp16 for a 4096² SD image, C = 512).
+  chunk of queries, float32 scores of at most 2^29 elements a chunk) gives O, written over
+  Q, and pass 2 applies the output projection and residual per tile. Q, K and V take 3·C·h·w
+  values on the device (768 MiB in fp16 for a 4096² SD image, C = 512); once done, a memory
+  plan's device store takes their room.
 
 Device memory is bounded by one batch of tiles plus those latent-resolution buffers. The
 canvases on ``store`` hold up to three activations at once; the peak is at full resolution:
@@ -84,9 +85,11 @@ from tileup.vae.protocols import (
 
 __all__ = ["NonFiniteError", "store_bytes", "tiled_decode", "tiled_encode", "vae_scale_factor"]
 
-_SCORES_BUDGET = 1 << 27
-"""Most elements of one chunk of attention scores (queries × keys): 768 MiB with the
-probabilities in half precision."""
+_SCORES_BUDGET = 1 << 29
+"""Most elements of one chunk of attention scores (queries × keys): 3 GiB with the
+probabilities in half precision. Every chunk reads all of K and V again (1 GiB each at 8192²
+px), so larger chunks read less (at 8192² px, 128-query chunks made the attention ~4× its
+FLOP time)."""
 
 
 def vae_scale_factor(vae: Vae) -> int:
@@ -220,13 +223,17 @@ def _scores(q: torch.Tensor, kt: torch.Tensor) -> torch.Tensor:
     return torch.mm(q.float(), kt.float())
 
 
-def _sdpa(jobs: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+def _sdpa(
+    jobs: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], over_queries: bool = False
+) -> list[torch.Tensor]:
     """Exact global softmax attention (1×heads×N×d) of each (q, k, v): :func:`_chunked_attention`
     on accelerators, the jobs' chunks issued in turn (a job per device: every device gets work
-    at once), PyTorch's blockwise kernel on the CPU (as fast there, without chunks of scores)."""
+    at once), PyTorch's blockwise kernel on the CPU (as fast there, without chunks of scores).
+    ``over_queries``: on accelerators each output is written over its queries (no buffer of
+    its own; a chunk's queries are read before its output is written)."""
     if all(q.device.type == "cpu" for q, _, _ in jobs):
         return [F.scaled_dot_product_attention(q, k, v) for q, k, v in jobs]
-    outs = [torch.empty_like(q) for q, _, _ in jobs]
+    outs = [q if over_queries else torch.empty_like(q) for q, _, _ in jobs]
     runs = [_attention_chunks(*job, out) for job, out in zip(jobs, outs, strict=True)]
     while runs:
         runs = [run for run in runs if next(run, None) is not None]
@@ -244,7 +251,7 @@ def _chunked_attention(
     too large for the flash and cuDNN kernels and the memory-efficient kernel runs it at ~14 %
     of an H200's peak (bench/vae/results/profile_h200_4096_gemm_attention.json). A chunk's
     scores take at most ``budget`` elements (6 bytes each with the probabilities) and, on CUDA,
-    at most half the free memory; out of memory halves the chunk.
+    at most ~85 % of the free memory; out of memory halves the chunk.
     """
     out = torch.empty_like(q)
     for _ in _attention_chunks(q, k, v, out, budget):
@@ -261,9 +268,9 @@ def _attention_chunks(
 ) -> Iterator[bool]:
     """:func:`_chunked_attention` into ``out``, yielding (True) after each chunk is issued."""
     _, heads, tokens, dim = q.shape
-    if q.is_cuda:  # at most half of what is free now (the device's and the allocator's cache)
+    if q.is_cuda:  # 6 bytes a score in ~85 % of what is free (the device's and the cache's)
         free = torch.cuda.mem_get_info(q.device)[0] + torch.cuda.memory_reserved(q.device)
-        budget = min(budget, (free - torch.cuda.memory_allocated(q.device)) // 12)
+        budget = min(budget, (free - torch.cuda.memory_allocated(q.device)) // 7)
     chunk = max(1, min(tokens, budget // k.shape[2]))
     scale = dim**-0.5
     for head in range(heads):
@@ -340,9 +347,13 @@ def _attention(eng: StagedEngine, x: Canvas, attn: Attention) -> Canvas:
     # per lane: the output of its queries (heads×its rows×cols×d) and the first of those rows
     outs = [
         (o[0].reshape(heads, bottom - top, cols, d), top)
-        for (top, bottom), o in zip(reaches, _sdpa(jobs), strict=True)
+        for (top, bottom), o in zip(reaches, _sdpa(jobs, over_queries=True), strict=True)
     ]
-    qkv.clear()
+    buffer = heads * rows * cols * d * dtype.itemsize
+    del q, key, value
+    qkv.clear()  # K and V freed (O is over Q): budgeted beside the store, now the store's
+    jobs.clear()
+    eng.release(2 * buffer)
 
     def out(crops: list[torch.Tensor], batch: StageBatch) -> torch.Tensor:
         x_in = crops[0]
@@ -358,8 +369,7 @@ def _attention(eng: StagedEngine, x: Canvas, attn: Attention) -> Canvas:
 
     result = eng.stage([x], out, channels=channels, scale=m, halo=(0, 0))
     outs.clear()
-    # its buffers (Q, K, V, O), budgeted beside the store, are free for the stages after it
-    eng.release(4 * heads * rows * cols * d * dtype.itemsize)
+    eng.release(buffer)  # and Q, holding O
     return result
 
 
