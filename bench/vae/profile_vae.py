@@ -4,7 +4,8 @@ On the full-size SD VAE architecture (random weights, bf16), prints one JSON obj
 
 - ``attention``: the mid-block global attention at the latent size of a ``--size`` image
   (1 head, d = 512), per implementation: PyTorch SDPA restricted to each backend, and
-  :func:`tileup.vae.tiled._sdpa` (what the tiled VAE calls); seconds and TFLOP/s;
+  :func:`tileup.vae.tiled._sdpa` (what the tiled VAE calls), and the fused Triton kernel
+  (:mod:`tileup.vae.flash`) at several block sizes; seconds and TFLOP/s;
 - ``conv``: one 3×3 conv (128 → 128 channels, a batch of 4 tiles of 514² px) in NCHW and in
   channels-last, and the norm-activation pre-op (float32 and fused) on the same batch;
 - ``stages``: the tiled encode and decode of a ``--size`` image with the store on ``--store``,
@@ -19,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
+import functools
 import json
 import statistics
 import time
@@ -29,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from tileup.vae import engine as vae_engine
-from tileup.vae import tiled
+from tileup.vae import flash, tiled
 
 
 def seconds(fn: Callable[[], object], repeats: int = 3) -> float:
@@ -43,6 +46,17 @@ def seconds(fn: Callable[[], object], repeats: int = 3) -> float:
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+FLASH_CONFIGS = [
+    flash.FlashConfig(64, 32, 8, 2),
+    flash.FlashConfig(64, 64, 8, 2),
+    flash.FlashConfig(128, 32, 8, 2),
+    flash.FlashConfig(64, 32, 4, 2),
+    flash.FlashConfig(64, 16, 4, 3),
+    flash.FlashConfig(32, 64, 4, 2),
+]
+"""Block sizes of the fused attention kernel timed by ``--parts attention``."""
 
 
 def gemm_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: int) -> torch.Tensor:
@@ -85,10 +99,18 @@ def attention(tokens: int, dim: int, dtype: torch.dtype) -> dict[str, Any]:
         "tileup_budget_2^28": lambda: tiled._chunked_attention(q, k, v, 1 << 28),
         "gemm_bf16_scores_8192": lambda: gemm_attention(q, k, v, 8192),
     }
+    for cfg in FLASH_CONFIGS:  # tileup.vae.flash, one fused kernel (TILEUP_VAE_ATTENTION=fused)
+        name = "fused_" + "_".join(str(x) for x in dataclasses.astuple(cfg))
+        runs[name] = functools.partial(flash.flash_attention, q[0, 0], k[0, 0], v[0, 0], config=cfg)
     with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
         ref = F.scaled_dot_product_attention(q[:, :, :4096], k, v).float()
     mine = tiled._sdpa([(q[:, :, :4096].contiguous(), k, v)])[0].float()
     out["tileup_vs_efficient_max_abs"] = (mine - ref).abs().max().item()
+    try:
+        fused = flash.flash_attention(q[0, 0, :4096].contiguous(), k[0, 0], v[0, 0]).float()
+        out["fused_vs_efficient_max_abs"] = (fused - ref[0, 0]).abs().max().item()
+    except Exception as exc:  # the kernel may not compile for this GPU's limits
+        out["fused_vs_efficient_max_abs"] = f"{type(exc).__name__}: {str(exc)[:200]}"
     for name, fn in runs.items():
         try:
             s = seconds(fn, 2)

@@ -247,3 +247,30 @@ def test_after_the_attention_its_buffers_go_to_the_store(vae, latents, monkeypat
     attention = 3 * latents.shape[2] * latents.shape[3] * 128 * 2  # Q, K, V: 128 ch, bf16
     assert cap is not None and eng.store_cap == cap + attention
     assert (got - truth).abs().mean() <= 1.5 * (expected - truth).abs().mean()
+
+
+def test_fused_attention_kernel_is_as_close_as_pytorchs_on_the_gpu(monkeypatch) -> None:
+    """tileup.vae.flash in bf16 on the GPU (opt-in until measured faster): as close to the
+    float64 truth as PyTorch's memory-efficient kernel, alone and inside a tiled decode."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from tileup.vae import flash
+
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    q, k, v = (torch.randn(4096, 512, device="cuda", generator=gen) for _ in range(3))
+    ref = torch.softmax(q.double() @ k.double().T / 512**0.5, dim=-1) @ v.double()
+    half = [t.bfloat16() for t in (q, k, v)]
+    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
+        fused_torch = torch.nn.functional.scaled_dot_product_attention(*(t[None] for t in half))[0]
+    mine = flash.flash_attention(*half)
+    torch_err = (fused_torch.double() - ref).abs().mean().item()
+    assert (mine.double() - ref).abs().mean().item() <= 1.25 * torch_err
+
+
+def test_a_tiled_decode_with_the_fused_attention(vae, latents, monkeypatch) -> None:
+    kw = {"batch": 3, "dtype": torch.bfloat16, "store": "device"}
+    truth = tiled_decode(vae, latents, tile=16, store="device", batch=3)
+    chunked = tiled_decode(vae, latents, tile=16, **kw)
+    monkeypatch.setenv("TILEUP_VAE_ATTENTION", "fused")
+    fused = tiled_decode(vae, latents, tile=16, **kw)
+    assert (fused - truth).abs().mean() <= 1.5 * (chunked - truth).abs().mean()

@@ -62,6 +62,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tileup.vae import flash
 from tileup.vae.engine import (
     Canvas,
     Lane,
@@ -266,8 +267,14 @@ def _attention_chunks(
     out: torch.Tensor,
     budget: int = _SCORES_BUDGET,
 ) -> Iterator[bool]:
-    """:func:`_chunked_attention` into ``out``, yielding (True) after each chunk is issued."""
+    """:func:`_chunked_attention` into ``out``, yielding (True) after each chunk is issued; with
+    ``TILEUP_VAE_ATTENTION=fused`` one fused kernel per head instead (:mod:`tileup.vae.flash`)."""
     _, heads, tokens, dim = q.shape
+    if flash.enabled() and flash.supported(q):
+        for head in range(heads):
+            flash.flash_attention(q[0, head], k[0, head], v[0, head], out=out[0, head])
+            yield True
+        return
     if q.is_cuda:  # 6 bytes a score in ~85 % of what is free (the device's and the cache's)
         free = torch.cuda.mem_get_info(q.device)[0] + torch.cuda.memory_reserved(q.device)
         budget = min(budget, (free - torch.cuda.memory_allocated(q.device)) // 7)
