@@ -22,6 +22,7 @@ CFG 7, prompt "a photo", seed 1, bf16, eager):
 | two_gpus_redraw | the redraw job on ``cuda:0,cuda:1`` | two whole GPUs |
 | reference_compiled | the reference job with ``--compile`` (warm-up: the job itself, so the
   compilation is in ``warmup_seconds``) | whole GPU |
+| redraw_compiled | the redraw job with ``--compile`` (warm-up: the job itself) | whole GPU |
 | low_vram | the reference job with ``--low-vram`` | whole GPU |
 | naive | diffusers' img2img per 512² tile (fused grid), one at a time, pasted | whole GPU |
 
@@ -175,6 +176,12 @@ JOBS = {
     "reference_compiled": Job(
         "sd15_fused", WHOLE, description="SD 1.5 fused, whole GPU, --compile", variant="compiled"
     ),
+    "redraw_compiled": Job(
+        "sd15_redraw",
+        WHOLE,
+        description="SD 1.5 redraw linear, whole GPU, --compile",
+        variant="compiled",
+    ),
     "low_vram": Job(
         "sd15_fused", WHOLE, description="SD 1.5 fused, --low-vram", variant="low_vram"
     ),
@@ -189,6 +196,7 @@ BASELINES = {
     "two_gpus": "reference",
     "two_gpus_redraw": "redraw",
     "reference_compiled": "reference",
+    "redraw_compiled": "redraw",
     "low_vram": "reference",
 }
 
@@ -446,6 +454,7 @@ def _engine_job(o: OneArgs, kind: Kind, job: Job, rec: dict[str, Any]) -> np.nda
     cuda = torch.cuda.is_available()
     device = _device_name(job.devices, cuda)
     rec["device_setting"] = device
+    rec["environment"] = {k: v for k, v in os.environ.items() if k.startswith("TILEUP_")}
     settings = _engine_settings(o, kind, device, str(o.work / kind.family), job)
     ballast = take_ballast(o.gib) if cuda and job.devices == 1 else None
     rec["emulation"] = ballast.info if ballast else ({} if cuda else {"skipped": "no CUDA"})
@@ -804,13 +813,14 @@ JOB_FIELDS = (
     "pixel_tiles", "unet_calls", "unet_batch", "num_inference_steps", "passes", "memory_plan",
     "fallbacks", "input_size", "output_size", "output_sha256", "max_abs_diff_255",
     "differing_fraction", "compared_with", "emulation", "load_seconds", "warmup", "warmup_seconds",
-    "steps", "smoke", "note", "error", "flops_error", "date", "commit", "torch", "diffusers",
+    "steps", "smoke", "environment", "note", "error", "flops_error", "date", "commit", "torch",
+    "diffusers",
 )
 SWEEP_FIELDS = (
     "vram_gib", "mode", "whole_gpu", "seconds", "stages", "tflops", "share_of_peak",
     "peak_allocated_gib", "peak_reserved_gib", "memory_plan", "fallbacks", "output_sha256",
-    "max_abs_diff_255", "differing_fraction", "compared_with", "emulation", "error", "date",
-    "commit",
+    "max_abs_diff_255", "differing_fraction", "compared_with", "emulation", "environment",
+    "error", "date", "commit",
 )
 # fmt: on
 
