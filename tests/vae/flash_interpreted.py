@@ -1,0 +1,87 @@
+"""Runs tileup.vae.flash through Triton's interpreter and prints what tests/vae/test_flash.py
+asserts, as JSON. A process of its own: the interpreter must be on before triton is first
+imported (the test session may have imported it for torch.compile)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import torch
+
+from tileup.vae import flash
+from tileup.vae import tiled as tv
+
+
+def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    q, k, v = (t.double() for t in (q, k, v))
+    return torch.softmax(q @ k.T / q.shape[-1] ** 0.5, dim=-1) @ v
+
+
+def error(a: torch.Tensor, b: torch.Tensor, how: str = "max") -> float:
+    diff = (a.double() - b.double()).abs()
+    return (diff.max() if how == "max" else diff.mean()).item()
+
+
+def main() -> None:
+    out: dict[str, object] = {}
+    for n, keys, d in ((70, 45, 32), (1, 200, 64), (64, 96, 512)):
+        gen = torch.Generator().manual_seed(n + keys + d)
+        q, k, v = (torch.randn(x, d, generator=gen) * 2 for x in (n, keys, keys))
+        mine = flash.flash_attention(q, k, v, config=flash.FlashConfig(16, 16, 4, 1))
+        truth = reference(q, k, v)
+        torchs = torch.softmax(q @ k.T / d**0.5, dim=-1) @ v
+        out[f"float32_{n}_{keys}_{d}"] = {
+            "shape": list(mine.shape),
+            "dtype": str(mine.dtype),
+            "error": error(mine, truth),
+            "torch_error": error(torchs, truth),
+        }
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(x, 64, generator=gen).half() for x in (48, 300, 300))
+    mine = flash.flash_attention(q, k, v, config=flash.FlashConfig(16, 32, 4, 1))
+    torchs = torch.nn.functional.scaled_dot_product_attention(q[None], k[None], v[None])[0]
+    truth = reference(q, k, v)
+    out["half"] = {
+        "dtype": str(mine.dtype),
+        "error": error(mine, truth, "mean"),
+        "torch_error": error(torchs, truth, "mean"),
+    }
+    gen = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(x, 32, generator=gen) for x in (40, 50, 50))
+    expected = flash.flash_attention(q, k, v)
+    queries = q.clone()
+    over = flash.flash_attention(queries, k, v, out=queries)
+    out["over_queries"] = {
+        "same_storage": over.data_ptr() == queries.data_ptr(),
+        "equal": bool(torch.equal(over, expected)),
+    }
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(1, 1, 33, 32, generator=gen) for _ in range(3))
+    calls: list[int] = []
+    original = flash.flash_attention
+
+    def counted(*args: object, **kwargs: object) -> torch.Tensor:
+        calls.append(1)
+        return original(*args, **kwargs)  # type: ignore[arg-type]
+
+    flash.flash_attention = counted  # type: ignore[assignment]
+    os.environ.pop("TILEUP_VAE_ATTENTION", None)
+    chunked = tv._chunked_attention(q, k, v, budget=33 * 5)
+    by_default = len(calls)
+    os.environ["TILEUP_VAE_ATTENTION"] = "fused"
+    fused = tv._chunked_attention(q, k, v, budget=33 * 5)
+    out["routing"] = {
+        "calls_by_default": by_default,
+        "calls_when_asked": len(calls) - by_default,
+        "fused_vs_chunked": error(fused, chunked),
+        "error": error(fused[0, 0], reference(q[0, 0], k[0, 0], v[0, 0])),
+    }
+    json.dump(out, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()
