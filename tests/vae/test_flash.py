@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import torch
 
+import tileup
 from tileup.vae import flash
 
 HERE = Path(__file__).parent
@@ -26,7 +27,10 @@ HERE = Path(__file__).parent
 
 @pytest.fixture(scope="module")
 def interpreted() -> dict[str, Any]:
-    env = dict(os.environ, TRITON_INTERPRET="1")
+    # the tileup this session imports, whether installed or a checkout
+    root = str(Path(tileup.__file__).resolve().parent.parent)
+    path = os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=path)
     env.pop("TILEUP_VAE_ATTENTION", None)
     done = subprocess.run(
         [sys.executable, str(HERE / "flash_interpreted.py")],
