@@ -1,0 +1,235 @@
+"""A model of the exact tiled VAE under a device-store cap: where each canvas goes and the
+FLOPs every pass costs once recomputation is counted. No GPU, no tensors: seconds, not minutes.
+
+It walks the SD VAE's stages (block_out_channels 128/256/512/512, 2 resnets a down block, 3 an
+up block, one mid-block attention) with the placement rules of :mod:`tileup.vae.engine` and
+:mod:`tileup.vae.tiled` as of 2026-11-30 (session 7): a chainable stage whose output does not
+fit the cap is recomputed (up to 16 stages deep), other outputs that do not fit wait on the
+host; a resnet block keeps its first conv's output only when it and the block's output both fit
+(``--rule old``: whenever its input is stored on the device); the decoder's store takes the
+attention's Q/K/V room once the attention is done. A pass's cost is its own FLOPs plus those of
+every recomputed canvas behind its inputs (crops' halos ignored); the attention counts its
+4·N²·C. Use it to weigh a placement rule before spending device time on it, e.g.::
+
+    python bench/vae/placement_model.py --size 8192 --cap-gib 2.28 --part decode --stages
+
+At 8192² on an 8 GiB card (cap 2.28 GiB, the plan's) it counts ~8.8 PFLOP for the decode
+(2.9 on a whole GPU, 2.25 of either the attention) and ~4.4 for the encode (2.5): the passes
+after the 2048² canvas recompute every stage since it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+
+GIB = 1 << 30
+MAX_CHAIN = 16
+
+
+@dataclass(eq=False)
+class Canvas:
+    """A canvas: ``channels`` at ``scale`` latent px per px; on "device" or "host", or
+    recomputed from ``inputs`` (``flops`` a pass, ``depth`` stages behind it)."""
+
+    channels: int
+    scale: int
+    where: str | None
+    inputs: list[Canvas] = field(default_factory=list)
+    flops: float = 0.0
+    depth: int = 0
+
+    @property
+    def recomputed(self) -> bool:
+        return self.where is None
+
+
+def conv_flops(cin: int, cout: int) -> float:
+    """FLOPs a 3×3 conv spends per output pixel."""
+    return 2.0 * 9 * cin * cout
+
+
+class Walk:
+    """The stages in order, with the live canvases the engine would hold."""
+
+    def __init__(self, latent: int, cap: int, rule: str) -> None:
+        self.latent, self.cap, self.rule = latent, cap, rule
+        self.live: list[Canvas] = []
+        self.rows: list[tuple[str, int, int, str, float]] = []
+        self.total = 0.0
+        self.host_bytes = 0.0
+
+    def nbytes(self, channels: int, scale: int) -> int:
+        return channels * (self.latent * scale) ** 2 * 2  # bf16
+
+    def stored(self) -> int:
+        """Bytes on the device: live canvases and those behind their recipes, each once."""
+        seen: set[int] = set()
+        total = 0
+
+        def walk(c: Canvas) -> None:
+            nonlocal total
+            if id(c) in seen:
+                return
+            seen.add(id(c))
+            if c.recomputed:
+                for i in c.inputs:
+                    walk(i)
+            elif c.where == "device":
+                total += self.nbytes(c.channels, c.scale)
+
+        for c in self.live:
+            walk(c)
+        return total
+
+    def fits(self, nbytes: int) -> bool:
+        return self.stored() + nbytes <= self.cap
+
+    def behind(self, c: Canvas) -> tuple[float, float]:
+        """(FLOPs, host bytes) of reading ``c`` once."""
+        if not c.recomputed:
+            return 0.0, (self.nbytes(c.channels, c.scale) if c.where == "host" else 0.0)
+        flops, host = c.flops, 0.0
+        for i in c.inputs:
+            f, h = self.behind(i)
+            flops, host = flops + f, host + h
+        return flops, host
+
+    def stage(
+        self,
+        name: str,
+        inputs: list[Canvas],
+        channels: int,
+        scale: int,
+        per_px: float,
+        *,
+        chain: bool = True,
+        keep: bool = True,
+    ) -> Canvas | None:
+        flops = per_px * (self.latent * scale) ** 2
+        cost = flops
+        for i in inputs:
+            f, h = self.behind(i)
+            cost, self.host_bytes = cost + f, self.host_bytes + h
+        depth = 1 + max((i.depth for i in inputs if i.recomputed), default=0)
+        nbytes = self.nbytes(channels, scale)
+        out = None
+        if keep:
+            if self.fits(nbytes):
+                out = Canvas(channels, scale, "device")
+            elif chain and depth <= MAX_CHAIN:
+                out = Canvas(channels, scale, None, list(inputs), flops, depth)
+            else:
+                out = Canvas(channels, scale, "host")
+                self.host_bytes += nbytes
+        where = "-" if out is None else out.where or f"recomputed ({depth} deep)"
+        self.rows.append((name, scale, channels, where, cost))
+        self.total += cost
+        return out
+
+    def resnet(self, x: Canvas, cin: int, cout: int, name: str) -> Canvas:
+        inner = self.nbytes(cout, x.scale)
+        waits = x.recomputed or x.where == "host"
+        both = waits or (self.rule == "new" and not self.fits(2 * inner))
+        self.live.append(x)
+        skip = 2.0 * cin * cout if cin != cout else 0.0
+        if not both:
+            h = self.stage(f"{name}.first", [x], cout, x.scale, conv_flops(cin, cout))
+            assert h is not None
+            self.live.append(h)
+            out = self.stage(f"{name}.second", [h, x], cout, x.scale, conv_flops(cout, cout) + skip)
+            self.live.remove(h)
+        else:
+            self.stage(
+                f"{name}.first (stats)", [x], cout, x.scale, conv_flops(cin, cout), keep=False
+            )
+            per_px = conv_flops(cin, cout) + conv_flops(cout, cout) + skip
+            out = self.stage(f"{name}.both", [x], cout, x.scale, per_px)
+        self.live.remove(x)
+        assert out is not None
+        return out
+
+    def attention(self, x: Canvas, channels: int) -> Canvas:
+        self.live.append(x)
+        tokens = (self.latent * x.scale) ** 2
+        self.stage("mid.attn.project", [x], channels, x.scale, 6.0 * channels**2, keep=False)
+        scores = 4.0 * tokens * tokens * channels
+        self.rows.append(("mid.attn.scores", x.scale, channels, "-", scores))
+        self.total += scores
+        out = self.stage("mid.attn.out", [x], channels, x.scale, 2.0 * channels**2, chain=False)
+        self.live.remove(x)
+        assert out is not None
+        return out
+
+    def resample(self, x: Canvas, scale: int, channels: int, name: str) -> Canvas:
+        self.live.append(x)
+        out = self.stage(name, [x], channels, scale, conv_flops(channels, channels))
+        self.live.remove(x)
+        assert out is not None
+        return out
+
+
+def encode(w: Walk) -> None:
+    image = Canvas(3, 8, "device" if w.fits(w.nbytes(3, 8)) else "host")
+    w.live.append(image)
+    x = w.stage("conv_in", [image], 128, 8, conv_flops(3, 128))
+    assert x is not None
+    w.live.remove(image)
+    cin = 128
+    for b, c in enumerate((128, 256, 512, 512)):
+        for r in range(2):
+            x = w.resnet(x, cin, c, f"down{b}.res{r}")
+            cin = c
+        if b < 3:
+            x = w.resample(x, x.scale // 2, c, f"down{b}.down")
+    x = w.resnet(x, 512, 512, "mid.res0")
+    x = w.attention(x, 512)
+    x = w.resnet(x, 512, 512, "mid.res1")
+    w.live.append(x)
+    w.stage("conv_out", [x], 8, 1, conv_flops(512, 8), keep=False)
+
+
+def decode(w: Walk) -> None:
+    z = Canvas(4, 1, "device")
+    w.live.append(z)
+    x = w.stage("conv_in", [z], 512, 1, conv_flops(4, 512))
+    assert x is not None
+    w.live.remove(z)
+    x = w.resnet(x, 512, 512, "mid.res0")
+    x = w.attention(x, 512)
+    if w.rule == "new":
+        w.cap += 3 * w.nbytes(512, 1)  # Q, K and V go to the store
+    x = w.resnet(x, 512, 512, "mid.res1")
+    cin = 512
+    for b, c in enumerate((512, 512, 256, 128)):
+        for r in range(3):
+            x = w.resnet(x, cin, c, f"up{b}.res{r}")
+            cin = c
+        if b < 3:
+            x = w.resample(x, x.scale * 2, c, f"up{b}.up")
+    w.live.append(x)
+    w.stage("conv_out", [x], 3, 8, conv_flops(128, 3), keep=False)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--size", type=int, default=8192, help="image side in px")
+    p.add_argument("--cap-gib", type=float, default=2.28, help="the device store's cap")
+    p.add_argument("--part", choices=["encode", "decode"], default="decode")
+    p.add_argument("--rule", choices=["new", "old"], default="new")
+    p.add_argument("--stages", action="store_true", help="a line per stage")
+    a = p.parse_args()
+    w = Walk(a.size // 8, int(a.cap_gib * GIB), a.rule)
+    (encode if a.part == "encode" else decode)(w)
+    if a.stages:
+        for name, scale, channels, where, cost in w.rows:
+            print(f"{name:24} @{scale} {channels:4} {where:22} {cost / 1e12:9.2f} TFLOP")
+    print(
+        f"{a.part} {a.size}² cap {a.cap_gib} GiB ({a.rule} rule): {w.total / 1e15:.2f} PFLOP, ",
+        end="",
+    )
+    print(f"{w.host_bytes / GIB:.1f} GiB through the host")
+
+
+if __name__ == "__main__":
+    main()
