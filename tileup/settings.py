@@ -328,8 +328,8 @@ class UpscaleSettings:
     )
     cuda_graphs: bool = knob(
         True,
-        "replay the UNet from CUDA graphs (CUDA, UNet on the device, not compiled): the same "
-        "kernels without launching each one, for small tile batches",
+        "replay the UNet from CUDA graphs (CUDA, UNet on the device; compiled or not): the "
+        "same kernels without launching each one, for small tile batches",
         needs_checkpoint=True,
     )
     vae_tile: int = knob(

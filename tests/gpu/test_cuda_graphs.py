@@ -156,3 +156,48 @@ def test_a_second_job_replays_the_first_jobs_graphs(tiny, tmp_path) -> None:
     second = engine(photo)
     assert unet.captures == captures and unet.replays > replays
     assert np.array_equal(first.picture.rgb, second.picture.rgb)
+
+
+@torch.inference_mode()
+def test_a_compiled_unet_is_replayed_from_graphs_with_its_compiled_bytes(tiny) -> None:
+    unet = copy.deepcopy(tiny["unet"]).to(CUDA, torch.bfloat16)
+    compiled = torch.compile(copy.deepcopy(unet))
+    graphed = GraphedUNet(compiled)
+    sample, context = _inputs(2, seed=5)
+    t = torch.tensor(700.0)
+    expected = compiled(sample, t, encoder_hidden_states=context, return_dict=False)[0]
+    for _ in range(3):  # eager (compiled) call, capture, replay
+        got = graphed(sample, t, encoder_hidden_states=context, return_dict=False)[0]
+        assert torch.equal(got, expected)
+    assert (graphed.captures, graphed.replays) == (1, 1)
+    eager = unet(sample, t, encoder_hidden_states=context, return_dict=False)[0]
+    gap = (expected.float() - eager.float()).abs()
+    assert gap.mean() < 0.02 and gap.max() < 0.25, (gap.mean(), gap.max())  # kernel rounding
+
+
+def test_a_compiled_job_graphs_its_unet_and_replays_on_the_next_picture(tiny, tmp_path) -> None:
+    import numpy as np
+    from sd_fixtures import save_single_file
+
+    from tileup.pipeline import Upscaler
+    from tileup.settings import UpscaleSettings
+
+    checkpoint = save_single_file(tiny, tmp_path / "sd1.safetensors", "sd1")
+    base = UpscaleSettings(
+        checkpoint=str(checkpoint), upscaler="lanczos", scale=2.0, tile=64, overlap=16,
+        steps=4, denoise=0.5, prompt="a photo", seed=3, device="cuda", vae_tile=64,
+    )  # fmt: skip
+    photo = (np.random.default_rng(0).random((64, 96, 3)) * 255).astype(np.uint8)
+    eager = Upscaler(base)(photo).picture.rgb
+    engine = Upscaler(base.replace(compile=True))
+    assert engine.model is not None
+    unet = engine.model.unet
+    assert isinstance(unet, GraphedUNet) and hasattr(unet.unet, "_orig_mod")
+    first = engine(photo).picture.rgb
+    captures, replays = unet.captures, unet.replays
+    assert captures > 0
+    second = engine(photo).picture.rgb
+    assert unet.captures == captures and unet.replays > replays
+    assert np.array_equal(first, second)
+    gap = np.abs(first.astype(int) - eager.astype(int))
+    assert gap.mean() < 1.0 and gap.max() <= 16, (gap.mean(), gap.max())  # kernel rounding

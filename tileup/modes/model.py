@@ -83,7 +83,7 @@ class LoadOptions:
     compile: bool = False
     """torch.compile the UNet (its first calls at each batch shape pay the compilation)."""
     cuda_graphs: bool = True
-    """Replay the uncompiled UNet from CUDA graphs on CUDA (:mod:`tileup.sampling.graphs`)."""
+    """Replay the UNet, compiled or not, from CUDA graphs (:mod:`tileup.sampling.graphs`)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -213,8 +213,8 @@ class DiffusionModel:
         unet: UNet = sd.unet
         if load.compile:  # an nn.Module (OptimizedModule) that keeps the UNet's interface
             unet = cast(UNet, torch.compile(sd.unet))
-        elif load.cuda_graphs and device.type == "cuda":
-            unet = cast(UNet, GraphedUNet(sd.unet))
+        if load.cuda_graphs and device.type == "cuda":  # compiled or not: graphs replay it
+            unet = cast(UNet, GraphedUNet(cast(nn.Module, unet)))
         model = cls(
             unet=unet,
             vae=runner,
@@ -287,7 +287,7 @@ class DiffusionModel:
             unet_copy = copy.deepcopy(original).to(device)
             unet = cast(UNet, torch.compile(unet_copy) if compiled else unet_copy)
             if isinstance(self.unet, GraphedUNet) and device.type == "cuda":
-                unet = cast(UNet, GraphedUNet(unet_copy))
+                unet = cast(UNet, GraphedUNet(cast(nn.Module, unet)))
             replica = DiffusionModel(
                 unet=unet,
                 vae=self.vae.replica(device),

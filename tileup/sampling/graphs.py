@@ -7,7 +7,9 @@ and keeps the UNet's call signature: the first call with a new input signature (
 device, the timestep's kind) runs eagerly, the second captures a graph (its output is the
 warm-up call made on the capture stream just before) and every later one copies its inputs into
 the graph's static buffers and replays it. The kernels are the ones eager runs, so the output
-is the same.
+is the same. A compiled UNet (``torch.compile``) is graphed the same way: its first call at a
+shape compiles, the capture records the generated kernels (SD 1.5, batch 8 at 72² latent on an
+H200, 2026-11-30: 36.7 ms graphed eager, 35.1 compiled, 26.2 compiled and graphed).
 
 Anything the graph cannot hold runs eagerly, as before: a UNet not wholly on one CUDA device
 (parked on the host, streamed block by block), grad mode, keyword arguments other than the
