@@ -41,7 +41,14 @@ def kind_of(kernel: str) -> str:
 
 
 def profile_shape(
-    unet: Any, batch: int, side: int, *, backends: dict[str, Any], seconds: Any, compile: bool
+    unet: Any,
+    batch: int,
+    side: int,
+    *,
+    backends: dict[str, Any],
+    seconds: Any,
+    compile: bool,
+    channels_last: bool = False,
 ) -> dict[str, Any]:
     """One UNet call shape: timings per backend and mode, attention shapes, kernel kinds."""
     import torch
@@ -53,9 +60,13 @@ def profile_shape(
 
     device = torch.device("cuda")
     sample = torch.randn(batch, 4, side, side, device=device, dtype=torch.bfloat16)
+    if channels_last:
+        sample = sample.contiguous(memory_format=torch.channels_last)
     context = torch.randn(batch, 77, 768, device=device, dtype=torch.bfloat16)
     timestep = torch.tensor(500.0, device=device)
-    entry: dict[str, Any] = {"batch": batch, "latent": side, "seconds": {}}
+    entry: dict[str, Any] = {
+        "batch": batch, "latent": side, "channels_last": channels_last, "seconds": {}
+    }  # fmt: skip
 
     def forward(module: Any = unet) -> Any:
         with torch.inference_mode():
@@ -145,6 +156,8 @@ def main() -> None:
     parser.add_argument("--shapes", default="64x64,8x72")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--compile", action="store_true", help="also compiled (minutes, cold)")
+    parser.add_argument("--channels-last", action="store_true", help="weights and inputs NHWC")
+    parser.add_argument("--backends", default="default,flash,cudnn,efficient")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
@@ -154,12 +167,15 @@ def main() -> None:
         unet = UNet2DConditionModel.from_config(_config("sd15", "unet"))
     unet.to(dtype=torch.bfloat16).eval().requires_grad_(False)
     _fast_layout(unet)
+    if args.channels_last:
+        unet.to(memory_format=torch.channels_last)
     backends: dict[str, Callable[[], AbstractContextManager[Any]]] = {
         "default": nullcontext,
         "flash": lambda: sdpa_kernel([SDPBackend.FLASH_ATTENTION]),
         "cudnn": lambda: sdpa_kernel([SDPBackend.CUDNN_ATTENTION]),
         "efficient": lambda: sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]),
     }
+    backends = {k: v for k, v in backends.items() if k in args.backends.split(",")}
     results: dict[str, Any] = {
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
@@ -182,8 +198,9 @@ def main() -> None:
     for spec in args.shapes.split(","):
         batch, side = (int(v) for v in spec.split("x"))
         entry = profile_shape(
-            unet, batch, side, backends=backends, seconds=seconds, compile=args.compile
-        )
+            unet, batch, side, backends=backends, seconds=seconds, compile=args.compile,
+            channels_last=args.channels_last,
+        )  # fmt: skip
         results["shapes"].append(entry)
         print(json.dumps(entry, indent=1), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
