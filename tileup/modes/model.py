@@ -23,6 +23,7 @@ from torch import nn
 
 from tileup.memory import MAX_UNET_BATCH, UNET_SAMPLE_BYTES_64
 from tileup.models.checkpoint import load_checkpoint
+from tileup.sampling.compiled import compile_unet
 from tileup.sampling.conditioning import Conditioning, encode_schedule
 from tileup.sampling.graphs import GraphedUNet
 from tileup.sampling.loop import StepPlan, plan_steps
@@ -212,7 +213,7 @@ class DiffusionModel:
         info = ModelInfo(sd.name, sd.model_hash, sd.vae_name, sd.family)
         unet: UNet = sd.unet
         if load.compile:  # an nn.Module (OptimizedModule) that keeps the UNet's interface
-            unet = cast(UNet, torch.compile(sd.unet))
+            unet = cast(UNet, compile_unet(sd.unet))
         if load.cuda_graphs and device.type == "cuda":  # compiled or not: graphs replay it
             unet = cast(UNet, GraphedUNet(cast(nn.Module, unet)))
         model = cls(
@@ -285,7 +286,7 @@ class DiffusionModel:
             compiled = hasattr(base, "_orig_mod")
             original = cast(nn.Module, getattr(base, "_orig_mod", base))
             unet_copy = copy.deepcopy(original).to(device)
-            unet = cast(UNet, torch.compile(unet_copy) if compiled else unet_copy)
+            unet = cast(UNet, compile_unet(unet_copy) if compiled else unet_copy)
             if isinstance(self.unet, GraphedUNet) and device.type == "cuda":
                 unet = cast(UNet, GraphedUNet(cast(nn.Module, unet)))
             replica = DiffusionModel(
