@@ -160,19 +160,30 @@ def test_a_second_job_replays_the_first_jobs_graphs(tiny, tmp_path) -> None:
 
 @torch.inference_mode()
 def test_a_compiled_unet_is_replayed_from_graphs_with_its_compiled_bytes(tiny) -> None:
+    """tileup's compiled UNet (batch dynamic from the first call: one compilation for both
+    batch sizes) inside the graph wrapper: each shape's capture and replays give the compiled
+    call's bytes, within kernel rounding of eager."""
+    from torch._dynamo.utils import counters
+
+    from tileup.sampling.compiled import compile_unet
+
     unet = copy.deepcopy(tiny["unet"]).to(CUDA, torch.bfloat16)
-    compiled = torch.compile(copy.deepcopy(unet))
+    torch._dynamo.reset()
+    graphs_before = counters["stats"]["unique_graphs"]
+    compiled = compile_unet(copy.deepcopy(unet))
     graphed = GraphedUNet(compiled)
-    sample, context = _inputs(2, seed=5)
     t = torch.tensor(700.0)
-    expected = compiled(sample, t, encoder_hidden_states=context, return_dict=False)[0]
-    for _ in range(3):  # eager (compiled) call, capture, replay
-        got = graphed(sample, t, encoder_hidden_states=context, return_dict=False)[0]
-        assert torch.equal(got, expected)
-    assert (graphed.captures, graphed.replays) == (1, 1)
-    eager = unet(sample, t, encoder_hidden_states=context, return_dict=False)[0]
-    gap = (expected.float() - eager.float()).abs()
-    assert gap.mean() < 0.02 and gap.max() < 0.25, (gap.mean(), gap.max())  # kernel rounding
+    for batch in (2, 6):
+        sample, context = _inputs(batch, seed=5 + batch)
+        expected = compiled(sample, t, encoder_hidden_states=context, return_dict=False)[0]
+        for _ in range(3):  # eager (compiled) call, capture, replay
+            got = graphed(sample, t, encoder_hidden_states=context, return_dict=False)[0]
+            assert torch.equal(got, expected), batch
+        eager = unet(sample, t, encoder_hidden_states=context, return_dict=False)[0]
+        gap = (expected.float() - eager.float()).abs()
+        assert gap.mean() < 0.02 and gap.max() < 0.25, (gap.mean(), gap.max())  # rounding
+    assert (graphed.captures, graphed.replays) == (2, 2)
+    assert counters["stats"]["unique_graphs"] - graphs_before == 1
 
 
 def test_a_compiled_job_replays_its_compiled_unet_from_graphs(tiny, tmp_path) -> None:
