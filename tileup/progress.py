@@ -87,25 +87,67 @@ class LockedProgress:
             self.progress.advance(count)
 
 
+class CompileTime:
+    """Wall seconds this process has spent compiling with ``torch.compile`` (any thread; time
+    when several compilations overlap counts once). Fed by the compiler's start/end callbacks
+    (:mod:`tileup.sampling.compiled` installs them), read by the stage clocks."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._total = 0.0
+        self._since: float | None = None
+
+    def started(self) -> None:
+        with self._lock:
+            if self._since is None:
+                self._since = time.perf_counter()
+
+    def ended(self) -> None:
+        with self._lock:
+            if self._since is not None:
+                self._total += time.perf_counter() - self._since
+                self._since = None
+
+    def seconds(self) -> float:
+        with self._lock:
+            running = 0.0 if self._since is None else time.perf_counter() - self._since
+            return self._total + running
+
+
+COMPILING = CompileTime()
+
+
+def work_clock() -> float:
+    """``time.perf_counter()`` that stands still while ``torch.compile`` compiles: stage times
+    leave out the one-time compilation, which a job reports apart (``compile``)."""
+    return time.perf_counter() - COMPILING.seconds()
+
+
 @dataclass
 class StageClock:
-    """Seconds per stage of one job; each stage also told to the observer, if any."""
+    """Seconds per stage of one job (by :func:`work_clock`), each stage also told to the
+    observer, if any; ``seconds["compile"]`` is the compilation the job paid for, when any."""
 
     seconds: dict[str, float] = field(default_factory=dict)
     observer: Observer | None = None
+    _compiled_before: float = field(default_factory=COMPILING.seconds, repr=False)
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
         if self.observer is not None:
             self.observer.stage(name)
-        start = time.perf_counter()
+        start = work_clock()
         try:
             yield
         finally:
-            self.add(name, time.perf_counter() - start)
+            self.add(name, work_clock() - start)
 
     def add(self, name: str, seconds: float) -> None:
+        """``seconds`` of work (measured by :func:`work_clock`) to stage ``name``."""
         self.seconds[name] = round(self.seconds.get(name, 0.0) + seconds, 4)
+        compiled = COMPILING.seconds() - self._compiled_before
+        if compiled > 0:
+            self.seconds["compile"] = round(compiled, 4)
 
 
 @dataclass(frozen=True, eq=False)

@@ -33,7 +33,6 @@ seed, the pass and the region's position), so batching never changes what a regi
 from __future__ import annotations
 
 import threading
-import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -47,6 +46,7 @@ import torch
 from tileup.devices import on_device
 from tileup.modes.model import DiffusionModel, DiffusionReport
 from tileup.modes.regions import Region, context_crop, crop_masks, seam_fix_passes, tile_regions
+from tileup.progress import work_clock
 from tileup.sampling.graphs import GraphedUNet
 from tileup.sampling.guidance import GuidanceInputs, guidance_inputs, guided_prediction
 from tileup.sampling.loop import StepPlan, noise_latents, run_sampler
@@ -508,7 +508,7 @@ def run_passes(
     before it runs; ``on_pasted`` the canvas after each batch (see :func:`redraw_regions`)."""
     counts = []
     for p in passes:
-        start = time.perf_counter()
+        start = work_clock()  # compilation (torch.compile) is reported apart
         on_batch = None if on_regions is None else _batch_boxes(on_regions, p)
         canvas, c = redraw_regions(
             model,
@@ -528,7 +528,7 @@ def run_passes(
         )
         if canvas.device.type == "cuda":
             torch.cuda.synchronize(canvas.device)
-        counts.append(replace(c, seconds=round(time.perf_counter() - start, 4)))
+        counts.append(replace(c, seconds=round(work_clock() - start, 4)))
     return canvas, tuple(counts)
 
 
