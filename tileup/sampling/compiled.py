@@ -16,6 +16,7 @@ times leave the compilation out and its stats report it apart (``seconds["compil
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from typing import Any, cast
 
@@ -42,27 +43,50 @@ def _mark_batch_dynamic(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[
 BACKEND = "inductor"
 """The compiler backend (tests set ``"eager"``: dynamo traces, no kernels are generated)."""
 
-_timed = False
+
+def _compile_started(_args: object) -> None:
+    COMPILING.started()
+
+
+def _compile_ended(_args: object) -> None:
+    COMPILING.ended()
 
 
 def _time_compilations() -> None:
-    """Route the compiler's start/end callbacks to :data:`tileup.progress.COMPILING` (once)."""
-    global _timed
-    if _timed:
-        return
+    """Route the compiler's start/end callbacks to :data:`tileup.progress.COMPILING` (again
+    after ``torch._dynamo.reset()``, which drops every callback)."""
     try:
-        from torch._dynamo.callback import on_compile_end, on_compile_start
+        from torch._dynamo.callback import callback_handler
     except ImportError:  # an older torch: the stages then include their compilation
         return
-    on_compile_start(lambda _args: COMPILING.started())
-    on_compile_end(lambda _args: COMPILING.ended())
-    _timed = True
+    if _compile_started not in callback_handler.start_callbacks:
+        callback_handler.register_start_callback(_compile_started)
+        callback_handler.register_end_callback(_compile_ended)
+
+
+def _persistent_cache() -> None:
+    """Keep torch's compilation cache in the user's cache folder (``$XDG_CACHE_HOME`` or
+    ``~/.cache``, then ``tileup/torchinductor``) unless ``TORCHINDUCTOR_CACHE_DIR`` already
+    says where: torch's default is a folder under the temporary directory, lost at reboot, and
+    a cached compilation costs ~8 s against ~46 s cold (SD 1.5 UNet, H200). An unwritable
+    folder leaves torch's default."""
+    if "TORCHINDUCTOR_CACHE_DIR" in os.environ:
+        return
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    folder = os.path.join(base, "tileup", "torchinductor")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError:
+        return
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = folder
 
 
 def compile_unet(unet: nn.Module) -> nn.Module:
     """``torch.compile(unet)`` (an ``OptimizedModule``: same interface, ``_orig_mod`` is
-    ``unet``) whose inputs' batch dimension is marked dynamic at every call."""
+    ``unet``) whose inputs' batch dimension is marked dynamic at every call; its compilations
+    are timed (:data:`tileup.progress.COMPILING`) and cached across processes and reboots."""
     _time_compilations()
+    _persistent_cache()
     compiled = cast(nn.Module, torch.compile(unet, backend=BACKEND))
     compiled.register_forward_pre_hook(_mark_batch_dynamic, with_kwargs=True)
     return compiled
