@@ -35,12 +35,18 @@ def _trace_only(monkeypatch, tmp_path) -> None:
 
 
 def test_the_compilation_cache_outlives_the_temporary_folder(monkeypatch, tmp_path) -> None:
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
     unet = torch.nn.Linear(2, 2)
-    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    compile_unet(unet)
     folder = tmp_path / "cache" / "tileup" / "torchinductor"
-    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(folder) and folder.is_dir()
+    for torchs_default in (None, default_cache_dir()):  # importing torch._dynamo writes it
+        if torchs_default is None:
+            monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+        else:
+            monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", torchs_default)
+        compile_unet(unet)
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(folder) and folder.is_dir()
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
     compile_unet(unet)  # the user's choice stays
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
