@@ -90,7 +90,9 @@ class LockedProgress:
 class CompileTime:
     """Wall seconds this process has spent compiling with ``torch.compile`` (any thread; time
     when several compilations overlap counts once). Fed by the compiler's start/end callbacks
-    (:mod:`tileup.sampling.compiled` installs them), read by the stage clocks."""
+    (:mod:`tileup.sampling.compiled` installs them), read by the stage clocks. Process-wide:
+    where engines on several GPUs run jobs side by side (a folder), a job's stages also leave
+    out the time another job spent compiling meanwhile."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()

@@ -6,9 +6,10 @@ compiles again with the batch made dynamic: two compilations where one would do,
 46 s on a cold cache and 8 s from torch's inductor cache (SD 1.5 UNet, H200, 2026-11-30). A
 forward pre-hook on the compiled module marks dimension 0 of every tensor input (the latents,
 the text states, SDXL's added conditions) as possibly dynamic before dynamo sees the call, so
-one compilation serves every batch size. Runtime does not change: the reference job's steps
-already ran the dynamic-batch kernels after its second shape (diffusion 6.46 s against ~6.4 s
-for the static shapes' forwards, bench/diffusion/results/profile-unet-h200.json).
+one compilation serves every batch size. The kernels are then generated for a symbolic batch:
+in the measured reference job (diffusion 6.46 s, two compilations) only the 17-tile batches ran
+such kernels, the 32-tile ones replayed graphs of the static compilation; that the larger batch
+runs as fast on dynamic-batch kernels is yet to be measured on the GPU.
 
 The compiler's start/end callbacks feed :data:`tileup.progress.COMPILING`, so a job's stage
 times leave the compilation out and its stats report it apart (``seconds["compile"]``).
