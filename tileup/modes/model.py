@@ -63,6 +63,13 @@ def _fast_layout(unet: nn.Module) -> None:
                 setattr(module, name, None)
 
 
+def _runnable(unet: nn.Module, *, compiled: bool, graphed: bool) -> UNet:
+    """``unet`` as the sampler calls it: compiled (:func:`compile_unet`, an ``OptimizedModule``
+    with the UNet's interface) and/or replayed from CUDA graphs (:class:`GraphedUNet`)."""
+    module = compile_unet(unet) if compiled else unet
+    return cast(UNet, GraphedUNet(module) if graphed else module)
+
+
 @dataclass(frozen=True)
 class SamplingOptions:
     """Sampler and schedule names (A1111/ComfyUI), steps actually run, guidance scale."""
@@ -82,7 +89,7 @@ class LoadOptions:
     prompt: str
     negative_prompt: str
     compile: bool = False
-    """torch.compile the UNet (its first calls at each batch shape pay the compilation)."""
+    """torch.compile the UNet (its first call pays one compilation for every batch size)."""
     cuda_graphs: bool = True
     """Replay the UNet, compiled or not, from CUDA graphs (:mod:`tileup.sampling.graphs`)."""
 
@@ -211,11 +218,8 @@ class DiffusionModel:
         )
         conditioning = schedule[0][1]
         info = ModelInfo(sd.name, sd.model_hash, sd.vae_name, sd.family)
-        unet: UNet = sd.unet
-        if load.compile:  # an nn.Module (OptimizedModule) that keeps the UNet's interface
-            unet = cast(UNet, compile_unet(sd.unet))
-        if load.cuda_graphs and device.type == "cuda":  # compiled or not: graphs replay it
-            unet = cast(UNet, GraphedUNet(cast(nn.Module, unet)))
+        graphed = load.cuda_graphs and device.type == "cuda"
+        unet = _runnable(sd.unet, compiled=load.compile, graphed=graphed)
         model = cls(
             unet=unet,
             vae=runner,
@@ -286,9 +290,8 @@ class DiffusionModel:
             compiled = hasattr(base, "_orig_mod")
             original = cast(nn.Module, getattr(base, "_orig_mod", base))
             unet_copy = copy.deepcopy(original).to(device)
-            unet = cast(UNet, compile_unet(unet_copy) if compiled else unet_copy)
-            if isinstance(self.unet, GraphedUNet) and device.type == "cuda":
-                unet = cast(UNet, GraphedUNet(cast(nn.Module, unet)))
+            graphed = isinstance(self.unet, GraphedUNet) and device.type == "cuda"
+            unet = _runnable(unet_copy, compiled=compiled, graphed=graphed)
             replica = DiffusionModel(
                 unet=unet,
                 vae=self.vae.replica(device),
