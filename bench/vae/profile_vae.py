@@ -11,7 +11,9 @@ On the full-size SD VAE architecture (random weights, bf16), prints one JSON obj
 - ``stages``: the tiled encode and decode of a ``--size`` image with the store on ``--store``,
   seconds per stage kind (each stage synchronised; a separate, slower run than the total);
 - ``total``: the same encode and decode unsynchronised (median of ``--repeats``);
-- ``lanes``: the same with every other GPU's VAE copy taking a band of tile rows.
+- ``lanes``: the same with every other GPU's VAE copy taking a band of tile rows;
+- ``crops``: a redraw wave's plain VAE passes on ``--crop``² px crops, eager (batched and one by
+  one) and compiled one by one (what ``--compile`` runs).
 
     python bench/vae/profile_vae.py --size 4096 --out bench/vae/results/profile_h200.json
 """
@@ -33,6 +35,9 @@ import torch.nn.functional as F
 
 from tileup.vae import engine as vae_engine
 from tileup.vae import flash, tiled
+
+DEVICE = "cuda"
+"""Where the parts run (a CPU smoke test of ``crops`` sets ``"cpu"``)."""
 
 
 def seconds(fn: Callable[[], object], repeats: int = 3) -> float:
@@ -299,6 +304,33 @@ def totals(
     }
 
 
+def crops(vae: Any, size: int, dtype: torch.dtype) -> dict[str, Any]:
+    """A redraw wave's VAE passes (the plain VAE on 4 crops of ``size``² px, what
+    :meth:`tileup.vae.runner.VaeRunner.encode_crops`/``decode_crops`` run): seconds per crop,
+    eager in one batch of 4 and one by one, and compiled one by one (its compilation apart)."""
+    from tileup.progress import COMPILING
+    from tileup.sampling.compiled import compile_module
+    from tileup.vae.runner import _Decode, _Encode
+
+    x = torch.rand(4, 3, size, size, device=DEVICE, dtype=dtype) * 2 - 1
+    z = torch.randn(4, 4, size // 8, size // 8, device=DEVICE, dtype=dtype)
+    out: dict[str, Any] = {"crop": size, "crops": 4}
+    for name, kind, data in (("encode", _Encode, x), ("decode", _Decode, z)):
+        eager = kind(vae)
+        out[f"{name}_eager_batch4"] = seconds(lambda e=eager, d=data: e(d)) / 4
+        one_by_one = seconds(lambda e=eager, d=data: [e(t[None]) for t in d])
+        out[f"{name}_eager_one_by_one"] = one_by_one / 4
+        before = COMPILING.seconds()
+        compiled = compile_module(kind(vae), dynamic_batch=False)
+        compiled(data[:1])
+        torch.cuda.synchronize()
+        out[f"{name}_compile_seconds"] = COMPILING.seconds() - before
+        out[f"{name}_compiled_one_by_one"] = (
+            seconds(lambda c=compiled, d=data: [c(t[None]) for t in d]) / 4
+        )
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=4096)
@@ -312,6 +344,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4, help="stages: tiles per batch")
     parser.add_argument("--cold", action="store_true", help="stages: no warm-up run")
     parser.add_argument("--parts", default="attention,conv,stages,total")
+    parser.add_argument("--crop", type=int, default=576, help="crops: px (a redraw crop)")
     args = parser.parse_args()
     from diffusers import AutoencoderKL
 
@@ -342,6 +375,8 @@ def main() -> None:
             if not args.cold:
                 stages(vae, args.size, dtype, args.store, limit, args.batch)  # warm-up
             result["stages"] = stages(vae, args.size, dtype, args.store, limit, args.batch)
+        if "crops" in parts:
+            result["crops"] = crops(vae, args.crop, dtype)
         if "micro" in parts:
             result["micro"] = micro(dtype)
         if "trace" in parts:

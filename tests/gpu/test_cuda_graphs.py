@@ -165,12 +165,12 @@ def test_a_compiled_unet_is_replayed_from_graphs_with_its_compiled_bytes(tiny) -
     call's bytes, within kernel rounding of eager."""
     from torch._dynamo.utils import counters
 
-    from tileup.sampling.compiled import compile_unet
+    from tileup.sampling.compiled import compile_module
 
     unet = copy.deepcopy(tiny["unet"]).to(CUDA, torch.bfloat16)
     torch._dynamo.reset()
     graphs_before = counters["stats"]["unique_graphs"]
-    compiled = compile_unet(copy.deepcopy(unet))
+    compiled = compile_module(copy.deepcopy(unet), dynamic_batch=True)
     graphed = GraphedUNet(compiled)
     t = torch.tensor(700.0)
     for batch in (2, 6):

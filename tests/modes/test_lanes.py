@@ -70,7 +70,10 @@ def _model(tiny: dict) -> DiffusionModel:
 
 def test_lane_batches_deal_every_tile_once_in_even_batches() -> None:
     tiles = list(range(81))
-    assert [len(b) for b in lane_batches(tiles, 32, 1)[0]] == [32, 32, 17]  # one lane: as before
+    one = lane_batches(tiles, 32, 1)  # the fewest batches, even: one UNet shape, not 32, 32, 17
+    assert [[len(b) for b in lane] for lane in one] == [[27, 27, 27]]
+    assert [t for b in one[0] for t in b] == tiles
+    assert [len(b) for b in lane_batches(list(range(10)), 4, 1)[0]] == [4, 3, 3]
     two = lane_batches(tiles, 32, 2)
     assert [[len(b) for b in lane] for lane in two] == [[21, 20], [20, 20]]
     assert [t for lane in two for b in lane for t in b] == tiles

@@ -13,7 +13,7 @@ from sd_fixtures import make_tiny_components
 from torch._dynamo.utils import counters
 
 from tileup.sampling import compiled as compiled_module
-from tileup.sampling.compiled import _mark_batch_dynamic, compile_unet
+from tileup.sampling.compiled import _mark_batch_dynamic, compile_module
 
 
 def _graphs() -> int:
@@ -45,10 +45,10 @@ def test_the_compilation_cache_outlives_the_temporary_folder(monkeypatch, tmp_pa
             monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
         else:
             monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", torchs_default)
-        compile_unet(unet)
+        compile_module(unet, dynamic_batch=True)
         assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(folder) and folder.is_dir()
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
-    compile_unet(unet)  # the user's choice stays
+    compile_module(unet, dynamic_batch=True)  # the user's choice stays
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
 
 
@@ -56,7 +56,7 @@ def test_one_compilation_serves_every_batch_size_with_the_eager_values() -> None
     unet = make_tiny_components("sd1", seed=0)["unet"].eval()
     torch._dynamo.reset()
     before = _graphs()
-    compiled = compile_unet(copy.deepcopy(unet))
+    compiled = compile_module(copy.deepcopy(unet), dynamic_batch=True)
     for batch in (2, 6, 4):
         assert torch.equal(_call(compiled, batch), _call(unet, batch)), batch
     assert _graphs() - before == 1  # without the hook: 2 (a static, then a dynamic batch)
@@ -92,7 +92,7 @@ def test_a_compiled_model_and_its_replicas_mark_their_batches(tmp_path) -> None:
     assert model is not None
     model.add_replicas((torch.device("cpu"),))
     for lane in model.lanes:
-        assert hasattr(lane.unet, "_orig_mod")
+        assert hasattr(lane.unet, "_orig_mod") and lane.vae.options.compile
         assert _mark_batch_dynamic in lane.unet._forward_pre_hooks.values()
 
 
@@ -117,4 +117,22 @@ def test_a_compiled_job_reports_its_compilation_apart_from_its_stages(tmp_path) 
     assert first["compile"] > first["diffusion"]  # tracing the UNet, left out of its stage
     second = engine(photo).stats.seconds
     assert "compile" not in second and second["diffusion"] > 0
+    torch._dynamo.reset()
+
+
+def test_compiled_crop_vae_matches_the_plain_one_with_one_compilation_per_pass() -> None:
+    from tileup.vae.runner import VaeOptions, VaeRunner
+
+    vae = make_tiny_components("sd1", seed=0)["vae"].eval()
+    cpu = torch.device("cpu")
+    plain = VaeRunner(vae, cpu, torch.float32, VaeOptions(512, 1, "cpu"))
+    compiled = VaeRunner(vae, cpu, torch.float32, VaeOptions(512, 2, "cpu", compile=True))
+    pixels = torch.rand(3, 3, 32, 40, generator=torch.Generator().manual_seed(0))
+    torch._dynamo.reset()
+    before = _graphs()
+    with torch.inference_mode():
+        latents = compiled.encode_crops(pixels, [])  # its batch of 2 runs crop by crop
+        assert torch.equal(latents, plain.encode_crops(pixels, []))
+        assert torch.equal(compiled.decode_crops(latents, []), plain.decode_crops(latents, []))
+    assert _graphs() - before == 2  # one encoder and one decoder graph: crops go one by one
     torch._dynamo.reset()

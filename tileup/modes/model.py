@@ -14,7 +14,7 @@ import copy
 import math
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, cast
 
 import numpy as np
@@ -23,7 +23,7 @@ from torch import nn
 
 from tileup.memory import MAX_UNET_BATCH, UNET_SAMPLE_BYTES_64
 from tileup.models.checkpoint import load_checkpoint
-from tileup.sampling.compiled import compile_unet
+from tileup.sampling.compiled import compile_module
 from tileup.sampling.conditioning import Conditioning, encode_schedule
 from tileup.sampling.graphs import GraphedUNet
 from tileup.sampling.loop import StepPlan, plan_steps
@@ -64,9 +64,9 @@ def _fast_layout(unet: nn.Module) -> None:
 
 
 def _runnable(unet: nn.Module, *, compiled: bool, graphed: bool) -> UNet:
-    """``unet`` as the sampler calls it: compiled (:func:`compile_unet`, an ``OptimizedModule``
+    """``unet`` as the sampler calls it: compiled (:func:`compile_module`, an ``OptimizedModule``
     with the UNet's interface) and/or replayed from CUDA graphs (:class:`GraphedUNet`)."""
-    module = compile_unet(unet) if compiled else unet
+    module = compile_module(unet, dynamic_batch=True) if compiled else unet
     return cast(UNet, GraphedUNet(module) if graphed else module)
 
 
@@ -89,7 +89,8 @@ class LoadOptions:
     prompt: str
     negative_prompt: str
     compile: bool = False
-    """torch.compile the UNet (its first call pays one compilation for every batch size)."""
+    """torch.compile the UNet and the crop VAE (each first call pays one compilation for every
+    batch size)."""
     cuda_graphs: bool = True
     """Replay the UNet, compiled or not, from CUDA graphs (:mod:`tileup.sampling.graphs`)."""
 
@@ -211,7 +212,7 @@ class DiffusionModel:
             sd.unet.to(device=device, dtype=dtype)
         if device.type == "cuda":
             _fast_layout(sd.unet)
-        runner = VaeRunner(sd.vae, device, dtype, vae)
+        runner = VaeRunner(sd.vae, device, dtype, replace(vae, compile=load.compile))
         prompts = PromptEncoder(sd.family, tuple(sd.text_encoders), tuple(sd.tokenizers))
         schedule = prompts.schedule(
             load.prompt, load.negative_prompt, sampling.steps, device=device, dtype=dtype

@@ -1,4 +1,5 @@
-"""The UNet compiled by ``torch.compile``, its batch dimension dynamic from the first call.
+"""A module (the UNet, the crop VAE) compiled by ``torch.compile``, its batch dimension dynamic
+from the first call.
 
 Left to itself, dynamo compiles the first call for its exact shapes and, when a second batch
 size comes (a fused step's last batch of 17 tiles after 32; a redraw wave of 3 crops after 1),
@@ -86,12 +87,15 @@ def _persistent_cache() -> None:
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = folder
 
 
-def compile_unet(unet: nn.Module) -> nn.Module:
-    """``torch.compile(unet)`` (an ``OptimizedModule``: same interface, ``_orig_mod`` is
-    ``unet``) whose inputs' batch dimension is marked dynamic at every call; its compilations
-    are timed (:data:`tileup.progress.COMPILING`) and cached across processes and reboots."""
+def compile_module(module: nn.Module, *, dynamic_batch: bool) -> nn.Module:
+    """``torch.compile(module)`` (an ``OptimizedModule``: same interface, ``_orig_mod`` is
+    ``module``), its compilations timed (:data:`tileup.progress.COMPILING`) and cached across
+    processes and reboots. ``dynamic_batch``: its inputs' batch dimension is marked dynamic at
+    every call (the UNet, whose batches vary); otherwise every new input shape compiles anew
+    (the crop VAE, called one crop at a time)."""
     _time_compilations()
     _persistent_cache()
-    compiled = cast(nn.Module, torch.compile(unet, backend=BACKEND))
-    compiled.register_forward_pre_hook(_mark_batch_dynamic, with_kwargs=True)
+    compiled = cast(nn.Module, torch.compile(module, backend=BACKEND))
+    if dynamic_batch:
+        compiled.register_forward_pre_hook(_mark_batch_dynamic, with_kwargs=True)
     return compiled

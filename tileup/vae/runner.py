@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import nn
 
 from tileup.devices import to_hwc
 from tileup.vae.protocols import Vae
@@ -37,6 +38,11 @@ class VaeOptions:
     the host); None: ``store`` decides."""
     lanes: tuple[VaeRunner, ...] = ()
     """Runners of copies on other devices that take turns with the tiled VAE's tile batches."""
+    compile: bool = False
+    """Run crops (redraw regions) one at a time through a ``torch.compile``-d VAE
+    (:func:`tileup.sampling.compiled.compile_module`: one compilation per crop size; a dynamic
+    batch would compile batch 1 apart, as dynamo specialises sizes 0 and 1); whole canvases
+    take the tiled VAE either way."""
 
     @classmethod
     def for_device(cls, device: torch.device, tile: int) -> VaeOptions:
@@ -60,6 +66,7 @@ class VaeRunner:
         self.scale = float(vae.config.scaling_factor)
         self.latent_channels = int(vae.config.latent_channels)
         self._cast: Vae | None = None
+        self._compiled: dict[tuple[str, int], nn.Module] = {}
         self.calls = 0
 
     def _module(self) -> Vae:
@@ -167,7 +174,7 @@ class VaeRunner:
         self, fn: Callable[[Vae, torch.Tensor], torch.Tensor], x: torch.Tensor, notes: list[str]
     ) -> torch.Tensor:
         outs = []
-        for part in torch.split(x, max(1, self.options.batch)):
+        for part in torch.split(x, 1 if self.options.compile else max(1, self.options.batch)):
             self.calls += 1
 
             def run(vae: Vae, dtype: torch.dtype, part: torch.Tensor = part) -> torch.Tensor:
@@ -179,15 +186,49 @@ class VaeRunner:
             outs.append(self._guarded(run, notes))
         return torch.cat(outs)
 
+    def _crop_pass(self, kind: type[_CropPass], vae: Vae) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``kind`` over ``vae``: compiled once per VAE module when ``options.compile``."""
+        if not self.options.compile:
+            return kind(vae)
+        key = (kind.__name__, id(vae))
+        if key not in self._compiled:
+            from tileup.sampling.compiled import compile_module  # imports torch._dynamo
+
+            self._compiled[key] = compile_module(kind(vae), dynamic_batch=False)
+        return self._compiled[key]
+
     def encode_crops(self, pixels: torch.Tensor, notes: list[str]) -> torch.Tensor:
         """k×3×h×w in [0, 1] → scaled latents k×C×h/f×w/f (float32, on the device)."""
-        z = self._crops(lambda vae, x: vae.encode(x).latent_dist.mean, pixels * 2 - 1, notes)
+        z = self._crops(lambda vae, x: self._crop_pass(_Encode, vae)(x), pixels * 2 - 1, notes)
         return z * self.scale
 
     def decode_crops(self, latents: torch.Tensor, notes: list[str]) -> torch.Tensor:
         """Scaled latents → k×3×h×w float32 in [0, 1] (on the device)."""
-        x = self._crops(lambda vae, z: vae.decode(z).sample, latents / self.scale, notes)
+        z = latents / self.scale
+        x = self._crops(lambda vae, part: self._crop_pass(_Decode, vae)(part), z, notes)
         return ((x + 1) / 2).clamp(0, 1)
+
+
+class _CropPass(nn.Module):
+    """One plain VAE pass over a batch of crops, as a module ``torch.compile`` can take."""
+
+    def __init__(self, vae: Vae) -> None:
+        super().__init__()
+        self.vae = vae
+
+
+class _Encode(_CropPass):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Pixels in [-1, 1] → the posterior mean (unscaled latents)."""
+        mean: torch.Tensor = self.vae.encode(x).latent_dist.mean
+        return mean
+
+
+class _Decode(_CropPass):
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """Unscaled latents → pixels in [-1, 1]."""
+        sample: torch.Tensor = self.vae.decode(z).sample
+        return sample
 
 
 def _to_rgb(image: torch.Tensor) -> np.ndarray:
