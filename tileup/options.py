@@ -60,7 +60,15 @@ def load_options(settings: UpscaleSettings) -> LoadOptions:
     from tileup.modes.model import LoadOptions
 
     s = settings
-    return LoadOptions(s.vae, s.prediction, s.prompt, s.negative_prompt, s.compile, s.cuda_graphs)
+    return LoadOptions(
+        s.vae,
+        s.prediction,
+        s.prompt,
+        s.negative_prompt,
+        compile=s.compile,
+        dynamic_batch=s.mode == "redraw",  # waves of 1 to max_batch crops
+        cuda_graphs=s.cuda_graphs,
+    )
 
 
 def vae_options(settings: UpscaleSettings, device: torch.device) -> VaeOptions:

@@ -13,7 +13,7 @@ from sd_fixtures import make_tiny_components
 from torch._dynamo.utils import counters
 
 from tileup.sampling import compiled as compiled_module
-from tileup.sampling.compiled import _mark_batch_dynamic, compile_module
+from tileup.sampling.compiled import _mark_batch_dynamic, batch_is_dynamic, compile_module
 
 
 def _graphs() -> int:
@@ -77,7 +77,7 @@ def test_every_batched_input_is_marked_sdxls_added_conditions_too() -> None:
     assert not getattr(timestep, "_dynamo_weak_dynamic_indices", set())
 
 
-def test_a_compiled_model_and_its_replicas_mark_their_batches(tmp_path) -> None:
+def test_a_compiled_redraw_model_and_its_replicas_mark_their_batches_dynamic(tmp_path) -> None:
     from sd_fixtures import save_single_file
 
     from tileup.pipeline import Upscaler
@@ -86,14 +86,18 @@ def test_a_compiled_model_and_its_replicas_mark_their_batches(tmp_path) -> None:
     tiny = make_tiny_components("sd1", seed=0)
     checkpoint = save_single_file(tiny, tmp_path / "sd1.safetensors", "sd1")
     settings = UpscaleSettings(
-        checkpoint=str(checkpoint), upscaler="lanczos", scale=2.0, prompt="a photo", compile=True
-    )
+        checkpoint=str(checkpoint), upscaler="lanczos", scale=2.0, prompt="a photo", compile=True,
+        mode="redraw",
+    )  # fmt: skip
     model = Upscaler(settings).model
     assert model is not None
     model.add_replicas((torch.device("cpu"),))
     for lane in model.lanes:
         assert hasattr(lane.unet, "_orig_mod") and lane.vae.options.compile
-        assert _mark_batch_dynamic in lane.unet._forward_pre_hooks.values()
+        assert batch_is_dynamic(lane.unet)  # redraw waves vary in crops
+    fused = Upscaler(settings.replace(mode="fused")).model
+    assert fused is not None and hasattr(fused.unet, "_orig_mod")
+    assert not batch_is_dynamic(fused.unet)  # even tile batches: one static shape
 
 
 def test_a_compiled_job_reports_its_compilation_apart_from_its_stages(tmp_path) -> None:

@@ -1,16 +1,19 @@
-"""A module (the UNet, the crop VAE) compiled by ``torch.compile``, its batch dimension dynamic
-from the first call.
+"""A module (the UNet, the crop VAE) compiled by ``torch.compile``, timed and cached.
 
-Left to itself, dynamo compiles the first call for its exact shapes and, when a second batch
-size comes (a fused step's last batch of 17 tiles after 32; a redraw wave of 3 crops after 1),
-compiles again with the batch made dynamic: two compilations where one would do, each about
-46 s on a cold cache and 8 s from torch's inductor cache (SD 1.5 UNet, H200, 2026-11-30). A
-forward pre-hook on the compiled module marks dimension 0 of every tensor input (the latents,
-the text states, SDXL's added conditions) as possibly dynamic before dynamo sees the call, so
-one compilation serves every batch size. The kernels are then generated for a symbolic batch:
-in the measured reference job (diffusion 6.46 s, two compilations) only the 17-tile batches ran
-such kernels, the 32-tile ones replayed graphs of the static compilation; that the larger batch
-runs as fast on dynamic-batch kernels is yet to be measured on the GPU.
+Dynamo compiles the first call for its exact shapes and, when another batch size comes,
+compiles again with the batch dynamic; each compilation of the SD 1.5 UNet costs ~46 s static
+and ~60 s dynamic on a cold cache, ~8 s from torch's inductor cache (H200, 2026-11-30). A
+dynamic batch is not one compilation for every size: dynamo specialises sizes 0 and 1, and
+diffusers and PyTorch branch on the batch (``Upsample2D`` at 64 samples, the conv's shape
+checks at 16), so 2–15, 16–63 and ≥ 64 samples compile apart. Hence:
+
+* fused mode cuts its tiles into even batches (one shape, :func:`tileup.modes.fused.
+  lane_batches`) and compiles that shape statically: batch 64 at 64² ran 6.46 s of diffusion
+  on static kernels against 6.66 s on dynamic-batch ones (reference job, H200);
+* redraw waves hold 1 to 4 crops (2 to 8 samples with CFG): ``dynamic_batch`` marks dimension
+  0 of every tensor input (latents, text states, SDXL's added conditions) dynamic before
+  dynamo sees the first call, one compilation for them all;
+* the crop VAE runs one crop at a time (a static shape).
 
 The compiler's start/end callbacks feed :data:`tileup.progress.COMPILING`, so a job's stage
 times leave the compilation out and its stats report it apart (``seconds["compile"]``).
@@ -99,3 +102,8 @@ def compile_module(module: nn.Module, *, dynamic_batch: bool) -> nn.Module:
     if dynamic_batch:
         compiled.register_forward_pre_hook(_mark_batch_dynamic, with_kwargs=True)
     return compiled
+
+
+def batch_is_dynamic(module: nn.Module) -> bool:
+    """Whether ``module`` came from :func:`compile_module` with ``dynamic_batch``."""
+    return _mark_batch_dynamic in module._forward_pre_hooks.values()
