@@ -4,7 +4,8 @@ On the full-size SD VAE architecture (random weights, bf16), prints one JSON obj
 
 - ``attention``: the mid-block global attention at the latent size of a ``--size`` image
   (1 head, d = 512), per implementation: PyTorch SDPA restricted to each backend, and
-  :func:`tileup.vae.tiled._sdpa` (what the tiled VAE calls), and the fused Triton kernel
+  :func:`tileup.vae.tiled._sdpa` (what the tiled VAE calls; ``tileup_torch_softmax``: with
+  PyTorch's softmax and cast instead of :mod:`tileup.vae.softmax`), and the fused Triton kernel
   (:mod:`tileup.vae.flash`) at several block sizes; seconds and TFLOP/s;
 - ``conv``: one 3×3 conv (128 → 128 channels, a batch of 4 tiles of 514² px) in NCHW and in
   channels-last, and the norm-activation pre-op (float32 and fused) on the same batch;
@@ -25,6 +26,7 @@ import collections
 import dataclasses
 import functools
 import json
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -75,8 +77,24 @@ def gemm_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: int
     return out
 
 
-def attention(tokens: int, dim: int, dtype: torch.dtype) -> dict[str, Any]:
-    """Seconds and TFLOP/s of global single-head attention over ``tokens`` tokens."""
+def _torch_softmax(fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` with the chunked attention's softmax left to PyTorch (``TILEUP_VAE_SOFTMAX``)."""
+
+    def run() -> object:
+        os.environ["TILEUP_VAE_SOFTMAX"] = "torch"
+        try:
+            return fn()
+        finally:
+            del os.environ["TILEUP_VAE_SOFTMAX"]
+
+    return run
+
+
+def attention(
+    tokens: int, dim: int, dtype: torch.dtype, only: list[str] | None = None
+) -> dict[str, Any]:
+    """Seconds and TFLOP/s of global single-head attention over ``tokens`` tokens (``only``:
+    these runs)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     q, k, v = (torch.randn(1, 1, tokens, dim, device="cuda", dtype=dtype) for _ in range(3))
@@ -100,6 +118,7 @@ def attention(tokens: int, dim: int, dtype: torch.dtype) -> dict[str, Any]:
         "cudnn": backend(SDPBackend.CUDNN_ATTENTION),
         "flash": backend(SDPBackend.FLASH_ATTENTION),
         "tileup": lambda: tiled._sdpa([(q, k, v)]),
+        "tileup_torch_softmax": _torch_softmax(lambda: tiled._sdpa([(q, k, v)])),
         "tileup_budget_2^26": lambda: tiled._chunked_attention(q, k, v, 1 << 26),
         "tileup_budget_2^28": lambda: tiled._chunked_attention(q, k, v, 1 << 28),
         "gemm_bf16_scores_8192": lambda: gemm_attention(q, k, v, 8192),
@@ -117,6 +136,8 @@ def attention(tokens: int, dim: int, dtype: torch.dtype) -> dict[str, Any]:
     except Exception as exc:  # the kernel may not compile for this GPU's limits
         out["fused_vs_efficient_max_abs"] = f"{type(exc).__name__}: {str(exc)[:200]}"
     for name, fn in runs.items():
+        if only and name not in only:
+            continue
         try:
             s = seconds(fn, 2)
             out[name] = {"seconds": s, "tflops": flops / s / 1e12}
@@ -344,6 +365,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4, help="stages: tiles per batch")
     parser.add_argument("--cold", action="store_true", help="stages: no warm-up run")
     parser.add_argument("--parts", default="attention,conv,stages,total")
+    parser.add_argument("--attention-runs", default="", help="attention: only these runs")
     parser.add_argument("--crop", type=int, default=576, help="crops: px (a redraw crop)")
     args = parser.parse_args()
     from diffusers import AutoencoderKL
@@ -367,7 +389,8 @@ def main() -> None:
     }
     with torch.inference_mode():
         if "attention" in parts:
-            result["attention"] = attention((args.size // 8) ** 2, 512, dtype)
+            only = args.attention_runs.split(",") if args.attention_runs else None
+            result["attention"] = attention((args.size // 8) ** 2, 512, dtype, only)
         if "conv" in parts:
             result["conv"] = conv(dtype)
         limit = None if args.store_limit_gib is None else int(args.store_limit_gib * 2**30)

@@ -276,3 +276,24 @@ def test_a_tiled_decode_with_the_fused_attention(vae, latents, monkeypatch) -> N
     monkeypatch.setenv("TILEUP_VAE_ATTENTION", "fused")
     fused = tiled_decode(vae, latents, tile=16, **kw)
     assert (fused - truth).abs().mean() <= 1.5 * (chunked - truth).abs().mean()
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_row_softmax_kernel_gives_pytorchs_softmax_then_cast(dtype) -> None:
+    """One kernel (tileup.vae.softmax) for PyTorch's softmax plus cast: the same values up to
+    the float32 rounding of the exponentials, at the VAE's row length (4096² px)."""
+    from tileup.vae import softmax
+
+    gen = torch.Generator("cuda").manual_seed(0)
+    scores = torch.randn(64, 262144, device="cuda", generator=gen) * 8
+    scores[:, 1000] += 40  # one dominant key per row
+    assert softmax.enabled(scores)
+    mine = softmax.softmax_rows(scores.clone(), dtype)
+    torchs = torch.softmax(scores, dim=-1).to(dtype)
+    assert mine.dtype == dtype and mine.shape == scores.shape
+    assert (mine != torchs).float().mean() < 1e-3
+    step = torchs.float().abs() * 2.0 ** -(8 if dtype == torch.bfloat16 else 11)
+    assert ((mine.float() - torchs.float()).abs() <= step + 1e-30).all()
+    short = softmax.softmax_rows(scores[:3, :100].contiguous(), dtype)  # lanes see nothing
+    assert torch.allclose(short.float(), torch.softmax(scores[:3, :100], -1), rtol=1e-2)

@@ -12,7 +12,7 @@ os.environ["TRITON_INTERPRET"] = "1"
 
 import torch
 
-from tileup.vae import flash
+from tileup.vae import flash, softmax
 from tileup.vae import tiled as tv
 
 
@@ -24,6 +24,25 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
 def error(a: torch.Tensor, b: torch.Tensor, how: str = "max") -> float:
     diff = (a.double() - b.double()).abs()
     return (diff.max() if how == "max" else diff.mean()).item()
+
+
+def softmax_cases() -> dict[str, object]:
+    """tileup.vae.softmax against PyTorch's softmax then cast, rows longer and shorter than a
+    block; and the chunked attention's probabilities through it."""
+    cases: dict[str, object] = {}
+    for rows, cols in ((5, 5000), (3, 100), (1, 4096)):
+        gen = torch.Generator().manual_seed(rows * cols)
+        scores = torch.randn(rows, cols, generator=gen) * 12
+        for dtype in (torch.float32, torch.bfloat16):
+            mine = softmax.softmax_rows(scores.clone(), dtype)
+            torchs = torch.softmax(scores.double(), dim=-1)
+            cases[f"{rows}x{cols}_{str(dtype)[6:]}"] = {
+                "dtype": str(mine.dtype),
+                "error": error(mine, torchs),
+                "torch_error": error(torch.softmax(scores, dim=-1).to(dtype), torchs),
+                "row_sums": error(mine.double().sum(-1), torch.ones(rows)),
+            }
+    return cases
 
 
 def main() -> None:
@@ -80,6 +99,7 @@ def main() -> None:
         "fused_vs_chunked": error(fused, chunked),
         "error": error(fused[0, 0], reference(q[0, 0], k[0, 0], v[0, 0])),
     }
+    out["softmax"] = softmax_cases()
     json.dump(out, sys.stdout)
 
 

@@ -1,4 +1,5 @@
-"""The fused attention kernel (tileup.vae.flash) on the CPU, through Triton's interpreter.
+"""The fused attention kernel (tileup.vae.flash) and the row softmax the chunked attention
+uses on CUDA (tileup.vae.softmax) on the CPU, through Triton's interpreter.
 
 Exactness against float64 softmax attention at sizes that leave partial query and key blocks;
 written over its queries; the tiled VAE's attention routes to it only when asked. The kernel
@@ -32,6 +33,7 @@ def interpreted() -> dict[str, Any]:
     path = os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=path)
     env.pop("TILEUP_VAE_ATTENTION", None)
+    env.pop("TILEUP_VAE_SOFTMAX", None)
     done = subprocess.run(
         [sys.executable, str(HERE / "flash_interpreted.py")],
         capture_output=True,
@@ -92,3 +94,28 @@ def test_what_it_takes_and_its_settings(monkeypatch) -> None:
     assert not flash.enabled()
     monkeypatch.setenv("TILEUP_VAE_ATTENTION", "fused")
     assert flash.enabled()
+
+
+@pytest.mark.parametrize("case", ["5x5000", "3x100", "1x4096"])  # tails, a short row, exact
+def test_the_row_softmax_is_pytorchs_softmax_then_cast(interpreted, case: str) -> None:
+    exact = interpreted["softmax"][f"{case}_float32"]
+    assert exact["dtype"] == "torch.float32" and exact["error"] < 1e-6
+    assert exact["row_sums"] < 1e-5
+    half = interpreted["softmax"][f"{case}_bfloat16"]
+    assert half["dtype"] == "torch.bfloat16"
+    # within one bf16 step (2^-8 below 1) of PyTorch's: the interpreter truncates where the GPU
+    # rounds to nearest (tests/gpu compares the GPU's bytes with PyTorch's)
+    assert half["error"] <= half["torch_error"] + 2**-8
+
+
+def test_the_row_softmax_refuses_what_it_cannot_take(monkeypatch) -> None:
+    from tileup.vae import softmax
+
+    with pytest.raises(ValueError, match="float32"):
+        softmax.softmax_rows(torch.zeros(2, 3, dtype=torch.float16), torch.float16)
+    scores = torch.randn(2, 7)
+    assert not softmax.enabled(scores)  # the CPU needs the interpreter: PyTorch's then
+    expected = torch.softmax(scores, dim=-1).half()
+    assert torch.equal(softmax.softmax_rows(scores.clone(), torch.float16), expected)
+    monkeypatch.setenv("TILEUP_VAE_SOFTMAX", "torch")
+    assert not softmax.enabled(torch.zeros(1, 1, device="meta"))

@@ -83,6 +83,7 @@ from tileup.vae.protocols import (
     Upsample,
     Vae,
 )
+from tileup.vae.softmax import softmax_rows
 
 __all__ = ["NonFiniteError", "store_bytes", "tiled_decode", "tiled_encode", "vae_scale_factor"]
 
@@ -246,8 +247,9 @@ def _chunked_attention(
 ) -> torch.Tensor:
     """Exact global softmax attention (1×heads×N×d) as two matrix products per chunk of queries.
 
-    Per chunk: float32 scores (queries pre-scaled by d^-½ in float32, rounded once), an in-place
-    float32 softmax, probabilities in the input dtype times V (float32 accumulation) — the
+    Per chunk: float32 scores (queries pre-scaled by d^-½ in float32, rounded once), a float32
+    softmax written in the input dtype (:mod:`tileup.vae.softmax`: one pass of 10 bytes a score
+    on CUDA), those probabilities times V (float32 accumulation) — the
     precision of PyTorch's fused attention kernels, at GEMM speed: the VAE's head size (512) is
     too large for the flash and cuDNN kernels and the memory-efficient kernel runs it at ~14 %
     of an H200's peak (bench/vae/results/profile_h200_4096_gemm_attention.json). A chunk's
@@ -287,16 +289,16 @@ def _attention_chunks(
             try:
                 qs = (q[0, head, s : s + chunk].float() * scale).to(q.dtype)
                 scores = _scores(qs, kt)
-                torch.softmax(scores, dim=-1, out=scores)
-                torch.mm(scores.to(v.dtype), vh, out=out[0, head, s : s + chunk])
+                probs = softmax_rows(scores, v.dtype)
+                torch.mm(probs, vh, out=out[0, head, s : s + chunk])
             except torch.OutOfMemoryError:
                 if chunk == 1:
                     raise
-                qs = scores = torch.empty(0)
+                qs = scores = probs = torch.empty(0)
                 chunk //= 2
                 torch.cuda.empty_cache()
                 continue
-            del qs, scores
+            del qs, scores, probs
             s += chunk
             yield True
 
