@@ -111,6 +111,8 @@ class GraphedUNet(nn.Module):
             return self._eager(sample, timestep, encoder_hidden_states, added_cond_kwargs, **kwargs)
         graph = self._graphs.get(signature)
         if graph is None:
+            # the timestep as the graph's buffer holds it, so a compiled UNet sees one form
+            timestep = _on_device(timestep, sample.device)
             if signature not in self._seen or len(self._graphs) >= MAX_GRAPHS:
                 self._seen.add(signature)
                 return self._eager(sample, timestep, encoder_hidden_states, added_cond_kwargs)
@@ -200,7 +202,7 @@ class GraphedUNet(nn.Module):
         self,
         signature: Signature,
         sample: torch.Tensor,
-        timestep: torch.Tensor | float,
+        timestep: torch.Tensor,
         context: torch.Tensor,
         added: dict[str, torch.Tensor] | None,
     ) -> tuple[torch.Tensor, ...] | None:
@@ -216,14 +218,9 @@ class GraphedUNet(nn.Module):
             self._eager_only.add(signature)
             self.declined += 1
             return None
-        static_sample = torch.empty_like(sample)
-        if isinstance(timestep, torch.Tensor):
-            static_t = torch.empty((), dtype=timestep.dtype, device=device)
-        else:  # diffusers makes a float64 (int64) tensor of a Python float (int)
-            dtype = torch.float64 if isinstance(timestep, float) else torch.int64
-            static_t = torch.empty((), dtype=dtype, device=device)
-        static_context = torch.empty_like(context)
-        static_added = None if added is None else {k: torch.empty_like(v) for k, v in added.items()}
+        static_sample, static_t = _like(sample), _like(timestep)
+        static_context = _like(context)
+        static_added = None if added is None else {k: _like(v) for k, v in added.items()}
         holder = _Graph(
             torch.cuda.CUDAGraph(), static_sample, static_t, static_context, static_added, sample
         )
@@ -276,3 +273,22 @@ class GraphedUNet(nn.Module):
         if added is not None and graph.added is not None:
             for key, tensor in added.items():
                 graph.added[key].copy_(tensor)
+
+
+def _like(tensor: torch.Tensor) -> torch.Tensor:
+    """An empty buffer like ``tensor``, an inference tensor only when ``tensor`` is one: a
+    compiled UNet's guards tell the two apart, so a buffer of the other kind would compile it
+    again (text states built outside inference mode, latents inside)."""
+    if tensor.is_inference():
+        return torch.empty_like(tensor)
+    with torch.inference_mode(False):
+        return torch.empty_like(tensor)
+
+
+def _on_device(timestep: torch.Tensor | float, device: torch.device) -> torch.Tensor:
+    """``timestep`` as a 0-dim tensor on ``device``, of the dtype the graph's buffer takes
+    (its own; float64 or int64 for a Python float or int, as diffusers makes them)."""
+    if isinstance(timestep, torch.Tensor):
+        return timestep.to(device)
+    dtype = torch.float64 if isinstance(timestep, float) else torch.int64
+    return torch.tensor(timestep, dtype=dtype, device=device)
