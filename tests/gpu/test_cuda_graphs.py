@@ -172,7 +172,7 @@ def test_a_compiled_unet_is_replayed_from_graphs_with_its_compiled_bytes(tiny) -
     graphs_before = counters["stats"]["unique_graphs"]
     compiled = compile_module(copy.deepcopy(unet), dynamic_batch=True)
     graphed = GraphedUNet(compiled)
-    t = torch.tensor(700.0)
+    t = torch.tensor(700.0, device=CUDA)  # as the graph's buffer holds it: one form, one graph
     for batch in (2, 6):
         sample, context = _inputs(batch, seed=5 + batch)
         expected = compiled(sample, t, encoder_hidden_states=context, return_dict=False)[0]

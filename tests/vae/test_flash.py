@@ -117,5 +117,11 @@ def test_the_row_softmax_refuses_what_it_cannot_take(monkeypatch) -> None:
     assert not softmax.enabled(scores)  # the CPU needs the interpreter: PyTorch's then
     expected = torch.softmax(scores, dim=-1).half()
     assert torch.equal(softmax.softmax_rows(scores.clone(), torch.float16), expected)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert softmax.enabled(scores)  # the interpreter runs it on the CPU
+    monkeypatch.setattr(softmax, "_triton_installed", lambda: False)
+    assert not softmax.enabled(scores)  # no Triton (e.g. Windows): PyTorch's
+    monkeypatch.undo()
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setenv("TILEUP_VAE_SOFTMAX", "torch")
-    assert not softmax.enabled(torch.zeros(1, 1, device="meta"))
+    assert not softmax.enabled(scores)

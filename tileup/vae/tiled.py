@@ -33,11 +33,12 @@ for SD, 16 GiB in fp16 / 32 GiB in fp32 for a 4096² image), encode ≈ 3c₀·H
 With a CPU store every canvas crosses the host link once per stage, which dominates the time.
 On CUDA canvases and tile batches are channels-last (the convs run ~1.5× faster on tensor
 cores), the norm-affine is the inference batch-norm kernel, and the attention is two GEMMs per
-chunk of queries with float32 scores (the 512-wide head has no flash/cuDNN kernel and the
-memory-efficient one ran it at 14 % of peak). Measured on an H200 (SD VAE architecture, bf16,
-tile 512 px, batch 4; bench/vae/profile_vae.py, 2026-11-30): a 4096² image encodes in 1.20 s
-and decodes in 1.63 s with ``store="device"`` (2.01 s / 2.60 s before those three changes;
-untiled diffusers 2.43 s / 3.03 s), the attention taking 0.62 s of each (1.32 s before); with
+chunk of queries with float32 scores and one softmax kernel (:mod:`tileup.vae.softmax`; the
+512-wide head has no flash/cuDNN kernel and the memory-efficient one ran it at 14 % of peak).
+Measured on an H200 (SD VAE architecture, bf16, tile 512 px, batch 4;
+bench/vae/profile_vae.py, 2026-11-30): a 4096² image encodes in 1.03 s and decodes in 1.43 s
+with ``store="device"`` (2.01 s / 2.60 s before those four changes; untiled diffusers 2.43 s /
+3.03 s), the attention taking 0.44 s of each (1.32 s before); with
 a memory plan's 3.08 GiB device store on an 8 GiB card (the rest on the host) 4.8 s / 7.2 s,
 bound by host-side crop and paste copies. So on CUDA a canvas that would wait on the host is
 not stored at all: its stage keeps only its statistics, and every later stage that reads it
