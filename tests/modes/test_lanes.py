@@ -82,6 +82,7 @@ def test_lane_batches_deal_every_tile_once_in_even_batches() -> None:
     assert max(len(b) for lane in three for b in lane) <= 8
     assert [t for lane in three for b in lane for t in b] == tiles
     assert lane_batches([0], 4, 2) == [[[0]], []]  # fewer tiles than lanes: a lane idles
+    assert lane_batches([], 4, 1) == [[]] and lane_batches([], 4, 2) == [[], []]
 
 
 # -- fused: each step's tiles split across lanes -----------------------------------------------

@@ -69,6 +69,8 @@ def lane_batches(tiles: list[Tile], tile_batch: int, lanes: int) -> list[list[li
     ``--compile`` (diffusers and PyTorch branch on the batch size at 16 and 64, so 64 and 34
     samples compile twice) and one CUDA graph per step.
     """
+    if not tiles:
+        return [[] for _ in range(lanes)]
     count = -(-len(tiles) // tile_batch)
     count = lanes * -(-count // lanes)
     base, extra = divmod(len(tiles), count)
