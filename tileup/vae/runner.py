@@ -173,18 +173,18 @@ class VaeRunner:
     def _crops(
         self, fn: Callable[[Vae, torch.Tensor], torch.Tensor], x: torch.Tensor, notes: list[str]
     ) -> torch.Tensor:
-        outs = []
-        for part in torch.split(x, 1 if self.options.compile else max(1, self.options.batch)):
-            self.calls += 1
+        """``fn`` over ``x`` in parts of ``options.batch`` crops (one with ``options.compile``),
+        checked for NaN/inf once for the whole call (one host sync, not one a part)."""
+        parts = torch.split(x, 1 if self.options.compile else max(1, self.options.batch))
+        self.calls += len(parts)
 
-            def run(vae: Vae, dtype: torch.dtype, part: torch.Tensor = part) -> torch.Tensor:
-                out = fn(vae, part.to(self.device, dtype)).float()
-                if not bool(torch.isfinite(out).all()):
-                    raise NonFiniteError(f"the VAE produced NaN/inf in {dtype}")
-                return out
+        def run(vae: Vae, dtype: torch.dtype) -> torch.Tensor:
+            out = torch.cat([fn(vae, part.to(self.device, dtype)).float() for part in parts])
+            if not bool(torch.isfinite(out).all()):
+                raise NonFiniteError(f"the VAE produced NaN/inf in {dtype}")
+            return out
 
-            outs.append(self._guarded(run, notes))
-        return torch.cat(outs)
+        return self._guarded(run, notes)
 
     def _crop_pass(self, kind: type[_CropPass], vae: Vae) -> Callable[[torch.Tensor], torch.Tensor]:
         """``kind`` over ``vae``: compiled once per VAE module when ``options.compile``."""
