@@ -12,7 +12,7 @@ import torch
 
 from tileup.errors import TileupError
 from tileup.models.families import SD_TRAINING_CONFIG
-from tileup.sampling.loop import noise_latents, plan_steps, run_sampler
+from tileup.sampling.loop import add_noise_on_host, noise_latents, plan_steps, run_sampler
 from tileup.sampling.schedules import (
     SAMPLERS,
     SCHEDULES,
@@ -255,6 +255,31 @@ def test_on_step_sees_every_evaluation() -> None:
         generator=None, on_step=on_step,
     )  # fmt: skip
     assert seen == list(range(plan.evaluations)) and plan.evaluations == 9
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_add_noise_on_host_equals_add_noise_at_every_evaluation(name: str) -> None:
+    """The host-coefficient noising (no device copies) gives add_noise's exact values, before
+    the first step and after every evaluation (the step index moves), for every sampler."""
+    scheduler = build(name)
+    plan = plan_steps(scheduler, 5, 0.5)
+    x0, noise = tensors()
+    compared: list[int] = []
+
+    def on_step(i: int, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        following = plan.timesteps[i + 1 : i + 2]
+        if len(following):
+            host = add_noise_on_host(scheduler, x0, noise, following)
+            assert torch.equal(host, scheduler.add_noise(x0, noise, following)), i
+            compared.append(i)
+        return latents
+
+    start = noise_latents(scheduler, plan, x0, noise)
+    assert plan.first_timestep is not None
+    assert torch.equal(start, scheduler.add_noise(x0, noise, plan.first_timestep))
+    generator = torch.Generator().manual_seed(0)
+    run_sampler(scheduler, plan, start, Recorder(scheduler), generator=generator, on_step=on_step)
+    assert compared == list(range(plan.evaluations - 1))
 
 
 # --- determinism ---------------------------------------------------------------------------------

@@ -49,7 +49,7 @@ from tileup.modes.regions import Region, context_crop, crop_masks, seam_fix_pass
 from tileup.progress import work_clock
 from tileup.sampling.graphs import GraphedUNet
 from tileup.sampling.guidance import GuidanceInputs, guidance_inputs, guided_prediction
-from tileup.sampling.loop import StepPlan, noise_latents, run_sampler
+from tileup.sampling.loop import StepPlan, add_noise_on_host, noise_latents, run_sampler
 from tileup.sampling.protocols import Scheduler
 from tileup.tiler import Box, TileGrid, plan_grid
 
@@ -193,7 +193,7 @@ def lock_target(
 
     The clean original after the last evaluation; otherwise ``scheduler.add_noise`` for the
     next timestep (after a step the k-samplers read the level from their step index, DDIM-like
-    ones from the timestep). DPM2 between its two stages sits at an interpolated σ, read back
+    ones from the timestep), through :func:`add_noise_on_host` (no host syncs). DPM2 between its two stages sits at an interpolated σ, read back
     from ``scale_model_input`` (``x / sqrt(σ² + 1)``).
     """
     if i + 1 >= plan.evaluations:
@@ -208,7 +208,7 @@ def lock_target(
         scale = scheduler.scale_model_input(one, following[0]).double().cpu()
         sigma = float((1.0 / scale**2 - 1.0).clamp(min=0).sqrt())
         return original + sigma * noise
-    return scheduler.add_noise(original, noise, following)
+    return add_noise_on_host(scheduler, original, noise, following)
 
 
 MIN_LANE_CROPS = 8

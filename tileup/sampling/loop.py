@@ -114,7 +114,24 @@ def noise_latents(
     if plan.empty or first is None:  # None only in the empty plan
         return latents
     _rearm(scheduler, plan)
-    return scheduler.add_noise(latents, noise, first)
+    return add_noise_on_host(scheduler, latents, noise, first)
+
+
+def add_noise_on_host(
+    scheduler: Scheduler, original: torch.Tensor, noise: torch.Tensor, timestep: torch.Tensor
+) -> torch.Tensor:
+    """``scheduler.add_noise(original, noise, timestep)`` (one timestep, shape [1]) with no
+    device copies or host syncs: every scheduler's ``add_noise`` is ``a·original + b·noise``, so
+    ``a`` and ``b`` are read from it on one-element host tensors of ``original``'s dtype (its
+    state, e.g. the step index, as it is now) and applied as Python numbers; the same values as
+    diffusers computes on the device (``a`` 1 skips the product, as the k-samplers do)."""
+    one = torch.ones(1, dtype=original.dtype)
+    zero = torch.zeros(1, dtype=original.dtype)
+    cpu_timestep = timestep.cpu()
+    a = float(scheduler.add_noise(one, zero, cpu_timestep))
+    b = float(scheduler.add_noise(zero, one, cpu_timestep))
+    scaled_noise = noise * b
+    return original + scaled_noise if a == 1.0 else original * a + scaled_noise
 
 
 def _rearm(scheduler: Scheduler, plan: StepPlan) -> None:
