@@ -530,17 +530,53 @@ def _trace(fn: Callable[[], object], folder: Path, name: str) -> str:
         if event.device_type == torch.autograd.DeviceType.CUDA:
             seconds = getattr(event, "device_time", 0.0) / 1e6
             busy[event.device_index] = busy.get(event.device_index, 0.0) + seconds
+    start = time.perf_counter()
+    sites = _sync_sites(fn) if torch.cuda.is_available() else "no CUDA: no syncs to find"
     text = "\n\n".join(
         [
             f"device busy seconds (sum of kernel and copy times): {busy}",
             table.table(sort_by="cuda_time_total" if busy else "cpu_time_total", row_limit=30),
             table.table(sort_by="self_cpu_time_total", row_limit=20),
+            f"host syncs (one more run, {time.perf_counter() - start:.1f} s under"
+            f" torch.cuda.set_sync_debug_mode('warn')), by call site:\n{sites}",
         ]
     )
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"trace-{name.replace(' ', '_')}.txt"
     path.write_text(text + "\n")
     return str(path)
+
+
+def _sync_sites(fn: Callable[[], object], frames: int = 4) -> str:
+    """Run ``fn`` with CUDA sync warnings on; the host syncs counted by their innermost
+    ``frames`` Python frames inside tileup or diffusers, most frequent first."""
+    import warnings
+    from collections import Counter
+
+    import torch
+
+    counts: Counter[str] = Counter()
+
+    def record(message: Any, category: Any, *_: Any, **__: Any) -> None:
+        stack = [
+            f"{Path(f.filename).name}:{f.lineno} {f.name}"
+            for f in traceback.extract_stack()[:-1]
+            if "/tileup/" in f.filename or "/diffusers/" in f.filename
+        ]
+        counts[" < ".join(reversed(stack[-frames:])) or str(message)[:80]] += 1
+
+    shown = warnings.showwarning
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = record
+            fn()
+            _sync()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        warnings.showwarning = shown
+    return "\n".join(f"{n:6d}  {site}" for site, n in counts.most_common(40)) or "none"
 
 
 def img2img_steps(steps: int, denoise: float) -> int:
