@@ -183,7 +183,11 @@ def test_a_compiled_unet_is_replayed_from_graphs_with_its_compiled_bytes(tiny) -
         gap = (expected.float() - eager.float()).abs()
         assert gap.mean() < 0.02 and gap.max() < 0.25, (gap.mean(), gap.max())  # rounding
     assert (graphed.captures, graphed.replays) == (2, 2)
-    assert counters["stats"]["unique_graphs"] - graphs_before == 1
+    from torch._dynamo.utils import guard_failures
+
+    why = {code.co_name: reasons for code, reasons in guard_failures.items()}
+    breaks = dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] - graphs_before == 1, (why, breaks)
 
 
 def test_a_compiled_job_replays_its_compiled_unet_from_graphs(tiny, tmp_path) -> None:

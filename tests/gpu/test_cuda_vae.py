@@ -299,7 +299,8 @@ def test_the_row_softmax_kernel_gives_pytorchs_softmax_then_cast(dtype) -> None:
     step = torchs.float().abs() * 2.0 ** (1 - bits) + tiny
     assert ((mine.float() - torchs.float()).abs() <= step).all()
     short = softmax.softmax_rows(scores[:3, :100].contiguous(), dtype)  # lanes see nothing
-    assert torch.allclose(short.float(), torch.softmax(scores[:3, :100], -1), rtol=1e-2)
+    expected = torch.softmax(scores[:3, :100], -1)
+    assert torch.allclose(short.float(), expected, rtol=1e-2, atol=tiny or 1e-8)  # fp16 subnormals
 
 
 @torch.inference_mode()
