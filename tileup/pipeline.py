@@ -172,7 +172,7 @@ class Upscaler:
         )
         if note:
             self.load_fallbacks.append(note)
-        model.descriptor.to(device=self.device, dtype=dtype)
+        model.place(self.device, dtype)
         tile = self.settings.model_tile
         if tile is None and not model.prefers_untiled:
             tile = auto_tile_size(model, self.device, dtype)

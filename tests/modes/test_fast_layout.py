@@ -1,19 +1,25 @@
-"""The UNet's GPU form (fused QKV) computes the same function."""
+"""The UNet's GPU form (fused QKV, channels-last when compiled with a dynamic batch) computes
+the same function."""
 
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
+import pytest
 import torch
 from sd_fixtures import make_tiny_components
 
-from tileup.modes.model import _fast_layout
+from tileup.modes.model import LoadOptions, _fast_layout, wants_channels_last
 
 
-def test_fast_layout_keeps_the_unet_function() -> None:
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fast_layout_keeps_the_unet_function(channels_last: bool) -> None:
     unet = make_tiny_components("sd1", seed=0)["unet"]
     fast = copy.deepcopy(unet)
-    _fast_layout(fast)
+    _fast_layout(fast, channels_last=channels_last)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    assert fast.conv_in.weight.is_contiguous(memory_format=layout)
     attention = fast.down_blocks[0].attentions[0].transformer_blocks[0].attn1
     assert attention.fused_projections  # one QKV GEMM
     cross = fast.down_blocks[0].attentions[0].transformer_blocks[0].attn2
@@ -29,3 +35,14 @@ def test_fast_layout_keeps_the_unet_function() -> None:
         got = fast(x, 10, encoder_hidden_states=context).sample
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     assert float(want.abs().mean()) > 0.01
+
+
+def test_channels_last_only_for_the_dynamic_batch_compiled_unet_on_cuda() -> None:
+    """Inductor picks the layout itself for static shapes; eager channels-last is slower."""
+    base = LoadOptions(vae=None, prediction="epsilon", prompt="", negative_prompt="")
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    redraw = replace(base, compile=True, dynamic_batch=True)
+    assert wants_channels_last(cuda, redraw)
+    assert not wants_channels_last(cpu, redraw)
+    assert not wants_channels_last(cuda, replace(base, compile=True))  # fused: static
+    assert not wants_channels_last(cuda, replace(base, dynamic_batch=True))  # eager

@@ -59,6 +59,27 @@ def test_rrdbnet_tiled_equals_untiled(x4plus, photo: np.ndarray) -> None:
     assert (tiled - untiled).abs().max().item() <= 2 / 255
 
 
+def test_esrgan_goes_channels_last_on_cuda_only_and_keeps_its_output(
+    x4plus, shared_models: Path, photo: np.ndarray
+) -> None:
+    """place(): ESRGAN's weights channels-last on CUDA (cuDNN's fast layout), never on the CPU
+    nor for other architectures; a channels-last RRDBNet computes the same image (CPU, fp32)."""
+    compact = load_sr_model(shared_models / "realesrgan-x4fast.safetensors")
+    assert x4plus.channels_last_on(torch.device("cuda"))
+    assert not x4plus.channels_last_on(CPU)
+    assert not compact.channels_last_on(torch.device("cuda"))
+    model = deepcopy(x4plus)
+    model.place(CPU, torch.float32)
+    conv = model.descriptor.model.model[0]
+    assert conv.weight.is_contiguous()  # the CPU keeps NCHW
+    image = _nchw(np.ascontiguousarray(photo[:24, :24]))
+    want = run_tiled(model, image, device=CPU, dtype=torch.float32, tile=None, report=RunReport())
+    model.descriptor.model.to(memory_format=torch.channels_last)  # what place() does on CUDA
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    got = run_tiled(model, image, device=CPU, dtype=torch.float32, tile=None, report=RunReport())
+    assert (got - want).abs().max().item() <= 1e-5
+
+
 def test_compact_tiled_equals_untiled_with_odd_sizes(shared_models: Path, photo) -> None:
     model = load_sr_model(shared_models / "realesrgan-x4fast.safetensors")
     image = _nchw(photo[:61, :77])

@@ -45,13 +45,15 @@ def _quiet_diffusers() -> Iterator[None]:
         diffusers_logging.set_verbosity(level)
 
 
-def _fast_layout(unet: nn.Module) -> None:
+def _fast_layout(unet: nn.Module, *, channels_last: bool = False) -> None:
     """The UNet's faster GPU form: fused QKV projections in its attention (one GEMM instead of
     three); the same function up to kernel rounding. The separate projections the fused
     attention no longer reads are dropped (kept, they were a second copy of ~0.9 GiB of SDXL
-    weights: its 8 GiB card ran out of memory loading the text encoders). Channels-last weights
-    were measured slower eager (diffusion 11.1 s against 10.1 s on the reference job, H200,
-    2026-11-29: GroupNorm has no fast channels-last kernel), so the layout stays NCHW."""
+    weights: its 8 GiB card ran out of memory loading the text encoders). ``channels_last``
+    (see :func:`wants_channels_last`) also makes the weights channels-last, so cuDNN's convs
+    take and give channels-last activations with no layout conversions around them."""
+    if channels_last:
+        unet.to(memory_format=torch.channels_last)
     fuse = getattr(unet, "fuse_qkv_projections", None)
     if not callable(fuse):
         return
@@ -61,6 +63,19 @@ def _fast_layout(unet: nn.Module) -> None:
             unused = ("to_k", "to_v") if module.is_cross_attention else ("to_q", "to_k", "to_v")
             for name in unused:
                 setattr(module, name, None)
+
+
+def wants_channels_last(device: torch.device, load: LoadOptions) -> bool:
+    """Whether the UNet's weights go channels-last: compiled with a dynamic batch on CUDA.
+
+    Eager, channels-last was slower (diffusion 11.1 s against 10.1 s on the reference job,
+    H200, 2026-11-29: GroupNorm has no fast channels-last kernel). Compiled with static shapes,
+    inductor's layout optimisation picks channels-last itself (explicit weights changed
+    nothing: batch 64 at 64² 124.9 against 125.4 ms). With a dynamic batch (redraw waves)
+    inductor turns that optimisation off, and cuDNN converted every conv's input to NHWC and
+    its output back: 1.8 s of the 11.8 s the GPU was busy in the compiled redraw job (H200,
+    2026-11-30, ``bench/gpu.py --trace``: 53k ``nchwToNhwcKernel`` calls, ~98 per UNet call)."""
+    return device.type == "cuda" and load.compile and load.dynamic_batch
 
 
 def _runnable(unet: nn.Module, *, compiled: bool, dynamic_batch: bool, graphed: bool) -> UNet:
@@ -216,7 +231,7 @@ class DiffusionModel:
         with _quiet_diffusers():  # no dtype-cast chatter on the user's terminal
             sd.unet.to(device=device, dtype=dtype)
         if device.type == "cuda":
-            _fast_layout(sd.unet)
+            _fast_layout(sd.unet, channels_last=wants_channels_last(device, load))
         runner = VaeRunner(sd.vae, device, dtype, replace(vae, compile=load.compile))
         prompts = PromptEncoder(sd.family, tuple(sd.text_encoders), tuple(sd.tokenizers))
         schedule = prompts.schedule(

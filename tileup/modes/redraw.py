@@ -193,8 +193,9 @@ def lock_target(
 
     The clean original after the last evaluation; otherwise ``scheduler.add_noise`` for the
     next timestep (after a step the k-samplers read the level from their step index, DDIM-like
-    ones from the timestep), through :func:`add_noise_on_host` (no host syncs). DPM2 between its two stages sits at an interpolated σ, read back
-    from ``scale_model_input`` (``x / sqrt(σ² + 1)``).
+    ones from the timestep), through :func:`add_noise_on_host` (no host syncs). DPM2 between
+    its two stages sits at an interpolated σ, read back from ``scale_model_input``
+    (``x / sqrt(σ² + 1)``).
     """
     if i + 1 >= plan.evaluations:
         return original
