@@ -258,7 +258,8 @@ def region_mask(
     mask = (1.0 - torch.sqrt(uy[:, None] ** 2 + ux[None, :] ** 2)).clamp(min=0.0)
     keep = torch.zeros_like(mask)
     keep[s.top - box.top : s.bottom - box.top, s.left - box.left : s.right - box.left] = 1.0
-    return (mask * keep).to(device=device, dtype=dtype)
+    # cast on the host, then an asynchronous copy: no wait for the device's queued work
+    return (mask * keep).to(dtype=dtype).to(device=device, non_blocking=True)
 
 
 def blur_radius(sigma: float) -> int:
