@@ -317,3 +317,22 @@ def test_a_row_softmax_kernel_that_fails_falls_back_to_pytorchs(monkeypatch) -> 
     with pytest.warns(UserWarning, match="softmax kernel unavailable"):
         got = softmax.softmax_rows(scores.clone(), torch.bfloat16)
     assert torch.equal(got, expected) and not softmax.enabled(scores)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+@torch.inference_mode()
+def test_the_row_softmax_kernel_runs_on_its_tensors_gpu_not_the_current_one() -> None:
+    """Triton launches on the current device's stream: scores on cuda:1 while cuda:0 is
+    current must still be read after cuda:1 wrote them (two-GPU VAE lanes; at 0a2fa8c the
+    kernel ran on GPU 0 through peer access, racing GPU 1: the band test was 50x off)."""
+    from tileup.vae import softmax
+
+    torch.cuda.set_device(0)
+    gen = torch.Generator("cuda:1").manual_seed(1)
+    for _ in range(3):  # scores written by queued work on cuda:1 just before the kernel
+        scores = torch.randn(256, 70000, device="cuda:1", generator=gen).mul_(6).add_(1)
+        got = softmax.softmax_rows(scores.clone(), torch.bfloat16)
+        expected = torch.softmax(scores, dim=-1).bfloat16()
+        assert got.device == scores.device
+        step = expected.float().abs() * 2.0**-7
+        assert ((got.float() - expected.float()).abs() <= step).all()

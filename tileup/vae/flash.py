@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from tileup.devices import on_device
+
 __all__ = ["FlashConfig", "enabled", "flash_attention", "supported"]
 
 
@@ -135,22 +137,23 @@ def flash_attention(
     cfg = config or FlashConfig.from_env()
     log2e = 1.4426950408889634
     grid = (triton.cdiv(n, cfg.block_m),)
-    _kernel()[grid](
-        q,
-        k,
-        v,
-        out,
-        n,
-        k.shape[0],
-        d**-0.5 * log2e,
-        q.stride(0),
-        k.stride(0),
-        v.stride(0),
-        out.stride(0),
-        D=d,
-        BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n,
-        num_warps=cfg.warps,
-        num_stages=cfg.stages,
-    )
+    with on_device(q.device):  # Triton launches on the current device's stream
+        _kernel()[grid](
+            q,
+            k,
+            v,
+            out,
+            n,
+            k.shape[0],
+            d**-0.5 * log2e,
+            q.stride(0),
+            k.stride(0),
+            v.stride(0),
+            out.stride(0),
+            D=d,
+            BLOCK_M=cfg.block_m,
+            BLOCK_N=cfg.block_n,
+            num_warps=cfg.warps,
+            num_stages=cfg.stages,
+        )
     return out

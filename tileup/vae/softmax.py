@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from tileup.devices import on_device
+
 __all__ = ["enabled", "softmax_rows"]
 
 _BLOCK = 2048
@@ -106,9 +108,10 @@ def softmax_rows(scores: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     rows, cols = scores.shape
     if rows and cols:
         try:
-            _kernel()[(rows,)](
-                scores, out, cols, scores.stride(0), out.stride(0), BLOCK=_BLOCK, num_warps=8
-            )
+            with on_device(scores.device):  # Triton launches on the current device's stream
+                _kernel()[(rows,)](
+                    scores, out, cols, scores.stride(0), out.stride(0), BLOCK=_BLOCK, num_warps=8
+                )
         except torch.OutOfMemoryError:
             raise
         except Exception as exc:  # Triton cannot build or launch it here: PyTorch's from now on
