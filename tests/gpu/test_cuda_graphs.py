@@ -175,7 +175,10 @@ def test_a_compiled_unet_is_replayed_from_graphs_with_its_compiled_bytes(tiny) -
     t = torch.tensor(700.0, device=CUDA)  # as the graph's buffer holds it: one form, one graph
     for batch in (2, 6):
         sample, context = _inputs(batch, seed=5 + batch)
-        expected = compiled(sample, t, encoder_hidden_states=context, return_dict=False)[0]
+        # the keyword arguments the graph wrapper passes: dynamo guards on their number
+        expected = compiled(
+            sample, t, encoder_hidden_states=context, added_cond_kwargs=None, return_dict=False
+        )[0]
         for _ in range(3):  # eager (compiled) call, capture, replay
             got = graphed(sample, t, encoder_hidden_states=context, return_dict=False)[0]
             assert torch.equal(got, expected), batch
