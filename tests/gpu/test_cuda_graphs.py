@@ -211,3 +211,11 @@ def test_a_compiled_job_replays_its_compiled_unet_from_graphs(tiny, tmp_path) ->
     assert isinstance(model.unet, GraphedUNet) and hasattr(model.unet.unet, "_orig_mod")
     eager = Upscaler(settings.replace(cuda_graphs=False)).model
     assert eager is not None and hasattr(eager.unet, "_orig_mod")
+    # fused compiles statically (inductor picks the layout): NCHW weights; redraw's dynamic
+    # batch turns inductor's layout optimisation off: channels-last weights
+    fused_conv = model.unet.unet._orig_mod.conv_in.weight
+    assert fused_conv.is_contiguous()
+    redraw = Upscaler(settings.replace(mode="redraw")).model
+    assert redraw is not None and isinstance(redraw.unet, GraphedUNet)
+    redraw_conv = redraw.unet.unet._orig_mod.conv_in.weight
+    assert redraw_conv.is_contiguous(memory_format=torch.channels_last)

@@ -336,3 +336,33 @@ def test_the_row_softmax_kernel_runs_on_its_tensors_gpu_not_the_current_one() ->
         assert got.device == scores.device
         step = expected.float().abs() * 2.0**-7
         assert ((got.float() - expected.float()).abs() <= step).all()
+
+
+@torch.inference_mode()
+def test_an_esrgan_model_runs_channels_last_on_cuda_with_the_nchw_output(
+    shared_models,
+) -> None:
+    """SRModel.place: ESRGAN's weights channels-last on CUDA, the tiled run's output as with
+    NCHW weights up to fp16 kernel rounding."""
+    import copy
+
+    import numpy as np
+
+    from tileup.upscalers.models import load_sr_model
+    from tileup.upscalers.tiled import RunReport, run_tiled
+
+    model = load_sr_model(shared_models / "RealESRGAN_x4plus.safetensors")
+    nchw = copy.deepcopy(model)
+    nchw.descriptor.to(device="cuda", dtype=torch.float16)
+    model.place(torch.device("cuda"), torch.float16)
+    conv = model.descriptor.model.model[0]
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    rng = np.random.default_rng(0)
+    image = torch.from_numpy(rng.random((1, 3, 96, 80), dtype=np.float32))
+    runs = [
+        run_tiled(m, image, device=torch.device("cuda"), dtype=torch.float16, tile=48,
+                  report=RunReport())
+        for m in (nchw, model)
+    ]  # fmt: skip
+    gap = (runs[0] - runs[1]).abs()
+    assert gap.max().item() <= 2 / 255 and gap.mean().item() < 1e-3, gap.max().item()
