@@ -92,7 +92,7 @@ import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -1000,6 +1000,76 @@ def _stages(stages: dict[str, float] | None) -> str:
     return " · ".join(f"{STAGE_NAMES.get(k, k)} {v:.2f}" for k, v in stages.items() if v >= 0.005)
 
 
+def _at(e: dict[str, Any]) -> str:
+    """An entry's seconds with its commit: the figures of a goal may come from other builds."""
+    return f"{e['seconds']:.2f} s ({e.get('commit', '?')})"
+
+
+def _ran(e: Any) -> bool:
+    return isinstance(e, dict) and not e.get("error") and e.get("seconds") is not None
+
+
+def goals(data: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
+    """Issue 11's goals against the entries: (goal, figures with their commits, met); met is
+    None where an entry is missing. Ratios pair the entries as they are (see their commits)."""
+    rows: list[tuple[str, str, bool | None]] = []
+
+    def limit(goal: str, names: Sequence[str], most: float) -> None:
+        found = [(n, data[n]) for n in names if _ran(data.get(n))]
+        figures = ", ".join(f"{n} {_at(e)}" for n, e in found) or "not measured"
+        met = any(e["seconds"] <= most for _, e in found) if found else None
+        rows.append((goal, figures, met))
+
+    limit("whole GPU ≤ 7.5 s", ("reference", "reference_compiled"), 7.5)
+    naive = data.get("naive")
+    found = [(n, data[n]) for n in ("reference", "reference_compiled") if _ran(data.get(n))]
+    if _ran(naive) and found:
+        text = ", ".join(f"{n} {naive['seconds'] / e['seconds']:.2f}×" for n, e in found)
+        met = max(naive["seconds"] / e["seconds"] for _, e in found) >= 8
+        rows.append(("≥ 8× the naive baseline", f"naive {_at(naive)}: {text}", met))
+    else:
+        rows.append(("≥ 8× the naive baseline", "not measured", None))
+    limit("redraw linear ≤ 10 s", ("redraw", "redraw_compiled"), 10.0)
+    sweep = [e for e in data.get("vram_sweep", []) if not e.get("whole_gpu")]
+    over = [e for e in sweep if not _ran(e) or e["peak_allocated_gib"] > e["vram_gib"]]
+    cards = f"{len(sweep)} card runs, {len(over)} failed or over budget"
+    rows.append(("every card 4–24 GiB, both modes, peak under budget", cards, not over))
+    whole = {e["mode"]: e for e in data.get("vram_sweep", []) if e.get("whole_gpu") and _ran(e)}
+    for gib, most in ((8, 1.3), (4, 2.0)):
+        texts, oks = [], []
+        for e in sweep:
+            base = whole.get(e["mode"])
+            if e["vram_gib"] == gib and _ran(e) and base is not None:
+                ratio = e["seconds"] / base["seconds"]
+                texts.append(f"{e['mode']} {_at(e)} / {_at(base)} = {ratio:.2f}×")
+                oks.append(ratio <= most)
+        met = all(oks) if oks else None
+        rows.append((f"{gib} GiB ≤ {most:g}× whole GPU", "; ".join(texts) or "not measured", met))
+    low = data.get("low_vram")
+    if _ran(low):
+        peak = low["peak_allocated_gib"]
+        rows.append(("--low-vram ≤ 2.5 GiB", f"{peak:.2f} GiB ({low.get('commit')})", peak <= 2.5))
+    sdxl = data.get("sdxl_low_vram")
+    if isinstance(sdxl, dict):
+        text = f"{_at(sdxl)}, {sdxl.get('peak_allocated_gib')} GiB" if _ran(sdxl) else "failed"
+        rows.append(("SDXL 4K on an 8 GiB card", text, _ran(sdxl)))
+    print_8k, card_4k = (
+        data.get("print_8k"),
+        next((e for e in sweep if e["mode"] == "fused" and e["vram_gib"] == 8 and _ran(e)), None),
+    )
+    if _ran(print_8k) and card_4k is not None:
+        ratio = print_8k["seconds"] / card_4k["seconds"]
+        peaks = f"peak {print_8k['peak_allocated_gib']} against {card_4k['peak_allocated_gib']} GiB"
+        text = f"{_at(print_8k)} / 4K on 8 GiB {_at(card_4k)} = {ratio:.2f}×, {peaks}"
+        rows.append(("8192² ≤ 4.4× the 4K job, same card", text, ratio <= 4.4))
+    one, two = data.get("reference"), data.get("two_gpus")
+    if _ran(one) and _ran(two):
+        ratio = one["seconds"] / two["seconds"]
+        text = f"reference {_at(one)} / two_gpus {_at(two)} = {ratio:.2f}×"
+        rows.append(("two GPUs ≥ 1.8× one", text, ratio >= 1.8))
+    return rows
+
+
 def markdown(data: dict[str, Any]) -> str:
     """The summary tables of gpu.json."""
     setup = data.get("setup", {})
@@ -1062,6 +1132,10 @@ def markdown(data: dict[str, Any]) -> str:
                 f"| {_fmt(e.get('peak_reserved_gib'))} | {_fmt(e.get('max_abs_diff_255'), 'd')} "
                 f"| {'–' if frac is None else f'{100 * frac:.3f} %'} | {_short(e.get('error'))} |"
             )
+    lines += ["", "## Goals (issue 11; computed from the entries above)", ""]
+    lines += ["| goal | figures (commit) | met |", "|---|---|---|"]
+    marks = {True: "yes", False: "no", None: "–"}
+    lines += [f"| {goal} | {text} | {marks[met]} |" for goal, text, met in goals(data)]
     flops = data.get("flops", {})
     if flops:
         lines += ["", "FLOPs per job kind (`FlopCounterMode`):", ""]

@@ -1,0 +1,72 @@
+"""bench/gpu.py's goal table: issue 11's goals read off the entries, with their commits."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bench.gpu import goals, markdown
+
+
+def _entry(seconds: float | None, commit: str = "c1", **extra: Any) -> dict[str, Any]:
+    return {"seconds": seconds, "commit": commit, "error": None, **extra}
+
+
+def _card(gib: float, mode: str, seconds: float, peak: float, whole: bool = False) -> dict:
+    return _entry(seconds, vram_gib=gib, mode=mode, peak_allocated_gib=peak, whole_gpu=whole)
+
+
+def _data() -> dict[str, Any]:
+    return {
+        "reference": _entry(12.0),
+        "reference_compiled": _entry(7.4, "c2"),
+        "naive": _entry(60.0, "c0"),
+        "redraw": _entry(16.0),
+        "two_gpus": _entry(6.0),
+        "low_vram": _entry(100.0, peak_allocated_gib=1.7),
+        "sdxl_low_vram": {**_entry(None), "error": "out of memory"},
+        "print_8k": _entry(70.0, peak_allocated_gib=6.5),
+        "vram_sweep": [
+            _card(139.0, "fused", 10.0, 22.0, whole=True),
+            _card(8.0, "fused", 12.0, 6.0),
+            _card(4.0, "fused", 21.0, 3.0),
+            _card(139.0, "redraw", 15.0, 5.0, whole=True),
+            _card(4.0, "redraw", 20.0, 4.5),  # over its 4 GiB
+        ],
+    }
+
+
+def test_goals_pair_the_entries_and_say_what_is_met() -> None:
+    rows = {goal: (text, met) for goal, text, met in goals(_data())}
+    assert rows["whole GPU ≤ 7.5 s"] == (
+        "reference 12.00 s (c1), reference_compiled 7.40 s (c2)",
+        True,
+    )
+    text, met = rows["≥ 8× the naive baseline"]
+    assert "reference 5.00×" in text and "reference_compiled 8.11×" in text and met
+    assert rows["redraw linear ≤ 10 s"][1] is False
+    assert rows["every card 4–24 GiB, both modes, peak under budget"] == (
+        "3 card runs, 1 failed or over budget",
+        False,
+    )
+    assert rows["8 GiB ≤ 1.3× whole GPU"] == ("fused 12.00 s (c1) / 10.00 s (c1) = 1.20×", True)
+    text, met = rows["4 GiB ≤ 2× whole GPU"]
+    assert "fused 21.00 s (c1) / 10.00 s (c1) = 2.10×" in text and "= 1.33×" in text
+    assert met is False  # fused is over 2×
+    assert rows["--low-vram ≤ 2.5 GiB"][1] is True
+    assert rows["SDXL 4K on an 8 GiB card"] == ("failed", False)
+    text, met = rows["8192² ≤ 4.4× the 4K job, same card"]
+    assert "= 5.83×" in text and met is False
+    assert rows["two GPUs ≥ 1.8× one"] == (
+        "reference 12.00 s (c1) / two_gpus 6.00 s (c1) = 2.00×",
+        True,
+    )
+
+
+def test_missing_entries_are_not_measured_and_the_markdown_has_the_table() -> None:
+    rows = goals({})
+    assert ("whole GPU ≤ 7.5 s", "not measured", None) in rows
+    assert ("≥ 8× the naive baseline", "not measured", None) in rows
+    text = markdown(_data())
+    assert "## Goals (issue 11" in text
+    row = "| two GPUs ≥ 1.8× one | reference 12.00 s (c1) / two_gpus 6.00 s (c1) = 2.00× | yes |"
+    assert row in text
