@@ -160,9 +160,10 @@ def test_a_second_job_replays_the_first_jobs_graphs(tiny, tmp_path) -> None:
 
 @torch.inference_mode()
 def test_a_compiled_unet_is_replayed_from_graphs_with_its_compiled_bytes(tiny) -> None:
-    """tileup's compiled UNet (batch dynamic from the first call: one compilation for both
-    batch sizes) inside the graph wrapper: each shape's capture and replays give the compiled
-    call's bytes, within kernel rounding of eager."""
+    """tileup's compiled UNet as redraw runs it (batch dynamic from the first call: one
+    compilation for both batch sizes; channels-last weights) inside the graph wrapper: each
+    shape's capture and replays give the compiled call's bytes, within kernel rounding of the
+    eager NCHW UNet."""
     from torch._dynamo.utils import counters
 
     from tileup.sampling.compiled import compile_module
@@ -170,7 +171,9 @@ def test_a_compiled_unet_is_replayed_from_graphs_with_its_compiled_bytes(tiny) -
     unet = copy.deepcopy(tiny["unet"]).to(CUDA, torch.bfloat16)
     torch._dynamo.reset()
     graphs_before = counters["stats"]["unique_graphs"]
-    compiled = compile_module(copy.deepcopy(unet), dynamic_batch=True)
+    # as redraw loads it: batch dynamic, weights channels-last (wants_channels_last)
+    redraw_form = copy.deepcopy(unet).to(memory_format=torch.channels_last)
+    compiled = compile_module(redraw_form, dynamic_batch=True)
     graphed = GraphedUNet(compiled)
     t = torch.tensor(700.0, device=CUDA)  # as the graph's buffer holds it: one form, one graph
     for batch in (2, 6):
