@@ -29,7 +29,7 @@ from skimage import data
 from tileup.imageio import Picture
 from tileup.models.families import SD_TRAINING_CONFIG
 from tileup.modes import redraw as redraw_module
-from tileup.modes.model import DiffusionModel, SamplingOptions
+from tileup.modes.model import DiffusionModel, DiffusionReport, SamplingOptions
 from tileup.modes.redraw import (
     PassCounts,
     batch_schedule,
@@ -496,6 +496,33 @@ def test_half_precision_vae_overflow_reruns_in_fp32() -> None:
         _stand_in_model(canvas), canvas, regions, denoise=0.5, padding=32, mask_blur=8, seed=1
     )
     torch.testing.assert_close(out, reference, atol=2e-3, rtol=0)  # the first encode was fp16
+
+
+def test_the_canvas_way_in_and_out_counts_in_the_first_pass(monkeypatch) -> None:
+    """rediffuse_pixels: the canvas's conversion to its device and back is stage time (the
+    first pass's seconds), not time no stage reports; the image comes back as it went in
+    where nothing is redrawn (denoise 0 passes still convert)."""
+    import time
+
+    canvas = _photo()
+    rgb = np.ascontiguousarray(canvas.numpy().transpose(1, 2, 0))
+    model = _stand_in_model(canvas)
+    grid = redraw_grid(H, W, TILE, F8, "linear")
+    passes = plan_passes(grid, redraw_options(UpscaleSettings()), 0.0, redraw_tiles=True)
+    real = redraw_module._to_rgb
+
+    def slow(c: torch.Tensor) -> np.ndarray:
+        time.sleep(0.3)
+        return real(c)
+
+    monkeypatch.setattr(redraw_module, "_to_rgb", slow)
+    report = DiffusionReport()
+    out, counts = redraw_module.rediffuse_pixels(
+        model, rgb, passes, seed=1, max_batch=2, report=report
+    )
+    assert np.array_equal(out, rgb)
+    assert counts[0].name == "redraw" and counts[0].seconds >= 0.3
+    assert all(c.seconds < 0.3 for c in counts[1:])
 
 
 # -- seams -----------------------------------------------------------------------------------
