@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tileup.devices import on_device
+from tileup.devices import on_device, to_hwc
 from tileup.modes.model import DiffusionModel, DiffusionReport
 from tileup.modes.regions import Region, context_crop, crop_masks, seam_fix_passes, tile_regions
 from tileup.progress import work_clock
@@ -635,4 +635,4 @@ def _to_rgb(canvas: torch.Tensor) -> np.ndarray:
     """The canvas back as an H×W×3 float32 host image (relaid on the device when there)."""
     if canvas.is_cuda:
         return canvas.float().permute(1, 2, 0).contiguous().cpu().numpy()
-    return np.ascontiguousarray(canvas.float().numpy().transpose(1, 2, 0))
+    return to_hwc(canvas.float()).numpy()
