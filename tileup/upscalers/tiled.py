@@ -70,7 +70,8 @@ def _forward_core(model: SRModel, crop: torch.Tensor, core: Box, runtime: _Runti
     """Run one NCHW float32 CPU crop; return the float32 CPU output of ``core`` (crop coords).
 
     With stages, the trunk runs on the whole crop and the tail in chunks of at most
-    ``runtime.tail_tile`` feature pixels, so the high-resolution activations stay small.
+    ``runtime.tail_tile`` feature pixels, so the high-resolution activations stay small. The
+    core's output is put together on the model's device and checked and brought back once.
     """
     s = model.scale
     x = _pad_to_requirements(crop, model.descriptor.size_requirements)
@@ -78,9 +79,9 @@ def _forward_core(model: SRModel, crop: torch.Tensor, core: Box, runtime: _Runti
     stages = runtime.stages
     if stages is None:
         y = model.descriptor(x)[..., : core.bottom * s, : core.right * s]
-        return _finished(y[..., core.top * s :, core.left * s :], runtime)
+        return _finished(y[..., core.top * s :, core.left * s :].float(), runtime)
     features = stages.trunk(x)
-    out = torch.empty(1, 3, core.height * s, core.width * s)
+    out = torch.empty(1, 3, core.height * s, core.width * s, device=x.device)
     feature_box = Box(0, 0, features.shape[-2], features.shape[-1])
     for chunk in split_box(core, runtime.tail_tile):
         ctx = chunk.expanded(stages.tail_margin, within=feature_box)
@@ -88,14 +89,41 @@ def _forward_core(model: SRModel, crop: torch.Tensor, core: Box, runtime: _Runti
         top, left = (chunk.top - ctx.top) * s, (chunk.left - ctx.left) * s
         y = y[..., top : top + chunk.height * s, left : left + chunk.width * s]
         t, c = (chunk.top - core.top) * s, (chunk.left - core.left) * s
-        out[..., t : t + chunk.height * s, c : c + chunk.width * s] = _finished(y, runtime)
-    return out
+        out[..., t : t + chunk.height * s, c : c + chunk.width * s] = y
+    return _finished(out, runtime)
 
 
 def _finished(y: torch.Tensor, runtime: _Runtime) -> torch.Tensor:
-    if runtime.dtype != torch.float32 and not torch.isfinite(y).all():
+    """A core's float32 output, clamped to [0, 1], on the CPU. On CUDA it comes back through
+    the worker's pinned staging buffer (a view of it: copy it out before the next core) with
+    one wait for the device; half-precision output with NaN/inf raises :class:`_NonFinite`."""
+    checks = runtime.dtype != torch.float32
+    if y.device.type != "cuda":
+        if checks and not torch.isfinite(y).all():
+            raise _NonFinite
+        return y.clamp_(0, 1).cpu()
+    finite = torch.isfinite(y).all().to("cpu", non_blocking=True) if checks else None
+    host = runtime.staging.take(y.shape)
+    host.copy_(y.clamp_(0, 1), non_blocking=True)
+    torch.cuda.current_stream(y.device).synchronize()
+    if finite is not None and not bool(finite):
         raise _NonFinite
-    return y.float().clamp_(0, 1).cpu()
+    return host
+
+
+class _Staging:
+    """One worker's pinned host buffer for its cores' outputs (grown as needed)."""
+
+    def __init__(self) -> None:
+        self._buffer = torch.empty(0)
+
+    def take(self, shape: torch.Size) -> torch.Tensor:
+        """A float32 pinned view of ``shape`` (valid until the next call)."""
+        n = math.prod(shape)
+        if self._buffer.numel() < n:
+            self._buffer = torch.empty(0)  # the old one goes before the new one is pinned
+            self._buffer = torch.empty(n, pin_memory=True)
+        return self._buffer[:n].view(shape)
 
 
 @dataclass(frozen=True)
@@ -104,6 +132,7 @@ class _Runtime:
     dtype: torch.dtype
     stages: Stages | None
     tail_tile: int
+    staging: _Staging = field(default_factory=_Staging, compare=False)
 
 
 def _tail_tile(model: SRModel, dtype: torch.dtype, budget: int) -> int:
@@ -121,7 +150,8 @@ def auto_tile_size(
     """The largest core side (input pixels) whose run fits the memory budget.
 
     On CUDA the bytes per input pixel are measured with a small probe run (of the trunk only,
-    for models with stages, whose tail runs in bounded chunks); on the CPU a 4 GiB budget and a
+    for models with stages, whose tail runs in bounded chunks) plus the core's float32 output,
+    which is put together on the device; on the CPU a 4 GiB budget and a
     conservative estimate are used.
     """
     margin = model.context_margin
@@ -136,6 +166,7 @@ def auto_tile_size(
         with torch.inference_mode():
             (stages.trunk if stages else model.descriptor)(probe)
         per_pixel = (torch.cuda.max_memory_allocated(device) - base) / _PROBE_SIZE**2
+        per_pixel += 3 * model.scale**2 * 5  # the core's float32 output and its finite mask
         if stages:
             budget = budget * 3 // 4  # the rest is the tail's
     else:
@@ -186,7 +217,9 @@ def run_tiled(
         on_core=on_core,
     )
     workers = [(model, runtime)]  # each replica with its own trunk and tail
-    workers += [(m, replace(runtime, device=d, stages=m.stages)) for m, d in replicas]
+    workers += [
+        (m, replace(runtime, device=d, stages=m.stages, staging=_Staging())) for m, d in replicas
+    ]
     if len(workers) == 1:
         _work(run, model, runtime)
         return run.output

@@ -1,0 +1,66 @@
+"""The pixel stage's CUDA path, on a real GPU (skipped without one; run on the GPU machine).
+
+On CUDA a core's output is put together on the device from its tail chunks, checked for NaN/inf
+and brought back once through the worker's pinned staging buffer.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from tileup.upscalers.models import load_sr_model
+from tileup.upscalers.tiled import RunReport, run_tiled
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+CUDA = torch.device("cuda")
+
+
+@pytest.fixture(scope="module")
+def x4plus(shared_models):
+    return load_sr_model(shared_models / "RealESRGAN_x4plus.safetensors")
+
+
+@pytest.fixture(scope="module")
+def image() -> torch.Tensor:
+    rng = np.random.default_rng(0)
+    return torch.from_numpy(rng.random((1, 3, 104, 88), dtype=np.float32))
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32() -> None:
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+
+def test_cores_put_together_on_the_device_equal_the_cpu_run(x4plus, image) -> None:
+    """float32, four cores each of several tail chunks: the CUDA run equals the CPU run (up to
+    float32 kernel rounding) and returns an ordinary CPU tensor, not the staging buffer."""
+    on_gpu = copy.deepcopy(x4plus)
+    on_gpu.place(CUDA, torch.float32)
+    report = RunReport()
+    got = run_tiled(on_gpu, image, device=CUDA, dtype=torch.float32, tile=56, report=report)
+    want = run_tiled(
+        x4plus, image, device=torch.device("cpu"), dtype=torch.float32, tile=56, report=RunReport()
+    )
+    assert report.tiles == 4 and not report.fallbacks
+    assert got.device.type == "cpu" and not got.is_pinned()
+    assert got.shape == want.shape == (1, 3, 416, 352)
+    assert (got - want).abs().max().item() <= 1e-3
+
+
+def test_half_overflow_in_one_core_falls_back_to_float32(x4plus, image) -> None:
+    """Weights that overflow fp16 give inf in the device-side core: the core is run again in
+    float32 (one fallback note a core) and the output is finite, clamped to [0, 1]."""
+    model = copy.deepcopy(x4plus)
+    last = model.descriptor.model.model[-1]  # conv_last: 64 → 3
+    with torch.no_grad():
+        last.weight.mul_(1e6)
+    model.place(CUDA, torch.float16)
+    report = RunReport()
+    out = run_tiled(model, image, device=CUDA, dtype=torch.float16, tile=56, report=report)
+    assert len(report.fallbacks) == 4 and "non-finite" in report.fallbacks[0]
+    assert torch.isfinite(out).all() and out.min() >= 0 and out.max() <= 1
