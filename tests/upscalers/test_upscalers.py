@@ -196,6 +196,22 @@ def test_replicas_share_the_cores_and_give_the_same_bytes(name, request, photo) 
     assert not threads["primary"] & threads["replica"], "each copy in its own device's thread"
 
 
+def test_half_overflow_is_run_again_by_a_float32_copy(tiny, photo) -> None:
+    """A core whose fp16 output holds NaN (an activation past fp16's range: inf − inf) runs
+    again in float32 on a float32 copy of the model (the fp16 weights cannot take float32
+    input); the output is finite and the caller's model keeps its fp16 weights."""
+    model = deepcopy(tiny)
+    model.descriptor.model.body[-1].register_forward_hook(lambda m, i, o: o * 1e9 - o * 1e9)
+    model.place(CPU, torch.float16)
+    image = _nchw(np.ascontiguousarray(photo[:40, :36]))
+    report = RunReport()
+    out = run_tiled(model, image, device=CPU, dtype=torch.float16, tile=20, report=report)
+    assert report.tiles == 4 and len(report.fallbacks) == 4
+    assert "non-finite output in torch.float16" in report.fallbacks[0]
+    assert torch.isfinite(out).all() and out.min() >= 0 and out.max() <= 1
+    assert next(model.descriptor.model.parameters()).dtype == torch.float16
+
+
 def test_an_error_on_one_replica_stops_the_run(tiny, photo) -> None:
     seen: list[str] = []
     with pytest.raises(ValueError, match="replica broke"):

@@ -9,6 +9,7 @@ split into parts of half its size and the run continues.
 
 from __future__ import annotations
 
+import copy
 import math
 import threading
 from collections import deque
@@ -252,6 +253,7 @@ class _SharedRun:
 def _work(run: _SharedRun, model: SRModel, runtime: _Runtime) -> None:
     """Run cores from the shared queue on one device until it is empty (or another failed)."""
     scale, margin = model.scale, model.context_margin
+    exact: SRModel | None = None  # a float32 copy, made at the first non-finite core
     try:
         while True:
             with run.lock:
@@ -276,7 +278,9 @@ def _work(run: _SharedRun, model: SRModel, runtime: _Runtime) -> None:
                     run.report.fallbacks.append(
                         f"{model.name}: non-finite output in {runtime.dtype}; tile in fp32"
                     )
-                result = _forward_core(model, crop, local, replace(runtime, dtype=torch.float32))
+                exact = exact or _float32_copy(model)
+                fp32 = replace(runtime, dtype=torch.float32, stages=exact.stages)
+                result = _forward_core(exact, crop, local, fp32)
             except Exception as exc:
                 if not _is_out_of_memory(exc) or run.limit <= MIN_TILE:
                     raise
@@ -299,6 +303,13 @@ def _work(run: _SharedRun, model: SRModel, runtime: _Runtime) -> None:
     except BaseException:
         run.failed = True
         raise
+
+
+def _float32_copy(model: SRModel) -> SRModel:
+    """A copy of ``model`` with float32 weights on the same device and layout."""
+    exact = copy.deepcopy(model)
+    exact.descriptor.to(dtype=torch.float32)
+    return exact
 
 
 def _notify(on_tile: Callable[[int], None] | None, count: int) -> None:
