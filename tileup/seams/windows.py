@@ -80,7 +80,8 @@ def normalized_windows(
     """Per tile (by ``tile.index``) its blend window divided by the sum of all windows there.
 
     The windows of all tiles sum to 1 at every canvas pixel (up to rounding), so blending is
-    ``canvas[..., box] += values * window`` with no division. Computed once per grid.
+    ``canvas[..., box] += values * window`` with no division. Computed once per grid, on the
+    host (the same IEEE operations as on a device), then copied to ``device`` without waiting.
     """
     work = work_dtype(dtype)
     cache: dict[tuple[int, int, Overlap], torch.Tensor] = {}
@@ -88,13 +89,13 @@ def normalized_windows(
     for tile in grid.tiles:
         key = (tile.box.height, tile.box.width, tile.overlap)
         if key not in cache:
-            cache[key] = blend_window(*key, kind, device=device, dtype=work)
+            cache[key] = blend_window(*key, kind, dtype=work)
         windows.append(cache[key])
-    total = torch.zeros(grid.height, grid.width, device=device, dtype=work)
+    total = torch.zeros(grid.height, grid.width, dtype=work)
     for tile, window in zip(grid.tiles, windows, strict=True):
         rows, cols = tile.box.slices
         total[rows, cols] += window
     return tuple(
-        (window / total[tile.box.slices]).to(dtype)
+        (window / total[tile.box.slices]).to(dtype).to(device, non_blocking=True)
         for tile, window in zip(grid.tiles, windows, strict=True)
     )

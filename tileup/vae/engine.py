@@ -257,6 +257,9 @@ class StagedEngine:
         (its statistics only) and is recomputed from its inputs, crop by crop, wherever a later
         stage reads it (up to :data:`MAX_CHAIN` stages deep). None: on CUDA (a host round trip of
         a canvas costs more than recomputing several convs); True: every chainable stage."""
+        self.finite: list[torch.Tensor] = []
+        """Device flags: whether each GroupNorm's statistics were finite (:meth:`affine`), read
+        once at the end of a pass (:meth:`all_finite`) instead of one host wait a norm."""
         self.channels_last = device.type == "cuda"
         """On CUDA canvases and tile batches are laid out channels-last (H×W×C in memory): the
         convs run ~1.5× faster on tensor cores and crops copy as contiguous rows."""
@@ -325,7 +328,8 @@ class StagedEngine:
             per_row = max(1, data[:, :1].numel() * data.element_size())
             rows = max(1, (64 << 20) // per_row)
             for top in range(0, data.shape[1], rows):
-                out[:, top : top + rows].copy_(data[:, top : top + rows].to(place))
+                band = data[:, top : top + rows].to(place, non_blocking=True)
+                out[:, top : top + rows].copy_(band)
         else:
             out.copy_(data)
         result = Canvas(out, scale)
@@ -497,7 +501,8 @@ class StagedEngine:
                 for i in (0, 1)
             )
             counts = [n for one in per_lane for n in one[2]]
-            result.count = torch.tensor(counts, dtype=self.acc, device=self.device)[:, None]
+            counts_here = torch.tensor(counts, dtype=self.acc)  # no host wait for the device
+            result.count = counts_here.to(self.device, non_blocking=True)[:, None]
         return result
 
     def _crop(
@@ -631,11 +636,18 @@ class StagedEngine:
             top, left = t.top * scale, t.left * scale
             out[:, top + y0 : top + y1, left + x0 : left + x1] = res[i, :, y0:y1, x0:x1]
 
+    def all_finite(self, flags: Sequence[torch.Tensor] = ()) -> bool:
+        """Whether every statistics flag since the last call and every one of ``flags`` (any
+        lane's device) is true: one host wait; the statistics flags are cleared."""
+        pending = [f.to(self.device) for f in (*self.finite, *flags)]
+        self.finite.clear()
+        return not pending or bool(torch.stack(pending).all())
+
     def affine(self, c: Canvas, norm: nn.GroupNorm) -> tuple[torch.Tensor, torch.Tensor]:
         """GroupNorm ``norm`` with whole-canvas statistics as a per-channel affine ``x·a + b``.
 
-        Returns float32 (1, C, 1, 1) tensors on the device; raises NonFiniteError when the
-        statistics are not finite (one host sync).
+        Returns float32 (1, C, 1, 1) tensors on the device; whether they are finite is kept in
+        :attr:`finite` (no host wait).
         """
         if c.mean is None or c.m2 is None or c.count is None:
             raise RuntimeError("canvas has no statistics")
@@ -652,8 +664,7 @@ class StagedEngine:
         if norm.affine:
             w, bias = norm.weight.to(self.acc), norm.bias.to(self.acc)
             a, b = a * w, b * w + bias
-        if not bool(torch.isfinite(a).all() & torch.isfinite(b).all()):
-            raise NonFiniteError(f"non-finite activations before a GroupNorm in {self.dtype}")
+        self.finite.append(torch.isfinite(a).all() & torch.isfinite(b).all())
         a, b = a.float().view(1, -1, 1, 1), b.float().view(1, -1, 1, 1)
         for lane in self.lanes[1:]:  # copied now, while no lane has work queued
             lane(a), lane(b)

@@ -441,8 +441,9 @@ def _upsample(eng: StagedEngine, x: Canvas, us: Upsample) -> Canvas:
 
 def _encode_one(
     eng: StagedEngine, enc: Encoder, quant: nn.Module | None, latent: int, image: Canvas
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Encoder → quant_conv → posterior mean; (latent C×h×w float32 CPU, finite flag)."""
+) -> tuple[torch.Tensor, bool]:
+    """Encoder → quant_conv → posterior mean; (latent C×h×w float32 CPU, whether every
+    statistic and output was finite)."""
     x = eng.stage(
         [image],
         lambda c, b: _conv(b.lane(enc.conv_in), c[0]),
@@ -481,13 +482,14 @@ def _encode_one(
         out_dtype=torch.float32,
         out_device=torch.device("cpu"),
     )
-    return z.data, torch.stack([f.to(eng.device) for f in flags]).all()
+    return z.data, eng.all_finite(flags)
 
 
 def _decode_one(
     eng: StagedEngine, dec: Decoder, post: nn.Module | None, z: Canvas
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """post_quant_conv → Decoder; (image 3×H×W float32 CPU clamped to [-1, 1], finite flag)."""
+) -> tuple[torch.Tensor, bool]:
+    """post_quant_conv → Decoder; (image 3×H×W float32 CPU clamped to [-1, 1], whether every
+    statistic and output was finite)."""
     norm_out = dec.conv_norm_out
     if type(norm_out).__name__ != "GroupNorm" or not isinstance(norm_out, nn.GroupNorm):
         raise _unsupported("got a decoder with spatial norm")
@@ -525,7 +527,7 @@ def _decode_one(
         out_dtype=torch.float32,
         out_device=torch.device("cpu"),
     )
-    return img.data, torch.stack([f.to(eng.device) for f in flags]).all()
+    return img.data, eng.all_finite(flags)
 
 
 # --- public API ---------------------------------------------------------------------------------
@@ -677,7 +679,7 @@ def tiled_encode(
     with torch.inference_mode():
         for one in image:
             z, finite = _encode_one(eng, enc, quant, latent, eng.canvas(one, f))
-            if not bool(finite):
+            if not finite:
                 raise NonFiniteError(f"VAE encode produced NaN/inf in {dt}")
             outs.append(z)
     return torch.stack(outs)
@@ -723,7 +725,7 @@ def tiled_decode(
     with torch.inference_mode():
         for one in latents:
             img, finite = _decode_one(eng, dec, post, eng.canvas(one, 1))
-            if not bool(finite):
+            if not finite:
                 raise NonFiniteError(f"VAE decode produced NaN/inf in {dt}")
             outs.append(img)
     return torch.stack(outs)
