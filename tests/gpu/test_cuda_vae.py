@@ -366,23 +366,3 @@ def test_an_esrgan_model_runs_channels_last_on_cuda_with_the_nchw_output(
     ]  # fmt: skip
     gap = (runs[0] - runs[1]).abs()
     assert gap.max().item() <= 2 / 255 and gap.mean().item() < 1e-3, gap.max().item()
-
-
-def test_the_compiled_crop_vae_is_channels_last_with_the_batch_dynamic(vae) -> None:
-    """--compile on CUDA: the crop VAE's weights go channels-last and a batch of crops runs
-    through one compilation with the batch dynamic; float32 results as the eager VAE's."""
-    from tileup.vae.runner import VaeOptions, VaeRunner
-
-    cuda = torch.device("cuda")
-    eager = VaeRunner(copy.deepcopy(vae), cuda, torch.float32, VaeOptions(512, 4, "auto"))
-    options = VaeOptions(512, 4, "auto", compile=True)
-    compiled = VaeRunner(copy.deepcopy(vae), cuda, torch.float32, options)
-    pixels = torch.rand(2, 3, 96, 128, generator=torch.Generator().manual_seed(3)).cuda()
-    with torch.inference_mode():
-        latents = compiled.encode_crops(pixels, [])
-        assert (latents - eager.encode_crops(pixels, [])).abs().max().item() < 1e-3
-        images = compiled.decode_crops(latents, [])
-        assert (images - eager.decode_crops(latents, [])).abs().max().item() < 1e-3
-    conv = compiled.vae.encoder.conv_in
-    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
-    assert compiled.calls == 2 and len(compiled._compiled) == 2

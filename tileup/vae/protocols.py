@@ -57,13 +57,7 @@ class Placeable(Protocol):
 
     def parameters(self) -> Iterator[nn.Parameter]: ...
 
-    def to(
-        self,
-        device: torch.device | None = ...,
-        dtype: torch.dtype | None = ...,
-        *,
-        memory_format: torch.memory_format = ...,
-    ) -> Self: ...
+    def to(self, device: torch.device | None = ..., dtype: torch.dtype | None = ...) -> Self: ...
 
 
 class ResnetBlock(Protocol):

@@ -39,12 +39,10 @@ class VaeOptions:
     lanes: tuple[VaeRunner, ...] = ()
     """Runners of copies on other devices that take turns with the tiled VAE's tile batches."""
     compile: bool = False
-    """Run crops (redraw regions) through a ``torch.compile``-d VAE, in parts of ``batch`` with
-    the batch dynamic (:func:`tileup.sampling.compiled.compile_module`: per crop size, one
-    compilation for one crop, as dynamo specialises sizes 0 and 1, and one for 2 and more). On
-    CUDA the VAE's weights and the crops are then channels-last: with a dynamic batch inductor
-    leaves the layout to them, and NCHW convs were converted around every call (as for the
-    redraw UNet). Whole canvases take the tiled VAE either way."""
+    """Run crops (redraw regions) one at a time through a ``torch.compile``-d VAE
+    (:func:`tileup.sampling.compiled.compile_module`: one compilation per crop size; a dynamic
+    batch would compile batch 1 apart, as dynamo specialises sizes 0 and 1); whole canvases
+    take the tiled VAE either way."""
 
     @classmethod
     def for_device(cls, device: torch.device, tile: int) -> VaeOptions:
@@ -175,19 +173,13 @@ class VaeRunner:
     def _crops(
         self, fn: Callable[[Vae, torch.Tensor], torch.Tensor], x: torch.Tensor, notes: list[str]
     ) -> torch.Tensor:
-        """``fn`` over ``x`` in parts of ``options.batch`` crops, checked for NaN/inf once for
-        the whole call (one host sync, not one a part)."""
-        parts = torch.split(x, max(1, self.options.batch))
+        """``fn`` over ``x`` in parts of ``options.batch`` crops (one with ``options.compile``),
+        checked for NaN/inf once for the whole call (one host sync, not one a part)."""
+        parts = torch.split(x, 1 if self.options.compile else max(1, self.options.batch))
         self.calls += len(parts)
-        layout = torch.channels_last if self._compiled_on_cuda() else torch.contiguous_format
 
         def run(vae: Vae, dtype: torch.dtype) -> torch.Tensor:
-            out = torch.cat(
-                [
-                    fn(vae, part.to(self.device, dtype).contiguous(memory_format=layout)).float()
-                    for part in parts
-                ]
-            )
+            out = torch.cat([fn(vae, part.to(self.device, dtype)).float() for part in parts])
             if not bool(torch.isfinite(out).all()):
                 raise NonFiniteError(f"the VAE produced NaN/inf in {dtype}")
             return out
@@ -195,21 +187,15 @@ class VaeRunner:
         return self._guarded(run, notes)
 
     def _crop_pass(self, kind: type[_CropPass], vae: Vae) -> Callable[[torch.Tensor], torch.Tensor]:
-        """``kind`` over ``vae``: compiled once per VAE module when ``options.compile``, the
-        batch dynamic (on CUDA the module's weights made channels-last first)."""
+        """``kind`` over ``vae``: compiled once per VAE module when ``options.compile``."""
         if not self.options.compile:
             return kind(vae)
         key = (kind.__name__, id(vae))
         if key not in self._compiled:
             from tileup.sampling.compiled import compile_module  # imports torch._dynamo
 
-            if self._compiled_on_cuda():
-                vae.to(memory_format=torch.channels_last)
-            self._compiled[key] = compile_module(kind(vae), dynamic_batch=True)
+            self._compiled[key] = compile_module(kind(vae), dynamic_batch=False)
         return self._compiled[key]
-
-    def _compiled_on_cuda(self) -> bool:
-        return self.options.compile and self.device.type == "cuda"
 
     def encode_crops(self, pixels: torch.Tensor, notes: list[str]) -> torch.Tensor:
         """k×3×h×w in [0, 1] → scaled latents k×C×h/f×w/f (float32, on the device)."""
