@@ -42,7 +42,10 @@ class VaeOptions:
     """Run crops (redraw regions) one at a time through a ``torch.compile``-d VAE
     (:func:`tileup.sampling.compiled.compile_module`: one compilation per crop size; a dynamic
     batch would compile batch 1 apart, as dynamo specialises sizes 0 and 1); whole canvases
-    take the tiled VAE either way."""
+    take the tiled VAE either way. Measured against each redraw wave's crops in one call with
+    the batch dynamic and channels-last weights (H200, 2026-11-30, f9bee10): the compiled
+    redraw's stage took 9.78 s either way, with 117 s of compilation instead of 88 s and a
+    4.17 GiB peak instead of 3.00 GiB."""
 
     @classmethod
     def for_device(cls, device: torch.device, tile: int) -> VaeOptions:
