@@ -1,7 +1,7 @@
 """The pixel stage's CUDA path, on a real GPU (skipped without one; run on the GPU machine).
 
 On CUDA a core's output is put together on the device from its tail chunks, checked for NaN/inf
-and brought back once through the worker's pinned staging buffer.
+and brought back once through pinned memory.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def _no_tf32() -> None:
 
 def test_cores_put_together_on_the_device_equal_the_cpu_run(x4plus, image) -> None:
     """float32, four cores each of several tail chunks: the CUDA run equals the CPU run (up to
-    float32 kernel rounding) and returns an ordinary CPU tensor, not the staging buffer."""
+    float32 kernel rounding) and returns an ordinary (pageable) CPU tensor."""
     on_gpu = copy.deepcopy(x4plus)
     on_gpu.place(CUDA, torch.float32)
     report = RunReport()

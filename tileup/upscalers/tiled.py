@@ -96,35 +96,20 @@ def _forward_core(model: SRModel, crop: torch.Tensor, core: Box, runtime: _Runti
 
 def _finished(y: torch.Tensor, runtime: _Runtime) -> torch.Tensor:
     """A core's float32 output, clamped to [0, 1], on the CPU. On CUDA it comes back through
-    the worker's pinned staging buffer (a view of it: copy it out before the next core) with
-    one wait for the device; half-precision output with NaN/inf raises :class:`_NonFinite`."""
+    pinned memory (PyTorch's host allocator keeps the blocks for the next cores) with one wait
+    for the device; half-precision output with NaN/inf raises :class:`_NonFinite`."""
     checks = runtime.dtype != torch.float32
     if y.device.type != "cuda":
         if checks and not torch.isfinite(y).all():
             raise _NonFinite
         return y.clamp_(0, 1).cpu()
     finite = torch.isfinite(y).all().to("cpu", non_blocking=True) if checks else None
-    host = runtime.staging.take(y.shape)
+    host = torch.empty(y.shape, pin_memory=True)
     host.copy_(y.clamp_(0, 1), non_blocking=True)
     torch.cuda.current_stream(y.device).synchronize()
     if finite is not None and not bool(finite):
         raise _NonFinite
     return host
-
-
-class _Staging:
-    """One worker's pinned host buffer for its cores' outputs (grown as needed)."""
-
-    def __init__(self) -> None:
-        self._buffer = torch.empty(0)
-
-    def take(self, shape: torch.Size) -> torch.Tensor:
-        """A float32 pinned view of ``shape`` (valid until the next call)."""
-        n = math.prod(shape)
-        if self._buffer.numel() < n:
-            self._buffer = torch.empty(0)  # the old one goes before the new one is pinned
-            self._buffer = torch.empty(n, pin_memory=True)
-        return self._buffer[:n].view(shape)
 
 
 @dataclass(frozen=True)
@@ -133,7 +118,6 @@ class _Runtime:
     dtype: torch.dtype
     stages: Stages | None
     tail_tile: int
-    staging: _Staging = field(default_factory=_Staging, compare=False)
 
 
 def _tail_tile(model: SRModel, dtype: torch.dtype, budget: int) -> int:
@@ -218,9 +202,7 @@ def run_tiled(
         on_core=on_core,
     )
     workers = [(model, runtime)]  # each replica with its own trunk and tail
-    workers += [
-        (m, replace(runtime, device=d, stages=m.stages, staging=_Staging())) for m, d in replicas
-    ]
+    workers += [(m, replace(runtime, device=d, stages=m.stages)) for m, d in replicas]
     if len(workers) == 1:
         _work(run, model, runtime)
         return run.output
