@@ -144,7 +144,9 @@ class Upscaler:
         if device not in cache:
             m = copy.deepcopy(self.runner.model)
             m.descriptor.to(device=device)
-            cache[device] = dataclasses.replace(self.runner, model=m, device=device, replicas=())
+            cache[device] = dataclasses.replace(
+                self.runner, model=m, device=device, replicas=(), trunk=None
+            )
         return cache[device]
 
     # -- loading ------------------------------------------------------------------------------
@@ -160,7 +162,7 @@ class Upscaler:
 
     def _place_sr_model(self, upscaler: ModelUpscaler) -> ModelRunner:
         from tileup.upscalers.models import load_sr_model
-        from tileup.upscalers.pixel import ModelRunner
+        from tileup.upscalers.pixel import ModelRunner, compiled_trunk
         from tileup.upscalers.tiled import auto_tile_size
 
         model = load_sr_model(upscaler.path, name=upscaler.name)
@@ -176,7 +178,9 @@ class Upscaler:
         tile = self.settings.model_tile
         if tile is None and not model.prefers_untiled:
             tile = auto_tile_size(model, self.device, dtype)
-        return ModelRunner(model=model, device=self.device, dtype=dtype, tile=tile)
+        compiled = self.settings.compile and self.device.type == "cuda"
+        trunk = compiled_trunk(model) if compiled else None
+        return ModelRunner(model=model, device=self.device, dtype=dtype, tile=tile, trunk=trunk)
 
     def _load(self, checkpoint: str) -> DiffusionModel:
         from tileup.devices import diffusion_dtype

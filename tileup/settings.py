@@ -323,7 +323,8 @@ class UpscaleSettings:
     )
     compile: bool = knob(
         False,
-        "compile the UNet with torch.compile (a one-time cost, reported apart, then faster steps)",
+        "compile the UNet, the crop VAE and (CUDA) the SR model's trunk with torch.compile (a "
+        "one-time cost, reported apart and cached on disk, then faster steps)",
         needs_checkpoint=True,
     )
     cuda_graphs: bool = knob(

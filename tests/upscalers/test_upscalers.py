@@ -18,7 +18,13 @@ import torch
 from tileup.choices import RESAMPLERS
 from tileup.models.weights import WeightsError
 from tileup.upscalers.models import UpscalerError, load_sr_model
-from tileup.upscalers.pixel import ModelRunner, count_pixel_tiles, model_passes, upscale_pixels
+from tileup.upscalers.pixel import (
+    ModelRunner,
+    compiled_trunk,
+    count_pixel_tiles,
+    model_passes,
+    upscale_pixels,
+)
 from tileup.upscalers.registry import LatentUpscaler, ModelUpscaler, Resampler, resolve_upscaler
 from tileup.upscalers.resample import resample, resize_exact
 from tileup.upscalers.tiled import RunReport, count_tiles, run_tiled
@@ -240,6 +246,42 @@ def test_runner_replicas_reach_the_tiled_run(tiny, photo) -> None:
     single = upscale_pixels(photo, (128, 160), runner=ModelRunner(tiny, CPU, torch.float32, 24))
     np.testing.assert_array_equal(out, single)
     assert {s.split("@")[0] for s in seen} == {"primary", "replica"}
+
+
+def test_a_compiled_trunk_runs_every_core_of_a_single_device_run(
+    x4plus, tiny, photo, monkeypatch, tmp_path
+) -> None:
+    """The runner's compiled trunk (dynamo with its ``eager`` backend: traced, no kernels) runs
+    each core of a one-device run, traced once for cores of one shape, with the eager values;
+    a runner with replicas leaves it aside (no compilation in the devices' threads)."""
+    from torch._dynamo.utils import counters
+
+    from tileup.sampling import compiled as compiled_module
+
+    monkeypatch.setattr(compiled_module, "BACKEND", "eager")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    torch._dynamo.reset()
+    image = np.ascontiguousarray(photo[:32, :48])
+    eager = upscale_pixels(image, (128, 192), runner=ModelRunner(x4plus, CPU, torch.float32, 16))
+
+    def graphs() -> int:
+        return int(counters["stats"]["unique_graphs"])
+
+    trunk = compiled_trunk(x4plus)
+    assert trunk is not None and compiled_trunk(tiny) is None  # no stages
+    before, report = graphs(), RunReport()
+    runner = ModelRunner(x4plus, CPU, torch.float32, 16, trunk=trunk)
+    np.testing.assert_array_equal(
+        upscale_pixels(image, (128, 192), runner=runner, report=report), eager
+    )
+    assert report.tiles == 6 and graphs() - before == 1
+    torch._dynamo.reset()
+    before = graphs()
+    replica = ModelRunner(x4plus, CPU, torch.float32, 16)
+    shared = ModelRunner(x4plus, CPU, torch.float32, 16, replicas=(replica,), trunk=trunk)
+    np.testing.assert_array_equal(upscale_pixels(image, (128, 192), runner=shared), eager)
+    assert graphs() == before
+    torch._dynamo.reset()
 
 
 def test_model_passes() -> None:

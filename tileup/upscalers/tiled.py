@@ -173,6 +173,7 @@ def run_tiled(
     budget_bytes: int | None = None,
     on_core: Callable[[Box, Box], None] | None = None,
     replicas: Sequence[tuple[SRModel, torch.device]] = (),
+    trunk: torch.nn.Module | None = None,
 ) -> torch.Tensor:
     """Upscale a 1×3×H×W float32 CPU image in [0, 1]; returns 1×3×sH×sW float32 on the CPU.
 
@@ -184,11 +185,17 @@ def run_tiled(
     ``replicas``: copies of ``model`` on other devices; each device then takes the next core
     from one shared queue in its own thread (a core's output does not depend on which device
     ran it; the callbacks are called under one lock). The first error stops every device.
+    ``trunk``: run by ``model``'s worker instead of its stages' trunk (the same computation,
+    compiled: :func:`tileup.upscalers.pixel.compiled_trunk`); the float32 fallback and the
+    replicas run their own.
     """
     _, _, height, width = image.shape
     scale = model.scale
     budget = budget_bytes or (GPU_BUDGET_BYTES if device.type == "cuda" else CPU_BUDGET_BYTES)
-    runtime = _Runtime(device, dtype, model.stages, _tail_tile(model, dtype, budget))
+    stages = model.stages
+    if stages is not None and trunk is not None:
+        stages = replace(stages, trunk=trunk)
+    runtime = _Runtime(device, dtype, stages, _tail_tile(model, dtype, budget))
     canvas = Box(0, 0, height, width)
     run = _SharedRun(
         image=image,
