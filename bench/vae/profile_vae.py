@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from tileup.vae import engine as vae_engine
 from tileup.vae import flash, tiled
+from tileup.vae import stats as vae_stats
 
 DEVICE = "cuda"
 """Where the parts run (a CPU smoke test of ``crops`` sets ``"cpu"``)."""
@@ -200,6 +201,7 @@ def micro(dtype: torch.dtype) -> dict[str, float]:
         "var_mean_batch_flat": seconds(
             lambda: torch.var_mean(x.float().permute(0, 2, 3, 1).flatten(1, 2), dim=1)
         ),
+        "stats_kernel": seconds(lambda: vae_stats.channel_stats(x)),
         "float_copy": seconds(lambda: x.float()),
         "norm_addcmul_out": seconds(addcmul),
         "norm_batch_norm": seconds(batch_norm),

@@ -366,3 +366,45 @@ def test_an_esrgan_model_runs_channels_last_on_cuda_with_the_nchw_output(
     ]  # fmt: skip
     gap = (runs[0] - runs[1]).abs()
     assert gap.max().item() <= 2 / 255 and gap.mean().item() < 1e-3, gap.max().item()
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_the_statistics_kernel_gives_float32_statistics_in_place(channels_last) -> None:
+    """tileup.vae.stats on the GPU, on a batch the size of the reference job's (4 tiles of
+    128 channels, off the block sizes) with a mean far from zero and on a window of it: mean and
+    M2 against float64, as close as PyTorch's float32 ``var_mean``."""
+    from tileup.vae import stats
+
+    gen = torch.Generator("cuda").manual_seed(0)
+    x = torch.randn(4, 128, 258, 261, device="cuda", generator=gen) * 2 + 30
+    x = x.bfloat16()
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    assert stats.enabled(x)
+    for t in (x, x[1:3, :, 5:200, 7:101]):
+        mean, m2 = stats.channel_stats(t)
+        var, truth = torch.var_mean(t.double(), dim=(2, 3), correction=0)
+        torch_var, torch_mean = torch.var_mean(t.float(), dim=(2, 3), correction=0)
+        n = t.shape[2] * t.shape[3]
+        assert mean.dtype == m2.dtype == torch.float32 and mean.shape == (t.shape[0], 128)
+        mean_error = (mean.double() - truth).abs().max().item()
+        assert mean_error <= max(2 * (torch_mean.double() - truth).abs().max().item(), 1e-5)
+        m2_error = (m2.double() / (var * n) - 1).abs().max().item()
+        assert m2_error <= max(2 * (torch_var.double() / var - 1).abs().max().item(), 1e-5)
+
+
+@torch.inference_mode()
+def test_a_statistics_kernel_that_fails_falls_back_to_pytorchs(monkeypatch) -> None:
+    from tileup.vae import stats
+
+    def broken() -> object:
+        raise RuntimeError("no kernel for this GPU")
+
+    monkeypatch.setattr(stats, "_kernel", broken)
+    monkeypatch.setattr(stats, "_FAILED", set())
+    x = torch.randn(2, 32, 9, 10, device="cuda")
+    var, expected = torch.var_mean(x, dim=(2, 3), correction=0)
+    with pytest.warns(UserWarning, match="statistics kernel unavailable"):
+        mean, m2 = stats.channel_stats(x)
+    assert torch.equal(mean, expected) and torch.equal(m2, var * 90) and not stats.enabled(x)

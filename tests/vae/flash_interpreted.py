@@ -12,7 +12,7 @@ os.environ["TRITON_INTERPRET"] = "1"
 
 import torch
 
-from tileup.vae import flash, softmax
+from tileup.vae import flash, softmax, stats
 from tileup.vae import tiled as tv
 
 
@@ -42,6 +42,70 @@ def softmax_cases() -> dict[str, object]:
                 "torch_error": error(torch.softmax(scores, dim=-1).to(dtype), torchs),
                 "row_sums": error(mine.double().sum(-1), torch.ones(rows)),
             }
+    return cases
+
+
+def stats_cases() -> dict[str, object]:
+    """tileup.vae.stats against float64 ``var_mean`` (and PyTorch's float32 path): layouts,
+    a large common offset, channels and pixels off the block sizes, a window; and a tiled VAE
+    encode with the kernel against one with PyTorch's statistics."""
+    cases: dict[str, object] = {}
+    specs = {
+        "bf16_channels_last_offset": ((2, 64, 13, 11), torch.bfloat16, True, 40.0),
+        "float32_nchw": ((3, 3, 5, 7), torch.float32, False, 0.0),
+        "bf16_130_channels": ((1, 130, 9, 70), torch.bfloat16, True, 0.0),
+    }
+    for name, (shape, dtype, channels_last, offset) in specs.items():
+        gen = torch.Generator().manual_seed(len(name))
+        x = (torch.randn(shape, generator=gen) * 3 + offset).to(dtype)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        pieces = {name: x, f"{name}_window": x[:, :, 1:5, 2:6]}
+        for key, t in pieces.items():
+            mean, m2 = stats.channel_stats(t)
+            var, truth = torch.var_mean(t.double(), dim=(2, 3), correction=0)
+            n = t.shape[2] * t.shape[3]
+            torch_var, torch_mean = torch.var_mean(t.float(), dim=(2, 3), correction=0)
+            cases[key] = {
+                "shape": list(mean.shape) + list(m2.shape),
+                "dtype": str(mean.dtype),
+                "mean_error": error(mean, truth),
+                "torch_mean_error": error(torch_mean, truth),
+                "m2_relative_error": error(m2 / (var * n), torch.ones_like(var)),
+                "torch_m2_relative_error": error(torch_var / var, torch.ones_like(var)),
+            }
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        block_out_channels=(32, 64),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=16,
+        layers_per_block=1,
+    ).eval()
+    image = torch.rand(1, 3, 40, 56, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    merges: list[int] = []
+    original = stats._merged
+
+    def counted(*args: object, **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
+        merges.append(1)
+        return original(*args, **kwargs)  # type: ignore[arg-type]
+
+    stats._merged = counted  # type: ignore[assignment]
+    with torch.no_grad():
+        kernel = tv.tiled_encode(vae, image, tile=16, batch=3)
+        os.environ["TILEUP_VAE_STATS"] = "torch"
+        calls = len(merges)
+        torchs = tv.tiled_encode(vae, image, tile=16, batch=3)
+        os.environ.pop("TILEUP_VAE_STATS")
+    cases["encode"] = {
+        "kernel_calls": calls,
+        "torch_calls": len(merges) - calls,
+        "difference": error(kernel, torchs),
+        "scale": kernel.abs().max().item(),
+    }
     return cases
 
 
@@ -100,6 +164,7 @@ def main() -> None:
         "error": error(fused[0, 0], reference(q[0, 0], k[0, 0], v[0, 0])),
     }
     out["softmax"] = softmax_cases()
+    out["stats"] = stats_cases()
     json.dump(out, sys.stdout)
 
 

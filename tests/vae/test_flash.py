@@ -1,5 +1,6 @@
-"""The fused attention kernel (tileup.vae.flash) and the row softmax the chunked attention
-uses on CUDA (tileup.vae.softmax) on the CPU, through Triton's interpreter.
+"""The fused attention kernel (tileup.vae.flash), the row softmax the chunked attention uses on
+CUDA (tileup.vae.softmax) and the GroupNorm statistics kernel (tileup.vae.stats) on the CPU,
+through Triton's interpreter.
 
 Exactness against float64 softmax attention at sizes that leave partial query and key blocks;
 written over its queries; the tiled VAE's attention routes to it only when asked. The kernel
@@ -34,6 +35,7 @@ def interpreted() -> dict[str, Any]:
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=path)
     env.pop("TILEUP_VAE_ATTENTION", None)
     env.pop("TILEUP_VAE_SOFTMAX", None)
+    env.pop("TILEUP_VAE_STATS", None)
     done = subprocess.run(
         [sys.executable, str(HERE / "flash_interpreted.py")],
         capture_output=True,
@@ -125,3 +127,59 @@ def test_the_row_softmax_refuses_what_it_cannot_take(monkeypatch) -> None:
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setenv("TILEUP_VAE_SOFTMAX", "torch")
     assert not softmax.enabled(scores)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "bf16_channels_last_offset",
+        "float32_nchw",
+        "bf16_130_channels",
+        "bf16_channels_last_offset_window",
+        "float32_nchw_window",
+        "bf16_130_channels_window",
+    ],
+)
+def test_the_statistics_kernel_is_float32_exact_in_any_layout(interpreted, case: str) -> None:
+    """Channel mean and M2 against float64 (channels-last and NCHW, a mean 13 standard
+    deviations from zero, 130 channels, 630 pixels, a window of a larger tensor): within a few
+    float32 steps, as close as PyTorch's float32 ``var_mean``."""
+    got = interpreted["stats"][case]
+    sizes = {
+        "bf16_channels_last_offset": (2, 64),
+        "float32_nchw": (3, 3),
+        "bf16_130_channels": (1, 130),
+    }
+    batch, channels = sizes[case.removesuffix("_window")]
+    assert got["shape"] == [batch, channels, batch, channels] and got["dtype"] == "torch.float32"
+    assert got["mean_error"] <= max(2 * got["torch_mean_error"], 1e-5)
+    assert got["m2_relative_error"] <= max(2 * got["torch_m2_relative_error"], 1e-5)
+
+
+def test_the_tiled_vae_takes_its_statistics_from_the_kernel(interpreted) -> None:
+    """Every statistics batch of a tiled encode went through the kernel (and none with
+    ``TILEUP_VAE_STATS=torch``); the latents equal PyTorch's statistics' up to float32
+    rounding."""
+    got = interpreted["stats"]["encode"]
+    assert got["kernel_calls"] >= 10 and got["torch_calls"] == 0
+    assert got["difference"] <= 1e-5 * max(1.0, got["scale"])
+
+
+def test_the_statistics_kernel_is_left_aside_where_it_cannot_run(monkeypatch) -> None:
+    from tileup.vae import softmax, stats
+
+    x = torch.randn(2, 5, 3, 4)
+    assert not stats.enabled(x)  # the CPU needs the interpreter: PyTorch's then
+    mean, m2 = stats.channel_stats(x)
+    var, expected = torch.var_mean(x, dim=(2, 3), correction=0)
+    assert torch.equal(mean, expected) and torch.equal(m2, var * 12)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert stats.enabled(x)
+    monkeypatch.setattr(softmax, "_triton_installed", lambda: False)
+    assert not stats.enabled(x)
+    monkeypatch.undo()
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("TILEUP_VAE_STATS", "torch")
+    assert not stats.enabled(x)
+    with pytest.raises(ValueError, match="B×C×H×W"):
+        stats.channel_stats(torch.zeros(3, 4, 5))

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from tileup.tiler import axis_starts
+from tileup.vae.stats import channel_stats
 
 __all__ = [
     "PRIMARY",
@@ -691,7 +692,8 @@ def _stored(canvases: Sequence[Canvas]) -> list[Canvas]:
 def _owned_stats(
     res: torch.Tensor, owned: Sequence[tuple[int, int, int, int]]
 ) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
-    """Per tile of a result batch, float32 channel mean, M2 and pixel count over its owned region.
+    """Per tile of a result batch, float32 channel mean, M2 and pixel count over its owned region
+    (:func:`tileup.vae.stats.channel_stats`: one kernel reading the batch in place on CUDA).
 
     Tiles that own their whole core are reduced in one call (the common case: one kernel a
     batch instead of one a tile), the others one by one."""
@@ -700,14 +702,13 @@ def _owned_stats(
     stats: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}
     if whole:
         picked = res if len(whole) == len(owned) else res[whole]
-        var, mean = torch.var_mean(picked.float(), dim=(2, 3), correction=0)
+        mean, m2 = channel_stats(picked)
         for j, i in enumerate(whole):
-            stats[i] = (mean[j], var[j] * (rows * cols), rows * cols)
+            stats[i] = (mean[j], m2[j], rows * cols)
     for i, (y0, y1, x0, x1) in enumerate(owned):
         if i not in stats:
-            var, mean = torch.var_mean(res[i, :, y0:y1, x0:x1].float(), dim=(1, 2), correction=0)
-            n = (y1 - y0) * (x1 - x0)
-            stats[i] = (mean, var * n, n)
+            mean, m2 = channel_stats(res[i : i + 1, :, y0:y1, x0:x1])
+            stats[i] = (mean[0], m2[0], (y1 - y0) * (x1 - x0))
     return [stats[i] for i in range(len(owned))]
 
 

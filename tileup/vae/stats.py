@@ -1,0 +1,150 @@
+"""Per-channel float32 mean and M2 of a batch of tiles, read once, in one Triton kernel.
+
+The exact tiled VAE keeps, for every tile of a stage whose output feeds a GroupNorm, each
+channel's mean and M2 (sum of squared deviations) over the tile's owned pixels
+(:func:`tileup.vae.engine._owned_stats`). PyTorch does that as a float32 copy of the batch and
+``var_mean`` over a channels-last tensor's outer dimensions: 0.66 ms for 4×128×512² bf16 on an
+H200 (~0.4 TB/s; ``bench/vae/profile_vae.py --parts micro``, 2026-11-30), about 0.2 s of each
+4096² reference job. Here one program reads a block of pixels × channels in place, whatever
+the layout, and keeps the block's mean and M2 (two passes over its registers, float32); the
+blocks are merged with Chan's formula. The values are PyTorch's up to float32 rounding.
+
+Used on CUDA GPUs from compute capability 8.0 with Triton installed (elsewhere, with
+``TILEUP_VAE_STATS=torch``, or when the kernel fails to build: PyTorch's); tested on the CPU
+through Triton's interpreter (``TRITON_INTERPRET=1``).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from typing import Any
+
+import torch
+
+from tileup.devices import on_device
+from tileup.vae import softmax
+
+__all__ = ["channel_stats", "enabled"]
+
+_BLOCK_PIXELS = 64
+_FAILED: set[int] = set()
+"""CUDA devices where the kernel could not be built or launched (PyTorch's there)."""
+
+
+def enabled(x: torch.Tensor) -> bool:
+    """Whether :func:`channel_stats` runs the kernel for ``x``: on a CUDA GPU of compute
+    capability 8.0 or later with Triton installed, unless ``TILEUP_VAE_STATS=torch`` or the
+    kernel failed there before; on the CPU under Triton's interpreter."""
+    if os.environ.get("TILEUP_VAE_STATS", "triton") == "torch":
+        return False
+    if not softmax._triton_installed():
+        return False
+    if x.device.type == "cuda":
+        if _index(x.device) in _FAILED:
+            return False
+        return torch.cuda.get_device_capability(x.device) >= (8, 0)
+    return os.environ.get("TRITON_INTERPRET") == "1" and x.device.type == "cpu"
+
+
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+@functools.cache
+def _kernel() -> Any:
+    import triton
+    import triton.language as tl
+
+    @triton.jit  # type: ignore[untyped-decorator]  # triton is untyped
+    def block_stats(  # type: ignore[no-untyped-def]
+        x_ptr,
+        mean_ptr,
+        m2_ptr,
+        pixels,
+        width,
+        channels,
+        stride_b,
+        stride_c,
+        stride_h,
+        stride_w,
+        BLOCK_P: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+    ):
+        b = tl.program_id(0).to(tl.int64)
+        block = tl.program_id(1)
+        c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+        p = block * BLOCK_P + tl.arange(0, BLOCK_P)
+        inside = (p < pixels)[:, None] & (c < channels)[None, :]
+        h, w = (p // width).to(tl.int64), (p % width).to(tl.int64)
+        offsets = b * stride_b + (h * stride_h + w * stride_w)[:, None]
+        offsets += c.to(tl.int64)[None, :] * stride_c
+        x = tl.load(x_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+        n = tl.minimum(pixels - block * BLOCK_P, BLOCK_P).to(tl.float32)
+        mean = tl.sum(x, axis=0) / n
+        deviation = tl.where(inside, x - mean[None, :], 0.0)
+        m2 = tl.sum(deviation * deviation, axis=0)
+        out = (b * tl.num_programs(1) + block) * channels + c
+        tl.store(mean_ptr + out, mean, mask=c < channels)
+        tl.store(m2_ptr + out, m2, mask=c < channels)
+
+    return block_stats
+
+
+def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 mean and M2 over H×W of each sample's channels of a B×C×H×W ``x`` (any strides):
+    two B×C tensors on ``x``'s device. One kernel when :func:`enabled`, else PyTorch's
+    ``var_mean`` of a float32 copy."""
+    if x.dim() != 4:
+        raise ValueError("x must be B×C×H×W")
+    batch, channels, height, width = x.shape
+    pixels = height * width
+    if not enabled(x) or not x.numel():
+        var, mean = torch.var_mean(x.float(), dim=(2, 3), correction=0)
+        return mean, var * pixels
+    blocks = -(-pixels // _BLOCK_PIXELS)
+    block_c = min(128, 1 << max(0, channels - 1).bit_length())
+    means = torch.empty(batch, blocks, channels, device=x.device)
+    m2s = torch.empty_like(means)
+    try:
+        with on_device(x.device):  # Triton launches on the current device's stream
+            _kernel()[(batch, blocks, -(-channels // block_c))](
+                x,
+                means,
+                m2s,
+                pixels,
+                width,
+                channels,
+                x.stride(0),
+                x.stride(1),
+                x.stride(2),
+                x.stride(3),
+                BLOCK_P=_BLOCK_PIXELS,
+                BLOCK_C=block_c,
+                num_warps=4,
+            )
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as exc:  # Triton cannot build or launch it here: PyTorch's from now on
+        if x.device.type != "cuda":
+            raise
+        _FAILED.add(_index(x.device))
+        warnings.warn(
+            f"VAE statistics kernel unavailable ({type(exc).__name__}); using PyTorch's",
+            stacklevel=2,
+        )
+        return channel_stats(x)
+    return _merged(means, m2s, pixels)
+
+
+def _merged(
+    means: torch.Tensor, m2s: torch.Tensor, pixels: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blocks' (B×blocks×C) means and M2s of ``_BLOCK_PIXELS`` pixels each (the last block
+    holds the rest) merged into B×C mean and M2 (Chan et al.'s parallel formula)."""
+    counts = torch.full((means.shape[1], 1), float(_BLOCK_PIXELS), device=means.device)
+    counts[-1] = pixels - (means.shape[1] - 1) * _BLOCK_PIXELS
+    mean = (means * counts).sum(1) / pixels
+    m2 = m2s.sum(1) + (counts * (means - mean[:, None]) ** 2).sum(1)
+    return mean, m2
