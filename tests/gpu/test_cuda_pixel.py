@@ -64,3 +64,18 @@ def test_half_overflow_in_one_core_falls_back_to_float32(x4plus, image) -> None:
     assert len(report.fallbacks) == 4 and "non-finite" in report.fallbacks[0]
     assert torch.isfinite(out).all() and out.min() >= 0 and out.max() <= 1
     assert next(model.descriptor.model.parameters()).dtype == torch.float16
+
+
+def test_a_redraw_canvas_comes_back_through_pinned_memory() -> None:
+    """The redraw's CUDA canvas (3×H×W, any float dtype) comes back as the same H×W×3 float32
+    values; the copy is pinned (its numpy array keeps the block alive)."""
+    from tileup.devices import to_pinned_host
+    from tileup.modes.redraw import _to_rgb
+
+    gen = torch.Generator("cuda").manual_seed(0)
+    canvas = torch.rand(3, 40, 56, device=CUDA, generator=gen)
+    host = to_pinned_host(canvas)
+    assert host.is_pinned() and torch.equal(host, canvas.cpu())
+    rgb = _to_rgb(canvas.half())
+    assert rgb.shape == (40, 56, 3) and rgb.dtype == np.float32
+    np.testing.assert_array_equal(rgb, canvas.half().float().permute(1, 2, 0).cpu().numpy())

@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tileup.devices import on_device, to_hwc
+from tileup.devices import on_device, to_hwc, to_pinned_host
 from tileup.modes.model import DiffusionModel, DiffusionReport
 from tileup.modes.regions import Region, context_crop, crop_masks, seam_fix_passes, tile_regions
 from tileup.progress import work_clock
@@ -632,7 +632,8 @@ def _to_canvas(rgb: np.ndarray, device: torch.device) -> torch.Tensor:
 
 
 def _to_rgb(canvas: torch.Tensor) -> np.ndarray:
-    """The canvas back as an H×W×3 float32 host image (relaid on the device when there)."""
+    """The canvas back as an H×W×3 float32 host image (relaid on the device when there, and
+    brought back through pinned memory)."""
     if canvas.is_cuda:
-        return canvas.float().permute(1, 2, 0).contiguous().cpu().numpy()
+        return to_pinned_host(canvas.float().permute(1, 2, 0).contiguous()).numpy()
     return to_hwc(canvas.float()).numpy()

@@ -21,6 +21,7 @@ import spandrel
 import torch
 import torch.nn.functional as F
 
+from tileup.devices import to_pinned_host
 from tileup.tiler import Box, split_box
 from tileup.upscalers.models import SRModel, Stages
 
@@ -104,9 +105,7 @@ def _finished(y: torch.Tensor, runtime: _Runtime) -> torch.Tensor:
             raise _NonFinite
         return y.clamp_(0, 1).cpu()
     finite = torch.isfinite(y).all().to("cpu", non_blocking=True) if checks else None
-    host = torch.empty(y.shape, pin_memory=True)
-    host.copy_(y.clamp_(0, 1), non_blocking=True)
-    torch.cuda.current_stream(y.device).synchronize()
+    host = to_pinned_host(y.clamp_(0, 1))
     if finite is not None and not bool(finite):
         raise _NonFinite
     return host
