@@ -85,6 +85,7 @@ import gc
 import hashlib
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -714,6 +715,7 @@ def one(o: OneArgs) -> dict[str, Any]:
         "date": _now(),
         "torch": torch.__version__,
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU",
+        "host": platform.node(),  # the same job varies by ~7 % between hosts of one kind
         "error": None,
     }
     try:
@@ -845,7 +847,8 @@ def launch(proc: Process, args: argparse.Namespace, timeout: float) -> dict[str,
 
 # fmt: off
 JOB_FIELDS = (
-    "job", "description", "kind", "mode", "card", "device", "device_setting", "seconds", "stages",
+    "job", "description", "kind", "mode", "card", "device", "host", "device_setting", "seconds",
+    "stages",
     "flops", "tflops", "share_of_peak", "peak_allocated_gib", "peak_reserved_gib",
     "peak_allocated_gib_per_device", "peak_note", "tiles", "tile_steps", "steps_per_tile",
     "pixel_tiles", "unet_calls", "unet_batch", "num_inference_steps", "passes", "memory_plan",
@@ -858,7 +861,7 @@ SWEEP_FIELDS = (
     "vram_gib", "mode", "whole_gpu", "seconds", "stages", "tflops", "share_of_peak",
     "peak_allocated_gib", "peak_reserved_gib", "memory_plan", "fallbacks", "output_sha256",
     "max_abs_diff_255", "differing_fraction", "compared_with", "emulation", "environment",
-    "error", "date", "commit",
+    "host", "error", "date", "commit",
 )
 # fmt: on
 
