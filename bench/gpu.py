@@ -722,6 +722,8 @@ def one(o: OneArgs) -> dict[str, Any]:
         import diffusers
 
         rec["diffusers"] = diffusers.__version__
+        if torch.cuda.is_available() and not o.smoke:
+            rec["calibration"] = calibrate()
         if job.devices > torch.cuda.device_count() and torch.cuda.is_available():
             rec["note"] = f"{torch.cuda.device_count()} CUDA device(s) on this machine"
         path = output_path(o.work, job.kind, o.gib, job.devices, job.variant)
@@ -735,6 +737,43 @@ def one(o: OneArgs) -> dict[str, Any]:
         traceback.print_exc()
         rec["error"] = _error(exc)
     return rec
+
+
+def calibrate() -> dict[str, float]:
+    """What this host and GPU do on three fixed loads, measured before the job (~1 s), so that
+    entries from different hosts can be told apart (one job and commit measured 10.26 and 11.01
+    s on two H200 hosts): bf16 GEMM TFLOP/s (8192³), microseconds per launch of a one-element
+    kernel as the host queues them, and seconds of a fixed pure-Python loop."""
+    import torch
+
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ a
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(40):
+        a @ a
+    torch.cuda.synchronize()
+    gemm = 40 * 2 * 8192**3 / (time.perf_counter() - start) / 1e12
+    one = torch.zeros(1, device="cuda")
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(5000):
+        one.add_(1)
+    launch = (time.perf_counter() - start) / 5000 * 1e6
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    total = 0
+    for i in range(2_000_000):
+        total += i & 7
+    python = time.perf_counter() - start
+    del a, one
+    torch.cuda.empty_cache()
+    return {
+        "gemm_tflops": round(gemm, 1),
+        "launch_us": round(launch, 2),
+        "python_loop_s": round(python, 3),
+    }
 
 
 # -- run: processes, merge, write --------------------------------------------------------------
@@ -854,14 +893,15 @@ JOB_FIELDS = (
     "pixel_tiles", "unet_calls", "unet_batch", "num_inference_steps", "passes", "memory_plan",
     "fallbacks", "input_size", "output_size", "output_sha256", "max_abs_diff_255",
     "differing_fraction", "compared_with", "emulation", "load_seconds", "warmup", "warmup_seconds",
-    "compile_seconds", "steps", "smoke", "environment", "note", "error", "flops_error", "date",
+    "compile_seconds", "steps", "smoke", "environment", "calibration", "note", "error",
+    "flops_error", "date",
     "commit", "torch", "diffusers",
 )
 SWEEP_FIELDS = (
     "vram_gib", "mode", "whole_gpu", "seconds", "stages", "tflops", "share_of_peak",
     "peak_allocated_gib", "peak_reserved_gib", "memory_plan", "fallbacks", "output_sha256",
     "max_abs_diff_255", "differing_fraction", "compared_with", "emulation", "environment",
-    "host", "error", "date", "commit",
+    "host", "calibration", "error", "date", "commit",
 )
 # fmt: on
 
