@@ -723,7 +723,10 @@ def one(o: OneArgs) -> dict[str, Any]:
 
         rec["diffusers"] = diffusers.__version__
         if torch.cuda.is_available() and not o.smoke:
-            rec["calibration"] = calibrate()
+            try:  # never the job's error
+                rec["calibration"] = calibrate()
+            except Exception as exc:
+                rec["calibration"] = {"error": _error(exc)}
         if job.devices > torch.cuda.device_count() and torch.cuda.is_available():
             rec["note"] = f"{torch.cuda.device_count()} CUDA device(s) on this machine"
         path = output_path(o.work, job.kind, o.gib, job.devices, job.variant)
