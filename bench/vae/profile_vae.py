@@ -149,7 +149,8 @@ def attention(
 
 
 def conv(dtype: torch.dtype) -> dict[str, Any]:
-    """A 3×3 conv and the norm-activation pre-op on a batch of 4 full-resolution tiles."""
+    """A 3×3 conv (128 → 128, and the VAE's narrow ends 128 → 3 and 3 → 128) and the
+    norm-activation pre-op on a batch of 4 full-resolution tiles."""
     x = torch.randn(4, 128, 514, 514, device="cuda", dtype=dtype)
     layer = torch.nn.Conv2d(128, 128, 3).to("cuda", dtype)
     flops = 2 * 9 * 128 * 128 * 4 * 512 * 512
@@ -158,6 +159,10 @@ def conv(dtype: torch.dtype) -> dict[str, Any]:
     act = torch.nn.SiLU()
     xl = x.contiguous(memory_format=torch.channels_last)
     ll = torch.nn.Conv2d(128, 128, 3).to("cuda", dtype).to(memory_format=torch.channels_last)
+    narrow = torch.nn.Conv2d(128, 3, 3).to("cuda", dtype).to(memory_format=torch.channels_last)
+    wide = torch.nn.Conv2d(3, 128, 3).to("cuda", dtype).to(memory_format=torch.channels_last)
+    image = torch.randn(4, 3, 514, 514, device="cuda", dtype=dtype)
+    image = image.contiguous(memory_format=torch.channels_last)
     torch.backends.cudnn.benchmark = True
     bench_nchw = seconds(lambda: layer(x))
     bench_cl = seconds(lambda: ll(xl))
@@ -167,11 +172,14 @@ def conv(dtype: torch.dtype) -> dict[str, Any]:
         "conv_channels_last_cudnn_benchmark": bench_cl,
         "conv_nchw": seconds(lambda: layer(x)),
         "conv_channels_last": seconds(lambda: ll(xl)),
+        # the decoder's last conv (128 → 3) and the encoder's first (3 → 128) on the same tiles
+        "conv_out_channels_last": seconds(lambda: narrow(xl)),
+        "conv_in_channels_last": seconds(lambda: wide(image)),
         "norm_act_float32": seconds(lambda: tiled._norm_act(x, a, b, act, dtype)),
         "norm_act_channels_last": seconds(lambda: tiled._norm_act(xl, a, b, act, dtype)),
     }
     out: dict[str, Any] = {k: {"seconds": v} for k, v in res.items()}
-    for k in [k for k in res if k.startswith("conv")]:
+    for k in [k for k in res if k.startswith("conv_nchw") or k.startswith("conv_channels")]:
         out[k]["tflops"] = flops / res[k] / 1e12
     return out
 
