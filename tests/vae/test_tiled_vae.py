@@ -143,6 +143,16 @@ def test_batch_of_images_is_decoded_one_by_one(vae, latents) -> None:
         assert torch.equal(out[i : i + 1], tiled_decode(vae, two[i : i + 1], tile=4))
 
 
+def test_unit_range_is_the_same_float32_map_done_tile_by_tile(vae, latents) -> None:
+    """``unit_range``: the image in [0, 1], bit for bit ``((x + 1) / 2).clamp(0, 1)`` of the
+    [-1, 1] decode, for one picture and for a batch."""
+    for z in (latents[:, :, :8, :16], torch.cat([latents[:, :, :8, :8]] * 2)):
+        signed = tiled_decode(vae, z, tile=4)
+        unit = tiled_decode(vae, z, tile=4, unit_range=True)
+        assert unit.shape == signed.shape and unit.min() >= 0 and unit.max() <= 1
+        assert torch.equal(unit, signed.add(1).div(2).clamp(0, 1))
+
+
 def test_half_precision_is_as_close_as_untiled_and_leaves_the_vae_alone(vae, latents) -> None:
     z = latents[:, :, :8, :16]
     half = copy.deepcopy(vae).to(torch.bfloat16)

@@ -394,6 +394,7 @@ class StagedEngine:
         out_device: torch.device | None = None,
         keep: bool = True,
         chain: bool = False,
+        out_channels_last: bool = False,
     ) -> Canvas:
         """Run ``fn`` over all tiles; returns the output canvas (C=``channels``, at ``scale``).
 
@@ -403,7 +404,9 @@ class StagedEngine:
         only the output's statistics are kept (the returned canvas holds no data).
         ``chain``: ``fn`` also maps wider crops to proportionally wider outputs (convs, pointwise
         ops, nearest upsampling; it reads no ``owned``/``cores``), so the output may be a
-        recomputed canvas (see :attr:`chain`).
+        recomputed canvas (see :attr:`chain`). ``out_channels_last``: an ``out_device``
+        canvas laid out H×W×C too (on a channels-last engine), e.g. an image its caller reads
+        as H×W×3 without a transposing copy.
         """
         g, m_in = self.grid, inputs[0].scale
         if any(c.scale != m_in for c in inputs):
@@ -424,7 +427,8 @@ class StagedEngine:
         out = self._empty((channels, 0, 0), dtype, self.device)
         if keep:
             try:
-                out = self._empty(shape, dtype, place, channels_last=out_device is None)
+                layout = out_device is None or out_channels_last
+                out = self._empty(shape, dtype, place, channels_last=layout)
             except torch.OutOfMemoryError:  # the cap fit, the device's fragments did not
                 if place.type != "cuda" or out_device is not None:
                     raise

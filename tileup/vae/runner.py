@@ -167,9 +167,10 @@ class VaeRunner:
                 store_limit=o.store_bytes,
                 notes=notes,
                 lanes=self._lane_args(o.lanes, dtype),
+                unit_range=True,
             )
 
-        return _to_rgb(self._guarded(run, notes)[0])
+        return _to_hwc(self._guarded(run, notes)[0])
 
     # -- crops (plain VAE, batched) ---------------------------------------------------------
 
@@ -234,7 +235,8 @@ class _Decode(_CropPass):
         return sample
 
 
-def _to_rgb(image: torch.Tensor) -> np.ndarray:
-    """A decoded 3×H×W float32 host image in [-1, 1] → H×W×3 float32 in [0, 1] (the same
-    operations as ``((x + 1) / 2).clip(0, 1)``, in place, on every core)."""
-    return to_hwc(image).add_(1).div_(2).clamp_(0, 1).numpy()
+def _to_hwc(image: torch.Tensor) -> np.ndarray:
+    """A decoded 3×H×W host image as an H×W×3 array: a view when it is laid out H×W×3 (the
+    tiled VAE on CUDA), else a copy made on every core."""
+    hwc = image.permute(1, 2, 0)
+    return (hwc if hwc.is_contiguous() else to_hwc(image)).numpy()

@@ -486,10 +486,10 @@ def _encode_one(
 
 
 def _decode_one(
-    eng: StagedEngine, dec: Decoder, post: nn.Module | None, z: Canvas
+    eng: StagedEngine, dec: Decoder, post: nn.Module | None, z: Canvas, unit_range: bool
 ) -> tuple[torch.Tensor, bool]:
-    """post_quant_conv → Decoder; (image 3×H×W float32 CPU clamped to [-1, 1], whether every
-    statistic and output was finite)."""
+    """post_quant_conv → Decoder; (image 3×H×W float32 CPU clamped to [-1, 1], or mapped to
+    [0, 1] with ``unit_range``; whether every statistic and output was finite)."""
     norm_out = dec.conv_norm_out
     if type(norm_out).__name__ != "GroupNorm" or not isinstance(norm_out, nn.GroupNorm):
         raise _unsupported("got a decoder with spatial norm")
@@ -516,7 +516,8 @@ def _decode_one(
         h = batch.zero_outside(_norm_act(crops[0], lane(a), lane(b), dec.conv_act, eng.dtype))
         h = _conv(lane(dec.conv_out), h)
         flags.append(torch.isfinite(h).all())  # on the lane's device: no wait between lanes
-        return h.clamp(-1, 1)
+        h = h.clamp(-1, 1).float()
+        return h.add_(1).div_(2).clamp_(0, 1) if unit_range else h
 
     img = eng.stage(
         [x],
@@ -526,6 +527,7 @@ def _decode_one(
         halo=_halo(dec.conv_out),
         out_dtype=torch.float32,
         out_device=torch.device("cpu"),
+        out_channels_last=True,
     )
     return img.data, eng.all_finite(flags)
 
@@ -697,12 +699,17 @@ def tiled_decode(
     store_limit: int | None = None,
     notes: list[str] | None = None,
     lanes: Sequence[tuple[Vae, torch.device | str]] = (),
+    unit_range: bool = False,
 ) -> torch.Tensor:
     """Decode with a diffusers AutoencoderKL tile by tile, exactly.
 
     ``latents``: N×C×h×w, *unscaled* (already divided by ``scaling_factor``), any device.
     Returns N×3×h·f×w·f float32 on the CPU, clamped to [-1, 1]; equals
     ``vae.decode(latents).sample.clamp(-1, 1)`` up to float rounding, deterministically.
+    ``unit_range``: ``(x + 1) / 2`` clamped to [0, 1] instead, computed tile by tile where the
+    decoder runs (the same float32 operations as on the returned tensor). On a channels-last
+    (CUDA) engine the image is laid out H×W×3 (``image.permute(1, 2, 0)`` is contiguous), and
+    one picture comes back without a copy.
 
     ``tile``: core size in latent px; other arguments as in :func:`tiled_encode`. Raises
     NonFiniteError when the decoder produces NaN/inf (SD1.5/SDXL VAEs in fp16): re-run in
@@ -724,8 +731,8 @@ def tiled_decode(
     outs = []
     with torch.inference_mode():
         for one in latents:
-            img, finite = _decode_one(eng, dec, post, eng.canvas(one, 1))
+            img, finite = _decode_one(eng, dec, post, eng.canvas(one, 1), unit_range)
             if not finite:
                 raise NonFiniteError(f"VAE decode produced NaN/inf in {dt}")
             outs.append(img)
-    return torch.stack(outs)
+    return outs[0][None] if len(outs) == 1 else torch.stack(outs)
