@@ -425,3 +425,17 @@ def test_a_unit_range_decode_comes_back_laid_out_as_an_rgb_image(vae, latents) -
     assert torch.equal(unit, signed.add(1).div(2).clamp(0, 1))
     rgb = _to_hwc(unit[0])
     assert rgb.shape == (320, 384, 3) and np.shares_memory(rgb, unit.numpy())  # a view
+
+
+@torch.inference_mode()
+def test_a_unit_range_image_is_mapped_on_the_device_to_the_same_bytes(vae) -> None:
+    """The encoder's canvas filled from a [0, 1] host image, mapped to [-1, 1] on the device
+    band by band (float32, then bf16): the latents equal those of the image mapped on the host,
+    and the host image is left alone."""
+    gen = torch.Generator().manual_seed(2)
+    unit = torch.rand(1, 3, 128, 192, generator=gen)
+    kept = unit.clone()
+    kwargs = {"tile": 64, "device": "cuda", "dtype": torch.bfloat16, "batch": 4, "store": "device"}
+    mapped = tiled_encode(vae, unit * 2 - 1, **kwargs)
+    assert torch.equal(tiled_encode(vae, unit, unit_range=True, **kwargs), mapped)
+    assert torch.equal(unit, kept)

@@ -153,6 +153,16 @@ def test_unit_range_is_the_same_float32_map_done_tile_by_tile(vae, latents) -> N
         assert torch.equal(unit, signed.add(1).div(2).clamp(0, 1))
 
 
+def test_a_unit_range_image_is_mapped_as_the_engine_copies_it_in(vae, image) -> None:
+    """``unit_range``: an image in [0, 1] encodes to the same bytes as the caller's ``x·2 − 1``
+    (the map runs in float32 as the canvas is filled), and the caller's image is left alone."""
+    unit = ((image[:, :, :40, :56] + 1) / 2).contiguous()
+    kept = unit.clone()
+    mapped = tiled_encode(vae, unit * 2 - 1, tile=16, batch=2)
+    assert torch.equal(tiled_encode(vae, unit, tile=16, batch=2, unit_range=True), mapped)
+    assert torch.equal(unit, kept)
+
+
 def test_half_precision_is_as_close_as_untiled_and_leaves_the_vae_alone(vae, latents) -> None:
     z = latents[:, :, :8, :16]
     half = copy.deepcopy(vae).to(torch.bfloat16)

@@ -318,8 +318,10 @@ class StagedEngine:
             self.store = torch.device("cpu")
         torch.cuda.empty_cache()
 
-    def canvas(self, data: torch.Tensor, scale: int) -> Canvas:
-        """Wrap a C×H×W tensor (copied to the store in the compute dtype)."""
+    def canvas(self, data: torch.Tensor, scale: int, *, signed: bool = False) -> Canvas:
+        """Wrap a C×H×W tensor (copied to the store in the compute dtype). ``signed``: ``data``
+        is in [0, 1] and the canvas holds ``data·2 − 1`` (computed in ``data``'s dtype as it is
+        copied, on the device when it goes there: no full-size pass on the host)."""
         nbytes = data.numel() * torch.empty((), dtype=self.dtype).element_size()
         place = self._place(nbytes)
         out = self._empty(tuple(data.shape), self.dtype, place, channels_last=True)
@@ -330,9 +332,9 @@ class StagedEngine:
             rows = max(1, (64 << 20) // per_row)
             for top in range(0, data.shape[1], rows):
                 band = data[:, top : top + rows].to(place, non_blocking=True)
-                out[:, top : top + rows].copy_(band)
+                out[:, top : top + rows].copy_(band.mul_(2).sub_(1) if signed else band)
         else:
-            out.copy_(data)
+            out.copy_(data * 2 - 1 if signed else data)
         result = Canvas(out, scale)
         if self._banded(result):
             for k, lane in enumerate(self.lanes[1:], 1):

@@ -127,14 +127,15 @@ class VaeRunner:
         """HxWx3 float32 in [0, 1] (multiples of f) → scaled latents 1×C×h×w (CPU float32).
         ``options`` (a memory plan's batch and store, the lanes) override the runner's for this
         call."""
-        # scaled as it lies (H×W×3: a channels-last view, the tiled VAE's layout on CUDA)
-        image = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None] * 2 - 1
+        # as it lies (H×W×3: a channels-last view, the tiled VAE's layout on CUDA), mapped to
+        # [-1, 1] as the engine copies it in
+        image = torch.from_numpy(np.ascontiguousarray(rgb, dtype=np.float32)).permute(2, 0, 1)
         o = options or self.options
 
         def run(vae: Vae, dtype: torch.dtype) -> torch.Tensor:
             return tiled_encode(
                 vae,
-                image,
+                image[None],
                 tile=o.tile,
                 device=self.device,
                 dtype=dtype,
@@ -143,6 +144,7 @@ class VaeRunner:
                 store_limit=o.store_bytes,
                 notes=notes,
                 lanes=self._lane_args(o.lanes, dtype),
+                unit_range=True,
             )
 
         return self._guarded(run, notes) * self.scale

@@ -644,12 +644,15 @@ def tiled_encode(
     store_limit: int | None = None,
     notes: list[str] | None = None,
     lanes: Sequence[tuple[Vae, torch.device | str]] = (),
+    unit_range: bool = False,
 ) -> torch.Tensor:
     """Posterior mean of a diffusers AutoencoderKL, computed tile by tile, exactly.
 
     ``image``: N×3×H×W float in [-1, 1] (any device), H and W multiples of the scale factor
-    f (:func:`vae_scale_factor`). Returns N×C×H/f×W/f float32 on the CPU, *unscaled* (the
-    caller multiplies by ``vae.config.scaling_factor``); equals
+    f (:func:`vae_scale_factor`); with ``unit_range`` in [0, 1], mapped by ``x·2 − 1`` in its
+    dtype as it is copied to where the encoder runs (the same values as mapping it first, with
+    no pass over the whole image on the host). Returns N×C×H/f×W/f float32 on the CPU,
+    *unscaled* (the caller multiplies by ``vae.config.scaling_factor``); equals
     ``vae.encode(image).latent_dist.mean`` up to float rounding, deterministically.
 
     ``tile``: core size in image px (a multiple of f); ``device``/``dtype``: where and in what
@@ -680,7 +683,8 @@ def tiled_encode(
     outs = []
     with torch.inference_mode():
         for one in image:
-            z, finite = _encode_one(eng, enc, quant, latent, eng.canvas(one, f))
+            canvas = eng.canvas(one, f, signed=unit_range)
+            z, finite = _encode_one(eng, enc, quant, latent, canvas)
             if not finite:
                 raise NonFiniteError(f"VAE encode produced NaN/inf in {dt}")
             outs.append(z)
