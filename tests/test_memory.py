@@ -132,3 +132,15 @@ def test_streamed_blocks_give_the_same_output_and_can_be_removed() -> None:
     assert torch.equal(net(x), expected)
     streamed.remove()
     assert torch.equal(net(x), expected) and not net[0]._forward_pre_hooks
+
+
+def test_an_image_laid_out_hwc_is_viewed_and_another_copied() -> None:
+    from tileup.devices import hwc_view
+
+    chw = torch.arange(24.0).reshape(3, 2, 4)
+    copied = hwc_view(chw)
+    assert torch.equal(copied, chw.permute(1, 2, 0)) and copied.is_contiguous()
+    assert copied.data_ptr() != chw.data_ptr()
+    channels_last = chw[None].contiguous(memory_format=torch.channels_last)[0]
+    viewed = hwc_view(channels_last)
+    assert torch.equal(viewed, copied) and viewed.data_ptr() == channels_last.data_ptr()

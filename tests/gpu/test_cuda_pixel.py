@@ -48,6 +48,7 @@ def test_cores_put_together_on_the_device_equal_the_cpu_run(x4plus, image) -> No
     )
     assert report.tiles == 4 and not report.fallbacks
     assert got.device.type == "cpu" and not got.is_pinned()
+    assert got.permute(0, 2, 3, 1).is_contiguous()  # cores came back H×W×3, rows in place
     assert got.shape == want.shape == (1, 3, 416, 352)
     assert (got - want).abs().max().item() <= 1e-3
 
@@ -76,6 +77,9 @@ def test_a_redraw_canvas_comes_back_through_pinned_memory() -> None:
     canvas = torch.rand(3, 40, 56, device=CUDA, generator=gen)
     host = to_pinned_host(canvas)
     assert host.is_pinned() and torch.equal(host, canvas.cpu())
+    channels_last = canvas[None].contiguous(memory_format=torch.channels_last)
+    host = to_pinned_host(channels_last)  # copied in its layout
+    assert host.stride() == channels_last.stride() and torch.equal(host, canvas[None].cpu())
     rgb = _to_rgb(canvas.half())
     assert rgb.shape == (40, 56, 3) and rgb.dtype == np.float32
     np.testing.assert_array_equal(rgb, canvas.half().float().permute(1, 2, 0).cpu().numpy())

@@ -415,7 +415,7 @@ def test_a_statistics_kernel_that_fails_falls_back_to_pytorchs(monkeypatch) -> N
 def test_a_unit_range_decode_comes_back_laid_out_as_an_rgb_image(vae, latents) -> None:
     """On CUDA the decoded picture lands H×W×3 on the host (no transposing copy for the
     caller) and in [0, 1] (the same float32 map as on the [-1, 1] decode), bf16 engine."""
-    from tileup.vae.runner import _to_hwc
+    from tileup.devices import hwc_view
 
     signed = tiled_decode(vae, latents, tile=16, device="cuda", dtype=torch.bfloat16, batch=4)
     unit = tiled_decode(
@@ -423,7 +423,7 @@ def test_a_unit_range_decode_comes_back_laid_out_as_an_rgb_image(vae, latents) -
     )
     assert unit.device.type == "cpu" and unit[0].permute(1, 2, 0).is_contiguous()
     assert torch.equal(unit, signed.add(1).div(2).clamp(0, 1))
-    rgb = _to_hwc(unit[0])
+    rgb = hwc_view(unit[0]).numpy()
     assert rgb.shape == (320, 384, 3) and np.shares_memory(rgb, unit.numpy())  # a view
 
 

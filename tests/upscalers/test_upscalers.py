@@ -63,6 +63,7 @@ def test_rrdbnet_tiled_equals_untiled(x4plus, photo: np.ndarray) -> None:
     assert report.tiles == 4
     assert tiled.shape == untiled.shape == (1, 3, 320, 320)
     assert (tiled - untiled).abs().max().item() <= 2 / 255
+    assert tiled.permute(0, 2, 3, 1).is_contiguous()  # H×W×3 in memory: the caller's layout
 
 
 def test_esrgan_goes_channels_last_on_cuda_only_and_keeps_its_output(

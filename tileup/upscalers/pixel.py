@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tileup.devices import to_hwc
+from tileup.devices import hwc_view
 from tileup.tiler import Box
 from tileup.upscalers.models import SRModel
 from tileup.upscalers.resample import resample, resize_exact
@@ -67,7 +67,7 @@ class ModelRunner:
             replicas=[(r.model, r.device) for r in self.replicas],
             trunk=None if self.replicas else self.trunk,
         )
-        return to_hwc(y[0]).numpy()
+        return hwc_view(y[0]).numpy()
 
 
 def model_passes(src: tuple[int, int], target: tuple[int, int], scale: int) -> int:

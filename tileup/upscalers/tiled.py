@@ -96,7 +96,8 @@ def _forward_core(model: SRModel, crop: torch.Tensor, core: Box, runtime: _Runti
 
 
 def _finished(y: torch.Tensor, runtime: _Runtime) -> torch.Tensor:
-    """A core's float32 output, clamped to [0, 1], on the CPU. On CUDA it comes back through
+    """A core's float32 output, clamped to [0, 1], on the CPU. On CUDA it is laid out H×W×3
+    there (as the run's output: each row goes in as one contiguous copy) and comes back through
     pinned memory (PyTorch's host allocator keeps the blocks for the next cores) with one wait
     for the device; half-precision output with NaN/inf raises :class:`_NonFinite`."""
     checks = runtime.dtype != torch.float32
@@ -105,7 +106,7 @@ def _finished(y: torch.Tensor, runtime: _Runtime) -> torch.Tensor:
             raise _NonFinite
         return y.clamp_(0, 1).cpu()
     finite = torch.isfinite(y).all().to("cpu", non_blocking=True) if checks else None
-    host = to_pinned_host(y.clamp_(0, 1))
+    host = to_pinned_host(y.clamp_(0, 1).contiguous(memory_format=torch.channels_last))
     if finite is not None and not bool(finite):
         raise _NonFinite
     return host
@@ -174,7 +175,8 @@ def run_tiled(
     replicas: Sequence[tuple[SRModel, torch.device]] = (),
     trunk: torch.nn.Module | None = None,
 ) -> torch.Tensor:
-    """Upscale a 1×3×H×W float32 CPU image in [0, 1]; returns 1×3×sH×sW float32 on the CPU.
+    """Upscale a 1×3×H×W float32 CPU image in [0, 1]; returns 1×3×sH×sW float32 on the CPU,
+    laid out H×W×3 in memory (channels-last).
 
     ``tile`` is the largest core side in input pixels (None: whole image in one piece). On
     out-of-memory the failing core is split in four and later cores are limited to the new size;
@@ -198,7 +200,8 @@ def run_tiled(
     canvas = Box(0, 0, height, width)
     run = _SharedRun(
         image=image,
-        output=torch.empty(1, 3, height * scale, width * scale),
+        # laid out H×W×3 (the caller's image layout: no transposing copy of the whole output)
+        output=torch.empty(1, height * scale, width * scale, 3).permute(0, 3, 1, 2),
         canvas=canvas,
         queue=deque(split_box(canvas, tile or max(height, width))),
         limit=tile or max(height, width),

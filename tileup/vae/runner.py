@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tileup.devices import to_hwc
+from tileup.devices import hwc_view
 from tileup.vae.protocols import Vae
 from tileup.vae.tiled import NonFiniteError, tiled_decode, tiled_encode, vae_scale_factor
 
@@ -172,7 +172,7 @@ class VaeRunner:
                 unit_range=True,
             )
 
-        return _to_hwc(self._guarded(run, notes)[0])
+        return hwc_view(self._guarded(run, notes)[0]).numpy()
 
     # -- crops (plain VAE, batched) ---------------------------------------------------------
 
@@ -235,10 +235,3 @@ class _Decode(_CropPass):
         """Unscaled latents → pixels in [-1, 1]."""
         sample: torch.Tensor = self.vae.decode(z).sample
         return sample
-
-
-def _to_hwc(image: torch.Tensor) -> np.ndarray:
-    """A decoded 3×H×W host image as an H×W×3 array: a view when it is laid out H×W×3 (the
-    tiled VAE on CUDA), else a copy made on every core."""
-    hwc = image.permute(1, 2, 0)
-    return (hwc if hwc.is_contiguous() else to_hwc(image)).numpy()
