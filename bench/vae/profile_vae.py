@@ -210,6 +210,10 @@ def micro(dtype: torch.dtype) -> dict[str, float]:
             lambda: torch.var_mean(x.float().permute(0, 2, 3, 1).flatten(1, 2), dim=1)
         ),
         "stats_kernel": seconds(lambda: vae_stats.channel_stats(x)),
+        **{
+            f"stats_kernel_x{n}": seconds(lambda n=n: vae_stats.channel_stats(x, n))
+            for n in (1, 2, 4, 8, 16)
+        },
         "float_copy": seconds(lambda: x.float()),
         "norm_addcmul_out": seconds(addcmul),
         "norm_batch_norm": seconds(batch_norm),

@@ -9,6 +9,7 @@ the SD layout at reduced widths (diffusers only: no text encoder needed on that 
 from __future__ import annotations
 
 import copy
+import itertools
 
 import numpy as np
 import pytest
@@ -383,8 +384,9 @@ def test_the_statistics_kernel_gives_float32_statistics_in_place(channels_last) 
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     assert stats.enabled(x)
-    for t in (x, x[1:3, :, 5:200, 7:101]):
-        mean, m2 = stats.channel_stats(t)
+    pieces = (x, x[1:3, :, 5:200, 7:101])
+    for t, per_program in itertools.product(pieces, (1, 4, 16)):
+        mean, m2 = stats.channel_stats(t, per_program)
         var, truth = torch.var_mean(t.double(), dim=(2, 3), correction=0)
         torch_var, torch_mean = torch.var_mean(t.float(), dim=(2, 3), correction=0)
         n = t.shape[2] * t.shape[3]

@@ -4,6 +4,7 @@ imported (the test session may have imported it for torch.compile)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sys
@@ -61,8 +62,10 @@ def stats_cases() -> dict[str, object]:
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         pieces = {name: x, f"{name}_window": x[:, :, 1:5, 2:6]}
-        for key, t in pieces.items():
-            mean, m2 = stats.channel_stats(t)
+        for (key, t), per_program in itertools.product(pieces.items(), (1, 3)):
+            # 3 blocks a program: the last program's blocks run past the pixels
+            key += "" if per_program == 1 else "_x3"
+            mean, m2 = stats.channel_stats(t, blocks_per_program=per_program)
             var, truth = torch.var_mean(t.double(), dim=(2, 3), correction=0)
             n = t.shape[2] * t.shape[3]
             torch_var, torch_mean = torch.var_mean(t.float(), dim=(2, 3), correction=0)

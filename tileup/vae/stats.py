@@ -27,9 +27,12 @@ import torch
 from tileup.devices import on_device
 from tileup.vae import softmax
 
-__all__ = ["channel_stats", "enabled"]
+__all__ = ["BLOCKS_PER_PROGRAM", "channel_stats", "enabled"]
 
 _BLOCK_PIXELS = 64
+BLOCKS_PER_PROGRAM = 1
+"""Blocks of ``_BLOCK_PIXELS`` a program reads and merges (measured on an H200 at 1: 0.33 ms
+for 4×128×512²; ``profile_vae.py --parts micro`` times 1 to 16 as ``stats_kernel_xN``)."""
 _FAILED: set[int] = set()
 """CUDA devices where the kernel could not be built or launched (PyTorch's there)."""
 
@@ -72,31 +75,46 @@ def _kernel() -> Any:
         stride_w,
         BLOCK_P: tl.constexpr,
         BLOCK_C: tl.constexpr,
+        BLOCKS: tl.constexpr,
     ):
         b = tl.program_id(0).to(tl.int64)
-        block = tl.program_id(1)
+        group = tl.program_id(1)
         c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
-        p = block * BLOCK_P + tl.arange(0, BLOCK_P)
-        inside = (p < pixels)[:, None] & (c < channels)[None, :]
-        h, w = (p // width).to(tl.int64), (p % width).to(tl.int64)
-        offsets = b * stride_b + (h * stride_h + w * stride_w)[:, None]
-        offsets += c.to(tl.int64)[None, :] * stride_c
-        x = tl.load(x_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
-        n = tl.minimum(pixels - block * BLOCK_P, BLOCK_P).to(tl.float32)
-        mean = tl.sum(x, axis=0) / n
-        deviation = tl.where(inside, x - mean[None, :], 0.0)
-        m2 = tl.sum(deviation * deviation, axis=0)
-        out = (b * tl.num_programs(1) + block) * channels + c
+        n = 0.0
+        mean = tl.zeros([BLOCK_C], dtype=tl.float32)
+        m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+        for i in tl.static_range(BLOCKS):  # BLOCKS blocks of BLOCK_P pixels, merged (Chan)
+            first = (group * BLOCKS + i) * BLOCK_P
+            p = first + tl.arange(0, BLOCK_P)
+            inside = (p < pixels)[:, None] & (c < channels)[None, :]
+            h, w = (p // width).to(tl.int64), (p % width).to(tl.int64)
+            offsets = b * stride_b + (h * stride_h + w * stride_w)[:, None]
+            offsets += c.to(tl.int64)[None, :] * stride_c
+            x = tl.load(x_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+            n_block = tl.maximum(tl.minimum(pixels - first, BLOCK_P), 0).to(tl.float32)
+            mean_block = tl.sum(x, axis=0) / tl.maximum(n_block, 1.0)
+            deviation = tl.where(inside, x - mean_block[None, :], 0.0)
+            m2_block = tl.sum(deviation * deviation, axis=0)
+            total = n + n_block
+            share = n_block / tl.maximum(total, 1.0)  # 0 for a block past the end
+            delta = mean_block - mean
+            mean += delta * share
+            m2 += m2_block + delta * delta * n * share
+            n = total
+        out = (b * tl.num_programs(1) + group) * channels + c
         tl.store(mean_ptr + out, mean, mask=c < channels)
         tl.store(m2_ptr + out, m2, mask=c < channels)
 
     return block_stats
 
 
-def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def channel_stats(
+    x: torch.Tensor, blocks_per_program: int = BLOCKS_PER_PROGRAM
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Float32 mean and M2 over H×W of each sample's channels of a B×C×H×W ``x`` (any strides):
-    two B×C tensors on ``x``'s device. One kernel when :func:`enabled`, else PyTorch's
-    ``var_mean`` of a float32 copy."""
+    two B×C tensors on ``x``'s device. One kernel when :func:`enabled`, each program merging
+    ``blocks_per_program`` blocks of pixels itself (fewer partial results for PyTorch to
+    merge), else PyTorch's ``var_mean`` of a float32 copy."""
     if x.dim() != 4:
         raise ValueError("x must be B×C×H×W")
     batch, channels, height, width = x.shape
@@ -104,7 +122,8 @@ def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if not enabled(x) or not x.numel():
         var, mean = torch.var_mean(x.float(), dim=(2, 3), correction=0)
         return mean, var * pixels
-    blocks = -(-pixels // _BLOCK_PIXELS)
+    span = _BLOCK_PIXELS * blocks_per_program
+    blocks = -(-pixels // span)
     block_c = min(128, 1 << max(0, channels - 1).bit_length())
     means = torch.empty(batch, blocks, channels, device=x.device)
     m2s = torch.empty_like(means)
@@ -123,6 +142,7 @@ def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
                 x.stride(3),
                 BLOCK_P=_BLOCK_PIXELS,
                 BLOCK_C=block_c,
+                BLOCKS=blocks_per_program,
                 num_warps=4,
             )
     except torch.OutOfMemoryError:
@@ -136,16 +156,16 @@ def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             stacklevel=2,
         )
         return channel_stats(x)
-    return _merged(means, m2s, pixels)
+    return _merged(means, m2s, pixels, span)
 
 
 def _merged(
-    means: torch.Tensor, m2s: torch.Tensor, pixels: int
+    means: torch.Tensor, m2s: torch.Tensor, pixels: int, span: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Blocks' (B×blocks×C) means and M2s of ``_BLOCK_PIXELS`` pixels each (the last block
-    holds the rest) merged into B×C mean and M2 (Chan et al.'s parallel formula)."""
-    counts = torch.full((means.shape[1], 1), float(_BLOCK_PIXELS), device=means.device)
-    counts[-1] = pixels - (means.shape[1] - 1) * _BLOCK_PIXELS
+    """Programs' (B×programs×C) means and M2s of ``span`` pixels each (the last one holds the
+    rest) merged into B×C mean and M2 (Chan et al.'s parallel formula)."""
+    counts = torch.full((means.shape[1], 1), float(span), device=means.device)
+    counts[-1] = pixels - (means.shape[1] - 1) * span
     mean = (means * counts).sum(1) / pixels
     m2 = m2s.sum(1) + (counts * (means - mean[:, None]) ** 2).sum(1)
     return mean, m2
