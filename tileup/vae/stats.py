@@ -80,7 +80,7 @@ def _kernel() -> Any:
         b = tl.program_id(0).to(tl.int64)
         group = tl.program_id(1)
         c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
-        n = 0.0
+        n = tl.zeros([BLOCK_C], dtype=tl.float32)  # pixels merged so far (the same per lane)
         mean = tl.zeros([BLOCK_C], dtype=tl.float32)
         m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
         for i in tl.static_range(BLOCKS):  # BLOCKS blocks of BLOCK_P pixels, merged (Chan)
