@@ -37,24 +37,31 @@ _BLOCK = 2048
 
 
 def enabled(scores: torch.Tensor) -> bool:
-    """Whether :func:`softmax_rows` runs the kernel for ``scores``: on a CUDA GPU of compute
-    capability 8.0 or later (native bf16) with Triton installed, unless
-    ``TILEUP_VAE_SOFTMAX=torch`` or the kernel failed there before; on the CPU under Triton's
-    interpreter."""
-    if os.environ.get("TILEUP_VAE_SOFTMAX", "triton") == "torch" or not _triton_installed():
+    """Whether :func:`softmax_rows` runs the kernel for ``scores`` (:func:`kernel_runs` with
+    ``TILEUP_VAE_SOFTMAX``)."""
+    return kernel_runs(scores, "TILEUP_VAE_SOFTMAX", _FAILED)
+
+
+def kernel_runs(x: torch.Tensor, switch: str, failed: set[int]) -> bool:
+    """Whether a Triton kernel of the tiled VAE runs on ``x``: on a CUDA GPU of compute
+    capability 8.0 or later (native bf16) with Triton installed, unless the environment
+    variable ``switch`` is ``torch`` or the kernel failed on that GPU before (``failed``: device
+    indices); on the CPU under Triton's interpreter."""
+    if os.environ.get(switch, "triton") == "torch" or not _triton_installed():
         return False
-    if scores.is_cuda:
-        if _index(scores.device) in _FAILED:
+    if x.device.type == "cuda":
+        if device_index(x.device) in failed:
             return False
-        return torch.cuda.get_device_capability(scores.device) >= (8, 0)
-    return os.environ.get("TRITON_INTERPRET") == "1" and scores.device.type == "cpu"
+        return torch.cuda.get_device_capability(x.device) >= (8, 0)
+    return os.environ.get("TRITON_INTERPRET") == "1" and x.device.type == "cpu"
 
 
 _FAILED: set[int] = set()
 """CUDA devices where the kernel could not be built or launched (PyTorch's softmax there)."""
 
 
-def _index(device: torch.device) -> int:
+def device_index(device: torch.device) -> int:
+    """A CUDA device's index (the current one for a bare ``cuda``)."""
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
@@ -115,9 +122,9 @@ def softmax_rows(scores: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         except torch.OutOfMemoryError:
             raise
         except Exception as exc:  # Triton cannot build or launch it here: PyTorch's from now on
-            if not scores.is_cuda:
+            if scores.device.type != "cuda":
                 raise
-            _FAILED.add(scores.device.index if scores.device.index is not None else 0)
+            _FAILED.add(device_index(scores.device))
             warnings.warn(
                 f"VAE softmax kernel unavailable ({type(exc).__name__}); using PyTorch's",
                 stacklevel=2,

@@ -18,7 +18,6 @@ through Triton's interpreter (``TRITON_INTERPRET=1``).
 from __future__ import annotations
 
 import functools
-import os
 import warnings
 from typing import Any
 
@@ -38,22 +37,9 @@ _FAILED: set[int] = set()
 
 
 def enabled(x: torch.Tensor) -> bool:
-    """Whether :func:`channel_stats` runs the kernel for ``x``: on a CUDA GPU of compute
-    capability 8.0 or later with Triton installed, unless ``TILEUP_VAE_STATS=torch`` or the
-    kernel failed there before; on the CPU under Triton's interpreter."""
-    if os.environ.get("TILEUP_VAE_STATS", "triton") == "torch":
-        return False
-    if not softmax._triton_installed():
-        return False
-    if x.device.type == "cuda":
-        if _index(x.device) in _FAILED:
-            return False
-        return torch.cuda.get_device_capability(x.device) >= (8, 0)
-    return os.environ.get("TRITON_INTERPRET") == "1" and x.device.type == "cpu"
-
-
-def _index(device: torch.device) -> int:
-    return device.index if device.index is not None else torch.cuda.current_device()
+    """Whether :func:`channel_stats` runs the kernel for ``x``
+    (:func:`tileup.vae.softmax.kernel_runs` with ``TILEUP_VAE_STATS``)."""
+    return softmax.kernel_runs(x, "TILEUP_VAE_STATS", _FAILED)
 
 
 @functools.cache
@@ -150,7 +136,7 @@ def channel_stats(
     except Exception as exc:  # Triton cannot build or launch it here: PyTorch's from now on
         if x.device.type != "cuda":
             raise
-        _FAILED.add(_index(x.device))
+        _FAILED.add(softmax.device_index(x.device))
         warnings.warn(
             f"VAE statistics kernel unavailable ({type(exc).__name__}); using PyTorch's",
             stacklevel=2,
