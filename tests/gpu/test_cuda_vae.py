@@ -442,3 +442,83 @@ def test_a_unit_range_image_is_mapped_on_the_device_to_the_same_bytes(vae) -> No
     mapped = tiled_encode(vae, unit * 2 - 1, **kwargs)
     assert torch.equal(tiled_encode(vae, unit, unit_range=True, **kwargs), mapped)
     assert torch.equal(unit, kept)
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_conv_epilogue_gives_pytorchs_bytes(dtype) -> None:
+    """Bias and skip added by the kernel over cuDNN's channels-last result: the bytes of
+    ``skip + F.conv2d(x, w, b)`` (cuDNN, then PyTorch's bias add), 3×3 and 1×1 convs."""
+    from tileup.vae import epilogue
+
+    gen = torch.Generator().manual_seed(9)
+    for cin, cout, size, skip in (
+        (64, 128, 3, True),
+        (64, 128, 3, False),
+        (128, 3, 3, False),
+        (128, 64, 1, True),
+    ):
+        x = torch.randn(3, cin, 20, 37, generator=gen).to("cuda", dtype)
+        x = x.contiguous(memory_format=torch.channels_last)
+        w = (torch.randn(cout, cin, size, size, generator=gen) * 0.05).to("cuda", dtype)
+        b = torch.randn(cout, generator=gen).to("cuda", dtype)
+        out_h, out_w = 20 - size + 1, 37 - size + 1
+        window = None
+        if skip:
+            big = torch.randn(3, cout, out_h + 4, out_w + 2, generator=gen).to("cuda", dtype)
+            window = big.contiguous(memory_format=torch.channels_last)[:, :, 2:-2, 1:-1]
+        assert epilogue.enabled(x)
+        got = epilogue.conv2d(x, w, b, (1, 1), (1, 1), 1, window)
+        expected = torch.nn.functional.conv2d(x, w, b)
+        if window is not None:
+            expected = window + expected
+        assert torch.equal(got, expected), (cin, cout, size, skip)
+
+
+@torch.inference_mode()
+def test_a_conv_epilogue_kernel_that_fails_falls_back_to_pytorchs(monkeypatch) -> None:
+    from tileup.vae import epilogue
+
+    def broken() -> object:
+        raise RuntimeError("no kernel for this GPU")
+
+    monkeypatch.setattr(epilogue, "_kernel", broken)
+    monkeypatch.setattr(epilogue, "_FAILED", set())
+    x = torch.randn(1, 16, 9, 10, device="cuda").contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(32, 16, 3, 3, device="cuda"), torch.randn(32, device="cuda")
+    with pytest.warns(UserWarning, match="bias kernel unavailable"):
+        got = epilogue.conv2d(x, w, b, (1, 1), (1, 1), 1)
+    assert torch.equal(got, torch.nn.functional.conv2d(x, w, b)) and not epilogue.enabled(x)
+
+
+@torch.inference_mode()
+def test_wide_copies_and_the_epilogue_leave_the_tiled_vaes_bytes(
+    vae, latents, image, monkeypatch
+) -> None:
+    """A bf16 tiled encode and decode with the crops, pastes and nearest upsampling moved in
+    16-byte elements and the conv biases and skips added by the kernel: the same bytes as with
+    PyTorch's copies, upsampling and adds."""
+    from tileup.vae import copies
+
+    kw = {"device": "cuda", "dtype": torch.bfloat16, "batch": 4}
+    decoded = tiled_decode(vae, latents, tile=16, **kw)
+    encoded = tiled_encode(vae, image, tile=128, **kw)
+    monkeypatch.setenv("TILEUP_VAE_EPILOGUE", "torch")
+    monkeypatch.setattr(copies, "_WIDE", ())
+    assert torch.equal(tiled_decode(vae, latents, tile=16, **kw), decoded)
+    assert torch.equal(tiled_encode(vae, image, tile=128, **kw), encoded)
+
+
+@torch.inference_mode()
+def test_wide_copies_and_nearest_upsampling_on_cuda() -> None:
+    from tileup.vae import copies
+
+    x = torch.randn(4, 256, 33, 40, device="cuda", dtype=torch.bfloat16)
+    x = x.contiguous(memory_format=torch.channels_last)
+    up = copies.upsample_nearest2x(x[:, :, 1:30, 2:39])
+    assert torch.equal(up, torch.nn.functional.interpolate(x[:, :, 1:30, 2:39], scale_factor=2.0))
+    assert up.is_contiguous(memory_format=torch.channels_last)
+    canvas = torch.randn(1, 256, 100, 90, device="cuda", dtype=torch.bfloat16)
+    canvas = canvas.contiguous(memory_format=torch.channels_last)[0]
+    copies.copy_(x[2, :, 1:31, 0:40], canvas[:, 50:80, 10:50])
+    assert torch.equal(x[2, :, 1:31, 0:40], canvas[:, 50:80, 10:50])

@@ -13,7 +13,7 @@ os.environ["TRITON_INTERPRET"] = "1"
 
 import torch
 
-from tileup.vae import flash, softmax, stats
+from tileup.vae import epilogue, flash, softmax, stats
 from tileup.vae import tiled as tv
 
 
@@ -112,6 +112,81 @@ def stats_cases() -> dict[str, object]:
     return cases
 
 
+def epilogue_cases() -> dict[str, object]:
+    """tileup.vae.epilogue against PyTorch's convolution, bias add and skip sum: channels-last
+    results with and without a skip window, rows longer than a block, 3 channels; and a tiled
+    decode routed through it against one with PyTorch's ops."""
+    cases: dict[str, object] = {}
+    for dtype, cin, cout, width, skip in itertools.product(
+        (torch.float32, torch.float16, torch.bfloat16), (8,), (128, 3), (20,), (True, False)
+    ):
+        if cout == 3 and skip:
+            continue
+        gen = torch.Generator().manual_seed(cout + width)
+        x = torch.randn(2, cin, 7, width, generator=gen).to(dtype)
+        x = x.contiguous(memory_format=torch.channels_last)
+        w = (torch.randn(cout, cin, 3, 3, generator=gen) * 0.3).to(dtype)
+        b = torch.randn(cout, generator=gen).to(dtype)
+        window = None
+        if skip:
+            big = torch.randn(2, cout, 9, width + 1, generator=gen).to(dtype)
+            window = big.contiguous(memory_format=torch.channels_last)[:, :, 2:7, 1 : width - 1]
+        got = epilogue.conv2d(x, w, b, (1, 1), (1, 1), 1, window)
+        expected = torch.nn.functional.conv2d(x, w, None)
+        expected.add_(b.reshape(1, -1, 1, 1))
+        if window is not None:
+            expected = window + expected
+        key = f"{str(dtype)[6:]}_{cout}{'_skip' if skip else ''}"
+        cases[key] = {
+            "equal": bool(torch.equal(got, expected)),
+            "error": error(got, expected),
+            "scale": expected.abs().max().item(),
+            "channels_last": got.is_contiguous(memory_format=torch.channels_last),
+        }
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(1)
+    vae = AutoencoderKL(
+        block_out_channels=(32, 64),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=16,
+        layers_per_block=1,
+    ).eval()
+    z = torch.randn(1, 4, 12, 10, generator=torch.Generator().manual_seed(4))
+    launches: list[int] = []
+    original = epilogue._kernel
+
+    def counted() -> object:
+        launches.append(1)
+        return original()
+
+    epilogue._kernel = counted  # type: ignore[assignment]
+    from tileup.vae.engine import StagedEngine
+
+    setup = StagedEngine.__init__
+
+    def channels_last(self: StagedEngine, *args: object, **kwargs: object) -> None:
+        setup(self, *args, **kwargs)  # type: ignore[arg-type]
+        self.channels_last = True  # laid out as on CUDA: the results the kernel takes
+
+    StagedEngine.__init__ = channels_last  # type: ignore[method-assign]
+    with torch.no_grad():
+        kernel = tv.tiled_decode(vae, z, tile=4, batch=3)
+        os.environ["TILEUP_VAE_EPILOGUE"] = "torch"
+        calls = len(launches)
+        torchs = tv.tiled_decode(vae, z, tile=4, batch=3)
+        os.environ.pop("TILEUP_VAE_EPILOGUE")
+    StagedEngine.__init__ = setup  # type: ignore[method-assign]
+    cases["decode"] = {
+        "kernel_calls": calls,
+        "torch_calls": len(launches) - calls,
+        "difference": error(kernel, torchs),
+    }
+    return cases
+
+
 def main() -> None:
     out: dict[str, object] = {}
     for n, keys, d in ((70, 45, 32), (1, 200, 64), (64, 96, 512)):
@@ -168,6 +243,7 @@ def main() -> None:
     }
     out["softmax"] = softmax_cases()
     out["stats"] = stats_cases()
+    out["epilogue"] = epilogue_cases()
     json.dump(out, sys.stdout)
 
 

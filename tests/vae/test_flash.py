@@ -36,6 +36,7 @@ def interpreted() -> dict[str, Any]:
     env.pop("TILEUP_VAE_ATTENTION", None)
     env.pop("TILEUP_VAE_SOFTMAX", None)
     env.pop("TILEUP_VAE_STATS", None)
+    env.pop("TILEUP_VAE_EPILOGUE", None)
     done = subprocess.run(
         [sys.executable, str(HERE / "flash_interpreted.py")],
         capture_output=True,
@@ -186,3 +187,46 @@ def test_the_statistics_kernel_is_left_aside_where_it_cannot_run(monkeypatch) ->
     assert not stats.enabled(x)
     with pytest.raises(ValueError, match="B×C×H×W"):
         stats.channel_stats(torch.zeros(3, 4, 5))
+
+
+@pytest.mark.parametrize("case", ["128_skip", "128", "3"])
+def test_the_conv_epilogue_is_pytorchs_bias_add_and_skip_sum(interpreted, case: str) -> None:
+    """Bias (and skip window) added in one pass over a channels-last convolution result: the
+    bytes of PyTorch's ``add_`` and ``skip + out`` in float32 and float16 (rows of 2560 values,
+    longer than a block; 3 channels); in bf16 within one bf16 step, as the interpreter truncates
+    where the GPU rounds to nearest (tests/gpu compares the GPU's bytes)."""
+    for dtype in ("float32", "float16"):
+        got = interpreted["epilogue"][f"{dtype}_{case}"]
+        assert got["equal"] and got["channels_last"], got
+    got = interpreted["epilogue"][f"bfloat16_{case}"]
+    assert got["error"] <= 2 * 2**-7 * max(1.0, got["scale"])  # two roundings
+
+
+def test_the_tiled_vae_adds_its_conv_biases_in_the_kernel(interpreted) -> None:
+    """Every bias of a tiled decode went through the kernel (none with
+    ``TILEUP_VAE_EPILOGUE=torch``) and the image equals PyTorch's ops' up to float32 rounding
+    (on the CPU, PyTorch's convolution adds its bias inside)."""
+    got = interpreted["epilogue"]["decode"]
+    assert got["kernel_calls"] >= 8 and got["torch_calls"] == 0
+    assert got["difference"] <= 1e-5
+
+
+def test_the_conv_epilogue_is_left_aside_where_it_cannot_run(monkeypatch) -> None:
+    from tileup.vae import epilogue, softmax
+
+    x = torch.randn(1, 4, 6, 7).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(8, 4, 3, 3), torch.randn(8)
+    skip = torch.randn(1, 8, 4, 5)
+    assert not epilogue.enabled(x)  # the CPU needs the interpreter: PyTorch's then
+    got = epilogue.conv2d(x, w, b, (1, 1), (1, 1), 1, skip)
+    assert torch.equal(got, skip + torch.nn.functional.conv2d(x, w, b))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert epilogue.enabled(x)
+    with pytest.raises(ValueError, match="does not match"):
+        epilogue.conv2d(x, w, b, (1, 1), (1, 1), 1, skip[:, :, :3])
+    monkeypatch.setattr(softmax, "_triton_installed", lambda: False)
+    assert not epilogue.enabled(x)
+    monkeypatch.undo()
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("TILEUP_VAE_EPILOGUE", "torch")
+    assert not epilogue.enabled(x)

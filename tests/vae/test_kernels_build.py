@@ -18,7 +18,7 @@ triton = pytest.importorskip("triton")
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from tileup.vae import softmax, stats  # noqa: E402
+from tileup.vae import epilogue, softmax, stats  # noqa: E402
 
 PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
 pytestmark = pytest.mark.skipif(not PTXAS.exists(), reason="Triton without its ptxas")
@@ -63,3 +63,16 @@ def test_the_row_softmax_kernel_builds_for_hopper_with_vector_loads() -> None:
     compiled = _build(softmax._kernel(), types, {"BLOCK": softmax._BLOCK}, warps=8)
     assert compiled.asm["cubin"]
     assert _global_loads(compiled.asm["ptx"]) == {".v4"}
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_the_conv_epilogue_kernel_builds_for_hopper_with_vector_loads(skip: bool) -> None:
+    types = dict.fromkeys(("out_ptr", "bias_ptr", "skip_ptr"), "*bf16")
+    types |= dict.fromkeys(("row_length", "channels", "height"), "i32")
+    types |= dict.fromkeys(("skip_stride_b", "skip_stride_h"), "i64")
+    constants = {"HAS_SKIP": skip, "BLOCK": epilogue._BLOCK}
+    compiled = _build(epilogue._kernel(), types, constants, warps=8)
+    assert compiled.asm["cubin"]
+    ptx = compiled.asm["ptx"]
+    assert _global_loads(ptx) == {".v4"}  # result, bias and skip: 8 bf16 a load
+    assert len(re.findall(r"ld\.global", ptx)) == (3 if skip else 2)

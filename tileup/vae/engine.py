@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from tileup.tiler import axis_starts
+from tileup.vae import copies
 from tileup.vae.stats import channel_stats
 
 __all__ = [
@@ -535,7 +536,8 @@ class StagedEngine:
         rows, cols = res.shape[-2:]
         layout = torch.channels_last if self.channels_last else torch.contiguous_format
         res = res[:, :, lo : rows - hi, lo : cols - hi].to(self.dtype)
-        res = res.contiguous(memory_format=layout)
+        if not res.is_contiguous(memory_format=layout):
+            res = copies.copy_(torch.empty_like(res, memory_format=layout), res)
         out_pads = self._pads(tiles, m, halo, (self.grid.height * m, self.grid.width * m))
         return StageBatch(out_pads, (), ()).zero_outside(res), out_pads
 
@@ -596,7 +598,7 @@ class StagedEngine:
         for i, (t, (top, bottom, left, right)) in enumerate(zip(tiles, pads, strict=True)):
             y0, x0 = t.top * m - lo, t.left * m - lo
             inside = data[:, y0 + top : y0 + ch - bottom, x0 + left : x0 + cw - right]
-            buf[i, :, top : ch - bottom, left : cw - right] = inside
+            copies.copy_(buf[i, :, top : ch - bottom, left : cw - right], inside)
         StageBatch(pads, (), ()).zero_outside(buf)
         return buf.to(device, self.dtype, non_blocking=pinned), pads
 
@@ -618,9 +620,12 @@ class StagedEngine:
             if res.stride() != host.stride():
                 # relaid on the device first: a copy between devices and layouts would go
                 # through pageable memory and a transpose on the host (seconds per canvas)
-                res = torch.empty_strided(
-                    host.shape, host.stride(), dtype=host.dtype, device=res.device
-                ).copy_(res)
+                res = copies.copy_(
+                    torch.empty_strided(
+                        host.shape, host.stride(), dtype=host.dtype, device=res.device
+                    ),
+                    res,
+                )
             host.copy_(res, non_blocking=True)
             event = torch.cuda.Event()  # type: ignore[no-untyped-call]  # unannotated in torch
             event.record(torch.cuda.current_stream(res.device))
@@ -641,7 +646,8 @@ class StagedEngine:
         for i, t in enumerate(tiles):
             y0, y1, x0, x1 = owned_region(t, scale)
             top, left = t.top * scale, t.left * scale
-            out[:, top + y0 : top + y1, left + x0 : left + x1] = res[i, :, y0:y1, x0:x1]
+            owned = out[:, top + y0 : top + y1, left + x0 : left + x1]
+            copies.copy_(owned, res[i, :, y0:y1, x0:x1])
 
     def all_finite(self, flags: Sequence[torch.Tensor] = ()) -> bool:
         """Whether every statistics flag since the last call and every one of ``flags`` (any

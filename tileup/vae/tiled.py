@@ -63,7 +63,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tileup.vae import flash
+from tileup.vae import copies, epilogue, flash
 from tileup.vae.engine import (
     Canvas,
     Lane,
@@ -125,9 +125,12 @@ def _norm_act(
     return act(h)  # type: ignore[no-any-return]  # an nn.Module call is Any to mypy
 
 
-def _conv(conv: nn.Conv2d, h: torch.Tensor) -> torch.Tensor:
-    """``conv`` without its padding (the crop carries the halo / zero border instead)."""
-    return F.conv2d(h, conv.weight, conv.bias, conv.stride, 0, conv.dilation, conv.groups)
+def _conv(conv: nn.Conv2d, h: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+    """``conv`` without its padding (the crop carries the halo / zero border instead); with
+    ``skip``, ``skip + conv(h)`` (bias and skip in one pass on CUDA, :mod:`tileup.vae.epilogue`,
+    PyTorch's values)."""
+    w, b = conv.weight, conv.bias
+    return epilogue.conv2d(h, w, b, conv.stride, conv.dilation, conv.groups, skip)
 
 
 def _halo(conv: nn.Conv2d) -> tuple[int, int]:
@@ -180,13 +183,16 @@ def _resnet(eng: StagedEngine, x: Canvas, r: ResnetBlock) -> Canvas:
 
     def second(crops: list[torch.Tensor], batch: StageBatch) -> torch.Tensor:
         a, b, lane = batch.lane(a2), batch.lane(b2), batch.lane
-        out = _conv(
-            lane(r.conv2), batch.zero_outside(_norm_act(crops[0], a, b, r.nonlinearity, dtype))
-        )
         skip = crops[1][:, :, lo : crops[1].shape[2] - hi, lo : crops[1].shape[3] - hi]
-        if r.conv_shortcut is not None:
-            skip = lane(r.conv_shortcut)(skip)
-        return (skip + out) / r.output_scale_factor
+        shortcut = r.conv_shortcut
+        if isinstance(shortcut, nn.Conv2d) and shortcut.padding == (0, 0):
+            skip = _conv(lane(shortcut), skip)
+        elif shortcut is not None:
+            skip = lane(shortcut)(skip)
+        h = batch.zero_outside(_norm_act(crops[0], a, b, r.nonlinearity, dtype))
+        if r.output_scale_factor == 1:  # x / 1 is x: the sum is the block's output
+            return _conv(lane(r.conv2), h, skip)
+        return (skip + _conv(lane(r.conv2), h)) / r.output_scale_factor
 
     if not recompute:
         channels = r.conv2.out_channels
@@ -429,7 +435,7 @@ def _upsample(eng: StagedEngine, x: Canvas, us: Upsample) -> Canvas:
         raise _unsupported(f"got upsampler conv {conv}")
 
     def up(crops: list[torch.Tensor], batch: StageBatch) -> torch.Tensor:
-        h = _conv(batch.lane(conv), F.interpolate(crops[0], scale_factor=2.0, mode="nearest"))
+        h = _conv(batch.lane(conv), copies.upsample_nearest2x(crops[0]))
         return h[:, :, 1:-1, 1:-1]
 
     channels, scale = conv.out_channels, x.scale * 2
