@@ -522,3 +522,44 @@ def test_wide_copies_and_nearest_upsampling_on_cuda() -> None:
     canvas = canvas.contiguous(memory_format=torch.channels_last)[0]
     copies.copy_(x[2, :, 1:31, 0:40], canvas[:, 50:80, 10:50])
     assert torch.equal(x[2, :, 1:31, 0:40], canvas[:, 50:80, 10:50])
+
+
+@torch.inference_mode()
+def test_coarse_stages_batch_more_tiles_and_stay_close(vae, latents, monkeypatch) -> None:
+    """On CUDA a 40×48 latent decode in tiles of 8 at batch 2 runs its latent-scale stages in
+    one batch of all 30 tiles (scale 2: 8 a batch); the image is the one of batch 2 everywhere
+    up to float32 rounding (cuDNN may pick other algorithms for other batch sizes); an
+    out-of-memory in a boosted batch drops to the plain batch and finishes."""
+    sizes: dict[int, list[int]] = {}
+    stage = StagedEngine.stage
+
+    def counted(self, inputs, fn, **kw):  # type: ignore[no-untyped-def]
+        def fn_counted(crops, batch):  # type: ignore[no-untyped-def]
+            sizes.setdefault(kw["scale"], []).append(crops[0].shape[0])
+            return fn(crops, batch)
+
+        return stage(self, inputs, fn_counted, **kw)
+
+    monkeypatch.setattr(StagedEngine, "stage", counted)
+    boosted = tiled_decode(vae, latents, tile=8, device="cuda", batch=2)
+    assert sizes[1][0] == 30 and max(sizes[2]) == 8 and max(sizes[8]) == 2
+    monkeypatch.setattr(StagedEngine, "batch_at", lambda self, scale: self.batch)
+    plain = tiled_decode(vae, latents, tile=8, device="cuda", batch=2)
+    assert (boosted - plain).abs().max().item() < 1e-4
+    monkeypatch.undo()
+    from tileup.vae import engine
+
+    failed: list[int] = []
+    owned_stats = engine._owned_stats
+
+    def fail_once(res, owned):  # type: ignore[no-untyped-def]
+        if len(owned) > 2 and not failed:
+            failed.append(len(owned))
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return owned_stats(res, owned)
+
+    monkeypatch.setattr(engine, "_owned_stats", fail_once)
+    notes: list[str] = []
+    out = tiled_decode(vae, latents, tile=8, device="cuda", batch=2, notes=notes)
+    assert failed and notes == ["VAE out of memory: 2 tiles per batch"]
+    assert (out - plain).abs().max().item() < 1e-4

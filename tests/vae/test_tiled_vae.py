@@ -456,3 +456,24 @@ def test_the_store_takes_the_attention_buffers_once_they_are_freed() -> None:
     cpu = StagedEngine(grid, torch.device("cpu"), torch.float32, torch.device("cpu"), 1)
     cpu.release(24)
     assert cpu.store_cap is None  # no cap: every canvas goes to the store
+
+
+def test_coarse_stages_batch_more_tiles_on_cuda() -> None:
+    """A stage at half the scale batches 4× the tiles, less 4× for channels growing to 4×: a
+    top-scale batch's memory (CUDA only; the CPU keeps one batch size for every stage)."""
+    grid = vae_grid(40, 48, 8)
+    cuda = StagedEngine(
+        grid, torch.device("cuda"), torch.bfloat16, torch.device("cuda"), 2, top_scale=8
+    )
+    assert [cuda.batch_at(s) for s in (1, 2, 4, 8)] == [32, 8, 2, 2]
+    assert (
+        StagedEngine(
+            grid, torch.device("cuda"), torch.bfloat16, torch.device("cuda"), 3, top_scale=16
+        ).batch_at(2)
+        == 48
+    )
+    plain = StagedEngine(grid, torch.device("cuda"), torch.bfloat16, torch.device("cuda"), 3)
+    cpu = StagedEngine(
+        grid, torch.device("cpu"), torch.float32, torch.device("cpu"), 3, top_scale=8
+    )
+    assert plain.batch_at(1) == cpu.batch_at(1) == 3

@@ -225,8 +225,12 @@ class StagedEngine:
         store_cap: int | None = None,
         notes: list[str] | None = None,
         lanes: Sequence[Lane] = (),
+        top_scale: int | None = None,
     ) -> None:
         self.grid, self.device, self.dtype, self.store = grid, device, dtype, store
+        self.top_scale = top_scale
+        """The finest scale the pass reaches (the image's: the VAE factor); on CUDA, coarser
+        stages batch more tiles (:meth:`batch_at`). None: every stage takes :attr:`batch`."""
         self.lanes: tuple[Lane, ...] = (PRIMARY, *lanes)
         """The primary device, then the other devices with copies of the modules. Each lane
         takes a band of tile rows (:attr:`spans`) in every stage and keeps its own copy of the
@@ -265,6 +269,17 @@ class StagedEngine:
         self.channels_last = device.type == "cuda"
         """On CUDA canvases and tile batches are laid out channels-last (H×W×C in memory): the
         convs run ~1.5× faster on tensor cores and crops copy as contiguous rows."""
+
+    def batch_at(self, scale: int) -> int:
+        """Tiles per batch of a stage whose finest canvas is at ``scale``: on CUDA, :attr:`batch`
+        × (top scale / scale)² / 4 when that is more. A tile at half the scale holds a quarter
+        of the pixels, so while the channels grow at most 4× below the top scale (128 → 512 in
+        the SD VAEs) such a batch takes no more memory than a top-scale one, and the coarse
+        stages, whose kernels are small, launch a fraction of the kernels (4096² decode: 64
+        tiles at latent scale in one batch instead of 16)."""
+        if self.top_scale is None or self.device.type != "cuda" or scale >= self.top_scale:
+            return self.batch
+        return max(self.batch, self.batch * (self.top_scale // scale) ** 2 // 4)
 
     def _place(self, nbytes: int) -> torch.device:
         """Where a new canvas of ``nbytes`` lives: the store, or with a ``store_cap`` (bytes the
@@ -458,7 +473,8 @@ class StagedEngine:
         while busy:  # the lanes' batches in turn
             k = busy[turn % len(busy)]
             lane, end = self.lanes[k], self.spans[k][1]
-            tiles = g.tiles[starts[k] : min(starts[k] + self.batch, end)]
+            per_batch = self.batch_at(max(m_in, scale))
+            tiles = g.tiles[starts[k] : min(starts[k] + per_batch, end)]
             owned = tuple(owned_region(t, scale) for t in tiles)
             cores = tuple((t.top * scale, t.left * scale) for t in tiles)
             try:
@@ -475,10 +491,14 @@ class StagedEngine:
                 moved = None if res is None or not keep else self._to(res, self._copy(result, k))
             except torch.OutOfMemoryError:
                 crops, res, batch_stats, moved = [], None, [], None
-                if self.batch > 1:
-                    self.batch //= 2
+                if per_batch > 1:
+                    if per_batch > self.batch:  # coarse stages take the plain batch from now on
+                        self.top_scale = None
+                    else:
+                        self.batch //= 2
                     torch.cuda.empty_cache()
-                    self.notes.append(f"VAE out of memory: {self.batch} tiles per batch")
+                    per_batch = self.batch_at(max(m_in, scale))
+                    self.notes.append(f"VAE out of memory: {per_batch} tiles per batch")
                     continue
                 if not any(c.data.is_cuda for c in (*_stored(inputs), result)):
                     raise

@@ -594,7 +594,17 @@ def _staged(
         placed = _placed(*part(copy_), lane_dev, dt)
         others.append(Lane.of(lane_dev, tree((main, conv)), tree(placed)))
     cap = _cap(dev, store_limit)
-    eng = StagedEngine(grid, dev, dt, st, max(1, batch), store_cap=cap, notes=notes, lanes=others)
+    eng = StagedEngine(
+        grid,
+        dev,
+        dt,
+        st,
+        max(1, batch),
+        store_cap=cap,
+        notes=notes,
+        lanes=others,
+        top_scale=vae_scale_factor(vae),
+    )
     return eng, main, conv
 
 
