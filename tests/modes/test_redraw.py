@@ -50,6 +50,7 @@ from tileup.seams.metrics import boundary_ratio, seam_ratio
 from tileup.settings import SettingsError, UpscaleSettings
 from tileup.tiler import Box
 from tileup.vae.runner import VaeOptions, VaeRunner
+from tileup.vae.tiled import NonFiniteError
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -473,6 +474,42 @@ def test_sdxl_gets_pooled_embeds_and_per_crop_time_ids() -> None:
     expected = [[H, W, c.top, c.left, c.height, c.width] for c in crops]
     assert [ids[0].tolist() for ids in seen[::2]] == expected  # uncond half, then cond half
     assert all(torch.equal(ids[0], ids[1]) for ids in seen)
+
+
+def test_bf16_vae_nan_is_read_once_at_the_end_and_the_pass_reruns_in_fp32(monkeypatch) -> None:
+    """In bf16 (float32's range) the crop passes' NaN/inf flags stay on the device and are read
+    once per pass; NaN then reruns the whole pass with the VAE in float32: the float32 bytes."""
+
+    class NanVAE(ShuffleVAE):
+        def decode(self, z: torch.Tensor) -> SimpleNamespace:
+            out = super().decode(z)
+            if z.dtype == torch.bfloat16:
+                out.sample = out.sample * float("nan")
+            return out
+
+    canvas = _photo()
+    regions = tile_regions(redraw_grid(H, W, TILE, F8, "linear"))
+    reads: list[int] = []
+    check = VaeRunner.check_finite
+
+    def counted(self: VaeRunner) -> None:
+        reads.append(len(self._unchecked))
+        check(self)
+
+    monkeypatch.setattr(VaeRunner, "check_finite", counted)
+    kw = {"denoise": 0.5, "padding": 32, "mask_blur": 8, "seed": 1, "max_batch": 2}
+    model = _stand_in_model(canvas, vae=NanVAE(), vae_dtype=torch.bfloat16)
+    notes: list[str] = []
+    out, counts = redraw_regions(model, canvas, regions, fallbacks=notes, **kw)
+    assert notes == ["VAE produced NaN/inf in torch.bfloat16; re-ran it in fp32"]
+    # one read of every bf16 flag (an encode and a decode per batch), then the float32 rerun's
+    assert reads == [2 * counts.batches] * 2 and model.vae.dtype == torch.float32
+    reference, _ = redraw_regions(_stand_in_model(canvas), canvas, regions, **kw)
+    assert torch.equal(out, reference)
+    fp32 = _stand_in_model(canvas, vae=NanVAE(), vae_dtype=torch.float32)
+    fp32.vae.vae.decode = lambda z: SimpleNamespace(sample=F.pixel_shuffle(z, F8) * float("nan"))
+    with pytest.raises(NonFiniteError, match="float32"):
+        redraw_regions(fp32, canvas, regions, **kw)
 
 
 def test_half_precision_vae_overflow_reruns_in_fp32() -> None:

@@ -52,6 +52,7 @@ from tileup.sampling.guidance import GuidanceInputs, guidance_inputs, guided_pre
 from tileup.sampling.loop import StepPlan, add_noise_on_host, noise_latents, run_sampler
 from tileup.sampling.protocols import Scheduler
 from tileup.tiler import Box, TileGrid, plan_grid
+from tileup.vae.tiled import NonFiniteError
 
 Progress = Callable[[int], None]
 
@@ -267,7 +268,10 @@ def redraw_regions(
 
     ``on_tiles(k)`` runs after each UNet evaluation of a batch of k regions; ``on_batch``
     receives each batch (region indices) before it runs; ``on_pasted`` the canvas after each
-    batch is pasted (read only: a preview). With replicas (``model.lanes``) a
+    batch is pasted (read only: a preview). The VAE's NaN/inf checks in bfloat16 and float32
+    are read once at the end of the pass (:meth:`VaeRunner.check_finite`); NaN/inf in bfloat16
+    runs the whole pass again with the VAE in float32 (noted), in float32 it is an error
+    (float16 falls back call by call). With replicas (``model.lanes``) a
     batch holds up to ``max_batch`` regions per lane and is split across
     :func:`lane_count` lanes.
     """
@@ -293,7 +297,7 @@ def redraw_regions(
         _LaneWork(lane, lane.step_plan(denoise)[0] if k else scheduler, noise.to(lane.device))
         for k, lane in enumerate(lanes)
     ]
-    canvas = canvas.clone()
+    source, canvas = canvas, canvas.clone()
     unet_calls = batches = 0
     queue = deque(batch_schedule(crops, max_batch * len(lanes)))
     pool = ThreadPoolExecutor(len(lanes), "tileup-lane") if len(lanes) > 1 else None
@@ -331,6 +335,31 @@ def redraw_regions(
     finally:
         if pool is not None:
             pool.shutdown()
+    try:
+        for lane in lanes:  # the VAE's NaN/inf flags of the whole pass: one host wait
+            lane.vae.check_finite()
+    except NonFiniteError:
+        if not model.vae.fall_back(notes):
+            raise
+        for replica in lanes[1:]:
+            replica.vae.fall_back([])
+        return redraw_regions(
+            model,
+            source,
+            regions,
+            denoise=denoise,
+            padding=padding,
+            mask_blur=mask_blur,
+            seed=seed,
+            pass_index=pass_index,
+            max_batch=max_batch,
+            name=name,
+            fallbacks=notes,
+            on_tiles=on_tiles,
+            on_batch=on_batch,
+            min_lane_crops=min_lane_crops,
+            on_pasted=on_pasted,
+        )
     counts = PassCounts(
         name,
         len(regions),

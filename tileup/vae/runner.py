@@ -70,6 +70,8 @@ class VaeRunner:
         self.latent_channels = int(vae.config.latent_channels)
         self._cast: Vae | None = None
         self._compiled: dict[tuple[str, int], nn.Module] = {}
+        self._unchecked: list[tuple[torch.Tensor, torch.dtype]] = []
+        """Device flags of crop passes not yet read (:meth:`check_finite`) and their dtype."""
         self.calls = 0
 
     def _module(self) -> Vae:
@@ -101,11 +103,18 @@ class VaeRunner:
         try:
             return run(self._module(), self.dtype)
         except NonFiniteError:
-            if self.dtype == torch.float32:
+            if not self.fall_back(notes):
                 raise
-            notes.append(f"VAE produced NaN/inf in {self.dtype}; re-ran it in fp32")
-            self.dtype, self._cast = torch.float32, None
             return run(self.vae, torch.float32)
+
+    def fall_back(self, notes: list[str]) -> bool:
+        """Switch to float32 for good after NaN/inf in half precision (noted); False when the
+        runner already is in float32 (nothing to fall back to)."""
+        if self.dtype == torch.float32:
+            return False
+        notes.append(f"VAE produced NaN/inf in {self.dtype}; re-ran it in fp32")
+        self.dtype, self._cast = torch.float32, None
+        return True
 
     def replica(self, device: torch.device) -> VaeRunner:
         """A runner of a copy of this VAE on ``device``, in the same precision and options."""
@@ -180,17 +189,34 @@ class VaeRunner:
         self, fn: Callable[[Vae, torch.Tensor], torch.Tensor], x: torch.Tensor, notes: list[str]
     ) -> torch.Tensor:
         """``fn`` over ``x`` in parts of ``options.batch`` crops (one with ``options.compile``),
-        checked for NaN/inf once for the whole call (one host sync, not one a part)."""
+        checked for NaN/inf once for the whole call. In float16, whose range overflows where
+        float32's does not (the SD VAEs), that is a host wait now and, on NaN/inf, the call again
+        in float32; in bfloat16 and float32 (float32's range) a device flag that
+        :meth:`check_finite` reads, so a redraw pass waits once at its end instead of twice a
+        wave."""
         parts = torch.split(x, 1 if self.options.compile else max(1, self.options.batch))
         self.calls += len(parts)
 
         def run(vae: Vae, dtype: torch.dtype) -> torch.Tensor:
             out = torch.cat([fn(vae, part.to(self.device, dtype)).float() for part in parts])
-            if not bool(torch.isfinite(out).all()):
+            finite = torch.isfinite(out).all()
+            if dtype != torch.float16:
+                self._unchecked.append((finite, dtype))
+            elif not bool(finite):
                 raise NonFiniteError(f"the VAE produced NaN/inf in {dtype}")
             return out
 
         return self._guarded(run, notes)
+
+    def check_finite(self) -> None:
+        """Raise :class:`NonFiniteError` if a crop pass since the last check produced NaN/inf
+        (one host wait for all of them; the flags are cleared either way)."""
+        if not self._unchecked:
+            return
+        flags, dtypes = zip(*self._unchecked, strict=True)
+        self._unchecked.clear()
+        if not bool(torch.stack([f.to(self.device) for f in flags]).all()):
+            raise NonFiniteError(f"the VAE produced NaN/inf in {dtypes[-1]}")
 
     def _crop_pass(self, kind: type[_CropPass], vae: Vae) -> Callable[[torch.Tensor], torch.Tensor]:
         """``kind`` over ``vae``: compiled once per VAE module when ``options.compile``."""
