@@ -230,3 +230,35 @@ def test_the_conv_epilogue_is_left_aside_where_it_cannot_run(monkeypatch) -> Non
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setenv("TILEUP_VAE_EPILOGUE", "torch")
     assert not epilogue.enabled(x)
+
+
+def test_a_kernel_that_cannot_launch_is_left_to_pytorch_on_that_gpu(monkeypatch) -> None:
+    """The softmax, statistics and bias kernels' one launch guard: on a CUDA device a kernel
+    that cannot build or launch is warned about and recorded (PyTorch's ops there from then on);
+    out of memory, and any failure under the CPU's interpreter, are raised."""
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+
+    from tileup.vae import softmax
+
+    monkeypatch.setattr(softmax, "on_device", lambda device: nullcontext())  # no GPU here
+
+    def broken() -> None:
+        raise RuntimeError("no kernel image for this GPU")
+
+    failed: set[int] = set()
+    gpu = SimpleNamespace(device=torch.device("cuda", 1))
+    with pytest.warns(UserWarning, match=r"VAE bias kernel unavailable \(RuntimeError\)"):
+        assert not softmax.launched(broken, gpu, failed, "bias")  # type: ignore[arg-type]
+    assert failed == {1}
+    ran: list[int] = []
+    assert softmax.launched(lambda: ran.append(1), gpu, failed, "bias")  # type: ignore[arg-type]
+    assert ran == [1]
+
+    def out_of_memory() -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    with pytest.raises(torch.OutOfMemoryError):
+        softmax.launched(out_of_memory, gpu, set(), "bias")  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError, match="no kernel image"):
+        softmax.launched(broken, torch.zeros(2), set(), "bias")

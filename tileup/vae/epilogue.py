@@ -17,14 +17,12 @@ CPU through Triton's interpreter (``TRITON_INTERPRET=1``).
 from __future__ import annotations
 
 import functools
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from tileup.devices import on_device
 from tileup.vae import softmax
 
 __all__ = ["conv2d", "enabled"]
@@ -105,30 +103,23 @@ def conv2d(
         out.add_(bias.reshape(1, -1, 1, 1))
         return out if skip is None else skip + out
     row = width * channels
-    try:
-        with on_device(x.device):  # Triton launches on the current device's stream
-            _kernel()[(batch * height, -(-row // _BLOCK))](
-                out,
-                bias,
-                out if skip is None else skip,
-                row,
-                channels,
-                height,
-                0 if skip is None else skip.stride(0),
-                0 if skip is None else skip.stride(2),
-                HAS_SKIP=skip is not None,
-                BLOCK=_BLOCK,
-                num_warps=8,
-            )
-    except torch.OutOfMemoryError:
-        raise
-    except Exception as exc:  # Triton cannot build or launch it here: PyTorch's from now on
-        if x.device.type != "cuda":
-            raise
-        _FAILED.add(softmax.device_index(x.device))
-        warnings.warn(
-            f"VAE bias kernel unavailable ({type(exc).__name__}); using PyTorch's", stacklevel=2
+
+    def run() -> None:
+        _kernel()[(batch * height, -(-row // _BLOCK))](
+            out,
+            bias,
+            out if skip is None else skip,
+            row,
+            channels,
+            height,
+            0 if skip is None else skip.stride(0),
+            0 if skip is None else skip.stride(2),
+            HAS_SKIP=skip is not None,
+            BLOCK=_BLOCK,
+            num_warps=8,
         )
-        out.add_(bias.reshape(1, -1, 1, 1))  # nothing was written: the launch failed
+
+    if not softmax.launched(run, x, _FAILED, "bias"):
+        out.add_(bias.reshape(1, -1, 1, 1))
         return out if skip is None else skip + out
     return out

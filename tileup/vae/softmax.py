@@ -24,6 +24,7 @@ import functools
 import importlib.util
 import os
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -113,21 +114,34 @@ def softmax_rows(scores: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return scores.to(dtype)
     out = torch.empty(scores.shape, dtype=dtype, device=scores.device)
     rows, cols = scores.shape
-    if rows and cols:
-        try:
-            with on_device(scores.device):  # Triton launches on the current device's stream
-                _kernel()[(rows,)](
-                    scores, out, cols, scores.stride(0), out.stride(0), BLOCK=_BLOCK, num_warps=8
-                )
-        except torch.OutOfMemoryError:
-            raise
-        except Exception as exc:  # Triton cannot build or launch it here: PyTorch's from now on
-            if scores.device.type != "cuda":
-                raise
-            _FAILED.add(device_index(scores.device))
-            warnings.warn(
-                f"VAE softmax kernel unavailable ({type(exc).__name__}); using PyTorch's",
-                stacklevel=2,
-            )
-            return softmax_rows(scores, dtype)
+
+    def run() -> None:
+        _kernel()[(rows,)](
+            scores, out, cols, scores.stride(0), out.stride(0), BLOCK=_BLOCK, num_warps=8
+        )
+
+    if rows and cols and not launched(run, scores, _FAILED, "softmax"):
+        return softmax_rows(scores, dtype)
     return out
+
+
+def launched(run: Callable[[], None], x: torch.Tensor, failed: set[int], what: str) -> bool:
+    """``run()`` (a Triton kernel launch) on ``x``'s device and stream; whether it ran. On CUDA
+    a failure to build or launch (other than out of memory, raised) is warned about ("VAE
+    ``what`` kernel unavailable") and recorded in ``failed`` (:func:`kernel_runs` then says no
+    on that device: PyTorch's ops from now on) and nothing was written; on the CPU (Triton's
+    interpreter) it is raised."""
+    try:
+        with on_device(x.device):  # Triton launches on the current device's stream
+            run()
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as exc:
+        if x.device.type != "cuda":
+            raise
+        failed.add(device_index(x.device))
+        warnings.warn(
+            f"VAE {what} kernel unavailable ({type(exc).__name__}); using PyTorch's", stacklevel=3
+        )
+        return False
+    return True

@@ -18,12 +18,10 @@ through Triton's interpreter (``TRITON_INTERPRET=1``).
 from __future__ import annotations
 
 import functools
-import warnings
 from typing import Any
 
 import torch
 
-from tileup.devices import on_device
 from tileup.vae import softmax
 
 __all__ = ["BLOCKS_PER_PROGRAM", "channel_stats", "enabled"]
@@ -113,34 +111,26 @@ def channel_stats(
     block_c = min(128, 1 << max(0, channels - 1).bit_length())
     means = torch.empty(batch, blocks, channels, device=x.device)
     m2s = torch.empty_like(means)
-    try:
-        with on_device(x.device):  # Triton launches on the current device's stream
-            _kernel()[(batch, blocks, -(-channels // block_c))](
-                x,
-                means,
-                m2s,
-                pixels,
-                width,
-                channels,
-                x.stride(0),
-                x.stride(1),
-                x.stride(2),
-                x.stride(3),
-                BLOCK_P=_BLOCK_PIXELS,
-                BLOCK_C=block_c,
-                BLOCKS=blocks_per_program,
-                num_warps=4,
-            )
-    except torch.OutOfMemoryError:
-        raise
-    except Exception as exc:  # Triton cannot build or launch it here: PyTorch's from now on
-        if x.device.type != "cuda":
-            raise
-        _FAILED.add(softmax.device_index(x.device))
-        warnings.warn(
-            f"VAE statistics kernel unavailable ({type(exc).__name__}); using PyTorch's",
-            stacklevel=2,
+
+    def run() -> None:
+        _kernel()[(batch, blocks, -(-channels // block_c))](
+            x,
+            means,
+            m2s,
+            pixels,
+            width,
+            channels,
+            x.stride(0),
+            x.stride(1),
+            x.stride(2),
+            x.stride(3),
+            BLOCK_P=_BLOCK_PIXELS,
+            BLOCK_C=block_c,
+            BLOCKS=blocks_per_program,
+            num_warps=4,
         )
+
+    if not softmax.launched(run, x, _FAILED, "statistics"):
         return channel_stats(x)
     return _merged(means, m2s, pixels, span)
 
