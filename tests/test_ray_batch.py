@@ -186,7 +186,8 @@ def test_same_bytes_as_the_local_batch_with_a_worker_killed_mid_file(
     finally:
         thread.join()
     assert "pid" in seen, "no worker was killed"
-    assert len(seen["temporary"]) == 1 and seen["temporary"][0].startswith(".slow_tileup.png.tmp-")
+    # killed half-way through slow.png's write (the other worker may be writing its own file)
+    assert [t for t in seen["temporary"] if t.startswith(".slow_tileup.png.tmp-")]
     # input order kept, exactly one outcome each, all done, with their stats
     names = ["c.png", "d.png", "a.png", "b.png", "slow.png", "e.png"]
     assert [o.source.name for o in outcomes] == names and sorted(finished) == sorted(names)
