@@ -4,7 +4,7 @@ On the full-size SD VAE architecture (random weights, bf16), prints one JSON obj
 
 - ``attention``: the mid-block global attention at the latent size of a ``--size`` image
   (1 head, d = 512), per implementation: PyTorch SDPA restricted to each backend, and
-  :func:`tileup.vae.tiled._sdpa` (what the tiled VAE calls; ``tileup_torch_softmax``: with
+  :func:`tileup.vae.attention.sdpa` (what the tiled VAE calls; ``tileup_torch_softmax``: with
   PyTorch's softmax and cast instead of :mod:`tileup.vae.softmax`), and the fused Triton kernel
   (:mod:`tileup.vae.flash`) at several block sizes; seconds and TFLOP/s;
 - ``conv``: one 3×3 conv (128 → 128 channels, a batch of 4 tiles of 514² px) in NCHW and in
@@ -35,6 +35,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from tileup.vae import attention as vae_attention
 from tileup.vae import engine as vae_engine
 from tileup.vae import flash, tiled
 from tileup.vae import stats as vae_stats
@@ -118,10 +119,10 @@ def attention(
         "efficient": backend(SDPBackend.EFFICIENT_ATTENTION),
         "cudnn": backend(SDPBackend.CUDNN_ATTENTION),
         "flash": backend(SDPBackend.FLASH_ATTENTION),
-        "tileup": lambda: tiled._sdpa([(q, k, v)]),
-        "tileup_torch_softmax": _torch_softmax(lambda: tiled._sdpa([(q, k, v)])),
-        "tileup_budget_2^26": lambda: tiled._chunked_attention(q, k, v, 1 << 26),
-        "tileup_budget_2^28": lambda: tiled._chunked_attention(q, k, v, 1 << 28),
+        "tileup": lambda: vae_attention.sdpa([(q, k, v)]),
+        "tileup_torch_softmax": _torch_softmax(lambda: vae_attention.sdpa([(q, k, v)])),
+        "tileup_budget_2^26": lambda: vae_attention.chunked_attention(q, k, v, 1 << 26),
+        "tileup_budget_2^28": lambda: vae_attention.chunked_attention(q, k, v, 1 << 28),
         "gemm_bf16_scores_8192": lambda: gemm_attention(q, k, v, 8192),
     }
     for cfg in FLASH_CONFIGS:  # tileup.vae.flash, one fused kernel (TILEUP_VAE_ATTENTION=fused)
@@ -129,7 +130,7 @@ def attention(
         runs[name] = functools.partial(flash.flash_attention, q[0, 0], k[0, 0], v[0, 0], config=cfg)
     with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
         ref = F.scaled_dot_product_attention(q[:, :, :4096], k, v).float()
-    mine = tiled._sdpa([(q[:, :, :4096].contiguous(), k, v)])[0].float()
+    mine = vae_attention.sdpa([(q[:, :, :4096].contiguous(), k, v)])[0].float()
     out["tileup_vs_efficient_max_abs"] = (mine - ref).abs().max().item()
     try:
         fused = flash.flash_attention(q[0, 0, :4096].contiguous(), k[0, 0], v[0, 0]).float()
@@ -235,7 +236,7 @@ def stages(
     engine's ``store_limit``, as a memory plan gives it), with their totals and notes."""
     timings: dict[str, float] = collections.defaultdict(float)
     counts: dict[str, int] = collections.defaultdict(int)
-    original_stage, original_sdpa = vae_engine.StagedEngine.stage, tiled._sdpa
+    original_stage, original_sdpa = vae_engine.StagedEngine.stage, vae_attention.sdpa
 
     def stage(self: Any, inputs: Any, fn: Any, **kw: Any) -> Any:
         torch.cuda.synchronize()
@@ -265,7 +266,7 @@ def stages(
         "store_limit": limit,
         "notes": notes,
     }
-    vae_engine.StagedEngine.stage, tiled._sdpa = stage, sdpa  # type: ignore[method-assign]
+    vae_engine.StagedEngine.stage, vae_attention.sdpa = stage, sdpa  # type: ignore[method-assign]
     torch.cuda.reset_peak_memory_stats()
     try:
         phase = "encode"
@@ -277,7 +278,7 @@ def stages(
         tiled.tiled_decode(vae, z, **kw)
         timings["decode:total"] = time.perf_counter() - start
     finally:
-        vae_engine.StagedEngine.stage, tiled._sdpa = original_stage, original_sdpa
+        vae_engine.StagedEngine.stage, vae_attention.sdpa = original_stage, original_sdpa
     out: dict[str, Any] = {
         k: {"seconds": round(v, 4), "stages": counts.get(k, 0)} for k, v in timings.items()
     }

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from tileup.vae import attention
 from tileup.vae import tiled as tv
 from tileup.vae.engine import StagedEngine, vae_grid
 from tileup.vae.tiled import tiled_decode, tiled_encode
@@ -127,7 +128,7 @@ def test_attention_in_bf16_is_as_close_as_the_fused_kernel() -> None:
     half = [t.bfloat16() for t in (q, k, v)]
     with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
         fused = torch.nn.functional.scaled_dot_product_attention(*half)
-    mine = tv._chunked_attention(*half, budget=4096 * 512)  # 8 chunks of queries
+    mine = attention.chunked_attention(*half, budget=4096 * 512)  # 8 chunks of queries
     assert mine.dtype == torch.bfloat16
     # bf16 probabilities before the second product (as flash attention rounds them): measured
     # on an H200 8.27e-5 against the memory-efficient kernel's 7.46e-5 (outputs ~3e-2)
@@ -135,9 +136,9 @@ def test_attention_in_bf16_is_as_close_as_the_fused_kernel() -> None:
     assert (mine.double() - ref).abs().mean().item() <= 1.25 * fused_err
     # written over its queries: the same values, in the queries' storage
     queries = half[0].clone()
-    (over,) = tv._sdpa([(queries, half[1], half[2])], over_queries=True)
+    (over,) = attention.sdpa([(queries, half[1], half[2])], over_queries=True)
     assert over.data_ptr() == queries.data_ptr()
-    assert torch.equal(over, tv._sdpa([tuple(half)])[0])
+    assert torch.equal(over, attention.sdpa([tuple(half)])[0])
 
 
 def test_batch_norm_affine_matches_the_float32_formula() -> None:

@@ -13,7 +13,7 @@ os.environ["TRITON_INTERPRET"] = "1"
 
 import torch
 
-from tileup.vae import epilogue, flash, softmax, stats
+from tileup.vae import attention, epilogue, flash, softmax, stats
 from tileup.vae import tiled as tv
 
 
@@ -231,10 +231,10 @@ def main() -> None:
 
     flash.flash_attention = counted  # type: ignore[assignment]
     os.environ.pop("TILEUP_VAE_ATTENTION", None)
-    chunked = tv._chunked_attention(q, k, v, budget=33 * 5)
+    chunked = attention.chunked_attention(q, k, v, budget=33 * 5)
     by_default = len(calls)
     os.environ["TILEUP_VAE_ATTENTION"] = "fused"
-    fused = tv._chunked_attention(q, k, v, budget=33 * 5)
+    fused = attention.chunked_attention(q, k, v, budget=33 * 5)
     out["routing"] = {
         "calls_by_default": by_default,
         "calls_when_asked": len(calls) - by_default,

@@ -16,6 +16,7 @@ import pytest
 import torch
 from sd_fixtures import make_tiny_components
 
+from tileup.vae import attention
 from tileup.vae import tiled as tv
 from tileup.vae.engine import StagedEngine, vae_grid
 from tileup.vae.tiled import NonFiniteError, tiled_decode, tiled_encode
@@ -191,10 +192,10 @@ def test_chunked_gemm_attention_equals_sdpa() -> None:
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v)
     for budget in (1, 5 * 37, 1 << 27):  # one query a chunk, 5, all at once
         assert (
-            tv._chunked_attention(q, k, v, budget) - ref
+            attention.chunked_attention(q, k, v, budget) - ref
         ).abs().max().item() < 5e-5  # values up to ~9
     bf16 = [t.bfloat16() for t in (q, k, v)]
-    half = tv._chunked_attention(*bf16, 5 * 37)
+    half = attention.chunked_attention(*bf16, 5 * 37)
     assert half.dtype == torch.bfloat16
     # in bf16 as close to the float32 result as PyTorch's own attention in bf16 (0.100 vs 0.104)
     torch_half = torch.nn.functional.scaled_dot_product_attention(*bf16)
@@ -273,16 +274,16 @@ def test_out_of_memory_in_a_stage_halves_the_batch_and_finishes(vae, latents, mo
 def test_out_of_memory_in_the_attention_halves_its_chunk(monkeypatch) -> None:
     gen = torch.Generator().manual_seed(4)
     q, k, v = (torch.randn(1, 1, 40, 8, generator=gen) for _ in range(3))
-    expected = tv._chunked_attention(q, k, v, 10 * 40)
-    raised = _fail_once(monkeypatch, tv, "_scores", lambda qs, kt: qs.shape[0] == 16)
-    out = tv._chunked_attention(q, k, v, 16 * 40)  # chunks of 16 queries, then 8 after the failure
+    expected = attention.chunked_attention(q, k, v, 10 * 40)
+    raised = _fail_once(monkeypatch, attention, "float32_scores", lambda qs, kt: qs.shape[0] == 16)
+    out = attention.chunked_attention(q, k, v, 16 * 40)  # chunks of 16, then 8 after the failure
     assert raised
     assert (out - expected).abs().max().item() < 1e-6
     monkeypatch.setattr(
-        tv, "_scores", lambda qs, kt: (_ for _ in ()).throw(torch.OutOfMemoryError())
+        attention, "float32_scores", lambda qs, kt: (_ for _ in ()).throw(torch.OutOfMemoryError())
     )
     with pytest.raises(torch.OutOfMemoryError):  # one query a chunk and still no room
-        tv._chunked_attention(q, k, v, 16 * 40)
+        attention.chunked_attention(q, k, v, 16 * 40)
 
 
 @pytest.mark.parametrize("lanes", [1, 2])

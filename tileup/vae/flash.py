@@ -4,7 +4,7 @@ FlashAttention's algorithm: each program takes a block of queries, walks the key
 block with an online softmax (running row maximum and sum, float32) and accumulates P·V in
 float32; the probabilities are rounded to the inputs' dtype before the second product, as in
 PyTorch's fused kernels. The scores never leave the chip, where the chunked two-GEMM
-attention (:func:`tileup.vae.tiled._chunked_attention`) writes and reads ~16 bytes a score
+attention (:func:`tileup.vae.attention.chunked_attention`) writes and reads ~16 bytes a score
 (float32 scores, the softmax's two passes, the half-precision probabilities) and reads K and V
 once per chunk of queries: at 8192² px (1M tokens) that memory traffic, not the 2.25 PFLOP,
 sets its time.

@@ -1,6 +1,6 @@
 """Row softmax of float32 scores written straight in half precision, in one Triton kernel.
 
-The chunked attention of the tiled VAE (:func:`tileup.vae.tiled._attention_chunks`) turns a
+The chunked attention of the tiled VAE (:func:`tileup.vae.attention.attention_chunks`) turns a
 chunk of float32 scores (n queries × N keys, N = 262 144 at 4096² px) into probabilities in the
 input dtype for the second matrix product. PyTorch does that in two kernels: an in-place
 float32 softmax (its rows are too long for on-chip memory, so it reads them for the maximum,
