@@ -318,11 +318,12 @@ def trace(vae: Any, size: int, dtype: torch.dtype, store: str, limit: int | None
 
 
 def totals(
-    vae: Any, size: int, dtype: torch.dtype, repeats: int, lanes: list[Any]
+    vae: Any, size: int, dtype: torch.dtype, repeats: int, lanes: list[Any], batch: int = 4
 ) -> dict[str, Any]:
-    """Seconds of a whole tiled encode and decode (store on the device), ``lanes`` as given."""
+    """Seconds of a whole tiled encode and decode (store on the device, ``batch`` tiles a batch
+    at the top scale; a job on a whole H200 plans 8), ``lanes`` as given."""
     image = torch.rand(1, 3, size, size, device="cuda") * 2 - 1
-    kw: dict[str, Any] = {"dtype": dtype, "batch": 4, "store": "device", "lanes": lanes}
+    kw: dict[str, Any] = {"dtype": dtype, "batch": batch, "store": "device", "lanes": lanes}
     z = tiled.tiled_encode(vae, image, **kw)
 
     def synced(fn: Callable[[], object]) -> Callable[[], object]:
@@ -377,7 +378,7 @@ def main() -> None:
     parser.add_argument(
         "--store-limit-gib", type=float, default=None, help="stages/trace: store_limit"
     )
-    parser.add_argument("--batch", type=int, default=4, help="stages: tiles per batch")
+    parser.add_argument("--batch", type=int, default=4, help="stages, total: tiles per batch")
     parser.add_argument("--cold", action="store_true", help="stages: no warm-up run")
     parser.add_argument("--parts", default="attention,conv,stages,total")
     parser.add_argument("--attention-runs", default="", help="attention: only these runs")
@@ -420,7 +421,7 @@ def main() -> None:
         if "trace" in parts:
             result["trace"] = trace(vae, args.size, dtype, args.store, limit)
         if "total" in parts:
-            result["total"] = totals(vae, args.size, dtype, args.repeats, lanes=[])
+            result["total"] = totals(vae, args.size, dtype, args.repeats, [], args.batch)
         if "lanes" in parts:  # every GPU but the first takes a band of tile rows
             import copy
 
@@ -428,7 +429,7 @@ def main() -> None:
                 (copy.deepcopy(vae).to(f"cuda:{i}"), torch.device("cuda", i))
                 for i in range(1, torch.cuda.device_count())
             ]
-            result["lanes"] = totals(vae, args.size, dtype, args.repeats, lanes=lanes)
+            result["lanes"] = totals(vae, args.size, dtype, args.repeats, lanes, args.batch)
             result["lanes"]["devices"] = 1 + len(lanes)
     text = json.dumps(result, indent=1)
     print(text)
