@@ -27,6 +27,21 @@ def error(a: torch.Tensor, b: torch.Tensor, how: str = "max") -> float:
     return (diff.max() if how == "max" else diff.mean()).item()
 
 
+def tiny_vae(seed: int) -> torch.nn.Module:
+    """A two-level AutoencoderKL with weights seeded by ``seed`` (the tiled VAE's test model)."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        block_out_channels=(32, 64),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=16,
+        layers_per_block=1,
+    ).eval()
+
+
 def softmax_cases() -> dict[str, object]:
     """tileup.vae.softmax against PyTorch's softmax then cast, rows longer and shorter than a
     block; and the chunked attention's probabilities through it."""
@@ -77,17 +92,7 @@ def stats_cases() -> dict[str, object]:
                 "m2_relative_error": error(m2 / (var * n), torch.ones_like(var)),
                 "torch_m2_relative_error": error(torch_var / var, torch.ones_like(var)),
             }
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        block_out_channels=(32, 64),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4,
-        norm_num_groups=16,
-        layers_per_block=1,
-    ).eval()
+    vae = tiny_vae(0)
     image = torch.rand(1, 3, 40, 56, generator=torch.Generator().manual_seed(3)) * 2 - 1
     merges: list[int] = []
     original = stats._merged
@@ -143,17 +148,7 @@ def epilogue_cases() -> dict[str, object]:
             "scale": expected.abs().max().item(),
             "channels_last": got.is_contiguous(memory_format=torch.channels_last),
         }
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(1)
-    vae = AutoencoderKL(
-        block_out_channels=(32, 64),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4,
-        norm_num_groups=16,
-        layers_per_block=1,
-    ).eval()
+    vae = tiny_vae(1)
     z = torch.randn(1, 4, 12, 10, generator=torch.Generator().manual_seed(4))
     launches: list[int] = []
     original = epilogue._kernel
