@@ -314,7 +314,7 @@ class Upscaler:
         from tileup.modes.fused import sample_fused
         from tileup.modes.model import DiffusionReport
 
-        model, clock = self.model, StageClock()
+        model, clock = self.model, StageClock(settle=self._settle)
         if model is None:
             raise SettingsError("txt2img needs --checkpoint")
         report = DiffusionReport(seed=seed)
@@ -395,7 +395,7 @@ class Upscaler:
         from tileup.upscalers.tiled import RunReport
 
         picture = as_picture(image, self.settings.max_pixels)
-        settings, clock = self.settings, StageClock(observer=observer)
+        settings, clock = self.settings, StageClock(observer=observer, settle=self._settle)
         report = RunReport(fallbacks=list(self.load_fallbacks))
         for device in (d for d in self.devices if d.type == "cuda"):
             torch.cuda.reset_peak_memory_stats(device)
@@ -696,6 +696,12 @@ class Upscaler:
         if alpha.min() == alpha.max():
             return np.full(target, alpha.flat[0], dtype=np.float32)
         return self._upscale_pixels(alpha[..., None], target, report, hooks=hooks)[..., 0]
+
+    def _settle(self) -> None:
+        """Wait for this engine's CUDA devices (a stage's end: see :class:`StageClock`)."""
+        for device in self.devices:
+            if device.type == "cuda" and torch.cuda.is_initialized():
+                torch.cuda.synchronize(device)
 
     def _on_tile(self, count: int) -> None:
         if count > 0:

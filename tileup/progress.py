@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
@@ -132,6 +132,9 @@ class StageClock:
 
     seconds: dict[str, float] = field(default_factory=dict)
     observer: Observer | None = None
+    settle: Callable[[], None] | None = None
+    """Waits for the devices' queued work (the pipeline's CUDA devices): called as each stage
+    ends, so a stage's time holds its own device work, not the next stage's first wait."""
     _compiled_before: float = field(default_factory=COMPILING.seconds, repr=False)
 
     @contextmanager
@@ -142,6 +145,8 @@ class StageClock:
         try:
             yield
         finally:
+            if self.settle is not None:
+                self.settle()
             self.add(name, work_clock() - start)
 
     def add(self, name: str, seconds: float) -> None:
