@@ -3,8 +3,12 @@
 On the full-size SD VAE (random weights, bf16), one crop of ``--crop``² px at a time, as
 ``--compile`` runs redraw crops: for each variant the compilation seconds, ms per crop of the
 encode and the decode, their kernels by kind (``profile_vae.kernel_ms``) and the largest
-difference from the first variant's output. Variants: ``inductor`` (what tileup ran before),
-``chunked`` (:mod:`tileup.vae.chunked_norm`), ``looped`` (inductor's persistent reductions off).
+difference from the first variant's output. Variants: ``inductor`` (what tileup runs),
+``chunked`` (:class:`ChunkedGroupNorm` below: the statistics as 8 row bands' means and
+variances per group, Chan-merged, so the reductions get 8× the programs), ``looped``
+(inductor's persistent reductions off). Measured on an H200 (2026-11-30,
+``results/crop_variants_h200.json``): inductor 5.83 / 11.13 ms per crop (encode / decode),
+chunked 6.59 / 11.67, looped 6.00 / 11.51; so tileup keeps inductor's own GroupNorm.
 
     python bench/vae/crop_variants.py --out bench/vae/results/crop_variants_h200.json
 """
@@ -12,12 +16,55 @@ difference from the first variant's output. Variants: ``inductor`` (what tileup 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch import nn
+
+CHUNKS = 8
+"""Bands of rows per group's statistics (fewer when the height does not divide)."""
+
+
+def row_chunks(height: int, most: int = CHUNKS) -> int:
+    """The most bands up to ``most`` that split ``height`` rows evenly."""
+    return next(k for k in range(most, 0, -1) if height % k == 0)
+
+
+class ChunkedGroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` (affine) whose statistics are merged from row bands (module docstring);
+    input N×C×H×W in any memory layout, output in the input's dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or not self.affine:
+            return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        b, c, h, w = x.shape
+        g, k = self.num_groups, row_chunks(h)
+        xf = x.float()
+        var, mean = torch.var_mean(
+            xf.view(b, g, c // g, k, h // k, w), dim=(2, 4, 5), correction=0, keepdim=True
+        )  # b×g×1×k×1×1: each band's mean and variance
+        group_mean = mean.mean(dim=3, keepdim=True)
+        group_var = (var + (mean - group_mean) ** 2).mean(dim=3, keepdim=True)  # equal bands
+        rstd = torch.rsqrt(group_var + self.eps)
+        y = ((xf.view(b, g, c // g, k, h // k, w) - group_mean) * rstd).view(b, c, h, w)
+        y = y * self.weight.float()[:, None, None] + self.bias.float()[:, None, None]
+        return y.to(x.dtype)
+
+
+def with_chunked_norms(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` whose ``nn.GroupNorm`` layers are :class:`ChunkedGroupNorm`; the
+    copy shares every parameter and buffer with ``module`` (no weights are copied)."""
+    memo: dict[int, object] = {id(t): t for t in (*module.parameters(), *module.buffers())}
+    clone = copy.deepcopy(module, memo)
+    for layer in clone.modules():
+        if type(layer) is nn.GroupNorm:
+            layer.__class__ = ChunkedGroupNorm
+    return clone
 
 
 def main() -> None:
@@ -27,7 +74,6 @@ def main() -> None:
     from bench.vae.profile_vae import kernel_ms, seconds
     from tileup.progress import COMPILING
     from tileup.sampling.compiled import compile_module
-    from tileup.vae.chunked_norm import with_chunked_norms
     from tileup.vae.runner import _Decode, _Encode
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
