@@ -527,15 +527,21 @@ def _trace(fn: Callable[[], object], folder: Path, name: str) -> str:
         _sync()
     table = prof.key_averages()
     busy: dict[int, float] = {}
+    spans: dict[int, list[tuple[float, float, str]]] = {}
     for event in prof.events():
         if event.device_type == torch.autograd.DeviceType.CUDA:
             seconds = getattr(event, "device_time", 0.0) / 1e6
             busy[event.device_index] = busy.get(event.device_index, 0.0) + seconds
+            window = event.time_range
+            spans.setdefault(event.device_index, []).append(
+                (window.start / 1e6, window.end / 1e6, event.name)
+            )
     start = time.perf_counter()
     sites = _sync_sites(fn) if torch.cuda.is_available() else "no CUDA: no syncs to find"
     text = "\n\n".join(
         [
             f"device busy seconds (sum of kernel and copy times): {busy}",
+            idle_gaps(spans),
             table.table(sort_by="cuda_time_total" if busy else "cpu_time_total", row_limit=30),
             table.table(sort_by="self_cpu_time_total", row_limit=20),
             f"host syncs (one more run, {time.perf_counter() - start:.1f} s under"
@@ -546,6 +552,31 @@ def _trace(fn: Callable[[], object], folder: Path, name: str) -> str:
     path = folder / f"trace-{name.replace(' ', '_')}.txt"
     path.write_text(text + "\n")
     return str(path)
+
+
+def idle_gaps(spans: dict[int, list[tuple[float, float, str]]], top: int = 15) -> str:
+    """Each device's idle time between its first and last kernel or copy (``spans``: start and
+    end seconds and name of each), and its ``top`` longest gaps with the names on either side
+    and when they began (seconds from the device's first event)."""
+    lines = []
+    for device, events in sorted(spans.items()):
+        events.sort()
+        first, reach, last = events[0][0], events[0][1], events[0][2]
+        gaps: list[tuple[float, float, str, str]] = []
+        for start, end, name in events[1:]:
+            if start > reach:
+                gaps.append((start - reach, reach - first, last[:60], name[:60]))
+            if end > reach:
+                reach, last = end, name
+        idle = sum(g[0] for g in gaps)
+        lines.append(
+            f"device {device}: {reach - first:.3f} s from first to last event, idle {idle:.3f} s"
+            f" in {len(gaps)} gaps ({sum(g[0] for g in gaps if g[0] >= 1e-3):.3f} s in gaps"
+            " of 1 ms or more); the longest:"
+        )
+        for gap, at, before, after in sorted(gaps, reverse=True)[:top]:
+            lines.append(f"  {gap * 1e3:8.2f} ms at {at:7.3f} s  after {before}  before {after}")
+    return "\n".join(lines) or "no device events"
 
 
 def _sync_sites(fn: Callable[[], object], frames: int = 4) -> str:
@@ -559,6 +590,8 @@ def _sync_sites(fn: Callable[[], object], frames: int = 4) -> str:
     counts: Counter[str] = Counter()
 
     def record(message: Any, category: Any, *_: Any, **__: Any) -> None:
+        if "synchroniz" not in str(message):  # other warnings (numpy's, diffusers') are not syncs
+            return
         stack = [
             f"{Path(f.filename).name}:{f.lineno} {f.name}"
             for f in traceback.extract_stack()[:-1]

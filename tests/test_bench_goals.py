@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench.gpu import goals, markdown
+from bench.gpu import goals, idle_gaps, markdown
 
 
 def _entry(seconds: float | None, commit: str = "c1", **extra: Any) -> dict[str, Any]:
@@ -70,3 +70,14 @@ def test_missing_entries_are_not_measured_and_the_markdown_has_the_table() -> No
     assert "## Goals (issue 11" in text
     row = "| two GPUs ≥ 1.8× one | reference 12.00 s (c1) / two_gpus 6.00 s (c1) = 2.00× | yes |"
     assert row in text
+
+
+def test_idle_gaps_merge_overlapping_events_and_rank_the_gaps() -> None:
+    spans = {
+        0: [(0.0, 0.001, "conv"), (0.003, 0.004, "gemm"), (0.0035, 0.005, "copy")],
+        1: [(1.0, 1.5, "graph")],
+    }
+    text = idle_gaps(spans).splitlines()
+    assert text[0].startswith("device 0: 0.005 s from first to last event, idle 0.002 s in 1 gaps")
+    assert text[1].split() == ["2.00", "ms", "at", "0.001", "s", "after", "conv", "before", "gemm"]
+    assert text[2].startswith("device 1: 0.500 s") and "idle 0.000 s in 0 gaps" in text[2]
