@@ -177,7 +177,16 @@ def to_pinned_host(data: torch.Tensor) -> torch.Tensor:
     4096² canvas: 127 ms, H200, 2026-11-30). The block comes from PyTorch's caching host
     allocator and goes back to it when the copy is freed, so the next job's copy of that size
     allocates nothing."""
+    host, done = start_pinned_copy(data)
+    done.synchronize()
+    return host
+
+
+def start_pinned_copy(data: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event]:
+    """:func:`to_pinned_host` without the wait: the pinned host tensor, whose values are there
+    once the returned event (recorded on ``data``'s current stream after the copy) completes."""
     host = torch.empty_strided(data.shape, data.stride(), dtype=data.dtype, pin_memory=True)
     host.copy_(data, non_blocking=True)
-    torch.cuda.current_stream(data.device).synchronize()
-    return host
+    done = torch.cuda.Event()
+    done.record(torch.cuda.current_stream(data.device))
+    return host, done

@@ -157,6 +157,73 @@ def test_out_of_memory_halves_tile_and_finishes(tiny, photo, monkeypatch) -> Non
     assert (out - expected).abs().max().item() <= 2 / 255
 
 
+def test_the_next_core_is_queued_before_the_last_one_is_waited_for(tiny, photo, monkeypatch):
+    """Two cores in flight: core k + 1 is launched before core k's output is waited for and
+    pasted, so the device never idles on the host's paste (the result is the same)."""
+    from tileup.upscalers import tiled
+
+    image = _nchw(photo)
+    expected = run_tiled(tiny, image, device=CPU, dtype=torch.float32, tile=16, report=RunReport())
+    events: list[str] = []
+    launched = iter(range(100))
+    forward, get = tiled._forward_core, tiled._CoreOutput.get
+
+    def recording_forward(*args, **kwargs):
+        events.append(f"launch {next(launched)}")
+        out = forward(*args, **kwargs)
+        object.__setattr__(out, "tag", events[-1].split()[1])
+        return out
+
+    def recording_get(self):
+        events.append(f"get {self.tag}")
+        return get(self)
+
+    monkeypatch.setattr(tiled, "_forward_core", recording_forward)
+    monkeypatch.setattr(tiled._CoreOutput, "get", recording_get)
+    report = RunReport()
+    out = run_tiled(tiny, image, device=CPU, dtype=torch.float32, tile=16, report=report)
+    cores = count_tiles(photo.shape[0], photo.shape[1], 16)
+    assert report.tiles == cores
+    order = ["launch 0"]
+    for k in range(1, cores):
+        order += [f"launch {k}", f"get {k - 1}"]
+    assert events == [*order, f"get {cores - 1}"]
+    assert torch.equal(out, expected)
+
+
+def test_out_of_memory_with_a_core_in_flight_lands_that_core_first(tiny, photo, monkeypatch):
+    image = _nchw(photo)
+    expected = run_tiled(
+        tiny, image, device=CPU, dtype=torch.float32, tile=None, report=RunReport()
+    )
+    real_call = type(tiny.descriptor).__call__
+    calls = iter(range(1000))
+
+    def third_fails(self, x):
+        if next(calls) == 2:  # the third core's launch, while the second is in flight
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_call(self, x)
+
+    monkeypatch.setattr(type(tiny.descriptor), "__call__", third_fails)
+    report, progress, seen = RunReport(), [], []
+    out = run_tiled(
+        tiny,
+        image,
+        device=CPU,
+        dtype=torch.float32,
+        tile=40,
+        report=report,
+        on_tile=progress.append,
+        on_core=lambda core, canvas: seen.append(core),
+    )
+    assert [f for f in report.fallbacks if "out of memory" in f] == [
+        f"{tiny.name}: out of memory; tile reduced to 32px"
+    ]
+    assert sum(progress) == count_tiles(photo.shape[0], photo.shape[1], 40)
+    assert seen[2].contains(seen[3]) and seen[2] != seen[3], "the failed core, split, runs next"
+    assert (out - expected).abs().max().item() <= 2 / 255  # every core pasted, none lost
+
+
 def _recorded(model, seen: list[str], tag: str = "", fail: bool = False):
     """A copy of ``model`` whose first conv records ``tag`` and the thread of each call (and may
     fail there)."""

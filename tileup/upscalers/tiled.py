@@ -21,7 +21,7 @@ import spandrel
 import torch
 import torch.nn.functional as F
 
-from tileup.devices import to_pinned_host
+from tileup.devices import start_pinned_copy
 from tileup.tiler import Box, split_box
 from tileup.upscalers.models import SRModel, Stages
 
@@ -68,8 +68,9 @@ class _NonFinite(Exception):
 
 
 @torch.inference_mode()
-def _forward_core(model: SRModel, crop: torch.Tensor, core: Box, runtime: _Runtime) -> torch.Tensor:
-    """Run one NCHW float32 CPU crop; return the float32 CPU output of ``core`` (crop coords).
+def _forward_core(model: SRModel, crop: torch.Tensor, core: Box, runtime: _Runtime) -> _CoreOutput:
+    """Run one NCHW float32 CPU crop; the float32 output of ``core`` (crop coords) on its way to
+    the CPU (:class:`_CoreOutput`: on CUDA the work is queued, not waited for).
 
     With stages, the trunk runs on the whole crop and the tail in chunks of at most
     ``runtime.tail_tile`` feature pixels, so the high-resolution activations stay small. The
@@ -95,21 +96,37 @@ def _forward_core(model: SRModel, crop: torch.Tensor, core: Box, runtime: _Runti
     return _finished(out, runtime)
 
 
-def _finished(y: torch.Tensor, runtime: _Runtime) -> torch.Tensor:
-    """A core's float32 output, clamped to [0, 1], on the CPU. On CUDA it is laid out H×W×3
-    there (as the run's output: each row goes in as one contiguous copy) and comes back through
-    pinned memory (PyTorch's host allocator keeps the blocks for the next cores) with one wait
-    for the device; half-precision output with NaN/inf raises :class:`_NonFinite`."""
+@dataclass(frozen=True, eq=False)
+class _CoreOutput:
+    """A core's float32 output clamped to [0, 1], on (or on its way to) the CPU, and whether it
+    was finite (half precision only). :meth:`get` waits for it and raises :class:`_NonFinite`
+    for NaN/inf."""
+
+    host: torch.Tensor
+    done: torch.cuda.Event | None = None
+    finite: torch.Tensor | None = None
+    """A one-element host flag (valid once ``done`` completes); None: not checked."""
+
+    def get(self) -> torch.Tensor:
+        if self.done is not None:
+            self.done.synchronize()
+        if self.finite is not None and not bool(self.finite):
+            raise _NonFinite
+        return self.host
+
+
+def _finished(y: torch.Tensor, runtime: _Runtime) -> _CoreOutput:
+    """A core's float32 output on its way to the CPU. On CUDA it is laid out H×W×3 there (as the
+    run's output: each row goes in as one contiguous copy) and comes back through pinned memory
+    (PyTorch's host allocator keeps the blocks for the next cores); nothing waits for it until
+    :meth:`_CoreOutput.get`, so the next core can be queued first."""
     checks = runtime.dtype != torch.float32
     if y.device.type != "cuda":
-        if checks and not torch.isfinite(y).all():
-            raise _NonFinite
-        return y.clamp_(0, 1).cpu()
+        finite = torch.isfinite(y).all() if checks else None
+        return _CoreOutput(y.clamp_(0, 1).cpu(), finite=finite)
     finite = torch.isfinite(y).all().to("cpu", non_blocking=True) if checks else None
-    host = to_pinned_host(y.clamp_(0, 1).contiguous(memory_format=torch.channels_last))
-    if finite is not None and not bool(finite):
-        raise _NonFinite
-    return host
+    host, done = start_pinned_copy(y.clamp_(0, 1).contiguous(memory_format=torch.channels_last))
+    return _CoreOutput(host, done, finite)
 
 
 @dataclass(frozen=True)
@@ -241,59 +258,112 @@ class _SharedRun:
     failed: bool = False
 
 
+@dataclass(frozen=True, eq=False)
+class _Launched:
+    """A core whose run is queued: its box (canvas pixels), its input crop and the core within
+    it, and its output on the way."""
+
+    core: Box
+    crop: torch.Tensor
+    local: Box
+    output: _CoreOutput
+
+
 def _work(run: _SharedRun, model: SRModel, runtime: _Runtime) -> None:
-    """Run cores from the shared queue on one device until it is empty (or another failed)."""
-    scale, margin = model.scale, model.context_margin
-    exact: SRModel | None = None  # a float32 copy, made at the first non-finite core
+    """Run cores from the shared queue on one device until it is empty (or another failed).
+
+    Two cores are in flight: the next core is queued on the device before the last one's output
+    is waited for and pasted, so the device does not wait for the host's paste and the next
+    crop's upload between cores (0.11 s of idle GPU in the 4096² jobs' SR stage on an H200,
+    ``bench/results/traces``)."""
+    exact: list[SRModel] = []  # a float32 copy, made at the first non-finite core
+    pending: _Launched | None = None
     try:
         while True:
-            with run.lock:
-                if run.failed or not run.queue:
-                    return
-                core = run.queue.popleft()
-                if max(core.height, core.width) > run.limit:
-                    parts = split_box(core, run.limit)
-                    run.queue.extendleft(reversed(parts))
-                    _notify(run.on_tile, -(len(parts) - 1))
+            core, runtime = _next_core(run, runtime)
+            launched = None
+            if core is not None:
+                try:
+                    launched = _launch(run, model, core, runtime)
+                except Exception as exc:
+                    if not _is_out_of_memory(exc) or run.limit <= MIN_TILE:
+                        raise
+                    if pending is not None:  # queued before: it lands first
+                        _land(run, model, pending, runtime, exact)
+                        pending = None
+                    _shrink(run, model, core, runtime)
                     continue
-                if run.on_core is not None:
-                    run.on_core(core, run.canvas)
-                runtime = replace(runtime, tail_tile=run.tail_tile)
-            region = core.expanded(margin, within=run.canvas)
-            crop = run.image[..., region.top : region.bottom, region.left : region.right]
-            local = core.shifted(-region.top, -region.left)
-            try:
-                result = _forward_core(model, crop, local, runtime)
-            except _NonFinite:
-                with run.lock:
-                    run.report.fallbacks.append(
-                        f"{model.name}: non-finite output in {runtime.dtype}; tile in fp32"
-                    )
-                exact = exact or _float32_copy(model)
-                fp32 = replace(runtime, dtype=torch.float32, stages=exact.stages)
-                result = _forward_core(exact, crop, local, fp32)
-            except Exception as exc:
-                if not _is_out_of_memory(exc) or run.limit <= MIN_TILE:
-                    raise
-                if runtime.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                with run.lock:
-                    run.limit = min(run.limit, max(MIN_TILE, max(core.height, core.width) // 2))
-                    run.tail_tile = max(MIN_TILE, min(run.tail_tile, runtime.tail_tile // 2))
-                    run.report.fallbacks.append(
-                        f"{model.name}: out of memory; tile reduced to {run.limit}px"
-                    )
-                    run.queue.appendleft(core)
-                continue
-            rows = slice(core.top * scale, core.bottom * scale)
-            cols = slice(core.left * scale, core.right * scale)
-            run.output[..., rows, cols] = result  # cores are disjoint: no lock needed
-            with run.lock:
-                run.report.tiles += 1
-                _notify(run.on_tile, 1)
+            if pending is not None:
+                _land(run, model, pending, runtime, exact)
+            pending = launched
+            if pending is None:
+                return
     except BaseException:
         run.failed = True
         raise
+
+
+def _next_core(run: _SharedRun, runtime: _Runtime) -> tuple[Box | None, _Runtime]:
+    """The next core from the shared queue (None when it is empty or another device failed),
+    split first when it is over the run's limit, told to ``on_core``; and ``runtime`` with the
+    run's current tail tile."""
+    with run.lock:
+        while not run.failed and run.queue:
+            core = run.queue.popleft()
+            if max(core.height, core.width) > run.limit:
+                parts = split_box(core, run.limit)
+                run.queue.extendleft(reversed(parts))
+                _notify(run.on_tile, -(len(parts) - 1))
+                continue
+            if run.on_core is not None:
+                run.on_core(core, run.canvas)
+            return core, replace(runtime, tail_tile=run.tail_tile)
+    return None, runtime
+
+
+def _launch(run: _SharedRun, model: SRModel, core: Box, runtime: _Runtime) -> _Launched:
+    """Queue ``core`` (canvas pixels) with its context on the device."""
+    region = core.expanded(model.context_margin, within=run.canvas)
+    crop = run.image[..., region.top : region.bottom, region.left : region.right]
+    local = core.shifted(-region.top, -region.left)
+    return _Launched(core, crop, local, _forward_core(model, crop, local, runtime))
+
+
+def _land(
+    run: _SharedRun, model: SRModel, done: _Launched, runtime: _Runtime, exact: list[SRModel]
+) -> None:
+    """Wait for a launched core's output (run again by a float32 copy of the model when half
+    precision gave NaN/inf), paste it into the run's output and count it."""
+    try:
+        result = done.output.get()
+    except _NonFinite:
+        with run.lock:
+            run.report.fallbacks.append(
+                f"{model.name}: non-finite output in {runtime.dtype}; tile in fp32"
+            )
+        if not exact:
+            exact.append(_float32_copy(model))
+        fp32 = replace(runtime, dtype=torch.float32, stages=exact[0].stages)
+        result = _forward_core(exact[0], done.crop, done.local, fp32).get()
+    scale, core = model.scale, done.core
+    rows = slice(core.top * scale, core.bottom * scale)
+    cols = slice(core.left * scale, core.right * scale)
+    run.output[..., rows, cols] = result  # cores are disjoint: no lock needed
+    with run.lock:
+        run.report.tiles += 1
+        _notify(run.on_tile, 1)
+
+
+def _shrink(run: _SharedRun, model: SRModel, core: Box, runtime: _Runtime) -> None:
+    """After an out-of-memory error on ``core``: free the cache, halve the run's core and tail
+    limits (noted) and put the core back at the front of the queue."""
+    if runtime.device.type == "cuda":
+        torch.cuda.empty_cache()
+    with run.lock:
+        run.limit = min(run.limit, max(MIN_TILE, max(core.height, core.width) // 2))
+        run.tail_tile = max(MIN_TILE, min(run.tail_tile, runtime.tail_tile // 2))
+        run.report.fallbacks.append(f"{model.name}: out of memory; tile reduced to {run.limit}px")
+        run.queue.appendleft(core)
 
 
 def _float32_copy(model: SRModel) -> SRModel:
