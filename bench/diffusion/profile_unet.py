@@ -40,6 +40,50 @@ def kind_of(kernel: str) -> str:
     return "other"
 
 
+def kernel_ms(fn: Callable[[], object], top: int = 12, width: int = 100) -> dict[str, Any]:
+    """One call of ``fn`` under torch.profiler: CUDA milliseconds in all, by kernel kind
+    (:func:`kind_of`) and of the ``top`` kernels (names cut to ``width``)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    by_kind: dict[str, float] = defaultdict(float)
+    kernels: dict[str, float] = defaultdict(float)
+    for event in prof.key_averages():
+        us = getattr(event, "device_time_total", 0) or getattr(event, "cuda_time_total", 0)
+        if event.device_type.name != "CUDA" or not us:
+            continue
+        by_kind[kind_of(event.key)] += us / 1e3
+        kernels[event.key[:width]] += us / 1e3
+    ranked = sorted(kernels.items(), key=lambda kv: -kv[1])[:top]
+    return {
+        "total": round(sum(by_kind.values()), 3),
+        "by_kind": {k: round(v, 3) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+        "top": {k: round(v, 3) for k, v in ranked},
+    }
+
+
+def random_unet(*, channels_last: bool = False) -> Any:
+    """The full-size SD 1.5 UNet from tileup's config with random weights (seed 0) on the GPU,
+    bf16, eval, with the fused QKV projections tileup uses on CUDA."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from bench.diffusion.make_random_checkpoint import _config
+    from tileup.modes.model import _fast_layout
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        unet = UNet2DConditionModel.from_config(_config("sd15", "unet"))
+    unet.to(dtype=torch.bfloat16).eval().requires_grad_(False)
+    _fast_layout(unet)
+    if channels_last:
+        unet.to(memory_format=torch.channels_last)
+    return unet
+
+
 def profile_shape(
     unet: Any,
     batch: int,
@@ -53,7 +97,6 @@ def profile_shape(
     """One UNet call shape: timings per backend and mode, attention shapes, kernel kinds."""
     import torch
     import torch.nn.functional as F
-    from torch.profiler import ProfilerActivity, profile
     from torch.utils.flop_counter import FlopCounterMode
 
     from tileup.sampling.graphs import GraphedUNet
@@ -112,19 +155,8 @@ def profile_shape(
                 row[name] = f"error: {type(exc).__name__}"
         attention[f"b{b} h{h} q{lq} k{lk} d{d}"] = row
     entry["attention"] = attention
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        forward()
-        torch.cuda.synchronize()
-    by_kind: dict[str, float] = defaultdict(float)
-    top: dict[str, float] = defaultdict(float)
-    for event in prof.key_averages():
-        cuda_us = getattr(event, "device_time_total", 0) or getattr(event, "cuda_time_total", 0)
-        if event.device_type.name != "CUDA" or not cuda_us:
-            continue
-        by_kind[kind_of(event.key)] += cuda_us / 1e3
-        top[event.key[:120]] += cuda_us / 1e3
-    entry["kernel_ms_by_kind"] = dict(sorted(by_kind.items(), key=lambda kv: -kv[1]))
-    entry["top_kernels_ms"] = dict(sorted(top.items(), key=lambda kv: -kv[1])[:25])
+    kernels = kernel_ms(forward, top=25, width=120)
+    entry["kernel_ms_by_kind"], entry["top_kernels_ms"] = kernels["by_kind"], kernels["top"]
     if compile:
         compiled = torch.compile(unet, dynamic=False)
         start = time.perf_counter()
@@ -146,11 +178,7 @@ def profile_shape(
 
 def main() -> None:
     import torch
-    from diffusers import UNet2DConditionModel
     from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    from bench.diffusion.make_random_checkpoint import _config
-    from tileup.modes.model import _fast_layout
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--shapes", default="64x64,8x72")
@@ -161,14 +189,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
-    device = torch.device("cuda")
-    torch.manual_seed(0)
-    with torch.device(device):
-        unet = UNet2DConditionModel.from_config(_config("sd15", "unet"))
-    unet.to(dtype=torch.bfloat16).eval().requires_grad_(False)
-    _fast_layout(unet)
-    if args.channels_last:
-        unet.to(memory_format=torch.channels_last)
+    unet = random_unet(channels_last=args.channels_last)
     backends: dict[str, Callable[[], AbstractContextManager[Any]]] = {
         "default": nullcontext,
         "flash": lambda: sdpa_kernel([SDPBackend.FLASH_ATTENTION]),

@@ -28,10 +28,8 @@ STEPS = 20
 
 def main() -> None:
     import torch
-    from diffusers import UNet2DConditionModel
 
-    from bench.diffusion.make_random_checkpoint import _config
-    from tileup.modes.model import _fast_layout
+    from bench.diffusion.profile_unet import random_unet
     from tileup.sampling.compiled import compile_module
     from tileup.sampling.graphs import GraphedUNet
 
@@ -45,12 +43,7 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
 
     device = torch.device("cuda")
-    torch.manual_seed(0)
-    with torch.device(device):
-        unet = UNet2DConditionModel.from_config(_config("sd15", "unet"))
-    unet.to(dtype=torch.bfloat16).eval().requires_grad_(False)
-    _fast_layout(unet)
-    unet.to(memory_format=torch.channels_last)
+    unet = random_unet(channels_last=True)
     timestep = torch.tensor(500.0)
 
     def inputs(batch: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -70,8 +70,9 @@ def with_chunked_norms(module: nn.Module) -> nn.Module:
 def main() -> None:
     from diffusers import AutoencoderKL
 
+    from bench.diffusion.profile_unet import kernel_ms
     from bench.vae.measure_tiled_vae import SD_VAE
-    from bench.vae.profile_vae import kernel_ms, seconds
+    from bench.vae.profile_vae import seconds
     from tileup.progress import COMPILING
     from tileup.sampling.compiled import compile_module
     from tileup.vae.runner import _Decode, _Encode

@@ -366,34 +366,10 @@ def crops(vae: Any, size: int, dtype: torch.dtype) -> dict[str, Any]:
             seconds(lambda c=compiled, d=data: [c(t[None]) for t in d]) / 4
         )
         if DEVICE == "cuda":
+            from bench.diffusion.profile_unet import kernel_ms
+
             out[f"{name}_compiled_kernels_ms"] = kernel_ms(lambda c=compiled, d=data: c(d[:1]))
     return out
-
-
-def kernel_ms(fn: Callable[[], object], top: int = 12) -> dict[str, Any]:
-    """One call of ``fn`` under torch.profiler: CUDA milliseconds by kernel kind (the kinds of
-    ``bench/diffusion/profile_unet.py``) and the ``top`` kernels."""
-    from torch.profiler import ProfilerActivity, profile
-
-    from bench.diffusion.profile_unet import kind_of
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    by_kind: dict[str, float] = collections.defaultdict(float)
-    kernels: dict[str, float] = collections.defaultdict(float)
-    for event in prof.key_averages():
-        us = getattr(event, "device_time_total", 0) or getattr(event, "cuda_time_total", 0)
-        if event.device_type.name != "CUDA" or not us:
-            continue
-        by_kind[kind_of(event.key)] += us / 1e3
-        kernels[event.key[:100]] += us / 1e3
-    ranked = sorted(kernels.items(), key=lambda kv: -kv[1])[:top]
-    return {
-        "total": round(sum(by_kind.values()), 3),
-        "by_kind": {k: round(v, 3) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
-        "top": {k: round(v, 3) for k, v in ranked},
-    }
 
 
 def main() -> None:
