@@ -2,11 +2,13 @@
 
 On the full-size SD VAE (random weights, bf16), one crop of ``--crop``² px at a time, as
 ``--compile`` runs redraw crops: for each variant the compilation seconds, ms per crop of the
-encode and the decode, their kernels by kind (``profile_vae.kernel_ms``) and the largest
+encode and the decode, their kernels by kind (``profile_unet.kernel_ms``) and the largest
 difference from the first variant's output. Variants: ``inductor`` (what tileup runs),
 ``chunked`` (:class:`ChunkedGroupNorm` below: the statistics as 8 row bands' means and
 variances per group, Chan-merged, so the reductions get 8× the programs), ``looped``
-(inductor's persistent reductions off). Measured on an H200 (2026-11-30,
+(inductor's persistent reductions off), ``custom_op`` (:class:`OpGroupNorm` below: the tiled
+VAE's statistics kernel and batch-norm affine as one op inductor cannot see into; not yet
+measured). Measured on an H200 (2026-11-30,
 ``results/crop_variants_h200.json``): inductor 5.83 / 11.13 ms per crop (encode / decode),
 chunked 6.59 / 11.67, looped 6.00 / 11.51; so tileup keeps inductor's own GroupNorm.
 
@@ -56,14 +58,53 @@ class ChunkedGroupNorm(nn.GroupNorm):
         return y.to(x.dtype)
 
 
-def with_chunked_norms(module: nn.Module) -> nn.Module:
-    """A copy of ``module`` whose ``nn.GroupNorm`` layers are :class:`ChunkedGroupNorm`; the
-    copy shares every parameter and buffer with ``module`` (no weights are copied)."""
+@torch.library.custom_op("tileup_bench::group_norm", mutates_args=())
+def group_norm_op(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int, eps: float
+) -> torch.Tensor:
+    """GroupNorm of one N=1 image as the tiled VAE computes it: per-channel float32 mean and M2
+    from :func:`tileup.vae.stats.channel_stats` (one Triton kernel reading the channels-last
+    crop in place), merged per group, applied as a per-channel affine through
+    :func:`tileup.vae.tiled._norm_act` (the inference batch-norm kernel). Opaque to inductor:
+    what it fused into its own GroupNorm (the conv bias, the residual sum, the SiLU) runs in
+    kernels of its own."""
+    from tileup.vae.stats import channel_stats
+    from tileup.vae.tiled import _norm_act
+
+    mean, m2 = channel_stats(x)  # 1×C each
+    per = x.shape[1] // groups
+    pixels = x.shape[2] * x.shape[3]
+    mean_g, m2_g = mean.view(groups, per), m2.view(groups, per)
+    g_mean = mean_g.mean(1)
+    g_var = (m2_g.sum(1) + pixels * ((mean_g - g_mean[:, None]) ** 2).sum(1)) / (pixels * per)
+    rstd = (g_var + eps).rsqrt().repeat_interleave(per)
+    a = rstd * weight.float()
+    b = bias.float() - g_mean.repeat_interleave(per) * a
+    return _norm_act(x, a.view(1, -1, 1, 1), b.view(1, -1, 1, 1), None, x.dtype)
+
+
+@group_norm_op.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int, eps: float):
+    return torch.empty_like(x)
+
+
+class OpGroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` through :func:`group_norm_op` for one 4-d image (else PyTorch's)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[0] != 1 or not self.affine:
+            return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        return group_norm_op(x, self.weight, self.bias, self.num_groups, self.eps)
+
+
+def with_norms(module: nn.Module, kind: type[nn.GroupNorm]) -> nn.Module:
+    """A copy of ``module`` whose ``nn.GroupNorm`` layers are ``kind``; the copy shares every
+    parameter and buffer with ``module`` (no weights are copied)."""
     memo: dict[int, object] = {id(t): t for t in (*module.parameters(), *module.buffers())}
     clone = copy.deepcopy(module, memo)
     for layer in clone.modules():
         if type(layer) is nn.GroupNorm:
-            layer.__class__ = ChunkedGroupNorm
+            layer.__class__ = kind
     return clone
 
 
@@ -79,7 +120,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--crop", type=int, default=576)
-    parser.add_argument("--variants", default="inductor,chunked,looped")
+    parser.add_argument("--variants", default="inductor,chunked,looped,custom_op")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
@@ -97,7 +138,8 @@ def main() -> None:
     first: dict[str, torch.Tensor] = {}
     for variant in args.variants.split(","):
         torch._dynamo.reset()
-        model = with_chunked_norms(vae) if variant == "chunked" else vae
+        kinds = {"chunked": ChunkedGroupNorm, "custom_op": OpGroupNorm}
+        model = with_norms(vae, kinds[variant]) if variant in kinds else vae
         patch = {"triton.persistent_reductions": variant != "looped"}
         entry: dict[str, Any] = {}
         with torch.inference_mode(), torch._inductor.config.patch(patch):
