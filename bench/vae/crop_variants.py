@@ -6,9 +6,9 @@ encode and the decode, their kernels by kind (``profile_unet.kernel_ms``) and th
 difference from the first variant's output. Variants: ``inductor`` (what tileup runs),
 ``chunked`` (:class:`ChunkedGroupNorm` below: the statistics as 8 row bands' means and
 variances per group, Chan-merged, so the reductions get 8× the programs), ``looped``
-(inductor's persistent reductions off), ``custom_op`` (:class:`OpGroupNorm` below: the tiled
-VAE's statistics kernel and batch-norm affine as one op inductor cannot see into; not yet
-measured). Measured on an H200 (2026-11-30,
+(inductor's persistent reductions off), ``custom_op`` (:mod:`tileup.vae.crop_norm`, what
+``TILEUP_CROP_NORM=kernel`` runs: the tiled VAE's statistics kernel and batch-norm affine as
+one op inductor cannot see into; not yet measured). Measured on an H200 (2026-11-30,
 ``results/crop_variants_h200.json``): inductor 5.83 / 11.13 ms per crop (encode / decode),
 chunked 6.59 / 11.67, looped 6.00 / 11.51; so tileup keeps inductor's own GroupNorm.
 
@@ -58,45 +58,6 @@ class ChunkedGroupNorm(nn.GroupNorm):
         return y.to(x.dtype)
 
 
-@torch.library.custom_op("tileup_bench::group_norm", mutates_args=())
-def group_norm_op(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int, eps: float
-) -> torch.Tensor:
-    """GroupNorm of one N=1 image as the tiled VAE computes it: per-channel float32 mean and M2
-    from :func:`tileup.vae.stats.channel_stats` (one Triton kernel reading the channels-last
-    crop in place), merged per group, applied as a per-channel affine through
-    :func:`tileup.vae.tiled._norm_act` (the inference batch-norm kernel). Opaque to inductor:
-    what it fused into its own GroupNorm (the conv bias, the residual sum, the SiLU) runs in
-    kernels of its own."""
-    from tileup.vae.stats import channel_stats
-    from tileup.vae.tiled import _norm_act
-
-    mean, m2 = channel_stats(x)  # 1×C each
-    per = x.shape[1] // groups
-    pixels = x.shape[2] * x.shape[3]
-    mean_g, m2_g = mean.view(groups, per), m2.view(groups, per)
-    g_mean = mean_g.mean(1)
-    g_var = (m2_g.sum(1) + pixels * ((mean_g - g_mean[:, None]) ** 2).sum(1)) / (pixels * per)
-    rstd = (g_var + eps).rsqrt().repeat_interleave(per)
-    a = rstd * weight.float()
-    b = bias.float() - g_mean.repeat_interleave(per) * a
-    return _norm_act(x, a.view(1, -1, 1, 1), b.view(1, -1, 1, 1), None, x.dtype)
-
-
-@group_norm_op.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int, eps: float):
-    return torch.empty_like(x)
-
-
-class OpGroupNorm(nn.GroupNorm):
-    """``nn.GroupNorm`` through :func:`group_norm_op` for one 4-d image (else PyTorch's)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4 or x.shape[0] != 1 or not self.affine:
-            return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
-        return group_norm_op(x, self.weight, self.bias, self.num_groups, self.eps)
-
-
 def with_norms(module: nn.Module, kind: type[nn.GroupNorm]) -> nn.Module:
     """A copy of ``module`` whose ``nn.GroupNorm`` layers are ``kind``; the copy shares every
     parameter and buffer with ``module`` (no weights are copied)."""
@@ -116,6 +77,7 @@ def main() -> None:
     from bench.vae.profile_vae import seconds
     from tileup.progress import COMPILING
     from tileup.sampling.compiled import compile_module
+    from tileup.vae.crop_norm import with_kernel_norms
     from tileup.vae.runner import _Decode, _Encode
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -138,8 +100,11 @@ def main() -> None:
     first: dict[str, torch.Tensor] = {}
     for variant in args.variants.split(","):
         torch._dynamo.reset()
-        kinds = {"chunked": ChunkedGroupNorm, "custom_op": OpGroupNorm}
-        model = with_norms(vae, kinds[variant]) if variant in kinds else vae
+        model = vae
+        if variant == "chunked":
+            model = with_norms(vae, ChunkedGroupNorm)
+        elif variant == "custom_op":
+            model = with_kernel_norms(vae)
         patch = {"triton.persistent_reductions": variant != "looped"}
         entry: dict[str, Any] = {}
         with torch.inference_mode(), torch._inductor.config.patch(patch):
