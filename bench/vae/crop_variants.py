@@ -18,7 +18,6 @@ chunked 6.59 / 11.67, looped 6.00 / 11.51; so tileup keeps inductor's own GroupN
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import time
 from pathlib import Path
@@ -58,17 +57,6 @@ class ChunkedGroupNorm(nn.GroupNorm):
         return y.to(x.dtype)
 
 
-def with_norms(module: nn.Module, kind: type[nn.GroupNorm]) -> nn.Module:
-    """A copy of ``module`` whose ``nn.GroupNorm`` layers are ``kind``; the copy shares every
-    parameter and buffer with ``module`` (no weights are copied)."""
-    memo: dict[int, object] = {id(t): t for t in (*module.parameters(), *module.buffers())}
-    clone = copy.deepcopy(module, memo)
-    for layer in clone.modules():
-        if type(layer) is nn.GroupNorm:
-            layer.__class__ = kind
-    return clone
-
-
 def main() -> None:
     from diffusers import AutoencoderKL
 
@@ -77,7 +65,7 @@ def main() -> None:
     from bench.vae.profile_vae import seconds
     from tileup.progress import COMPILING
     from tileup.sampling.compiled import compile_module
-    from tileup.vae.crop_norm import with_kernel_norms
+    from tileup.vae.crop_norm import with_group_norms
     from tileup.vae.runner import _Decode, _Encode
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -102,9 +90,9 @@ def main() -> None:
         torch._dynamo.reset()
         model = vae
         if variant == "chunked":
-            model = with_norms(vae, ChunkedGroupNorm)
+            model = with_group_norms(vae, ChunkedGroupNorm)
         elif variant == "custom_op":
-            model = with_kernel_norms(vae)
+            model = with_group_norms(vae)
         patch = {"triton.persistent_reductions": variant != "looped"}
         entry: dict[str, Any] = {}
         with torch.inference_mode(), torch._inductor.config.patch(patch):

@@ -10,7 +10,7 @@ from torch import nn
 
 from tileup.sampling import compiled as compiled_module
 from tileup.vae import crop_norm
-from tileup.vae.crop_norm import KernelGroupNorm, crop_group_norm, with_kernel_norms
+from tileup.vae.crop_norm import KernelGroupNorm, crop_group_norm, with_group_norms
 
 
 def _norm(channels: int, groups: int) -> nn.GroupNorm:
@@ -57,7 +57,7 @@ def test_the_op_passes_torch_library_checks() -> None:
 
 def test_the_copy_shares_weights_and_keeps_other_inputs_on_pytorch() -> None:
     block = nn.Sequential(nn.Conv2d(3, 16, 3), _norm(16, 4))
-    copy = with_kernel_norms(block)
+    copy = with_group_norms(block)
     assert type(block[1]) is nn.GroupNorm and type(copy[1]) is KernelGroupNorm
     assert copy[1].weight is block[1].weight and copy[0].weight is block[0].weight
     batch = torch.randn(2, 16, 5, 5, generator=torch.Generator().manual_seed(3))

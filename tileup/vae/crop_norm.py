@@ -4,7 +4,7 @@
 ~0.5 TB/s: 2.3 of the encoder's 5.4 ms of kernels and 4.7 of the decoder's 10.5 ms (H200,
 2026-11-30, ``bench/vae/crop_variants.py``). The tiled VAE's statistics kernel
 (:func:`tileup.vae.stats.channel_stats`) and batch-norm affine (:func:`tileup.vae.tiled._norm_act`)
-take ~1.8 ms of norms for a 512² tile. :func:`with_kernel_norms` gives the crop pass a copy of
+take ~1.8 ms of norms for a 512² tile. :func:`with_group_norms` gives the crop pass a copy of
 the VAE whose GroupNorms call them as one custom op, which inductor calls but does not fuse into
 (the conv bias, residual sum and SiLU it fused into its own norm then run as kernels of their
 own). ``TILEUP_CROP_NORM=kernel`` turns it on for ``--compile``'s crop VAE; off by default
@@ -32,22 +32,17 @@ def enabled() -> bool:
 def crop_group_norm(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int, eps: float
 ) -> torch.Tensor:
-    """Affine GroupNorm of a 1×C×H×W ``x`` in its dtype and memory format: per-channel float32
-    mean and M2 in one pass, merged per group (Chan's formula: every channel has H·W values),
-    applied as a per-channel ``x·a + b`` computed in float32."""
-    from tileup.vae.stats import channel_stats
+    """Affine GroupNorm of a 1×C×H×W ``x`` in its dtype and memory format, as the tiled VAE
+    computes it: per-channel float32 mean and M2 in one pass, merged per group in float64
+    (:func:`tileup.vae.stats.group_affine`), applied as a per-channel ``x·a + b`` computed in
+    float32."""
+    from tileup.vae.stats import channel_stats, group_affine
     from tileup.vae.tiled import _norm_act
 
     mean, m2 = channel_stats(x)
-    per, pixels = x.shape[1] // groups, x.shape[2] * x.shape[3]
-    mean_g, m2_g = mean.view(groups, per), m2.view(groups, per)
-    group_mean = mean_g.mean(1)
-    spread = ((mean_g - group_mean[:, None]) ** 2).sum(1)
-    group_var = (m2_g.sum(1) + pixels * spread) / (pixels * per)
-    rstd = (group_var + eps).rsqrt().repeat_interleave(per)
-    a = rstd * weight.float()
-    b = bias.float() - group_mean.repeat_interleave(per) * a
-    return _norm_act(x, a.view(1, -1, 1, 1), b.view(1, -1, 1, 1), None, x.dtype)
+    pixels = torch.full((1,), x.shape[2] * x.shape[3], dtype=torch.float64, device=x.device)
+    a, b = group_affine(mean.double(), m2.double(), pixels, groups, eps, weight, bias)
+    return _norm_act(x, a.float().view(1, -1, 1, 1), b.float().view(1, -1, 1, 1), None, x.dtype)
 
 
 @crop_group_norm.register_fake
@@ -71,14 +66,14 @@ class KernelGroupNorm(nn.GroupNorm):
 _Module = TypeVar("_Module")
 
 
-def with_kernel_norms(module: _Module) -> _Module:
-    """A copy of ``module`` whose ``nn.GroupNorm`` layers are :class:`KernelGroupNorm`, sharing
-    every parameter and buffer with ``module`` (no weights are copied; moving or casting the
-    original's parameters in place reaches the copy)."""
+def with_group_norms(module: _Module, kind: type[nn.GroupNorm] = KernelGroupNorm) -> _Module:
+    """A copy of ``module`` whose ``nn.GroupNorm`` layers are of class ``kind`` (a subclass
+    with its own ``forward``), sharing every parameter and buffer with ``module`` (no weights
+    are copied; moving or casting the original's parameters in place reaches the copy)."""
     root = cast(nn.Module, module)
     memo: dict[int, object] = {id(t): t for t in (*root.parameters(), *root.buffers())}
     clone = copy.deepcopy(root, memo)
     for layer in clone.modules():
         if type(layer) is nn.GroupNorm:
-            layer.__class__ = KernelGroupNorm
+            layer.__class__ = kind
     return cast(_Module, clone)

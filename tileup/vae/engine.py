@@ -21,7 +21,7 @@ from torch import nn
 
 from tileup.tiler import axis_starts
 from tileup.vae import copies
-from tileup.vae.stats import channel_stats
+from tileup.vae.stats import channel_stats, group_affine
 
 __all__ = [
     "PRIMARY",
@@ -684,19 +684,8 @@ class StagedEngine:
         """
         if c.mean is None or c.m2 is None or c.count is None:
             raise RuntimeError("canvas has no statistics")
-        groups, channels = norm.num_groups, c.mean.shape[1]
-        per = channels // groups
-        mean = c.mean.view(-1, groups, per)
-        m2 = c.m2.view(-1, groups, per)
-        n = c.count.view(-1, 1, 1)
-        total = n.sum() * per
-        g_mean = (n * mean).sum((0, 2)) / total
-        g_var = (m2 + n * (mean - g_mean[None, :, None]) ** 2).sum((0, 2)) / total
-        rstd = (g_var + norm.eps).rsqrt().repeat_interleave(per)
-        a, b = rstd, -g_mean.repeat_interleave(per) * rstd
-        if norm.affine:
-            w, bias = norm.weight.to(self.acc), norm.bias.to(self.acc)
-            a, b = a * w, b * w + bias
+        affine = (norm.weight, norm.bias) if norm.affine else ()
+        a, b = group_affine(c.mean, c.m2, c.count, norm.num_groups, norm.eps, *affine)
         self.finite.append(torch.isfinite(a).all() & torch.isfinite(b).all())
         a, b = a.float().view(1, -1, 1, 1), b.float().view(1, -1, 1, 1)
         for lane in self.lanes[1:]:  # copied now, while no lane has work queued

@@ -229,7 +229,7 @@ class VaeRunner:
             from tileup.sampling.compiled import compile_module  # imports torch._dynamo
             from tileup.vae import crop_norm
 
-            module = crop_norm.with_kernel_norms(vae) if crop_norm.enabled() else vae
+            module = crop_norm.with_group_norms(vae) if crop_norm.enabled() else vae
             self._compiled[key] = compile_module(kind(module), dynamic_batch=False)
         return self._compiled[key]
 

@@ -24,7 +24,7 @@ import torch
 
 from tileup.vae import softmax
 
-__all__ = ["BLOCKS_PER_PROGRAM", "channel_stats", "enabled"]
+__all__ = ["BLOCKS_PER_PROGRAM", "channel_stats", "enabled", "group_affine"]
 
 _BLOCK_PIXELS = 64
 BLOCKS_PER_PROGRAM = 1
@@ -145,3 +145,31 @@ def _merged(
     mean = (means * counts).sum(1) / pixels
     m2 = m2s.sum(1) + (counts * (means - mean[:, None]) ** 2).sum(1)
     return mean, m2
+
+
+def group_affine(
+    mean: torch.Tensor,
+    m2: torch.Tensor,
+    count: torch.Tensor,
+    groups: int,
+    eps: float,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A GroupNorm of ``groups`` (``eps``; ``weight`` and ``bias`` when affine) as a per-channel
+    affine ``x·a + b``: two C-long tensors in ``mean``'s dtype, from the channel means and M2s
+    of parts of an image (parts × C) and each part's pixel count (parts), merged per group with
+    Chan's formula."""
+    per = mean.shape[1] // groups
+    mean = mean.view(-1, groups, per)
+    m2 = m2.view(-1, groups, per)
+    n = count.view(-1, 1, 1)
+    total = n.sum() * per
+    g_mean = (n * mean).sum((0, 2)) / total
+    g_var = (m2 + n * (mean - g_mean[None, :, None]) ** 2).sum((0, 2)) / total
+    rstd = (g_var + eps).rsqrt().repeat_interleave(per)
+    a, b = rstd, -g_mean.repeat_interleave(per) * rstd
+    if weight is not None and bias is not None:
+        w, shift = weight.to(mean.dtype), bias.to(mean.dtype)
+        a, b = a * w, b * w + shift
+    return a, b
