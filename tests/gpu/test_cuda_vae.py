@@ -564,23 +564,3 @@ def test_coarse_stages_batch_more_tiles_and_stay_close(vae, latents, monkeypatch
     out = tiled_decode(vae, latents, tile=8, device="cuda", batch=2, notes=notes)
     assert failed and notes == ["VAE out of memory: 2 tiles per batch"]
     assert (out - plain).abs().max().item() < 1e-4
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_crop_norm_op_is_group_norm_on_the_gpu(dtype) -> None:
-    """tileup::crop_group_norm through the Triton statistics kernel on a channels-last crop:
-    PyTorch's GroupNorm in float64, rounded once to the crop's dtype (float32: its rounding)."""
-    from tileup.vae.crop_norm import crop_group_norm
-
-    gen = torch.Generator().manual_seed(7)
-    offsets = torch.linspace(-20, 20, 128)[:, None, None]
-    x = (torch.randn(1, 128, 72, 72, generator=gen) * 2 + offsets).cuda()
-    x = x.to(dtype).contiguous(memory_format=torch.channels_last)
-    weight = torch.randn(128, generator=gen).cuda()
-    bias = torch.randn(128, generator=gen).cuda()
-    with torch.inference_mode():
-        out = crop_group_norm(x, weight, bias, 32, 1e-6)
-        exact = torch.nn.functional.group_norm(x.double(), 32, weight.double(), bias.double(), 1e-6)
-    assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
-    error = (out.double() - exact).abs() / exact.abs().clamp_min(1)
-    assert error.max().item() <= (2e-6 if dtype == torch.float32 else 2**-8)
