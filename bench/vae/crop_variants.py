@@ -6,7 +6,9 @@ encode and the decode, their kernels by kind (``profile_unet.kernel_ms``) and th
 difference from the first variant's output. Variants: ``inductor`` (what tileup runs),
 ``chunked`` (:class:`ChunkedGroupNorm` below: the statistics as 8 row bands' means and
 variances per group, Chan-merged, so the reductions get 8× the programs), ``looped``
-(inductor's persistent reductions off). Measured on an H200 (2026-11-30,
+(inductor's persistent reductions off), ``channels`` (:class:`tileup.vae.crop_norm.
+ChannelGroupNorm`, what ``TILEUP_CROP_NORM=channels`` runs: per-channel statistics merged per
+group). Measured on an H200 (2026-11-30,
 ``results/crop_variants_h200.json``): inductor 5.83 / 11.13 ms per crop (encode / decode),
 chunked 6.59 / 11.67, looped 6.00 / 11.51; so tileup keeps inductor's own GroupNorm. (A fourth
 form, the tiled VAE's statistics kernel and batch-norm affine as one custom op inductor calls
@@ -19,7 +21,6 @@ but cannot fuse into, made the whole compiled redraw 2.6 s slower at 8a3dc17 and
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import time
 from pathlib import Path
@@ -59,17 +60,6 @@ class ChunkedGroupNorm(nn.GroupNorm):
         return y.to(x.dtype)
 
 
-def with_group_norms(module: nn.Module, kind: type[nn.GroupNorm]) -> nn.Module:
-    """A copy of ``module`` whose ``nn.GroupNorm`` layers are of class ``kind``, sharing every
-    parameter and buffer with ``module`` (no weights are copied)."""
-    memo: dict[int, object] = {id(t): t for t in (*module.parameters(), *module.buffers())}
-    clone = copy.deepcopy(module, memo)
-    for layer in clone.modules():
-        if type(layer) is nn.GroupNorm:
-            layer.__class__ = kind
-    return clone
-
-
 def main() -> None:
     from diffusers import AutoencoderKL
 
@@ -78,11 +68,12 @@ def main() -> None:
     from bench.vae.profile_vae import seconds
     from tileup.progress import COMPILING
     from tileup.sampling.compiled import compile_module
+    from tileup.vae.crop_norm import ChannelGroupNorm, with_group_norms
     from tileup.vae.runner import _Decode, _Encode
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--crop", type=int, default=576)
-    parser.add_argument("--variants", default="inductor,chunked,looped")
+    parser.add_argument("--variants", default="inductor,chunked,looped,channels")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
@@ -100,7 +91,8 @@ def main() -> None:
     first: dict[str, torch.Tensor] = {}
     for variant in args.variants.split(","):
         torch._dynamo.reset()
-        model = with_group_norms(vae, ChunkedGroupNorm) if variant == "chunked" else vae
+        kinds = {"chunked": ChunkedGroupNorm, "channels": ChannelGroupNorm}
+        model = with_group_norms(vae, kinds[variant]) if variant in kinds else vae
         patch = {"triton.persistent_reductions": variant != "looped"}
         entry: dict[str, Any] = {}
         with torch.inference_mode(), torch._inductor.config.patch(patch):

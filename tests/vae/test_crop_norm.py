@@ -1,0 +1,119 @@
+"""The compiled crop VAE's opt-in GroupNorm from per-channel statistics (crop_norm)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from sd_fixtures import make_tiny_components
+from torch import nn
+
+from tileup.sampling import compiled as compiled_module
+from tileup.vae import crop_norm
+from tileup.vae.crop_norm import ChannelGroupNorm, with_group_norms
+
+
+def _norm(channels: int, groups: int) -> ChannelGroupNorm:
+    gen = torch.Generator().manual_seed(channels)
+    norm = ChannelGroupNorm(groups, channels, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(channels, generator=gen))
+        norm.bias.copy_(torch.randn(channels, generator=gen))
+    return norm
+
+
+def _exact(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    return F.group_norm(
+        x.double(), norm.num_groups, norm.weight.double(), norm.bias.double(), norm.eps
+    )
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_it_is_group_norm_within_float32_rounding(channels_last: bool) -> None:
+    """Two images whose groups sit far from zero and whose channels within a group differ in
+    mean (the merge's between-channel term carries the variance)."""
+    gen = torch.Generator().manual_seed(0)
+    offsets = torch.linspace(-30, 30, 64)[:, None, None]
+    x = torch.randn(2, 64, 19, 23, generator=gen) * 3 + offsets
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    norm = _norm(64, 16)
+    with torch.no_grad():
+        out = norm(x)
+    assert out.dtype == x.dtype and out.shape == x.shape
+    assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
+    torch.testing.assert_close(out.double(), _exact(norm, x), rtol=0, atol=2e-5)
+
+
+def test_bfloat16_input_gives_its_group_norm_rounded_once() -> None:
+    x = torch.randn(1, 32, 12, 12, generator=torch.Generator().manual_seed(1)).bfloat16()
+    norm = _norm(32, 8)
+    with torch.no_grad():
+        out = norm(x)
+    assert out.dtype == torch.bfloat16
+    # one rounding to bfloat16 of values below 8 in magnitude: at most 2^-5 off
+    assert (out.double() - _exact(norm, x)).abs().max().item() <= 2**-5
+
+
+def test_without_affine_it_is_pytorchs_group_norm() -> None:
+    norm = ChannelGroupNorm(4, 16, affine=False)
+    x = torch.randn(1, 16, 5, 5, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(norm(x), F.group_norm(x, 4, eps=norm.eps))
+
+
+def test_the_copy_shares_weights_and_swaps_only_group_norms() -> None:
+    block = nn.Sequential(nn.Conv2d(3, 16, 3), _plain(16, 4), nn.SiLU())
+    copy = with_group_norms(block)
+    assert type(block[1]) is nn.GroupNorm and type(copy[1]) is ChannelGroupNorm
+    assert copy[1].weight is block[1].weight and copy[0].weight is block[0].weight
+    x = torch.randn(2, 3, 9, 9, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(copy(x), block(x), rtol=0, atol=1e-5)
+
+
+def _plain(channels: int, groups: int) -> nn.GroupNorm:
+    norm = nn.GroupNorm(groups, channels)
+    norm.load_state_dict(_norm(channels, groups).state_dict())
+    return norm
+
+
+def test_it_is_off_unless_asked(monkeypatch) -> None:
+    monkeypatch.delenv("TILEUP_CROP_NORM", raising=False)
+    assert not crop_norm.enabled()
+    monkeypatch.setenv("TILEUP_CROP_NORM", "channels")
+    assert crop_norm.enabled()
+
+
+def test_the_compiled_crop_vae_takes_it_when_asked(monkeypatch, tmp_path) -> None:
+    """With TILEUP_CROP_NORM=channels the compiled crop passes (dynamo traced, eager backend)
+    run ChannelGroupNorm and give the plain VAE's crops within float32 rounding; the runner's
+    VAE keeps its own GroupNorms (the tiled VAE reads their weights)."""
+    from tileup.vae.runner import VaeOptions, VaeRunner
+
+    monkeypatch.setattr(compiled_module, "BACKEND", "eager")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    monkeypatch.setenv("TILEUP_CROP_NORM", "channels")
+    calls: list[tuple[int, ...]] = []
+    original = ChannelGroupNorm.forward
+
+    def counted(self, x):
+        calls.append(tuple(x.shape))
+        return original(self, x)
+
+    monkeypatch.setattr(ChannelGroupNorm, "forward", counted)
+    vae = make_tiny_components("sd1", seed=0)["vae"].eval()
+    cpu = torch.device("cpu")
+    plain = VaeRunner(vae, cpu, torch.float32, VaeOptions(512, 1, "cpu"))
+    compiled = VaeRunner(vae, cpu, torch.float32, VaeOptions(512, 2, "cpu", compile=True))
+    pixels = torch.rand(2, 3, 32, 40, generator=torch.Generator().manual_seed(0))
+    torch._dynamo.reset()
+    try:
+        with torch.inference_mode():
+            latents = compiled.encode_crops(pixels, [])
+            torch.testing.assert_close(latents, plain.encode_crops(pixels, []), rtol=0, atol=1e-4)
+            decoded = compiled.decode_crops(latents, [])
+            torch.testing.assert_close(decoded, plain.decode_crops(latents, []), rtol=0, atol=1e-4)
+    finally:
+        torch._dynamo.reset()
+    assert calls and all(shape[0] == 1 for shape in calls)
+    assert all(type(m) is nn.GroupNorm for m in vae.modules() if isinstance(m, nn.GroupNorm))
