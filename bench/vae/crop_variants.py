@@ -6,9 +6,8 @@ encode and the decode, their kernels by kind (``profile_unet.kernel_ms``) and th
 difference from the first variant's output. Variants: ``inductor`` (what tileup runs),
 ``chunked`` (:class:`ChunkedGroupNorm` below: the statistics as 8 row bands' means and
 variances per group, Chan-merged, so the reductions get 8× the programs), ``looped``
-(inductor's persistent reductions off), ``channels`` (:class:`tileup.vae.crop_norm.
-ChannelGroupNorm`, what ``TILEUP_CROP_NORM=channels`` runs: per-channel statistics merged per
-group). Measured on an H200 (2026-11-30,
+(inductor's persistent reductions off), ``channels`` (:class:`tileup.channel_norm.
+ChannelGroupNorm`: per-channel statistics merged per group). Measured on an H200 (2026-11-30,
 ``results/crop_variants_h200.json``): inductor 5.83 / 11.13 ms per crop (encode / decode),
 chunked 6.59 / 11.67, looped 6.00 / 11.51; so tileup keeps inductor's own GroupNorm. (A fourth
 form, the tiled VAE's statistics kernel and batch-norm affine as one custom op inductor calls
@@ -66,9 +65,9 @@ def main() -> None:
     from bench.diffusion.profile_unet import kernel_ms
     from bench.vae.measure_tiled_vae import SD_VAE
     from bench.vae.profile_vae import seconds
+    from tileup.channel_norm import ChannelGroupNorm, with_group_norms
     from tileup.progress import COMPILING
     from tileup.sampling.compiled import compile_module
-    from tileup.vae.crop_norm import ChannelGroupNorm, with_group_norms
     from tileup.vae.runner import _Decode, _Encode
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from tileup import channel_norm
 from tileup.memory import MAX_UNET_BATCH, UNET_SAMPLE_BYTES_64
 from tileup.models.checkpoint import load_checkpoint
 from tileup.sampling.compiled import batch_is_dynamic, compile_module
@@ -81,7 +82,10 @@ def wants_channels_last(device: torch.device, load: LoadOptions) -> bool:
 def _runnable(unet: nn.Module, *, compiled: bool, dynamic_batch: bool, graphed: bool) -> UNet:
     """``unet`` as the sampler calls it: compiled (:func:`compile_module`, an ``OptimizedModule``
     with the UNet's interface; ``dynamic_batch`` as there) and/or replayed from CUDA graphs
-    (:class:`GraphedUNet`)."""
+    (:class:`GraphedUNet`). Compiled, its GroupNorms may come from per-channel statistics
+    (:func:`tileup.channel_norm.for_unet`)."""
+    if compiled and channel_norm.for_unet():
+        channel_norm.swap_group_norms(unet)
     module = compile_module(unet, dynamic_batch=dynamic_batch) if compiled else unet
     return cast(UNet, GraphedUNet(module) if graphed else module)
 

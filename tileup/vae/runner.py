@@ -219,17 +219,16 @@ class VaeRunner:
             raise NonFiniteError(f"the VAE produced NaN/inf in {dtypes[-1]}")
 
     def _crop_pass(self, kind: type[_CropPass], vae: Vae) -> Callable[[torch.Tensor], torch.Tensor]:
-        """``kind`` over ``vae``: compiled once per VAE module when ``options.compile`` (its
-        GroupNorms from per-channel statistics with ``TILEUP_CROP_NORM=channels``:
-        :mod:`tileup.vae.crop_norm`)."""
+        """``kind`` over ``vae``: compiled once per VAE module when ``options.compile``, its
+        GroupNorms from per-channel statistics (:mod:`tileup.channel_norm`)."""
         if not self.options.compile:
             return kind(vae)
         key = (kind.__name__, id(vae))
         if key not in self._compiled:
+            from tileup import channel_norm
             from tileup.sampling.compiled import compile_module  # imports torch._dynamo
-            from tileup.vae import crop_norm
 
-            module = crop_norm.with_group_norms(vae) if crop_norm.enabled() else vae
+            module = channel_norm.with_group_norms(vae) if channel_norm.for_crop_vae() else vae
             self._compiled[key] = compile_module(kind(module), dynamic_batch=False)
         return self._compiled[key]
 

@@ -1,6 +1,8 @@
-"""The compiled crop VAE's opt-in GroupNorm from per-channel statistics (crop_norm)."""
+"""GroupNorm from per-channel statistics for the compiled crop VAE and UNet (channel_norm)."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -8,9 +10,9 @@ import torch.nn.functional as F
 from sd_fixtures import make_tiny_components
 from torch import nn
 
+from tileup import channel_norm
+from tileup.channel_norm import ChannelGroupNorm, swap_group_norms, with_group_norms
 from tileup.sampling import compiled as compiled_module
-from tileup.vae import crop_norm
-from tileup.vae.crop_norm import ChannelGroupNorm, with_group_norms
 
 
 def _norm(channels: int, groups: int) -> ChannelGroupNorm:
@@ -77,22 +79,38 @@ def _plain(channels: int, groups: int) -> nn.GroupNorm:
     return norm
 
 
-def test_it_is_off_unless_asked(monkeypatch) -> None:
+def test_the_crop_vae_takes_it_unless_told_and_the_unet_only_when_asked(monkeypatch) -> None:
     monkeypatch.delenv("TILEUP_CROP_NORM", raising=False)
-    assert not crop_norm.enabled()
-    monkeypatch.setenv("TILEUP_CROP_NORM", "channels")
-    assert crop_norm.enabled()
+    monkeypatch.delenv("TILEUP_UNET_NORM", raising=False)
+    assert channel_norm.for_crop_vae() and not channel_norm.for_unet()
+    monkeypatch.setenv("TILEUP_CROP_NORM", "inductor")
+    monkeypatch.setenv("TILEUP_UNET_NORM", "channels")
+    assert not channel_norm.for_crop_vae() and channel_norm.for_unet()
 
 
-def test_the_compiled_crop_vae_takes_it_when_asked(monkeypatch, tmp_path) -> None:
-    """With TILEUP_CROP_NORM=channels the compiled crop passes (dynamo traced, eager backend)
-    run ChannelGroupNorm and give the plain VAE's crops within float32 rounding; the runner's
-    VAE keeps its own GroupNorms (the tiled VAE reads their weights)."""
+def test_the_swap_in_place_keeps_parameters_and_hooks() -> None:
+    block = nn.Sequential(nn.Conv2d(3, 16, 3), _plain(16, 4))
+    weight = block[1].weight
+    seen: list[int] = []
+    block[1].register_forward_hook(lambda *_: seen.append(1))
+    x = torch.randn(1, 3, 9, 9, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        before = block(x)
+        swap_group_norms(block)
+        after = block(x)
+    assert type(block[1]) is ChannelGroupNorm and block[1].weight is weight and seen == [1, 1]
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-5)
+
+
+def test_the_compiled_crop_vae_takes_it(monkeypatch, tmp_path) -> None:
+    """The compiled crop passes (dynamo traced, eager backend) run ChannelGroupNorm and give
+    the plain VAE's crops within float32 rounding; the runner's VAE keeps its own GroupNorms
+    (the tiled VAE reads their weights)."""
     from tileup.vae.runner import VaeOptions, VaeRunner
 
     monkeypatch.setattr(compiled_module, "BACKEND", "eager")
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
-    monkeypatch.setenv("TILEUP_CROP_NORM", "channels")
+    monkeypatch.delenv("TILEUP_CROP_NORM", raising=False)
     calls: list[tuple[int, ...]] = []
     original = ChannelGroupNorm.forward
 
@@ -117,3 +135,31 @@ def test_the_compiled_crop_vae_takes_it_when_asked(monkeypatch, tmp_path) -> Non
         torch._dynamo.reset()
     assert calls and all(shape[0] == 1 for shape in calls)
     assert all(type(m) is nn.GroupNorm for m in vae.modules() if isinstance(m, nn.GroupNorm))
+
+
+def test_a_compiled_unet_takes_it_when_asked(monkeypatch, tmp_path) -> None:
+    """TILEUP_UNET_NORM=channels: the compiled UNet's GroupNorms become ChannelGroupNorm (in
+    place), its predictions the plain UNet's within float32 rounding; uncompiled, untouched."""
+    from tileup.modes.model import _runnable
+
+    monkeypatch.setattr(compiled_module, "BACKEND", "eager")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    monkeypatch.setenv("TILEUP_UNET_NORM", "channels")
+    unet = make_tiny_components("sd1", seed=0)["unet"].eval()
+    plain = copy.deepcopy(unet)
+    assert _runnable(plain, compiled=False, dynamic_batch=False, graphed=False) is plain
+    assert not any(isinstance(m, ChannelGroupNorm) for m in plain.modules())
+    gen = torch.Generator().manual_seed(5)
+    sample = torch.randn(2, 4, 16, 16, generator=gen)
+    context = torch.randn(2, 77, 32, generator=gen)
+    torch._dynamo.reset()
+    try:
+        compiled = _runnable(unet, compiled=True, dynamic_batch=True, graphed=False)
+        norms = [m for m in unet.modules() if isinstance(m, nn.GroupNorm)]
+        assert norms and all(type(m) is ChannelGroupNorm for m in norms)
+        with torch.inference_mode():
+            out = compiled(sample, torch.tensor(500.0), encoder_hidden_states=context)[0]
+            ref = plain(sample, torch.tensor(500.0), encoder_hidden_states=context)[0]
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-4)
+    finally:
+        torch._dynamo.reset()
