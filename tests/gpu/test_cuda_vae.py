@@ -564,3 +564,25 @@ def test_coarse_stages_batch_more_tiles_and_stay_close(vae, latents, monkeypatch
     out = tiled_decode(vae, latents, tile=8, device="cuda", batch=2, notes=notes)
     assert failed and notes == ["VAE out of memory: 2 tiles per batch"]
     assert (out - plain).abs().max().item() < 1e-4
+
+
+def test_the_compiled_crop_vae_with_channel_norms_gives_the_plain_crops(vae, image) -> None:
+    """--compile's crop VAE (inductor, GroupNorms from per-channel statistics: tileup.
+    channel_norm) on channels-last CUDA crops: the plain VAE's latents and pixels up to float32
+    rounding (TF32 off)."""
+    from tileup.vae.runner import VaeOptions, VaeRunner
+
+    cuda = torch.device("cuda")
+    plain = VaeRunner(vae, cuda, torch.float32, VaeOptions(512, 1, "device"))
+    compiled = VaeRunner(vae, cuda, torch.float32, VaeOptions(512, 1, "device", compile=True))
+    pixels = (image[:, :, :96, :128] + 1) / 2
+    torch._dynamo.reset()
+    try:
+        with torch.inference_mode():
+            latents = compiled.encode_crops(pixels, [])
+            expected = plain.encode_crops(pixels, [])
+            torch.testing.assert_close(latents, expected, rtol=0, atol=1e-3)
+            decoded = compiled.decode_crops(expected, [])
+            torch.testing.assert_close(decoded, plain.decode_crops(expected, []), rtol=0, atol=1e-3)
+    finally:
+        torch._dynamo.reset()

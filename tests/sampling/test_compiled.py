@@ -136,7 +136,9 @@ def test_compiled_crop_vae_matches_the_plain_one_with_one_compilation_per_pass()
     before = _graphs()
     with torch.inference_mode():
         latents = compiled.encode_crops(pixels, [])  # its batch of 2 runs crop by crop
-        assert torch.equal(latents, plain.encode_crops(pixels, []))
-        assert torch.equal(compiled.decode_crops(latents, []), plain.decode_crops(latents, []))
+        # its GroupNorms from per-channel statistics (tileup.channel_norm): float32 rounding
+        torch.testing.assert_close(latents, plain.encode_crops(pixels, []), rtol=0, atol=1e-4)
+        decoded = compiled.decode_crops(latents, [])
+        torch.testing.assert_close(decoded, plain.decode_crops(latents, []), rtol=0, atol=1e-4)
     assert _graphs() - before == 2  # one encoder and one decoder graph: crops go one by one
     torch._dynamo.reset()
