@@ -8,8 +8,8 @@ states the same norm as a per-channel mean and variance over the pixels (a reduc
 neighbouring outputs are neighbours in memory), merged per group (Chan's formula: a group's
 channels hold equal pixel counts), then a per-channel ``x·a + b`` in float32, all of it visible
 to inductor, which fuses the conv bias, residual sum and SiLU into it as before: the crop's
-encode 5.81 → 4.65 ms, decode 11.30 → 8.80 ms (norms 2.3 → 0.03 and 4.6 → 0.04 ms of kernels),
-outputs as far from inductor's GroupNorm as another reduction order (same measurement).
+encode 5.81 → 4.65 ms, decode 11.30 → 8.80 ms, outputs as far from inductor's GroupNorm as
+another reduction order is (same measurement).
 
 Used where the module runs only compiled: the crop VAE (a copy, :func:`with_group_norms`;
 ``TILEUP_CROP_NORM=inductor`` keeps PyTorch's) and, opt-in until measured in whole jobs, the

@@ -9,10 +9,11 @@ variances per group, Chan-merged, so the reductions get 8× the programs), ``loo
 (inductor's persistent reductions off), ``channels`` (:class:`tileup.channel_norm.
 ChannelGroupNorm`: per-channel statistics merged per group). Measured on an H200 (2026-11-30,
 ``results/crop_variants_h200.json``): inductor 5.83 / 11.13 ms per crop (encode / decode),
-chunked 6.59 / 11.67, looped 6.00 / 11.51; so tileup keeps inductor's own GroupNorm. (A fourth
-form, the tiled VAE's statistics kernel and batch-norm affine as one custom op inductor calls
-but cannot fuse into, made the whole compiled redraw 2.6 s slower at 8a3dc17 and was dropped:
-``bench/vae/README.md``.)
+chunked 6.59 / 11.67, looped 6.00 / 11.51; in a later call (72cee96,
+``results/crop_variants_channels_h200.json``) inductor 5.81 / 11.30 against channels 4.65 /
+8.80, so tileup's compiled crop VAE takes ``channels``. (A fifth form, the tiled VAE's
+statistics kernel and batch-norm affine as one custom op inductor calls but cannot fuse into,
+made the whole compiled redraw 2.6 s slower at 8a3dc17 and was dropped: ``bench/vae/README.md``.)
 
     python bench/vae/crop_variants.py --out bench/vae/results/crop_variants_h200.json
 """
