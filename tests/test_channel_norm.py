@@ -79,13 +79,13 @@ def _plain(channels: int, groups: int) -> nn.GroupNorm:
     return norm
 
 
-def test_the_crop_vae_takes_it_unless_told_and_the_unet_only_when_asked(monkeypatch) -> None:
+def test_the_crop_vae_and_the_unet_take_it_unless_told(monkeypatch) -> None:
     monkeypatch.delenv("TILEUP_CROP_NORM", raising=False)
     monkeypatch.delenv("TILEUP_UNET_NORM", raising=False)
-    assert channel_norm.for_crop_vae() and not channel_norm.for_unet()
+    assert channel_norm.for_crop_vae() and channel_norm.for_unet()
     monkeypatch.setenv("TILEUP_CROP_NORM", "inductor")
-    monkeypatch.setenv("TILEUP_UNET_NORM", "channels")
-    assert not channel_norm.for_crop_vae() and channel_norm.for_unet()
+    monkeypatch.setenv("TILEUP_UNET_NORM", "inductor")
+    assert not channel_norm.for_crop_vae() and not channel_norm.for_unet()
 
 
 def test_the_swap_in_place_keeps_parameters_and_hooks() -> None:
@@ -137,14 +137,14 @@ def test_the_compiled_crop_vae_takes_it(monkeypatch, tmp_path) -> None:
     assert all(type(m) is nn.GroupNorm for m in vae.modules() if isinstance(m, nn.GroupNorm))
 
 
-def test_a_compiled_unet_takes_it_when_asked(monkeypatch, tmp_path) -> None:
-    """TILEUP_UNET_NORM=channels: the compiled UNet's GroupNorms become ChannelGroupNorm (in
-    place), its predictions the plain UNet's within float32 rounding; uncompiled, untouched."""
+def test_a_compiled_unet_takes_it(monkeypatch, tmp_path) -> None:
+    """The compiled UNet's GroupNorms become ChannelGroupNorm (in place), its predictions the
+    plain UNet's within float32 rounding; uncompiled, untouched."""
     from tileup.modes.model import _runnable
 
     monkeypatch.setattr(compiled_module, "BACKEND", "eager")
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
-    monkeypatch.setenv("TILEUP_UNET_NORM", "channels")
+    monkeypatch.delenv("TILEUP_UNET_NORM", raising=False)
     unet = make_tiny_components("sd1", seed=0)["unet"].eval()
     plain = copy.deepcopy(unet)
     assert _runnable(plain, compiled=False, dynamic_batch=False, graphed=False) is plain
