@@ -102,41 +102,6 @@ def test_the_swap_in_place_keeps_parameters_and_hooks() -> None:
     torch.testing.assert_close(after, before, rtol=0, atol=1e-5)
 
 
-def test_the_compiled_crop_vae_takes_it(monkeypatch, tmp_path) -> None:
-    """The compiled crop passes (dynamo traced, eager backend) run ChannelGroupNorm and give
-    the plain VAE's crops within float32 rounding; the runner's VAE keeps its own GroupNorms
-    (the tiled VAE reads their weights)."""
-    from tileup.vae.runner import VaeOptions, VaeRunner
-
-    monkeypatch.setattr(compiled_module, "BACKEND", "eager")
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
-    monkeypatch.delenv("TILEUP_CROP_NORM", raising=False)
-    calls: list[tuple[int, ...]] = []
-    original = ChannelGroupNorm.forward
-
-    def counted(self, x):
-        calls.append(tuple(x.shape))
-        return original(self, x)
-
-    monkeypatch.setattr(ChannelGroupNorm, "forward", counted)
-    vae = make_tiny_components("sd1", seed=0)["vae"].eval()
-    cpu = torch.device("cpu")
-    plain = VaeRunner(vae, cpu, torch.float32, VaeOptions(512, 1, "cpu"))
-    compiled = VaeRunner(vae, cpu, torch.float32, VaeOptions(512, 2, "cpu", compile=True))
-    pixels = torch.rand(2, 3, 32, 40, generator=torch.Generator().manual_seed(0))
-    torch._dynamo.reset()
-    try:
-        with torch.inference_mode():
-            latents = compiled.encode_crops(pixels, [])
-            torch.testing.assert_close(latents, plain.encode_crops(pixels, []), rtol=0, atol=1e-4)
-            decoded = compiled.decode_crops(latents, [])
-            torch.testing.assert_close(decoded, plain.decode_crops(latents, []), rtol=0, atol=1e-4)
-    finally:
-        torch._dynamo.reset()
-    assert calls and all(shape[0] == 1 for shape in calls)
-    assert all(type(m) is nn.GroupNorm for m in vae.modules() if isinstance(m, nn.GroupNorm))
-
-
 def test_a_compiled_unet_takes_it(monkeypatch, tmp_path) -> None:
     """The compiled UNet's GroupNorms become ChannelGroupNorm (in place), its predictions the
     plain UNet's within float32 rounding; uncompiled, untouched."""

@@ -26,6 +26,20 @@ WAVES = {2: 4, 4: 4, 6: 4, 8: 10}
 STEPS = 20
 
 
+def median_ms(call: Any, repeats: int) -> float:
+    """Median milliseconds of ``repeats`` calls of ``call``, each waited for on the GPU."""
+    import torch
+
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
 def main() -> None:
     import torch
 
@@ -56,14 +70,9 @@ def main() -> None:
         with torch.inference_mode():
             for _ in range(3):  # compile, capture, replay
                 module(sample, timestep, encoder_hidden_states=context)
-            torch.cuda.synchronize()
-            times = []
-            for _ in range(args.repeats):
-                start = time.perf_counter()
-                module(sample, timestep, encoder_hidden_states=context)
-                torch.cuda.synchronize()
-                times.append(time.perf_counter() - start)
-        return statistics.median(times) * 1e3
+            return median_ms(
+                lambda: module(sample, timestep, encoder_hidden_states=context), args.repeats
+            )
 
     result: dict[str, Any] = {
         "device": torch.cuda.get_device_name(),

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -34,7 +33,7 @@ def main() -> None:
     import torch
 
     from bench.diffusion.profile_unet import random_unet
-    from bench.diffusion.redraw_unet import STEPS, WAVES
+    from bench.diffusion.redraw_unet import STEPS, WAVES, median_ms
     from tileup.channel_norm import with_group_norms
     from tileup.sampling.compiled import compile_module
     from tileup.sampling.graphs import GraphedUNet
@@ -79,14 +78,12 @@ def main() -> None:
                         out = graphed(sample, timestep, encoder_hidden_states=context)[0]
                     reference = first.setdefault(b, out.float().clone())
                     diff = max(diff, (out.float() - reference).abs().max().item())
-                    torch.cuda.synchronize()
-                    times = []
-                    for _ in range(args.repeats):
-                        began = time.perf_counter()
-                        graphed(sample, timestep, encoder_hidden_states=context)
-                        torch.cuda.synchronize()
-                        times.append(time.perf_counter() - began)
-                    per_call[b] = statistics.median(times) * 1e3
+                    per_call[b] = median_ms(
+                        lambda g=graphed, x=sample, c=context: g(
+                            x, timestep, encoder_hidden_states=c
+                        ),
+                        args.repeats,
+                    )
             graphed.release()
             entries[variant] = {
                 "ms_per_call": {str(b): round(v, 3) for b, v in per_call.items()},

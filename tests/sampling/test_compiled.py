@@ -124,9 +124,14 @@ def test_a_compiled_job_reports_its_compilation_apart_from_its_stages(tmp_path) 
     torch._dynamo.reset()
 
 
-def test_compiled_crop_vae_matches_the_plain_one_with_one_compilation_per_pass() -> None:
+def test_compiled_crop_vae_matches_the_plain_one_with_one_compilation_per_pass(monkeypatch) -> None:
+    """Crop by crop, one graph per pass, its GroupNorms from per-channel statistics
+    (tileup.channel_norm, within float32 rounding); the runner's VAE keeps its own GroupNorms
+    (the tiled VAE reads their weights)."""
+    from tileup.channel_norm import ChannelGroupNorm
     from tileup.vae.runner import VaeOptions, VaeRunner
 
+    monkeypatch.delenv("TILEUP_CROP_NORM", raising=False)
     vae = make_tiny_components("sd1", seed=0)["vae"].eval()
     cpu = torch.device("cpu")
     plain = VaeRunner(vae, cpu, torch.float32, VaeOptions(512, 1, "cpu"))
@@ -136,9 +141,12 @@ def test_compiled_crop_vae_matches_the_plain_one_with_one_compilation_per_pass()
     before = _graphs()
     with torch.inference_mode():
         latents = compiled.encode_crops(pixels, [])  # its batch of 2 runs crop by crop
-        # its GroupNorms from per-channel statistics (tileup.channel_norm): float32 rounding
         torch.testing.assert_close(latents, plain.encode_crops(pixels, []), rtol=0, atol=1e-4)
         decoded = compiled.decode_crops(latents, [])
         torch.testing.assert_close(decoded, plain.decode_crops(latents, []), rtol=0, atol=1e-4)
     assert _graphs() - before == 2  # one encoder and one decoder graph: crops go one by one
+    for compiled_pass in compiled._compiled.values():
+        norms = [m for m in compiled_pass.modules() if isinstance(m, torch.nn.GroupNorm)]
+        assert norms and all(type(m) is ChannelGroupNorm for m in norms)
+    assert all(type(m) is torch.nn.GroupNorm for m in vae.modules() if "Norm" in type(m).__name__)
     torch._dynamo.reset()
