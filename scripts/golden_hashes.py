@@ -2,9 +2,13 @@
 
 Run before and after a refactor and compare the two JSON files; every job must give the same
 pixel bytes and the same ``parameters`` text (the version and the model hash excepted: the
-tiny checkpoint files are written anew each run).
+tiny checkpoint files are written anew each run). The bytes depend on the machine as well as
+the code (another CPU runs other float kernels: an AMD EPYC and an Intel CPU with AMX differ in
+every job), so a file from another machine proves nothing; ``--base REV`` computes the
+comparison here, running this script of commit REV from a temporary git worktree. Each file
+records the CPU and library versions it came from (``_environment``).
 
-    python scripts/golden_hashes.py OUT.json [--compare OTHER.json]
+    python scripts/golden_hashes.py OUT.json [--compare OTHER.json | --base REV]
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import argparse
 import hashlib
 import json
 import os
+import platform
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -55,11 +61,45 @@ JOBS: dict[str, tuple[str, list[str]]] = {
 }
 
 
+def _cpu() -> str:
+    info = Path("/proc/cpuinfo")
+    lines = info.read_text().splitlines() if info.exists() else []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return names[0] if names else platform.processor()
+
+
+ENVIRONMENT = {"cpu": _cpu(), "torch": torch.__version__, "numpy": np.__version__}
+"""What the bytes depend on besides the code."""
+
+
+def hashes_at(commit: str) -> dict[str, dict[str, str]]:
+    """This script's results at ``commit`` on this machine: that commit's tree checked out in a
+    temporary git worktree and its own golden_hashes.py run there (its tileup and fixtures)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tree, out = Path(tmp) / "tree", Path(tmp) / "base.json"
+        git = ["git", "-C", str(REPO)]
+        subprocess.run([*git, "worktree", "add", "-q", "--detach", str(tree), commit], check=True)
+        try:
+            env = {**os.environ, "PYTHONPATH": str(tree)}  # before the installed tileup
+            script = tree / "scripts" / "golden_hashes.py"
+            subprocess.run([sys.executable, str(script), str(out)], env=env, check=True)
+            return dict(json.loads(out.read_text()))
+        finally:
+            subprocess.run([*git, "worktree", "remove", "--force", str(tree)], check=False)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
-    parser.add_argument("--compare")
+    choice = parser.add_mutually_exclusive_group()
+    choice.add_argument("--compare", help="a JSON file this script wrote")
+    choice.add_argument("--base", help="a commit: its hashes, computed on this machine")
     args = parser.parse_args()
+    before = None
+    if args.base:  # computed here, whatever that commit's script records
+        before = {**hashes_at(args.base), "_environment": ENVIRONMENT}
+    if args.compare:
+        before = json.loads(Path(args.compare).read_text())
     torch.set_num_threads(2)
     from skimage import data
 
@@ -103,9 +143,12 @@ def main() -> int:
                 "parameters_text": params,
             }
             print(name, results[name]["pixels"][:16], flush=True)
-    Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
-    if args.compare:
-        before = json.loads(Path(args.compare).read_text())
+    Path(args.out).write_text(json.dumps({**results, "_environment": ENVIRONMENT}, indent=1) + "\n")
+    if before is not None:
+        then_env = before.get("_environment", "not recorded")
+        if then_env != ENVIRONMENT:
+            print(f"note: the other file's environment ({then_env}) is not this one")
+            print(f"      ({ENVIRONMENT}): differences may be the machine's; try --base REV")
         bad = 0
         for name, now in results.items():
             then = before.get(name)
