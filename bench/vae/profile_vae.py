@@ -5,8 +5,10 @@ On the full-size SD VAE architecture (random weights, bf16), prints one JSON obj
 - ``attention``: the mid-block global attention at the latent size of a ``--size`` image
   (1 head, d = 512), per implementation: PyTorch SDPA restricted to each backend, and
   :func:`tileup.vae.attention.sdpa` (what the tiled VAE calls; ``tileup_torch_softmax``: with
-  PyTorch's softmax and cast instead of :mod:`tileup.vae.softmax`), and the fused Triton kernel
-  (:mod:`tileup.vae.flash`) at several block sizes; seconds and TFLOP/s;
+  PyTorch's ops instead of :mod:`tileup.vae.softmax`; ``tileup_keys_B_budget_2^b``: blocks of
+  B keys, at most 2^b scores a chunk — B = all tokens walks whole rows, as before 2026-11-30's
+  session 16), and the fused Triton kernel (:mod:`tileup.vae.flash`) at several block sizes;
+  seconds and TFLOP/s;
 - ``conv``: one 3×3 conv (128 → 128 channels, a batch of 4 tiles of 514² px) in NCHW and in
   channels-last, and the norm-activation pre-op (float32 and fused) on the same batch;
 - ``stages``: the tiled encode and decode of a ``--size`` image with the store on ``--store``,
@@ -79,15 +81,15 @@ def gemm_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: int
     return out
 
 
-def _torch_softmax(fn: Callable[[], object]) -> Callable[[], object]:
-    """``fn`` with the chunked attention's softmax left to PyTorch (``TILEUP_VAE_SOFTMAX``)."""
+def _with_env(fn: Callable[[], object], name: str, value: str) -> Callable[[], object]:
+    """``fn`` run with the environment variable ``name`` set to ``value``."""
 
     def run() -> object:
-        os.environ["TILEUP_VAE_SOFTMAX"] = "torch"
+        os.environ[name] = value
         try:
             return fn()
         finally:
-            del os.environ["TILEUP_VAE_SOFTMAX"]
+            del os.environ[name]
 
     return run
 
@@ -120,11 +122,20 @@ def attention(
         "cudnn": backend(SDPBackend.CUDNN_ATTENTION),
         "flash": backend(SDPBackend.FLASH_ATTENTION),
         "tileup": lambda: vae_attention.sdpa([(q, k, v)]),
-        "tileup_torch_softmax": _torch_softmax(lambda: vae_attention.sdpa([(q, k, v)])),
+        "tileup_torch_softmax": _with_env(
+            lambda: vae_attention.sdpa([(q, k, v)]), "TILEUP_VAE_SOFTMAX", "torch"
+        ),
         "tileup_budget_2^26": lambda: vae_attention.chunked_attention(q, k, v, 1 << 26),
         "tileup_budget_2^28": lambda: vae_attention.chunked_attention(q, k, v, 1 << 28),
         "gemm_bf16_scores_8192": lambda: gemm_attention(q, k, v, 8192),
     }
+    for keys in (4096, 8192, 32768, 65536, tokens):  # blocks of keys (default KEY_BLOCK)
+        for budget in (26, 28):
+            runs[f"tileup_keys_{keys}_budget_2^{budget}"] = _with_env(
+                functools.partial(vae_attention.chunked_attention, q, k, v, 1 << budget),
+                "TILEUP_VAE_KEY_BLOCK",
+                str(keys),
+            )
     for cfg in FLASH_CONFIGS:  # tileup.vae.flash, one fused kernel (TILEUP_VAE_ATTENTION=fused)
         name = "fused_" + "_".join(str(x) for x in dataclasses.astuple(cfg))
         runs[name] = functools.partial(flash.flash_attention, q[0, 0], k[0, 0], v[0, 0], config=cfg)

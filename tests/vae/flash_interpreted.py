@@ -43,20 +43,52 @@ def tiny_vae(seed: int) -> torch.nn.Module:
 
 
 def softmax_cases() -> dict[str, object]:
-    """tileup.vae.softmax against PyTorch's softmax then cast, rows longer and shorter than a
-    block; and the chunked attention's probabilities through it."""
+    """tileup.vae.softmax's online blocks against PyTorch's softmax over whole rows: rows split
+    into blocks of different lengths, a block whose rows fall short of the lanes, a block held
+    whole and blocks walked in lane steps; each in float32 and bf16, the kernel and PyTorch's
+    ops (``TILEUP_VAE_SOFTMAX=torch``)."""
     cases: dict[str, object] = {}
-    for rows, cols in ((5, 5000), (3, 100), (1, 4096)):
-        gen = torch.Generator().manual_seed(rows * cols)
-        scores = torch.randn(rows, cols, generator=gen) * 12
-        for dtype in (torch.float32, torch.bfloat16):
-            mine = softmax.softmax_rows(scores.clone(), dtype)
-            torchs = torch.softmax(scores.double(), dim=-1)
-            cases[f"{rows}x{cols}_{str(dtype)[6:]}"] = {
-                "dtype": str(mine.dtype),
-                "error": error(mine, torchs),
-                "torch_error": error(torch.softmax(scores, dim=-1).to(dtype), torchs),
-                "row_sums": error(mine.double().sum(-1), torch.ones(rows)),
+    specs = {  # rows, block lengths, longest block row held whole
+        "5x5000": (5, (1000, 3000, 1000), softmax._ONE_LOAD),
+        "3x100": (3, (100,), softmax._ONE_LOAD),
+        "2x9000_lane_steps": (2, (4500, 4500), 64),
+        "1x4096": (1, (4096,), softmax._ONE_LOAD),
+    }
+    one_load = softmax._ONE_LOAD
+    for name, (rows, blocks, whole) in specs.items():
+        gen = torch.Generator().manual_seed(rows * sum(blocks))
+        scores = torch.randn(rows, sum(blocks), generator=gen) * 12
+        scores[:, -1] += 30  # the maximum in the last block: every earlier block rescaled
+        truth = torch.softmax(scores.double(), dim=-1)
+        for dtype, how in itertools.product((torch.float32, torch.bfloat16), ("kernel", "torch")):
+            softmax._ONE_LOAD = whole
+            if how == "torch":
+                os.environ["TILEUP_VAE_SOFTMAX"] = "torch"
+            row_max = torch.full((rows,), float("-inf"))
+            row_sum = torch.zeros(rows)
+            parts, rescales, start = [], [], 0
+            for length in blocks:
+                block = scores[:, start : start + length].clone()
+                probs, rescale = softmax.softmax_block(block, row_max, row_sum, dtype)
+                parts.append(probs)
+                rescales.append(rescale.double())
+                start += length
+            os.environ.pop("TILEUP_VAE_SOFTMAX", None)
+            softmax._ONE_LOAD = one_load
+            final = []  # each block's probabilities brought to the final maximum
+            for i, probs in enumerate(parts):
+                scaled = probs.double()
+                for rescale in rescales[i + 1 :]:
+                    scaled = scaled * rescale[:, None]
+                final.append(scaled)
+            mine = torch.cat(final, 1) / row_sum.double()[:, None]
+            cases[f"{name}_{str(dtype)[6:]}_{how}"] = {
+                "dtype": str(parts[0].dtype),
+                "error": error(mine, truth),
+                "torch_error": error(torch.softmax(scores, dim=-1).to(dtype), truth),
+                "max_error": error(row_max, scores.amax(1)),
+                "first_rescale": error(rescales[0], torch.zeros(rows)),
+                "probs_at_most_one": bool(all((p <= 1).all() for p in parts)),
             }
     return cases
 

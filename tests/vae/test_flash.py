@@ -1,6 +1,6 @@
-"""The fused attention kernel (tileup.vae.flash), the row softmax the chunked attention uses on
-CUDA (tileup.vae.softmax) and the GroupNorm statistics kernel (tileup.vae.stats) on the CPU,
-through Triton's interpreter.
+"""The fused attention kernel (tileup.vae.flash), the online softmax blocks the chunked
+attention uses on CUDA (tileup.vae.softmax) and the GroupNorm statistics kernel
+(tileup.vae.stats) on the CPU, through Triton's interpreter.
 
 Exactness against float64 softmax attention at sizes that leave partial query and key blocks;
 written over its queries; the tiled VAE's attention routes to it only when asked. The kernel
@@ -99,27 +99,34 @@ def test_what_it_takes_and_its_settings(monkeypatch) -> None:
     assert flash.enabled()
 
 
-@pytest.mark.parametrize("case", ["5x5000", "3x100", "1x4096"])  # tails, a short row, exact
-def test_the_row_softmax_is_pytorchs_softmax_then_cast(interpreted, case: str) -> None:
-    exact = interpreted["softmax"][f"{case}_float32"]
+@pytest.mark.parametrize("case", ["5x5000", "3x100", "2x9000_lane_steps", "1x4096"])
+@pytest.mark.parametrize("how", ["kernel", "torch"])
+def test_the_online_softmax_blocks_give_pytorchs_softmax(interpreted, case: str, how: str) -> None:
+    exact = interpreted["softmax"][f"{case}_float32_{how}"]
     assert exact["dtype"] == "torch.float32" and exact["error"] < 1e-6
-    assert exact["row_sums"] < 1e-5
-    half = interpreted["softmax"][f"{case}_bfloat16"]
-    assert half["dtype"] == "torch.bfloat16"
-    # within one bf16 step (2^-8 below 1) of PyTorch's: the interpreter truncates where the GPU
-    # rounds to nearest (tests/gpu compares the GPU's bytes with PyTorch's)
+    assert exact["max_error"] == 0 and exact["first_rescale"] == 0
+    half = interpreted["softmax"][f"{case}_bfloat16_{how}"]
+    assert half["dtype"] == "torch.bfloat16" and half["probs_at_most_one"]
+    # within one bf16 step (2^-8 below 1) of PyTorch's softmax then cast (the interpreter
+    # truncates where the GPU rounds to nearest)
     assert half["error"] <= half["torch_error"] + 2**-8
 
 
-def test_the_row_softmax_refuses_what_it_cannot_take(monkeypatch) -> None:
+def test_the_online_softmax_refuses_what_it_cannot_take(monkeypatch) -> None:
     from tileup.vae import softmax
 
+    state = (torch.full((2,), float("-inf")), torch.zeros(2))
     with pytest.raises(ValueError, match="float32"):
-        softmax.softmax_rows(torch.zeros(2, 3, dtype=torch.float16), torch.float16)
+        softmax.softmax_block(torch.zeros(2, 3, dtype=torch.float16), *state, torch.float16)
+    with pytest.raises(ValueError, match="one value per row"):
+        softmax.softmax_block(torch.zeros(2, 3), torch.zeros(3), torch.zeros(2), torch.float16)
     scores = torch.randn(2, 7)
     assert not softmax.enabled(scores)  # the CPU needs the interpreter: PyTorch's then
-    expected = torch.softmax(scores, dim=-1).half()
-    assert torch.equal(softmax.softmax_rows(scores.clone(), torch.float16), expected)
+    probs, rescale = softmax.softmax_block(scores.clone(), *state, torch.float16)
+    expected = torch.softmax(scores, dim=-1)
+    assert probs.dtype == torch.float16 and torch.equal(rescale, torch.zeros(2))
+    assert torch.allclose(probs.float() / state[1][:, None], expected, rtol=2e-3)
+    assert torch.equal(state[0], scores.amax(1))
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert softmax.enabled(scores)  # the interpreter runs it on the CPU
     monkeypatch.setattr(softmax, "_triton_installed", lambda: False)

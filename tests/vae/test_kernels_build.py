@@ -57,12 +57,19 @@ def test_the_statistics_kernel_builds_for_hopper_with_vector_loads(blocks: int) 
     assert _global_loads(compiled.asm["ptx"]) == {".v4"}  # 8 bf16 a load, never one by one
 
 
-def test_the_row_softmax_kernel_builds_for_hopper_with_vector_loads() -> None:
-    types = {"x_ptr": "*fp32", "y_ptr": "*bf16"}
-    types |= dict.fromkeys(("n_cols", "stride_x", "stride_y"), "i32")
-    compiled = _build(softmax._kernel(), types, {"BLOCK": softmax._BLOCK}, warps=8)
+@pytest.mark.parametrize("one_load", [True, False])
+def test_the_online_softmax_kernel_builds_for_hopper_with_vector_loads(one_load: bool) -> None:
+    types = {"x_ptr": "*fp32", "p_ptr": "*bf16"}
+    types |= dict.fromkeys(("max_ptr", "sum_ptr", "rescale_ptr"), "*fp32")
+    types |= dict.fromkeys(("n_cols", "stride_x", "stride_p"), "i32")
+    block = softmax._ONE_LOAD if one_load else softmax._BLOCK
+    constants = {"BLOCK": block, "ONE_LOAD": one_load}
+    compiled = _build(softmax._kernel(), types, constants, warps=min(16, block // 1024))
     assert compiled.asm["cubin"]
-    assert _global_loads(compiled.asm["ptx"]) == {".v4"}
+    loads = re.findall(r"ld\.global(?:\.[a-z]+)*(\.v\d)?\.b\d+", compiled.asm["ptx"])
+    # the scores 4 floats a load; one by one only the row's running maximum and sum
+    assert loads.count(".v4") >= (8 if one_load else 2) and loads.count("") == 2
+    assert set(loads) == {".v4", ""}
 
 
 @pytest.mark.parametrize("skip", [True, False])

@@ -1,5 +1,5 @@
-"""Exact global softmax attention for the VAE's mid block: two matrix products per chunk of
-queries, float32 scores, a one-kernel softmax between them.
+"""Exact global softmax attention for the VAE's mid block: per chunk of queries and block of
+keys, two matrix products with float32 scores and a one-kernel online softmax between them.
 
 The tiled VAE (:mod:`tileup.vae.tiled`) projects every token of the latent-resolution canvas
 to Q, K and V, then calls :func:`sdpa` once for the whole canvas: 262 144 tokens at 4096² px,
@@ -9,21 +9,46 @@ for PyTorch's memory-efficient kernel (no flash or cuDNN kernel takes that head 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from tileup.vae import flash
-from tileup.vae.softmax import softmax_rows
+from tileup.vae.softmax import softmax_block
 
-__all__ = ["SCORES_BUDGET", "attention_chunks", "chunked_attention", "float32_scores", "sdpa"]
+__all__ = [
+    "KEY_BLOCK",
+    "SCORES_BUDGET",
+    "attention_chunks",
+    "chunked_attention",
+    "float32_scores",
+    "key_block",
+    "sdpa",
+]
 
 SCORES_BUDGET = 1 << 29
 """Most elements of one chunk of attention scores (queries × keys): 3 GiB with the
-probabilities in half precision. Every chunk reads all of K and V again (1 GiB each at 8192²
-px), so larger chunks read less (at 8192² px, 128-query chunks made the attention ~4× its
-FLOP time)."""
+probabilities in half precision. Every chunk of queries reads all of K and V again (1 GiB
+each at 8192² px), so larger chunks read less (at 8192² px, 128-query chunks made the attention
+~4× its FLOP time)."""
+
+KEY_BLOCK = 16384
+"""Keys per block: a block row of float32 scores (64 KiB) stays on chip for the softmax's second
+read, and a chunk of queries no longer needs room for scores over every key (262 144 at
+4096² px, 1 048 576 at 8192²)."""
+
+
+def key_block() -> int:
+    """Keys per block: ``TILEUP_VAE_KEY_BLOCK`` (a positive integer; for benchmarks) or
+    :data:`KEY_BLOCK`."""
+    text = os.environ.get("TILEUP_VAE_KEY_BLOCK", "")
+    if not text:
+        return KEY_BLOCK
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"TILEUP_VAE_KEY_BLOCK must be a positive integer, got {text!r}")
+    return int(text)
 
 
 def float32_scores(q: torch.Tensor, kt: torch.Tensor) -> torch.Tensor:
@@ -54,16 +79,19 @@ def sdpa(
 def chunked_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, budget: int = SCORES_BUDGET
 ) -> torch.Tensor:
-    """Exact global softmax attention (1×heads×N×d) as two matrix products per chunk of queries.
+    """Exact global softmax attention (1×heads×N×d) as two matrix products per chunk of queries
+    and block of keys (:func:`key_block` keys).
 
-    Per chunk: float32 scores (queries pre-scaled by d^-½ in float32, rounded once), a float32
-    softmax written in the input dtype (:mod:`tileup.vae.softmax`: one pass of 10 bytes a score
-    on CUDA), those probabilities times V (float32 accumulation) — the
-    precision of PyTorch's fused attention kernels, at GEMM speed: the VAE's head size (512) is
-    too large for the flash and cuDNN kernels and the memory-efficient kernel runs it at ~14 %
-    of an H200's peak (bench/vae/results/profile_h200_4096_gemm_attention.json). A chunk's
-    scores take at most ``budget`` elements (6 bytes each with the probabilities) and, on CUDA,
-    at most ~85 % of the free memory; out of memory halves the chunk.
+    Per chunk and block: float32 scores (queries pre-scaled by d^-½ in float32, rounded once),
+    an online softmax step (:func:`tileup.vae.softmax.softmax_block`: running float32 row
+    maximum and sum, probabilities ``exp(s − max)`` in the input dtype), those probabilities
+    times the block's values added in float32 to the chunk's output after its rescale by the
+    block's change of maximum; the output divided by the row sums at the end. The precision of
+    PyTorch's fused attention kernels at GEMM speed: the VAE's head size (512) is too large for
+    the flash and cuDNN kernels and the memory-efficient kernel runs it at ~14 % of an H200's
+    peak (bench/vae/results/profile_h200_4096_gemm_attention.json). A chunk's scores take at
+    most ``budget`` elements (6 bytes each with the probabilities) and, on CUDA, at most ~85 %
+    of the free memory; out of memory halves the chunk.
     """
     out = torch.empty_like(q)
     for _ in attention_chunks(q, k, v, out, budget):
@@ -78,35 +106,63 @@ def attention_chunks(
     out: torch.Tensor,
     budget: int = SCORES_BUDGET,
 ) -> Iterator[bool]:
-    """:func:`chunked_attention` into ``out``, yielding (True) after each chunk is issued; with
-    ``TILEUP_VAE_ATTENTION=fused`` one fused kernel per head instead (:mod:`tileup.vae.flash`)."""
+    """:func:`chunked_attention` into ``out``, yielding (True) after each chunk of queries is
+    issued; with ``TILEUP_VAE_ATTENTION=fused`` one fused kernel per head instead
+    (:mod:`tileup.vae.flash`). ``out`` may be ``q`` (a chunk's queries are read before its
+    output is written)."""
     _, heads, tokens, dim = q.shape
     if flash.enabled() and flash.supported(q):
         for head in range(heads):
             flash.flash_attention(q[0, head], k[0, head], v[0, head], out=out[0, head])
             yield True
         return
+    keys = k.shape[2]
+    block = min(keys, key_block())
     if q.is_cuda:  # 6 bytes a score in ~85 % of what is free (the device's and the cache's)
         free = torch.cuda.mem_get_info(q.device)[0] + torch.cuda.memory_reserved(q.device)
         budget = min(budget, (free - torch.cuda.memory_allocated(q.device)) // 7)
-    chunk = max(1, min(tokens, budget // k.shape[2]))
+    chunk = max(1, min(tokens, budget // block))
     scale = dim**-0.5
     for head in range(heads):
         kt, vh = k[0, head].transpose(0, 1), v[0, head]
         s = 0
         while s < tokens:
             try:
-                qs = (q[0, head, s : s + chunk].float() * scale).to(q.dtype)
-                scores = float32_scores(qs, kt)
-                probs = softmax_rows(scores, v.dtype)
-                torch.mm(probs, vh, out=out[0, head, s : s + chunk])
+                queries = q[0, head, s : s + chunk]
+                out[0, head, s : s + chunk] = _attend(queries, kt, vh, block, scale)
             except torch.OutOfMemoryError:
                 if chunk == 1:
                     raise
-                qs = scores = probs = torch.empty(0)
+                queries = torch.empty(0)
                 chunk //= 2
                 torch.cuda.empty_cache()
                 continue
-            del qs, scores, probs
             s += chunk
             yield True
+
+
+def _attend(
+    q: torch.Tensor, kt: torch.Tensor, v: torch.Tensor, block: int, scale: float
+) -> torch.Tensor:
+    """Softmax attention of the queries ``q`` (n×d) over the keys ``kt`` (d×N) and values ``v``
+    (N×d), ``block`` keys at a time; float32 (n×d)."""
+    qs = (q.float() * scale).to(q.dtype)
+    acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    row_max = torch.full((q.shape[0],), float("-inf"), device=q.device)
+    row_sum = torch.zeros(q.shape[0], device=q.device)
+    for start in range(0, kt.shape[1], block):
+        scores = float32_scores(qs, kt[:, start : start + block])
+        probs, rescale = softmax_block(scores, row_max, row_sum, v.dtype)
+        del scores
+        acc.mul_(rescale[:, None])
+        _add_product(acc, probs, v[start : start + block])
+    return acc.div_(row_sum[:, None])
+
+
+def _add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` with ``acc`` float32: accumulated in float32 from half inputs in one
+    cuBLAS call on CUDA, in float32 elsewhere."""
+    if acc.is_cuda and a.dtype in (torch.float16, torch.bfloat16):
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc.addmm_(a.float(), b.float())
