@@ -3,8 +3,11 @@ keys, two matrix products with float32 scores and a one-kernel online softmax be
 
 The tiled VAE (:mod:`tileup.vae.tiled`) projects every token of the latent-resolution canvas
 to Q, K and V, then calls :func:`sdpa` once for the whole canvas: 262 144 tokens at 4096² px,
-one head of 512. Measured on an H200 (bf16, 2026-11-30): 0.436 s (323 TFLOP/s) against 1.33 s
-for PyTorch's memory-efficient kernel (no flash or cuDNN kernel takes that head size).
+one head of 512. Measured on an H200 (bf16, 2026-11-30, bench/vae/results/
+profile_h200_key_blocks.json): 0.357 s (394 TFLOP/s) with keys in blocks of 16 384, against
+0.429 s walking whole rows of scores and 1.33 s for PyTorch's memory-efficient kernel (no
+flash or cuDNN kernel takes that head size); at 8192² px (1 048 576 tokens) 5.67 s (397
+TFLOP/s).
 """
 
 from __future__ import annotations

@@ -18,7 +18,8 @@ PyTorch's fused attention kernels).
 
 Used on CUDA GPUs from compute capability 8.0 with Triton installed (elsewhere, with
 ``TILEUP_VAE_SOFTMAX=torch``, or when the kernel fails to build: PyTorch's ops); tested on the
-CPU through Triton's interpreter (``TRITON_INTERPRET=1``).
+CPU through Triton's interpreter (``TRITON_INTERPRET=1``). Measured on an H200 (4096² px, bf16,
+2026-11-30): the attention in 0.357 s with it, 0.787 s with PyTorch's ops.
 """
 
 from __future__ import annotations
