@@ -144,3 +144,26 @@ def test_an_image_laid_out_hwc_is_viewed_and_another_copied() -> None:
     channels_last = chw[None].contiguous(memory_format=torch.channels_last)[0]
     viewed = hwc_view(channels_last)
     assert torch.equal(viewed, copied) and viewed.data_ptr() == channels_last.data_ptr()
+
+
+def test_budgets_of_small_cards_get_expandable_allocator_segments(monkeypatch) -> None:
+    from tileup import devices
+
+    calls: list[str] = []
+    monkeypatch.setattr(torch.cuda.memory, "_set_allocator_settings", calls.append)
+    for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+        monkeypatch.delenv(name, raising=False)
+    assert devices.cuda_allocator_for(8 * GIB) == "expandable segments"
+    assert calls == ["expandable_segments:True"]
+    assert devices.cuda_allocator_for(devices.EXPANDABLE_BELOW) == "PyTorch's default"
+    for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):  # the user's word stands
+        monkeypatch.setenv(name, "max_split_size_mb:512")
+        assert devices.cuda_allocator_for(4 * GIB) == "set by the environment"
+        monkeypatch.delenv(name)
+    assert calls == ["expandable_segments:True"]
+
+    def refused(setting: str) -> None:
+        raise RuntimeError("expandable segments are not supported on this platform")
+
+    monkeypatch.setattr(torch.cuda.memory, "_set_allocator_settings", refused)
+    assert devices.cuda_allocator_for(4 * GIB) == "PyTorch's default"

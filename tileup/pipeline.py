@@ -21,7 +21,14 @@ import numpy as np
 import torch
 
 from tileup.choices import CHECKPOINT_ENV
-from tileup.devices import module_bytes, peak_memory, peak_reserved, resolve_devices, sr_dtype
+from tileup.devices import (
+    cuda_allocator_for,
+    module_bytes,
+    peak_memory,
+    peak_reserved,
+    resolve_devices,
+    sr_dtype,
+)
 from tileup.errors import TileupError
 from tileup.imageio import Picture
 from tileup.infotext import job_parameters
@@ -83,6 +90,7 @@ class Upscaler:
         self.upscaler: UpscalerChoice = resolve_upscaler(settings.upscaler, settings.models_dirs)
         self.load_fallbacks: list[str] = []
         self.notes: list[str] = []
+        self.allocator = ""
         self.budget = self._budget()
         check_sampler(settings)
         checkpoint = settings.checkpoint or os.environ.get(CHECKPOINT_ENV) or None
@@ -153,12 +161,15 @@ class Upscaler:
 
     def _budget(self) -> int | None:
         """Device bytes this engine's jobs plan inside: ``--vram``, else the free memory before
-        anything is loaded (CUDA); None off CUDA (no plan: host memory is not planned)."""
+        anything is loaded (CUDA; the allocator set up for it, :func:`cuda_allocator_for`);
+        None off CUDA (no plan: host memory is not planned)."""
         if self.device.type != "cuda":
             return None
         free, _ = torch.cuda.mem_get_info(self.device)
         vram = self.settings.vram
-        return min(free, int(vram * GIB)) if vram else free
+        budget = min(free, int(vram * GIB)) if vram else free
+        self.allocator = cuda_allocator_for(budget)
+        return budget
 
     def _place_sr_model(self, upscaler: ModelUpscaler) -> ModelRunner:
         from tileup.upscalers.models import load_sr_model
@@ -454,7 +465,7 @@ class Upscaler:
             seconds=clock.seconds,
             peak_memory_bytes=max(peak_memory(d) for d in self.devices),
             peak_reserved_bytes=max(peak_reserved(d) for d in self.devices),
-            memory_plan=plan.as_dict() if plan else {},
+            memory_plan={**plan.as_dict(), "cuda_allocator": self.allocator} if plan else {},
             fallbacks=tuple(fallbacks),
             device=",".join(str(d) for d in self.devices),
             input_size=(width, height),
