@@ -150,7 +150,7 @@ def test_budgets_of_small_cards_get_expandable_allocator_segments(monkeypatch) -
     from tileup import devices
 
     calls: list[str] = []
-    monkeypatch.setattr(torch.cuda.memory, "_set_allocator_settings", calls.append)
+    monkeypatch.setattr(torch._C, "_accelerator_setAllocatorSettings", calls.append)
     for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
         monkeypatch.delenv(name, raising=False)
     assert devices.cuda_allocator_for(8 * GIB) == "expandable segments"
@@ -165,5 +165,9 @@ def test_budgets_of_small_cards_get_expandable_allocator_segments(monkeypatch) -
     def refused(setting: str) -> None:
         raise RuntimeError("expandable segments are not supported on this platform")
 
-    monkeypatch.setattr(torch.cuda.memory, "_set_allocator_settings", refused)
+    monkeypatch.setattr(torch._C, "_accelerator_setAllocatorSettings", refused)
     assert devices.cuda_allocator_for(4 * GIB) == "PyTorch's default"
+    monkeypatch.delattr(torch._C, "_accelerator_setAllocatorSettings")  # PyTorch before 2.9
+    monkeypatch.setattr(torch.cuda.memory, "_set_allocator_settings", calls.append)
+    assert devices.cuda_allocator_for(4 * GIB) == "expandable segments"
+    assert calls == ["expandable_segments:True"] * 2

@@ -73,9 +73,11 @@ def cuda_allocator_for(budget: int) -> str:
         return "set by the environment"
     if budget >= EXPANDABLE_BELOW:
         return "PyTorch's default"
+    # PyTorch 2.9+ names the setter per accelerator (the CUDA one warns that it is deprecated)
+    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
     try:
-        torch.cuda.memory._set_allocator_settings("expandable_segments:True")
-    except (AttributeError, RuntimeError):  # a PyTorch or platform without them
+        (setter or torch.cuda.memory._set_allocator_settings)("expandable_segments:True")
+    except (AttributeError, RuntimeError, TypeError):  # a PyTorch or platform without them
         return "PyTorch's default"
     return "expandable segments"
 
