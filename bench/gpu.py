@@ -1028,7 +1028,12 @@ def compare(data: dict[str, Any], work: Path) -> None:
 
 
 def derive(data: dict[str, Any]) -> None:
-    """TFLOP/s and share of peak from each kind's FLOP count and each entry's seconds."""
+    """TFLOP/s and share of peak from each kind's FLOP count and each entry's seconds; the
+    two-GPU entry keeps the one-GPU reference of its own commit (``one_gpu_reference``, while
+    both entries share one), so that a later reference alone does not pair other code."""
+    one, two = data.get("reference"), data.get("two_gpus")
+    if _ran(one) and _ran(two) and one.get("commit") == two.get("commit"):
+        two["one_gpu_reference"] = {k: one[k] for k in ("seconds", "commit")}
     flops = data.get("flops", {})
     entries = [
         (data[name], JOBS[name].devices) for name in JOBS if isinstance(data.get(name), dict)
@@ -1143,6 +1148,7 @@ def goals(data: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
         rows.append(("8192² ≤ 4.4× the 4K job, same card", text, ratio <= 4.4))
     one, two = data.get("reference"), data.get("two_gpus")
     if _ran(one) and _ran(two):
+        one = two.get("one_gpu_reference", one)  # the same build's (derive)
         ratio = one["seconds"] / two["seconds"]
         text = f"reference {_at(one)} / two_gpus {_at(two)} = {ratio:.2f}×"
         rows.append(("two GPUs ≥ 1.8× one", text, ratio >= 1.8))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench.gpu import goals, idle_gaps, markdown
+from bench.gpu import derive, goals, idle_gaps, markdown
 
 
 def _entry(seconds: float | None, commit: str = "c1", **extra: Any) -> dict[str, Any]:
@@ -60,6 +60,20 @@ def test_goals_pair_the_entries_and_say_what_is_met() -> None:
         "reference 12.00 s (c1) / two_gpus 6.00 s (c1) = 2.00×",
         True,
     )
+
+
+def test_two_gpus_keep_the_one_gpu_reference_of_their_own_commit() -> None:
+    data = _data()
+    derive(data)  # both at c1: the pair is kept in the two-GPU entry
+    assert data["two_gpus"]["one_gpu_reference"] == {"seconds": 12.0, "commit": "c1"}
+    data["reference"] = _entry(10.0, "c3")  # a later, faster one-GPU build alone
+    derive(data)
+    rows = {goal: (text, met) for goal, text, met in goals(data)}
+    assert rows["two GPUs ≥ 1.8× one"] == (
+        "reference 12.00 s (c1) / two_gpus 6.00 s (c1) = 2.00×",
+        True,
+    )
+    assert data["two_gpus"]["one_gpu_reference"]["commit"] == "c1"
 
 
 def test_missing_entries_are_not_measured_and_the_markdown_has_the_table() -> None:
