@@ -259,10 +259,10 @@ def stages(
         counts[key] += 1
         return res
 
-    def sdpa(jobs: Any) -> list[torch.Tensor]:
+    def sdpa(jobs: Any, **kw: Any) -> list[torch.Tensor]:
         torch.cuda.synchronize()
         start = time.perf_counter()
-        res = original_sdpa(jobs)
+        res = original_sdpa(jobs, **kw)
         torch.cuda.synchronize()
         timings[f"{phase}:sdpa"] += time.perf_counter() - start
         return res

@@ -252,6 +252,47 @@ def test_after_the_attention_its_buffers_go_to_the_store(vae, latents, monkeypat
     assert (got - truth).abs().mean() <= 1.5 * (expected - truth).abs().mean()
 
 
+@pytest.mark.parametrize("on_host", ["Q", "KVQ"])
+def test_attention_buffers_the_device_cannot_hold_wait_on_the_host(
+    vae, latents, monkeypatch, on_host: str
+) -> None:
+    """Out of memory allocating the mid-block attention's buffers (the 8192² print on an 8 GiB
+    card crashed there at 2e7258c, its free memory in pieces): each one that does not fit waits
+    on the host, copied a chunk of queries or a block of keys at a time: the same bytes, noted,
+    and only the buffers the device held go to the store's cap afterwards."""
+    monkeypatch.setenv("TILEUP_VAE_KEY_BLOCK", "512")  # 1920 tokens: four blocks of keys
+    kw = {"batch": 3, "dtype": torch.bfloat16, "store": "device", "store_limit": 1 << 30}
+    expected = tiled_decode(vae, latents, tile=16, **kw)
+    buffer_shape = (1, 1, latents.shape[2] * latents.shape[3], 128)
+    order = iter("KVQ")  # the order the buffers are asked for
+    real_empty = torch.empty
+
+    def refusing(*args, **kwargs):
+        shape = tuple(args[0]) if args and isinstance(args[0], (tuple, list)) else None
+        on_cuda = torch.device(kwargs.get("device") or "cpu").type == "cuda"
+        if shape == buffer_shape and on_cuda and next(order) in on_host:
+            raise torch.OutOfMemoryError("fragmented")
+        return real_empty(*args, **kwargs)
+
+    engines: list[tuple[StagedEngine, int | None]] = []
+    original = StagedEngine.__init__
+
+    def recording(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        engines.append((self, self.store_cap))
+
+    monkeypatch.setattr(StagedEngine, "__init__", recording)
+    monkeypatch.setattr(torch, "empty", refusing)
+    notes: list[str] = []
+    got = tiled_decode(vae, latents, tile=16, notes=notes, **kw)
+    monkeypatch.setattr(torch, "empty", real_empty)
+    assert notes == [f"VAE out of memory: the attention's {b} on the host" for b in on_host]
+    assert torch.equal(got, expected)
+    ((eng, cap),) = engines
+    held = 3 - len(on_host)
+    assert cap is not None and eng.store_cap == cap + held * 1920 * 128 * 2
+
+
 def test_fused_attention_kernel_is_as_close_as_pytorchs_on_the_gpu(monkeypatch) -> None:
     """tileup.vae.flash in bf16 on the GPU (opt-in: measured slower than the chunked GEMMs,
     176 against 239 TFLOP/s at 4096², H200, 2026-11-30): as close to the float64 truth as

@@ -478,3 +478,28 @@ def test_coarse_stages_batch_more_tiles_on_cuda() -> None:
         grid, torch.device("cpu"), torch.float32, torch.device("cpu"), 3, top_scale=8
     )
     assert plain.batch_at(1) == cpu.batch_at(1) == 3
+
+
+def test_attention_buffers_the_device_cannot_hold_go_to_the_host(monkeypatch) -> None:
+    """K and V are asked for first (every chunk of queries reads them), then Q; each refused
+    one is made on the host instead and noted (tests/gpu runs the decode through them)."""
+    real_empty = torch.empty
+    asked: list[str] = []
+
+    def refusing(shape, dtype=None, device=None):
+        asked.append(str(device))
+        if asked.count("meta") in (1, 3) and asked[-1] == "meta":  # K and Q do not fit
+            raise torch.OutOfMemoryError("fragmented")
+        return real_empty(shape, dtype=dtype, device=device)
+
+    monkeypatch.setattr(torch, "empty", refusing)
+    notes: list[str] = []
+    q, k, v = tv._attention_buffers((1, 2, 6, 4), torch.bfloat16, torch.device("meta"), notes)
+    monkeypatch.setattr(torch, "empty", real_empty)
+    assert asked == ["meta", "cpu", "meta", "meta", "cpu"]
+    assert (q.device.type, k.device.type, v.device.type) == ("cpu", "cpu", "meta")
+    assert all(t.shape == (1, 2, 6, 4) and t.dtype == torch.bfloat16 for t in (q, k, v))
+    assert notes == [
+        "VAE out of memory: the attention's K on the host",
+        "VAE out of memory: the attention's Q on the host",
+    ]

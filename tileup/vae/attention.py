@@ -63,17 +63,25 @@ def float32_scores(q: torch.Tensor, kt: torch.Tensor) -> torch.Tensor:
 
 
 def sdpa(
-    jobs: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], over_queries: bool = False
+    jobs: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    over_queries: bool = False,
+    devices: Sequence[torch.device] | None = None,
 ) -> list[torch.Tensor]:
     """Exact global softmax attention (1×heads×N×d) of each (q, k, v): :func:`chunked_attention`
     on accelerators, the jobs' chunks issued in turn (a job per device: every device gets work
     at once), PyTorch's blockwise kernel on the CPU (as fast there, without chunks of scores).
     ``over_queries``: on accelerators each output is written over its queries (no buffer of
-    its own; a chunk's queries are read before its output is written)."""
-    if all(q.device.type == "cpu" for q, _, _ in jobs):
+    its own; a chunk's queries are read before its output is written). ``devices``: where each
+    job computes (default: where its queries are); its Q, K and V may wait on the host, copied
+    in chunks and blocks (a memory plan's fallback)."""
+    places = list(devices) if devices is not None else [q.device for q, _, _ in jobs]
+    if all(place.type == "cpu" for place in places):
         return [F.scaled_dot_product_attention(q, k, v) for q, k, v in jobs]
     outs = [q if over_queries else torch.empty_like(q) for q, _, _ in jobs]
-    runs = [attention_chunks(*job, out) for job, out in zip(jobs, outs, strict=True)]
+    runs = [
+        attention_chunks(*job, out, device=place)
+        for job, out, place in zip(jobs, outs, places, strict=True)
+    ]
     while runs:
         runs = [run for run in runs if next(run, None) is not None]
     return outs
@@ -108,22 +116,27 @@ def attention_chunks(
     v: torch.Tensor,
     out: torch.Tensor,
     budget: int = SCORES_BUDGET,
+    device: torch.device | None = None,
 ) -> Iterator[bool]:
     """:func:`chunked_attention` into ``out``, yielding (True) after each chunk of queries is
     issued; with ``TILEUP_VAE_ATTENTION=fused`` one fused kernel per head instead
     (:mod:`tileup.vae.flash`). ``out`` may be ``q`` (a chunk's queries are read before its
-    output is written)."""
+    output is written). Computed on ``device`` (default: ``q``'s); any of ``q``, ``k``, ``v``
+    and ``out`` may be elsewhere (the host), copied a chunk of queries or a block of keys at a
+    time."""
     _, heads, tokens, dim = q.shape
-    if flash.enabled() and flash.supported(q):
+    device = device or q.device
+    together = all(t.device == device for t in (q, k, v, out))
+    if flash.enabled() and flash.supported(q) and together:
         for head in range(heads):
             flash.flash_attention(q[0, head], k[0, head], v[0, head], out=out[0, head])
             yield True
         return
     keys = k.shape[2]
     block = min(keys, key_block())
-    if q.is_cuda:  # 6 bytes a score in ~85 % of what is free (the device's and the cache's)
-        free = torch.cuda.mem_get_info(q.device)[0] + torch.cuda.memory_reserved(q.device)
-        budget = min(budget, (free - torch.cuda.memory_allocated(q.device)) // 7)
+    if device.type == "cuda":  # 6 bytes a score in ~85 % of what is free (device and cache)
+        free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
+        budget = min(budget, (free - torch.cuda.memory_allocated(device)) // 7)
     chunk = max(1, min(tokens, budget // block))
     scale = dim**-0.5
     for head in range(heads):
@@ -131,7 +144,7 @@ def attention_chunks(
         s = 0
         while s < tokens:
             try:
-                queries = q[0, head, s : s + chunk]
+                queries = q[0, head, s : s + chunk].to(device)
                 out[0, head, s : s + chunk] = _attend(queries, kt, vh, block, scale)
             except torch.OutOfMemoryError:
                 if chunk == 1:
@@ -148,17 +161,18 @@ def _attend(
     q: torch.Tensor, kt: torch.Tensor, v: torch.Tensor, block: int, scale: float
 ) -> torch.Tensor:
     """Softmax attention of the queries ``q`` (n×d) over the keys ``kt`` (d×N) and values ``v``
-    (N×d), ``block`` keys at a time; float32 (n×d)."""
+    (N×d), ``block`` keys at a time (each block copied to ``q``'s device if it is elsewhere);
+    float32 (n×d)."""
     qs = (q.float() * scale).to(q.dtype)
     acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     row_max = torch.full((q.shape[0],), float("-inf"), device=q.device)
     row_sum = torch.zeros(q.shape[0], device=q.device)
     for start in range(0, kt.shape[1], block):
-        scores = float32_scores(qs, kt[:, start : start + block])
+        scores = float32_scores(qs, kt[:, start : start + block].to(q.device))
         probs, rescale = softmax_block(scores, row_max, row_sum, v.dtype)
         del scores
         acc.mul_(rescale[:, None])
-        _add_product(acc, probs, v[start : start + block])
+        _add_product(acc, probs, v[start : start + block].to(q.device))
     return acc.div_(row_sum[:, None])
 
 

@@ -239,10 +239,11 @@ def _attention(eng: StagedEngine, x: Canvas, attn: Attention) -> Canvas:
     d, channels = inner // heads, x.data.shape[0]
     rows, cols = eng.grid.height * m, eng.grid.width * m
     lanes = range(len(eng.lanes))
+    devices = [lane.device or eng.device for lane in eng.lanes]
     qkv = [  # per lane, Q, K and V (1×heads×(h·w)×d) on its device, of the tokens its tiles own
-        [torch.empty((1, heads, rows * cols, d), device=dev, dtype=dtype) for _ in "qkv"]
-        for dev in (lane.device or eng.device for lane in eng.lanes)
+        _attention_buffers((1, heads, rows * cols, d), dtype, dev, eng.notes) for dev in devices
     ]
+    held = [t.device.type != "cpu" for t in qkv[0]]  # on the store's device: Q, K, V
     a, b = eng.affine(x, attn.group_norm)
 
     def grid5(t: torch.Tensor) -> torch.Tensor:
@@ -270,13 +271,15 @@ def _attention(eng: StagedEngine, x: Canvas, attn: Attention) -> Canvas:
     # per lane: the output of its queries (heads×its rows×cols×d) and the first of those rows
     outs = [
         (o[0].reshape(heads, bottom - top, cols, d), top)
-        for (top, bottom), o in zip(reaches, attention.sdpa(jobs, over_queries=True), strict=True)
+        for (top, bottom), o in zip(
+            reaches, attention.sdpa(jobs, over_queries=True, devices=devices), strict=True
+        )
     ]
     buffer = heads * rows * cols * d * dtype.itemsize
     del q, key, value
     qkv.clear()  # K and V freed (O is over Q): budgeted beside the store, now the store's
     jobs.clear()
-    eng.release(2 * buffer)
+    eng.release((held[1] + held[2]) * buffer)
 
     def out(crops: list[torch.Tensor], batch: StageBatch) -> torch.Tensor:
         x_in = crops[0]
@@ -284,7 +287,7 @@ def _attention(eng: StagedEngine, x: Canvas, attn: Attention) -> Canvas:
         lane = batch.lane
         o, first = outs[eng.lanes.index(lane)]
         h = torch.stack([o[:, y - first : y - first + th, x : x + tw] for y, x in batch.cores])
-        h = h.permute(0, 2, 3, 1, 4).flatten(-2)  # B×th×tw×inner
+        h = h.to(x_in.device).permute(0, 2, 3, 1, 4).flatten(-2)  # B×th×tw×inner
         h = lane(attn.to_out[1])(lane(attn.to_out[0])(h)).permute(0, 3, 1, 2)
         if attn.residual_connection:
             h = h + x_in
@@ -292,8 +295,25 @@ def _attention(eng: StagedEngine, x: Canvas, attn: Attention) -> Canvas:
 
     result = eng.stage([x], out, channels=channels, scale=m, halo=(0, 0))
     outs.clear()
-    eng.release(buffer)  # and Q, holding O
+    eng.release(held[0] * buffer)  # and Q, holding O
     return result
+
+
+def _attention_buffers(
+    shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, notes: list[str]
+) -> list[torch.Tensor]:
+    """Q, K and V buffers of the mid-block attention on ``device``: K and V first (every chunk
+    of queries reads all of them), then Q (read and written over once); each that does not fit
+    (the plan's estimate was low, or the device's free memory lies in pieces) on the host
+    instead, noted in ``notes``: the attention then copies it in blocks."""
+    buffers: dict[str, torch.Tensor] = {}
+    for name in "KVQ":
+        try:
+            buffers[name] = torch.empty(shape, dtype=dtype, device=device)
+        except torch.OutOfMemoryError:
+            buffers[name] = torch.empty(shape, dtype=dtype, device="cpu")
+            notes.append(f"VAE out of memory: the attention's {name} on the host")
+    return [buffers["Q"], buffers["K"], buffers["V"]]
 
 
 def _mid(eng: StagedEngine, x: Canvas, mid: MidBlock) -> Canvas:
