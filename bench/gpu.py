@@ -94,6 +94,7 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -326,16 +327,22 @@ def _sync() -> None:
             torch.cuda.synchronize(i)
 
 
-def _reset_peaks() -> None:
+def _measured() -> AbstractContextManager[Any]:
+    """A :mod:`tileup.peaks` window over every CUDA device: the measured run's peaks, whatever
+    the job resets inside (its stages, the SR probe)."""
     import torch
 
-    if torch.cuda.is_available():
-        for i in range(torch.cuda.device_count()):
-            torch.cuda.reset_peak_memory_stats(i)
+    from tileup import peaks
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return peaks.window([torch.device("cuda", i) for i in range(count)])
 
 
-def _peaks(devices: int, ballast: Ballast | None, cpu_peak: int | None) -> dict[str, Any]:
-    """Peak allocated / reserved GiB of the busiest device, the ballast taken off."""
+def _peaks(
+    devices: int, window: Any, ballast: Ballast | None, cpu_peak: int | None
+) -> dict[str, Any]:
+    """Peak allocated / reserved GiB of the busiest device in the closed ``window``, the
+    ballast taken off."""
     import torch
 
     if not torch.cuda.is_available():
@@ -345,8 +352,8 @@ def _peaks(devices: int, ballast: Ballast | None, cpu_peak: int | None) -> dict[
             "peak_note": "CPU: the process's peak resident memory",
         }
     held = (ballast.allocated, ballast.reserved) if ballast else (0, 0)
-    alloc = [torch.cuda.max_memory_allocated(i) for i in range(devices)]
-    reserved = [torch.cuda.max_memory_reserved(i) for i in range(devices)]
+    alloc = [window.allocated[i] for i in range(devices)]
+    reserved = [window.reserved[i] for i in range(devices)]
     alloc[0] -= held[0]
     reserved[0] -= held[1]
     out: dict[str, Any] = {
@@ -475,14 +482,18 @@ def _engine_job(o: OneArgs, kind: Kind, job: Job, rec: dict[str, Any]) -> np.nda
     rec["warmup_seconds"] = round(time.perf_counter() - start, 3)
     if "compile" in warmed.stats.seconds:  # --compile's one-time cost, reported apart
         rec["compile_seconds"] = warmed.stats.seconds["compile"]
-    _reset_peaks()
-    start = time.perf_counter()
-    result = engine(picture)
-    _sync()
-    rec["seconds"] = round(time.perf_counter() - start, 3)
+    with _measured() as window:
+        start = time.perf_counter()
+        result = engine(picture)
+        _sync()
+        rec["seconds"] = round(time.perf_counter() - start, 3)
     stats = result.stats.as_dict()
     rec["stages"] = stats["seconds"]
-    rec.update(_peaks(job.devices, ballast, stats["peak_memory_bytes"]))
+    rec.update(_peaks(job.devices, window, ballast, stats["peak_memory_bytes"]))
+    held = ballast.allocated if ballast else 0
+    rec["stage_peak_gib"] = {
+        k: round((v - held) / GIB, 3) for k, v in stats["stage_peak_bytes"].items()
+    }
     for key in ("tiles", "tile_steps", "steps_per_tile", "pixel_tiles", "memory_plan"):
         rec[key] = stats.get(key)
     rec["fallbacks"] = stats["fallbacks"]
@@ -691,17 +702,17 @@ def _naive_job(o: OneArgs, kind: Kind, job: Job, rec: dict[str, Any]) -> np.ndar
     run(read_image(_photo(_warm_size(kind, o.smoke)), max_pixels=settings_max))
     rec["warmup_seconds"] = round(time.perf_counter() - start, 3)
     calls.clear()
-    _reset_peaks()
-    start = time.perf_counter()
-    canvas, stages, tiles = run(picture)
-    rec["seconds"] = round(time.perf_counter() - start, 3)
+    with _measured() as window:
+        start = time.perf_counter()
+        canvas, stages, tiles = run(picture)
+        rec["seconds"] = round(time.perf_counter() - start, 3)
     rec["stages"] = {k: round(v, 4) for k, v in stages.items()}
     cpu_peak = None
     if not cuda:
         import resource
 
         cpu_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    rec.update(_peaks(1, ballast, cpu_peak))
+    rec.update(_peaks(1, window, ballast, cpu_peak))
     rec["tiles"], rec["unet_calls"] = tiles, len(calls)
     rec["tile_steps"] = len(calls)
     rec["steps_per_tile"] = len(calls) / tiles
@@ -925,7 +936,8 @@ JOB_FIELDS = (
     "job", "description", "kind", "mode", "card", "device", "host", "device_setting", "seconds",
     "stages",
     "flops", "tflops", "share_of_peak", "peak_allocated_gib", "peak_reserved_gib",
-    "peak_allocated_gib_per_device", "peak_note", "tiles", "tile_steps", "steps_per_tile",
+    "peak_allocated_gib_per_device", "stage_peak_gib", "peak_note", "tiles", "tile_steps",
+    "steps_per_tile",
     "pixel_tiles", "unet_calls", "unet_batch", "num_inference_steps", "passes", "memory_plan",
     "fallbacks", "input_size", "output_size", "output_sha256", "max_abs_diff_255",
     "differing_fraction", "compared_with", "emulation", "load_seconds", "warmup", "warmup_seconds",
@@ -935,7 +947,8 @@ JOB_FIELDS = (
 )
 SWEEP_FIELDS = (
     "vram_gib", "mode", "whole_gpu", "seconds", "stages", "tflops", "share_of_peak",
-    "peak_allocated_gib", "peak_reserved_gib", "memory_plan", "fallbacks", "output_sha256",
+    "peak_allocated_gib", "peak_reserved_gib", "stage_peak_gib", "memory_plan", "fallbacks",
+    "output_sha256",
     "max_abs_diff_255", "differing_fraction", "compared_with", "emulation", "environment",
     "host", "calibration", "error", "date", "commit",
 )

@@ -76,6 +76,7 @@ def test_width_alone_keeps_aspect_and_stats_json(photo_file: Path, tmp_path: Pat
         "fallbacks",
     ):
         assert key in stats
+    assert stats["stage_peak_bytes"] == {}  # per-stage peaks are CUDA's
 
 
 def test_scale_8_with_a_4x_model_file(photo_file: Path, tmp_path: Path, shared_models) -> None:

@@ -180,11 +180,6 @@ class StreamedBlocks:
         self.host.clear()
 
 
-def peak_reserved(device: torch.device) -> int:
-    """Peak bytes the CUDA caching allocator reserved on ``device`` (0 elsewhere)."""
-    return int(torch.cuda.max_memory_reserved(device)) if device.type == "cuda" else 0
-
-
 def to_hwc(image: torch.Tensor) -> torch.Tensor:
     """A C×H×W host tensor as a new contiguous H×W×C one (torch's copy runs on every core,
     numpy's transposing copy on one)."""

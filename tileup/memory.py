@@ -43,7 +43,7 @@ channels, bf16)."""
 
 VAE_SCORES_BYTES = 6 << 24
 """A small chunk of VAE attention scores (2^24 float32 scores and their bf16 probabilities);
-the attention takes larger chunks, up to 2^29 scores, as far as ~85 % of the free memory holds
+the attention takes larger chunks, up to 2^27 scores, as far as ~85 % of the free memory holds
 them."""
 
 VAE_STORE_BYTES_PER_PX = 1024

@@ -20,12 +20,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from tileup import peaks
 from tileup.choices import CHECKPOINT_ENV
 from tileup.devices import (
     cuda_allocator_for,
     module_bytes,
     peak_memory,
-    peak_reserved,
     resolve_devices,
     sr_dtype,
 )
@@ -405,86 +405,92 @@ class Upscaler:
     ) -> UpscaleResult:
         from tileup.upscalers.tiled import RunReport
 
-        picture = as_picture(image, self.settings.max_pixels)
-        settings, clock = self.settings, StageClock(observer=observer, settle=self._settle)
-        report = RunReport(fallbacks=list(self.load_fallbacks))
-        for device in (d for d in self.devices if d.type == "cuda"):
-            torch.cuda.reset_peak_memory_stats(device)
-        # 1. Plan the output size.
-        height, width = picture.height, picture.width
-        target = target_size(height, width, settings)
-        if target[0] * target[1] > settings.max_pixels:
-            raise TileupError(
-                f"output {target[1]}x{target[0]} = {target[0] * target[1]} pixels exceeds the "
-                f"limit of {settings.max_pixels}; raise it with --max-pixels"
+        with peaks.window(self.devices) as job_peak:
+            picture = as_picture(image, self.settings.max_pixels)
+            settings, clock = (
+                self.settings,
+                StageClock(observer=observer, settle=self._settle, devices=self.devices),
             )
-        diffusion = self._new_report()
-        plan = self._plan(target)
-        factor = self.model.factor if self.model is not None else 8
-        hooks = None if observer is None else Hooks(observer, target, factor)
-        self._place(plan, "vae")
-        # 2. Upscale: pixel (model passes + exact resize) or, for latent modes, in latent space.
-        source_latents, latents, rgb = latents, None, None
-        with clock.stage("pixel_upscale"):
-            if isinstance(self.upscaler, LatentUpscaler):
-                assert self.model is not None and diffusion is not None
-                latents = self._upscale_latents(
-                    picture.rgb, target, diffusion.fallbacks, plan, source_latents
+            report = RunReport(fallbacks=list(self.load_fallbacks))
+            # 1. Plan the output size.
+            height, width = picture.height, picture.width
+            target = target_size(height, width, settings)
+            if target[0] * target[1] > settings.max_pixels:
+                raise TileupError(
+                    f"output {target[1]}x{target[0]} = {target[0] * target[1]} pixels exceeds the "
+                    f"limit of {settings.max_pixels}; raise it with --max-pixels"
                 )
-            else:
-                rgb = self._upscale_pixels(picture.rgb, target, report, plan, hooks)
-        if crop is not None and crop != target:
-            from tileup.upscalers.latent import centre_crop
+            diffusion = self._new_report()
+            plan = self._plan(target)
+            factor = self.model.factor if self.model is not None else 8
+            hooks = None if observer is None else Hooks(observer, target, factor)
+            self._place(plan, "vae")
+            # 2. Upscale: pixel (model passes + exact resize) or, for latent modes, in latent space.
+            source_latents, latents, rgb = latents, None, None
+            with clock.stage("pixel_upscale"):
+                if isinstance(self.upscaler, LatentUpscaler):
+                    assert self.model is not None and diffusion is not None
+                    latents = self._upscale_latents(
+                        picture.rgb, target, diffusion.fallbacks, plan, source_latents
+                    )
+                else:
+                    rgb = self._upscale_pixels(picture.rgb, target, report, plan, hooks)
+            if crop is not None and crop != target:
+                from tileup.upscalers.latent import centre_crop
 
-            f = self.model.factor if self.model is not None else 1
-            rgb, latents = centre_crop(rgb, latents, target, crop, f)
-            target = crop
-            hooks = dataclasses.replace(hooks, target=target) if hooks is not None else None
-        # 3. Re-diffusion: fused (tiled VAE encode, fused sampling, tiled decode) or per-tile
-        #    redraw; then the seam-fix passes and the colour fix, when asked.
-        passes: tuple[PassCounts, ...] = ()
-        if self.model is not None and diffusion is not None:
-            rgb, passes = self._rediffuse(
-                picture, rgb, latents, target, diffusion, clock, plan, hooks
+                f = self.model.factor if self.model is not None else 1
+                rgb, latents = centre_crop(rgb, latents, target, crop, f)
+                target = crop
+                hooks = dataclasses.replace(hooks, target=target) if hooks is not None else None
+            # 3. Re-diffusion: fused (tiled VAE encode, fused sampling, tiled decode) or per-tile
+            #    redraw; then the seam-fix passes and the colour fix, when asked.
+            passes: tuple[PassCounts, ...] = ()
+            if self.model is not None and diffusion is not None:
+                rgb, passes = self._rediffuse(
+                    picture, rgb, latents, target, diffusion, clock, plan, hooks
+                )
+            assert rgb is not None
+            # 4. Alpha, upscaled separately with the same upscaler.
+            with clock.stage("alpha"):
+                alpha = self._upscale_alpha(picture.alpha, target, report, hooks)
+            # 5. Result, stats and metadata.
+            out = dataclasses.replace(
+                picture, rgb=np.ascontiguousarray(rgb), alpha=alpha, parameters=None
             )
-        assert rgb is not None
-        # 4. Alpha, upscaled separately with the same upscaler.
-        with clock.stage("alpha"):
-            alpha = self._upscale_alpha(picture.alpha, target, report, hooks)
-        # 5. Result, stats and metadata.
-        out = dataclasses.replace(
-            picture, rgb=np.ascontiguousarray(rgb), alpha=alpha, parameters=None
-        )
-        fallbacks = list(report.fallbacks) + (diffusion.fallbacks if diffusion else [])
-        seam_passes = [p for p in passes if p.name != "redraw"]
-        stats = Stats(
-            tiles=diffusion.tiles if diffusion else report.tiles,
-            pixel_tiles=report.tiles,
-            tile_steps=diffusion.tile_steps if diffusion else 0,
-            steps_per_tile=diffusion.steps_per_tile if diffusion else 0,
-            seconds=clock.seconds,
-            peak_memory_bytes=max(peak_memory(d) for d in self.devices),
-            peak_reserved_bytes=max(peak_reserved(d) for d in self.devices),
-            memory_plan={**plan.as_dict(), "cuda_allocator": self.allocator} if plan else {},
-            fallbacks=tuple(fallbacks),
-            device=",".join(str(d) for d in self.devices),
-            input_size=(width, height),
-            output_size=(target[1], target[0]),
-            passes=tuple(p.as_dict() for p in passes),
-            seam_fix_jobs=sum(p.regions for p in seam_passes),
-            seam_fix_tile_steps=sum(p.tile_steps for p in seam_passes),
-        )
-        parameters = job_parameters(
-            settings,
-            source=picture.parameters,
-            factor=target[1] / width,
-            size=target,
-            seed=diffusion.seed if diffusion else None,
-            model=self.model.info if self.model is not None else None,
-            upscaler=self.upscaler.name,
-            upscaler_architecture=self.runner.model.architecture if self.runner else None,
-        )
-        return UpscaleResult(picture=out, stats=stats, parameters=parameters)
+            fallbacks = list(report.fallbacks) + (diffusion.fallbacks if diffusion else [])
+            seam_passes = [p for p in passes if p.name != "redraw"]
+            peak_allocated, peak_reserved = job_peak.so_far()
+            if not job_peak.allocated:  # the CPU: the process's peak resident memory
+                peak_allocated = max(peak_memory(d) for d in self.devices)
+            stats = Stats(
+                tiles=diffusion.tiles if diffusion else report.tiles,
+                pixel_tiles=report.tiles,
+                tile_steps=diffusion.tile_steps if diffusion else 0,
+                steps_per_tile=diffusion.steps_per_tile if diffusion else 0,
+                seconds=clock.seconds,
+                peak_memory_bytes=peak_allocated,
+                peak_reserved_bytes=peak_reserved,
+                stage_peak_bytes=dict(clock.peak_bytes),
+                memory_plan={**plan.as_dict(), "cuda_allocator": self.allocator} if plan else {},
+                fallbacks=tuple(fallbacks),
+                device=",".join(str(d) for d in self.devices),
+                input_size=(width, height),
+                output_size=(target[1], target[0]),
+                passes=tuple(p.as_dict() for p in passes),
+                seam_fix_jobs=sum(p.regions for p in seam_passes),
+                seam_fix_tile_steps=sum(p.tile_steps for p in seam_passes),
+            )
+            parameters = job_parameters(
+                settings,
+                source=picture.parameters,
+                factor=target[1] / width,
+                size=target,
+                seed=diffusion.seed if diffusion else None,
+                model=self.model.info if self.model is not None else None,
+                upscaler=self.upscaler.name,
+                upscaler_architecture=self.runner.model.architecture if self.runner else None,
+            )
+            return UpscaleResult(picture=out, stats=stats, parameters=parameters)
 
     # -- the memory plan ----------------------------------------------------------------------
 

@@ -135,19 +135,28 @@ class StageClock:
     settle: Callable[[], None] | None = None
     """Waits for the devices' queued work (the pipeline's CUDA devices): called as each stage
     ends, so a stage's time holds its own device work, not the next stage's first wait."""
+    devices: Sequence[torch.device] = ()
+    """Devices whose peak memory each stage records (CUDA ones; see :mod:`tileup.peaks`)."""
+    peak_bytes: dict[str, int] = field(default_factory=dict)
+    """Peak bytes allocated per stage, the largest over :attr:`devices` (only with CUDA ones)."""
     _compiled_before: float = field(default_factory=COMPILING.seconds, repr=False)
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
+        from tileup import peaks
+
         if self.observer is not None:
             self.observer.stage(name)
         start = work_clock()
-        try:
-            yield
-        finally:
-            if self.settle is not None:
-                self.settle()
-            self.add(name, work_clock() - start)
+        with peaks.window(self.devices) as opened:
+            try:
+                yield
+            finally:
+                if self.settle is not None:
+                    self.settle()
+                self.add(name, work_clock() - start)
+        if opened.allocated:
+            self.peak_bytes[name] = max(self.peak_bytes.get(name, 0), opened.peak_allocated)
 
     def add(self, name: str, seconds: float) -> None:
         """``seconds`` of work (measured by :func:`work_clock`) to stage ``name``."""

@@ -23,7 +23,8 @@ class Stats:
     ``passes`` lists the per-region passes (redraw, seam fix) with their counts and seconds;
     ``seam_fix_jobs`` and ``seam_fix_tile_steps`` sum the seam-fix regions and their steps.
     ``peak_memory_bytes``/``peak_reserved_bytes``: the device's peak allocated / reserved by the
-    caching allocator (CUDA; on the CPU the process's peak RSS and 0). ``memory_plan``: where
+    caching allocator (CUDA; on the CPU the process's peak RSS and 0); ``stage_peak_bytes``: the
+    peak allocated during each stage (CUDA only; see tileup.peaks). ``memory_plan``: where
     models live, the tile batches and the VAE store the budget allowed (see tileup.memory).
     """
 
@@ -42,6 +43,7 @@ class Stats:
     seam_fix_tile_steps: int = 0
     peak_reserved_bytes: int = 0
     memory_plan: dict[str, Any] = dataclasses.field(default_factory=dict)
+    stage_peak_bytes: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready dict (sizes as [width, height])."""
@@ -51,6 +53,7 @@ class Stats:
         data["output_size"] = list(self.output_size)
         data["passes"] = [dict(p) for p in self.passes]
         data["memory_plan"] = dict(self.memory_plan)
+        data["stage_peak_bytes"] = dict(self.stage_peak_bytes)
         return data
 
 

@@ -7,8 +7,9 @@ On the full-size SD VAE architecture (random weights, bf16), prints one JSON obj
   :func:`tileup.vae.attention.sdpa` (what the tiled VAE calls; ``tileup_torch_softmax``: with
   PyTorch's ops instead of :mod:`tileup.vae.softmax`; ``tileup_keys_B_budget_2^b``: blocks of
   B keys, at most 2^b scores a chunk — B = all tokens walks whole rows, as before 2026-11-30's
-  session 16), and the fused Triton kernel (:mod:`tileup.vae.flash`) at several block sizes;
-  seconds and TFLOP/s;
+  session 16; ``tileup_budget_2^b``: the default key block, at most 2^b scores a chunk), and
+  the fused Triton kernel (:mod:`tileup.vae.flash`) at several block sizes; seconds and
+  TFLOP/s;
 - ``conv``: one 3×3 conv (128 → 128 channels, a batch of 4 tiles of 514² px) in NCHW and in
   channels-last, and the norm-activation pre-op (float32 and fused) on the same batch;
 - ``stages``: the tiled encode and decode of a ``--size`` image with the store on ``--store``,
@@ -125,10 +126,12 @@ def attention(
         "tileup_torch_softmax": _with_env(
             lambda: vae_attention.sdpa([(q, k, v)]), "TILEUP_VAE_SOFTMAX", "torch"
         ),
-        "tileup_budget_2^26": lambda: vae_attention.chunked_attention(q, k, v, 1 << 26),
-        "tileup_budget_2^28": lambda: vae_attention.chunked_attention(q, k, v, 1 << 28),
         "gemm_bf16_scores_8192": lambda: gemm_attention(q, k, v, 8192),
     }
+    for budget in (25, 26, 27, 28, 29):  # chunks of queries (default SCORES_BUDGET)
+        runs[f"tileup_budget_2^{budget}"] = functools.partial(
+            vae_attention.chunked_attention, q, k, v, 1 << budget
+        )
     for keys in (4096, 8192, 32768, 65536, tokens):  # blocks of keys (default KEY_BLOCK)
         for budget in (26, 28):
             runs[f"tileup_keys_{keys}_budget_2^{budget}"] = _with_env(

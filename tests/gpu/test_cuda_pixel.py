@@ -83,3 +83,23 @@ def test_a_redraw_canvas_comes_back_through_pinned_memory() -> None:
     rgb = _to_rgb(canvas.half())
     assert rgb.shape == (40, 56, 3) and rgb.dtype == np.float32
     np.testing.assert_array_equal(rgb, canvas.half().float().permute(1, 2, 0).cpu().numpy())
+
+
+def test_peak_windows_keep_what_the_sr_probe_resets(x4plus) -> None:
+    """The SR tile probe restarts CUDA's peak to measure its own; a window around it (a job,
+    a stage) still reports the larger peak from before, and the probe still measures."""
+    from tileup import peaks
+    from tileup.upscalers.tiled import MIN_TILE, auto_tile_size
+
+    on_gpu = copy.deepcopy(x4plus)
+    on_gpu.place(CUDA, torch.float16)
+    torch.cuda.synchronize()
+    with peaks.window([CUDA]) as outer:
+        base = torch.cuda.memory_allocated()
+        ballast = torch.empty(512 << 20, dtype=torch.uint8, device=CUDA)
+        del ballast
+        with peaks.window([CUDA]) as inner:
+            tile = auto_tile_size(on_gpu, CUDA, torch.float16)
+    assert outer.peak_allocated >= base + (512 << 20)
+    assert base < inner.peak_allocated < base + (512 << 20)  # the probe's run, not the ballast
+    assert tile > MIN_TILE and peaks._OPEN == []

@@ -21,6 +21,7 @@ import spandrel
 import torch
 import torch.nn.functional as F
 
+from tileup import peaks
 from tileup.devices import start_pinned_copy
 from tileup.tiler import Box, split_box
 from tileup.upscalers.models import SRModel, Stages
@@ -163,11 +164,10 @@ def auto_tile_size(
         budget = budget_bytes or min(GPU_BUDGET_BYTES, int(free * 0.6))
         probe = torch.rand(1, 3, _PROBE_SIZE, _PROBE_SIZE, device=device, dtype=dtype)
         torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
-        with torch.inference_mode():
+        with torch.inference_mode(), peaks.window([device]) as probed:
             (stages.trunk if stages else model.descriptor)(probe)
-        per_pixel = (torch.cuda.max_memory_allocated(device) - base) / _PROBE_SIZE**2
+        per_pixel = (probed.peak_allocated - base) / _PROBE_SIZE**2
         per_pixel += 3 * model.scale**2 * 5  # the core's float32 output and its finite mask
         if stages:
             budget = budget * 3 // 4  # the rest is the tail's

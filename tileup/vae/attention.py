@@ -31,11 +31,13 @@ __all__ = [
     "sdpa",
 ]
 
-SCORES_BUDGET = 1 << 29
-"""Most elements of one chunk of attention scores (queries × keys): 3 GiB with the
-probabilities in half precision. Every chunk of queries reads all of K and V again (1 GiB
-each at 8192² px), so larger chunks read less (at 8192² px, 128-query chunks made the attention
-~4× its FLOP time)."""
+SCORES_BUDGET = 1 << 27
+"""Most elements of one chunk of attention scores (queries × keys): 768 MiB with the
+probabilities in half precision (8192 queries over a block of keys). Every chunk of queries
+reads all of K and V again (1 GiB each at 8192² px), so smaller chunks read more; with blocks of
+keys that costs little (4096² px, blocks of 8192 keys: 0.376 s at 2^26, 0.366 s at 2^28), while
+larger chunks took up to ~85 % of the free memory and raised the job's peak (an 8192² job on an
+8 GiB card peaked at 7.6 GiB in its attention, at 2^29)."""
 
 KEY_BLOCK = 16384
 """Keys per block: a block row of float32 scores (64 KiB) stays on chip for the softmax's second

@@ -21,7 +21,7 @@ op ("staged" tiling) over all tiles at once:
   convs' zero padding at the image border exactly.
 * The mid-block self-attention is exact and global: pass 1 writes Q, K and V of every owned
   token to latent-resolution device buffers, exact attention (on CUDA two matrix products per
-  chunk of queries, float32 scores of at most 2^29 elements a chunk) gives O, written over
+  chunk of queries, float32 scores of at most 2^27 elements a chunk) gives O, written over
   Q, and pass 2 applies the output projection and residual per tile. Q, K and V take 3·C·h·w
   values on the device (768 MiB in fp16 for a 4096² SD image, C = 512); once done, a memory
   plan's device store takes their room.
