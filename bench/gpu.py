@@ -1230,6 +1230,7 @@ def markdown(data: dict[str, Any]) -> str:
                 f"| {_fmt(e.get('peak_reserved_gib'))} | {_fmt(e.get('max_abs_diff_255'), 'd')} "
                 f"| {'–' if frac is None else f'{100 * frac:.3f} %'} | {_short(e.get('error'))} |"
             )
+    lines += _stage_peak_lines(data, sweep)
     lines += ["", "## Goals (issue 11; computed from the entries above)", ""]
     lines += ["| goal | figures (commit) | met |", "|---|---|---|"]
     marks = {True: "yes", False: "no", None: "–"}
@@ -1244,6 +1245,25 @@ def markdown(data: dict[str, Any]) -> str:
         lines += ["", "Notes (written by hand into `gpu.json`'s `notes`):", ""]
         lines += [f"- {note}" for note in notes]
     return "\n".join(lines) + "\n"
+
+
+def _stage_peak_lines(data: dict[str, Any], sweep: list[dict[str, Any]]) -> list[str]:
+    """A table of each entry's peak allocated per stage (entries that recorded them)."""
+    rows = [(name, data[name].get("card"), data[name]) for name in JOBS if name in data]
+    for e in sweep:
+        card = "whole GPU" if e.get("whole_gpu") else f"{e.get('vram_gib'):g} GiB"
+        rows.append((f"sweep, {e['mode']}", card, e))
+    rows = [row for row in rows if isinstance(row[2], dict) and row[2].get("stage_peak_gib")]
+    if not rows:
+        return []
+    lines = ["", "## Peak allocated per stage (GiB, ballast taken off)", ""]
+    lines += ["| entry | card | commit | stages |", "|---|---|---|---|"]
+    for name, card, e in rows:
+        peaks = " · ".join(
+            f"{STAGE_NAMES.get(k, k)} {v:.2f}" for k, v in e["stage_peak_gib"].items()
+        )
+        lines.append(f"| {name} | {card} | {e.get('commit')} | {peaks} |")
+    return lines
 
 
 def _git_commit(override: str | None) -> str:

@@ -86,6 +86,26 @@ def test_missing_entries_are_not_measured_and_the_markdown_has_the_table() -> No
     assert row in text
 
 
+def test_the_markdown_lists_each_entrys_stage_peaks() -> None:
+    data = _data()
+    assert "Peak allocated per stage" not in markdown(data)  # no entry recorded them
+    data["print_8k"].update(card="8 GiB", commit="c2")
+    data["print_8k"]["stage_peak_gib"] = {"vae_encode": 7.275, "diffusion": 5.8}
+    data["vram_sweep"] = [
+        {"vram_gib": 4.0, "mode": "redraw", "seconds": 20.0, "peak_allocated_gib": 2.9},
+        {"vram_gib": 139.1, "whole_gpu": True, "mode": "fused", "seconds": 9.0},
+    ]
+    data["vram_sweep"][1]["peak_allocated_gib"] = 21.7
+    for e in data["vram_sweep"]:
+        e["commit"] = "c2"
+    data["vram_sweep"][0]["stage_peak_gib"] = {"redraw": 2.5, "seam_fix": 2.25}
+    data["vram_sweep"][1]["stage_peak_gib"] = {"vae_decode": 21.7}
+    text = markdown(data)
+    assert "| print_8k | 8 GiB | c2 | enc 7.28 · diff 5.80 |" in text
+    assert "| sweep, redraw | 4 GiB | c2 | redraw 2.50 · seam 2.25 |" in text
+    assert "| sweep, fused | whole GPU | c2 | dec 21.70 |" in text
+
+
 def test_idle_gaps_merge_overlapping_events_and_rank_the_gaps() -> None:
     spans = {
         0: [(0.0, 0.001, "conv"), (0.003, 0.004, "gemm"), (0.0035, 0.005, "copy")],

@@ -690,7 +690,10 @@ class Upscaler:
             if not self._graphs_stay(plan):
                 model.release_graphs()  # their memory pool
             for p in counts:
-                clock.add("redraw" if p.name == "redraw" else "seam_fix", p.seconds)
+                name = "redraw" if p.name == "redraw" else "seam_fix"
+                clock.add(name, p.seconds)
+                if p.peak_bytes:
+                    clock.peak_bytes[name] = max(clock.peak_bytes.get(name, 0), p.peak_bytes)
         if s.color_fix != "none":
             from tileup.seams.colorfix import color_fix
             from tileup.upscalers.resample import resample

@@ -156,6 +156,30 @@ def test_a_second_job_replays_the_first_jobs_graphs(tiny, tmp_path) -> None:
     second = engine(photo)
     assert unet.captures == captures and unet.replays > replays
     assert np.array_equal(first.picture.rgb, second.picture.rgb)
+    stats = second.stats  # each stage's peak, none above the job's
+    assert {"pixel_upscale", "vae_encode", "diffusion", "vae_decode"} <= set(stats.stage_peak_bytes)
+    assert 0 < max(stats.stage_peak_bytes.values()) <= stats.peak_memory_bytes
+    assert stats.peak_memory_bytes <= stats.peak_reserved_bytes
+
+
+def test_a_redraw_job_reports_its_passes_peaks(tiny, tmp_path) -> None:
+    import numpy as np
+    from sd_fixtures import save_single_file
+
+    from tileup.pipeline import Upscaler
+    from tileup.settings import UpscaleSettings
+
+    checkpoint = save_single_file(tiny, tmp_path / "sd1.safetensors", "sd1")
+    settings = UpscaleSettings(
+        checkpoint=str(checkpoint), upscaler="lanczos", scale=2.0, tile=64, steps=4,
+        denoise=0.5, prompt="a photo", seed=3, device="cuda", mode="redraw", seam_fix="band",
+    )  # fmt: skip
+    photo = (np.random.default_rng(0).random((64, 96, 3)) * 255).astype(np.uint8)
+    stats = Upscaler(settings)(photo).stats
+    peaks = stats.stage_peak_bytes
+    assert peaks["redraw"] > 0 and peaks["seam_fix"] > 0
+    assert max(peaks.values()) <= stats.peak_memory_bytes
+    assert all(p["peak_bytes"] > 0 for p in stats.passes)
 
 
 @torch.inference_mode()

@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from tileup import peaks
 from tileup.devices import on_device, to_hwc, to_pinned_host
 from tileup.modes.model import DiffusionModel, DiffusionReport
 from tileup.modes.regions import Region, context_crop, crop_masks, seam_fix_passes, tile_regions
@@ -97,7 +98,8 @@ class PassCounts:
     """What one pass did: regions, UNet batches, steps each, region-steps, UNet forward calls.
 
     ``skipped`` is True for a pass with denoise 0 (nothing encoded, nothing changed);
-    ``seconds`` its wall time (filled by :func:`run_passes`, not compared).
+    ``seconds`` its wall time and ``peak_bytes`` the peak allocated on its CUDA devices while it
+    ran (filled by :func:`run_passes`, not compared; 0 off CUDA).
     """
 
     name: str
@@ -109,6 +111,7 @@ class PassCounts:
     denoise: float
     skipped: bool = False
     seconds: float = field(default=0.0, compare=False)
+    peak_bytes: int = field(default=0, compare=False)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -537,28 +540,31 @@ def run_passes(
     ``on_regions(name, boxes)`` sees the pass's name and the boxes of each batch of regions
     before it runs; ``on_pasted`` the canvas after each batch (see :func:`redraw_regions`)."""
     counts = []
+    devices = [canvas.device, *(lane.device for lane in model.lanes)]
     for p in passes:
         start = work_clock()  # compilation (torch.compile) is reported apart
         on_batch = None if on_regions is None else _batch_boxes(on_regions, p)
-        canvas, c = redraw_regions(
-            model,
-            canvas,
-            p.regions,
-            denoise=p.denoise,
-            padding=p.padding,
-            mask_blur=p.mask_blur,
-            seed=seed,
-            pass_index=p.index,
-            max_batch=max_batch,
-            name=p.name,
-            fallbacks=fallbacks,
-            on_tiles=on_tiles,
-            on_batch=on_batch,
-            on_pasted=on_pasted,
-        )
-        if canvas.device.type == "cuda":
-            torch.cuda.synchronize(canvas.device)
-        counts.append(replace(c, seconds=round(work_clock() - start, 4)))
+        with peaks.window(devices) as opened:
+            canvas, c = redraw_regions(
+                model,
+                canvas,
+                p.regions,
+                denoise=p.denoise,
+                padding=p.padding,
+                mask_blur=p.mask_blur,
+                seed=seed,
+                pass_index=p.index,
+                max_batch=max_batch,
+                name=p.name,
+                fallbacks=fallbacks,
+                on_tiles=on_tiles,
+                on_batch=on_batch,
+                on_pasted=on_pasted,
+            )
+            if canvas.device.type == "cuda":
+                torch.cuda.synchronize(canvas.device)
+        seconds = round(work_clock() - start, 4)
+        counts.append(replace(c, seconds=seconds, peak_bytes=opened.peak_allocated))
     return canvas, tuple(counts)
 
 
