@@ -171,7 +171,7 @@ def test_a_redraw_job_reports_its_passes_peaks(tiny, tmp_path) -> None:
 
     checkpoint = save_single_file(tiny, tmp_path / "sd1.safetensors", "sd1")
     settings = UpscaleSettings(
-        checkpoint=str(checkpoint), upscaler="lanczos", scale=2.0, tile=64, steps=4,
+        checkpoint=str(checkpoint), upscaler="lanczos", scale=2.0, tile=64, overlap=16, steps=4,
         denoise=0.5, prompt="a photo", seed=3, device="cuda", mode="redraw", seam_fix="band",
     )  # fmt: skip
     photo = (np.random.default_rng(0).random((64, 96, 3)) * 255).astype(np.uint8)
