@@ -154,6 +154,9 @@ def test_tiled_second_pass_and_no_hires_fix(checkpoints, monkeypatch) -> None:
     (plain,) = tileup.generate(**_settings(checkpoints["a"], hires_fix=False))
     assert plain.final.image.size == (64, 64) and calls.calls_at((16, 16)) == []
     assert "Hires upscale" not in plain.final.parameters
+    stats = plain.final.stats  # the first pass's own stats: the process's peak on the CPU
+    assert stats.peak_memory_bytes > 0 and stats.stage_peak_bytes == {}
+    assert set(stats.seconds) == {"diffusion", "vae_decode"}
 
 
 def test_cli_batch_names_first_pass_and_metadata_round_trip(

@@ -316,16 +316,18 @@ class Upscaler:
 
     def txt2img(
         self, height: int, width: int, seed: int, *, observer: Observer | None = None
-    ) -> tuple[torch.Tensor, np.ndarray, DiffusionReport, dict[str, float]]:
+    ) -> tuple[torch.Tensor, np.ndarray, DiffusionReport, StageClock]:
         """A first pass from pure noise (denoise 1) at ``height``×``width`` with this engine's
         model, sampling options and prompts, fused and tiled like any canvas (one tile at the
         model's native size). Returns the scaled latents, the decoded RGB, the report and the
-        seconds per stage. ``observer`` sees the stages ``first_pass`` and ``vae_decode``, every
-        model evaluation (advance, tiles, latent preview) and may cancel (see Observer)."""
+        stage clock (seconds and, on CUDA, peak bytes per stage). ``observer`` sees the stages
+        ``first_pass`` and ``vae_decode``, every model evaluation (advance, tiles, latent
+        preview) and may cancel (see Observer)."""
         from tileup.modes.fused import sample_fused
         from tileup.modes.model import DiffusionReport
 
-        model, clock = self.model, StageClock(settle=self._settle)
+        model = self.model
+        clock = StageClock(settle=self._settle, devices=self.devices)
         if model is None:
             raise SettingsError("txt2img needs --checkpoint")
         report = DiffusionReport(seed=seed)
@@ -352,7 +354,7 @@ class Upscaler:
                 hooks.observer.stage("vae_decode")
             self._place(plan, "vae")
             rgb = model.vae.decode_canvas(latents, report.fallbacks, self._vae_options(plan))
-        return latents, rgb[:height, :width], report, clock.seconds
+        return latents, rgb[:height, :width], report, clock
 
     def from_latents(
         self,

@@ -265,20 +265,26 @@ class Generator:
     def generate_one(self, seed: int, observer: Observer | None = None) -> Generated:
         """One image with ``seed``: the first pass, then the hires pass when enabled.
         ``observer`` watches both passes and may cancel either (see Observer)."""
+        from tileup import peaks
+        from tileup.devices import peak_memory
         from tileup.imageio import Picture
         from tileup.result import Stats, UpscaleResult
 
         s, first_model = self.settings, self.first.model
         assert first_model is not None
         height, width = self.native_size()
-        with self.first.using(seed=seed):  # the first pass's sampling and prompts on the model
-            latents, rgb, report, seconds = self.first.txt2img(
-                height, width, seed, observer=observer
-            )
+        with (
+            self.first.using(seed=seed),  # the first pass's sampling and prompts on the model
+            peaks.window(self.first.devices) as first_peak,
+        ):
+            latents, rgb, report, clock = self.first.txt2img(height, width, seed, observer=observer)
         picture = Picture(rgb=rgb, alpha=None, bit_depth=8)
         stats = Stats(
             tiles=report.tiles, pixel_tiles=0, tile_steps=report.tile_steps,
-            steps_per_tile=report.steps_per_tile, seconds=seconds, peak_memory_bytes=0,
+            steps_per_tile=report.steps_per_tile, seconds=clock.seconds,
+            peak_memory_bytes=first_peak.peak_allocated or peak_memory(self.first.device),
+            peak_reserved_bytes=first_peak.peak_reserved,
+            stage_peak_bytes=dict(clock.peak_bytes),
             fallbacks=tuple(report.fallbacks), device=str(self.first.device),
             input_size=(width, height), output_size=(width, height),
         )  # fmt: skip
