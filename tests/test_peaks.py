@@ -115,3 +115,19 @@ def test_stage_clock_without_cuda_records_no_peaks(device: Counters) -> None:
     with clock.stage("pixel_upscale"):
         device.allocate(0, MIB)
     assert clock.peak_bytes == {} and "pixel_upscale" in clock.seconds
+
+
+def test_passes_timed_elsewhere_add_their_seconds_and_the_larger_peak() -> None:
+    clock = StageClock()
+    clock.add("redraw", 1.25, 300 * MIB)
+    clock.add("redraw", 0.5, 200 * MIB)  # a second pass of the same stage
+    clock.add("seam_fix", 0.25)  # not measured (off CUDA)
+    assert clock.seconds == {"redraw": 1.75, "seam_fix": 0.25}
+    assert clock.peak_bytes == {"redraw": 300 * MIB}
+
+
+def test_a_window_over_no_cuda_device_reads_the_process_peak() -> None:
+    with peaks.window([torch.device("cpu")]) as opened:
+        data = bytearray(64 * MIB)
+    allocated, reserved = opened.so_far()
+    assert allocated >= len(data) and reserved == 0

@@ -9,6 +9,7 @@ windows of all), guarded by one lock.
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -48,8 +49,11 @@ class PeakWindow:
         return max(self.reserved.values(), default=0)
 
     def so_far(self) -> tuple[int, int]:
-        """The largest peaks allocated and reserved over the window's devices until now (for a
-        window still open)."""
+        """The largest peaks allocated and reserved over the window's devices until now (a
+        window still open reads the devices again); over no CUDA device, the process's peak
+        resident memory and 0."""
+        if not self.allocated:
+            return process_peak(), 0
         allocated, reserved = 0, 0
         for index in self.allocated:
             now = _read(index)
@@ -62,6 +66,16 @@ class PeakWindow:
             allocated, reserved = _read(index)
             self.allocated[index] = max(self.allocated[index], allocated)
             self.reserved[index] = max(self.reserved[index], reserved)
+
+
+def process_peak() -> int:
+    """This process's peak resident memory in bytes (0 where the platform does not say)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return 0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
 def cuda_indices(devices: Iterable[torch.device]) -> tuple[int, ...]:

@@ -25,7 +25,6 @@ from tileup.choices import CHECKPOINT_ENV
 from tileup.devices import (
     cuda_allocator_for,
     module_bytes,
-    peak_memory,
     resolve_devices,
     sr_dtype,
 )
@@ -462,8 +461,6 @@ class Upscaler:
             fallbacks = list(report.fallbacks) + (diffusion.fallbacks if diffusion else [])
             seam_passes = [p for p in passes if p.name != "redraw"]
             peak_allocated, peak_reserved = job_peak.so_far()
-            if not job_peak.allocated:  # the CPU: the process's peak resident memory
-                peak_allocated = max(peak_memory(d) for d in self.devices)
             stats = Stats(
                 tiles=diffusion.tiles if diffusion else report.tiles,
                 pixel_tiles=report.tiles,
@@ -692,10 +689,7 @@ class Upscaler:
             if not self._graphs_stay(plan):
                 model.release_graphs()  # their memory pool
             for p in counts:
-                name = "redraw" if p.name == "redraw" else "seam_fix"
-                clock.add(name, p.seconds)
-                if p.peak_bytes:
-                    clock.peak_bytes[name] = max(clock.peak_bytes.get(name, 0), p.peak_bytes)
+                clock.add("redraw" if p.name == "redraw" else "seam_fix", p.seconds, p.peak_bytes)
         if s.color_fix != "none":
             from tileup.seams.colorfix import color_fix
             from tileup.upscalers.resample import resample

@@ -155,12 +155,14 @@ class StageClock:
                 if self.settle is not None:
                     self.settle()
                 self.add(name, work_clock() - start)
-        if opened.allocated:
-            self.peak_bytes[name] = max(self.peak_bytes.get(name, 0), opened.peak_allocated)
+        self.add(name, 0.0, opened.peak_allocated)
 
-    def add(self, name: str, seconds: float) -> None:
-        """``seconds`` of work (measured by :func:`work_clock`) to stage ``name``."""
+    def add(self, name: str, seconds: float, peak_bytes: int = 0) -> None:
+        """``seconds`` of work (measured by :func:`work_clock`) to stage ``name``, and the peak
+        bytes allocated while it ran (0: not measured, off CUDA), the larger one kept."""
         self.seconds[name] = round(self.seconds.get(name, 0.0) + seconds, 4)
+        if peak_bytes:
+            self.peak_bytes[name] = max(self.peak_bytes.get(name, 0), peak_bytes)
         compiled = COMPILING.seconds() - self._compiled_before
         if compiled > 0:
             self.seconds["compile"] = round(compiled, 4)

@@ -266,7 +266,6 @@ class Generator:
         """One image with ``seed``: the first pass, then the hires pass when enabled.
         ``observer`` watches both passes and may cancel either (see Observer)."""
         from tileup import peaks
-        from tileup.devices import peak_memory
         from tileup.imageio import Picture
         from tileup.result import Stats, UpscaleResult
 
@@ -279,11 +278,11 @@ class Generator:
         ):
             latents, rgb, report, clock = self.first.txt2img(height, width, seed, observer=observer)
         picture = Picture(rgb=rgb, alpha=None, bit_depth=8)
+        peak_allocated, peak_reserved = first_peak.so_far()
         stats = Stats(
             tiles=report.tiles, pixel_tiles=0, tile_steps=report.tile_steps,
             steps_per_tile=report.steps_per_tile, seconds=clock.seconds,
-            peak_memory_bytes=first_peak.peak_allocated or peak_memory(self.first.device),
-            peak_reserved_bytes=first_peak.peak_reserved,
+            peak_memory_bytes=peak_allocated, peak_reserved_bytes=peak_reserved,
             stage_peak_bytes=dict(clock.peak_bytes),
             fallbacks=tuple(report.fallbacks), device=str(self.first.device),
             input_size=(width, height), output_size=(width, height),
