@@ -408,10 +408,8 @@ class Upscaler:
 
         with peaks.window(self.devices) as job_peak:
             picture = as_picture(image, self.settings.max_pixels)
-            settings, clock = (
-                self.settings,
-                StageClock(observer=observer, settle=self._settle, devices=self.devices),
-            )
+            settings = self.settings
+            clock = StageClock(observer=observer, settle=self._settle, devices=self.devices)
             report = RunReport(fallbacks=list(self.load_fallbacks))
             # 1. Plan the output size.
             height, width = picture.height, picture.width
