@@ -9,11 +9,14 @@ from tileup.devices import StreamedBlocks
 from tileup.memory import (
     GIB,
     MIB,
+    RESERVE_BYTES,
     JobShape,
     MemoryBudgetError,
     ModelSizes,
     graphs_may_stay,
     plan_memory,
+    vae_fixed_bytes,
+    vae_tile_bytes,
 )
 from tileup.modes.fused import FusedDenoiser
 from tileup.sampling.conditioning import Conditioning
@@ -22,6 +25,7 @@ from tileup.tiler import plan_grid
 SD15 = ModelSizes(unet=int(1.72 * GIB), vae=int(0.5 * GIB), unet_block=int(0.25 * GIB), sr=70 * MIB)
 SDXL = ModelSizes(unet=int(5.14 * GIB), vae=int(0.5 * GIB), unet_block=int(0.6 * GIB), sr=70 * MIB)
 K4 = JobShape(4096, 4096, 512, True, 512, 81)
+K8 = JobShape(8192, 8192, 512, True, 512, 361)
 
 
 def test_a_big_card_keeps_everything_on_the_device() -> None:
@@ -68,12 +72,31 @@ def test_small_cards_park_the_unet_and_tiny_ones_stream_it() -> None:
 
 
 def test_too_small_a_budget_names_the_smallest_that_works() -> None:
-    with pytest.raises(MemoryBudgetError, match=r"at least 2\.\d\d GiB \(--vram\)"):
+    with pytest.raises(MemoryBudgetError, match=r"at least 1\.50 GiB \(--vram\)"):
         plan_memory(1 * GIB, SD15, K4, low_vram=False)
     minimum = plan_memory(8 * GIB, SD15, K4, low_vram=False).minimum_bytes
     plan_memory(minimum, SD15, K4, low_vram=False)  # the minimum itself works
-    print8k = plan_memory(16 * GIB, SD15, JobShape(8192, 8192, 512, True, 512, 289), low_vram=False)
-    assert print8k.minimum_bytes > minimum  # the VAE's global attention grows with the canvas
+    print8k = plan_memory(16 * GIB, SD15, K8, low_vram=False)
+    # the VAE's global attention grows with the canvas, but may wait on the host
+    assert print8k.minimum_bytes == minimum
+    plan_memory(minimum, SD15, K8, low_vram=False)
+
+
+def test_the_vae_attention_waits_on_the_host_only_where_it_cannot_fit() -> None:
+    """Q, K and V (3 GiB at 8192², 0.75 GiB at 4096²) stay on the device wherever the VAE with
+    one tile holds them; else they wait on the host and the VAE's room on the device no longer
+    counts them."""
+    for gib, shape in ((8, K4), (2.5, K4), (8, K8), (5, K8)):
+        plan = plan_memory(int(gib * GIB), SD15, shape, low_vram=False)
+        assert not plan.vae_attention_on_host and plan.as_dict()["vae_attention_on_host"] is False
+    for gib, shape in ((2, K4), (4, K8), (2, K8)):
+        plan = plan_memory(int(gib * GIB), SD15, shape, low_vram=False)
+        assert plan.vae_attention_on_host
+        room = plan.budget_bytes - RESERVE_BYTES - SD15.vae
+        assert vae_fixed_bytes(shape) + vae_tile_bytes(shape) > room  # they could not fit
+        assert plan.vae_work_bytes <= room  # one tile batch and the store do
+    assert plan_memory(2 * GIB, SD15, K8, low_vram=True).vae_attention_on_host
+    assert not plan_memory(80 * GIB, SD15, K8, low_vram=True).vae_attention_on_host
 
 
 def test_low_vram_is_the_smallest_plan_whatever_the_budget() -> None:

@@ -8,7 +8,9 @@ the canvas; its :class:`MemoryPlan` tells the pipeline
   and the SR model run (``swap_unet``), or is streamed block by block (``offload_unet``: it
   does not fit even alone);
 - the UNet tile batch, the VAE tile batch, and how many bytes the tiled VAE may keep its
-  full-size activations in on the device (the rest wait on the host);
+  full-size activations in on the device (the rest wait on the host), and whether its global
+  attention's Q, K and V fit on the device at all (else they wait on the host: the smallest
+  budget then no longer grows with the canvas);
 - the SR model's activation budget;
 - whether the UNet's CUDA graphs may stay through the VAE stages (:func:`graphs_may_stay`).
 
@@ -45,6 +47,10 @@ VAE_SCORES_BYTES = 6 << 24
 """A small chunk of VAE attention scores (2^24 float32 scores and their bf16 probabilities);
 the attention takes larger chunks, up to 2^27 scores, as far as ~85 % of the free memory holds
 them."""
+
+VAE_HOST_ATTENTION_BYTES = VAE_SCORES_BYTES + 64 * MIB
+"""Device bytes of the VAE attention while its Q, K and V wait on the host: a small chunk of
+scores, and the chunk of queries, its output and a block of keys and values copied in."""
 
 VAE_STORE_BYTES_PER_PX = 1024
 """Peak bytes per output pixel of the tiled VAE's full-size activations ((256 + 2·128) channels
@@ -102,6 +108,10 @@ class MemoryPlan:
     vae_store_bytes: int
     sr_bytes: int
     redraw_batch: int = 1
+    vae_attention_on_host: bool = False
+    """The VAE mid-block attention's Q, K and V wait on the host, copied in a chunk of queries
+    or a block of keys at a time: they do not fit beside the VAE and one tile (a large canvas
+    on a small budget). With them there, the smallest budget no longer grows with the canvas."""
     vae_work_bytes: int = 0
     """Device bytes a tiled VAE stage takes beside the models: its attention buffers, a tile
     batch (or a chunk of scores) and its activation store, as far as the store fits."""
@@ -137,7 +147,8 @@ def unet_tile_bytes(shape: JobShape) -> int:
 
 
 def vae_fixed_bytes(shape: JobShape) -> int:
-    """Device bytes the tiled VAE needs whatever its batch: the global attention buffers."""
+    """Device bytes the tiled VAE needs whatever its batch: the global attention buffers (unless
+    the plan keeps them on the host: :attr:`MemoryPlan.vae_attention_on_host`)."""
     cells = (shape.canvas_height // shape.vae_factor) * (shape.canvas_width // shape.vae_factor)
     return cells * VAE_ATTENTION_BYTES_PER_CELL
 
@@ -170,13 +181,19 @@ def plan_memory(budget: int, sizes: ModelSizes, shape: JobShape, *, low_vram: bo
     """
     free = budget - RESERVE_BYTES
     tile, vae_tile = unet_tile_bytes(shape), vae_tile_bytes(shape)
-    vae_need = sizes.vae + vae_fixed_bytes(shape) + max(vae_tile, vae_scores_bytes(shape))
+    fixed, scores = vae_fixed_bytes(shape), vae_scores_bytes(shape)
+    vae_need = sizes.vae + fixed + max(vae_tile, scores)
+    # the VAE with one tile and the attention's buffers on the host (never more than vae_need)
+    host_need = sizes.vae + max(vae_tile, min(fixed + scores, VAE_HOST_ATTENTION_BYTES))
+    attention_on_host = vae_need > free  # not even the smallest VAE plan holds them
+    if attention_on_host:
+        fixed, vae_need = 0, host_need
     stream_need = sizes.unet_block + tile
     crop = redraw_crop_bytes(shape) if shape.redraw else 0
     # the smallest plan: UNet streamed block by block, one tile, VAE alone with one tile; a
     # redraw pass needs the UNet (streamed) and the VAE together, with one crop
     minimum = RESERVE_BYTES + max(
-        stream_need + sizes.vae, vae_need, sizes.sr + 64 * MIB, sizes.unet_block + sizes.vae + crop
+        stream_need + sizes.vae, host_need, sizes.sr + 64 * MIB, sizes.unet_block + sizes.vae + crop
     )
     if budget < minimum:
         raise MemoryBudgetError(
@@ -185,7 +202,7 @@ def plan_memory(budget: int, sizes: ModelSizes, shape: JobShape, *, low_vram: bo
             "--tile/--vae-tile or a smaller output"
         )
     if low_vram:
-        return MemoryPlan(budget, minimum, True, True, 1, 1, 0, 64 * MIB, 1)
+        return MemoryPlan(budget, minimum, True, True, 1, 1, 0, 64 * MIB, 1, attention_on_host)
     offload = sizes.unet + sizes.vae + tile > free
     resident_unet = 0 if offload else sizes.unet
     # the UNet stays on the device while the VAE runs only when the VAE's whole activation
@@ -194,7 +211,7 @@ def plan_memory(budget: int, sizes: ModelSizes, shape: JobShape, *, low_vram: bo
     swap = offload or resident_unet + vae_need + store_need > free
     unet_room = free - (stream_need if offload else sizes.unet) - (0 if swap else sizes.vae)
     unet_batch = max(1, min(MAX_UNET_BATCH, shape.tiles, unet_room // tile))
-    vae_room = free - sizes.vae - vae_fixed_bytes(shape) - (0 if swap else resident_unet)
+    vae_room = free - sizes.vae - fixed - (0 if swap else resident_unet)
     # half the room for the tile batch: a larger store (a quarter for the batch) made the 8 GiB
     # card's 4K encode slower (16.1 → 16.7 s, 676f441): a 4 GiB canvas then fit the store but
     # not the allocator's fragments, and the greedy placement recomputed what came after it
@@ -204,8 +221,17 @@ def plan_memory(budget: int, sizes: ModelSizes, shape: JobShape, *, low_vram: bo
     sr = max(64 * MIB, min(SR_MAX_BYTES, sr_room))
     redraw_room = free - (sizes.unet_block if offload else sizes.unet) - sizes.vae
     redraw_batch = max(1, min(MAX_UNET_BATCH, redraw_room // max(crop, 1))) if crop else 1
-    work = vae_fixed_bytes(shape) + max(vae_batch * vae_tile, vae_scores_bytes(shape))
-    work += min(store, store_need)
+    work = fixed + max(vae_batch * vae_tile, scores) + min(store, store_need)
     return MemoryPlan(
-        budget, minimum, swap, offload, unet_batch, vae_batch, store, sr, redraw_batch, work
+        budget,
+        minimum,
+        swap,
+        offload,
+        unet_batch,
+        vae_batch,
+        store,
+        sr,
+        redraw_batch,
+        attention_on_host,
+        work,
     )

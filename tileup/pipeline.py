@@ -552,7 +552,12 @@ class Upscaler:
         options = dataclasses.replace(self.model.vae.options, lanes=lanes)
         if plan is None:
             return options
-        return dataclasses.replace(options, batch=plan.vae_batch, store_bytes=plan.vae_store_bytes)
+        return dataclasses.replace(
+            options,
+            batch=plan.vae_batch,
+            store_bytes=plan.vae_store_bytes,
+            attention_on_host=plan.vae_attention_on_host,
+        )
 
     def _new_report(self) -> DiffusionReport | None:
         if self.model is None:

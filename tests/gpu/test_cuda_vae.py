@@ -293,6 +293,31 @@ def test_attention_buffers_the_device_cannot_hold_wait_on_the_host(
     assert cap is not None and eng.store_cap == cap + held * 1920 * 128 * 2
 
 
+def test_a_plan_with_no_room_for_the_attention_keeps_it_on_the_host(
+    vae, latents, image, monkeypatch
+) -> None:
+    """``attention_on_host`` (a memory plan's smallest budgets for a large canvas): Q, K and V
+    made on the host from the start, nothing noted, the same bytes as on the device, and the
+    store's cap unchanged by them."""
+    monkeypatch.setenv("TILEUP_VAE_KEY_BLOCK", "512")
+    kw = {"batch": 3, "dtype": torch.bfloat16, "store": "device", "store_limit": 1 << 30}
+    engines: list[tuple[StagedEngine, int | None]] = []
+    original = StagedEngine.__init__
+
+    def recording(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        engines.append((self, self.store_cap))
+
+    expected = tiled_decode(vae, latents, tile=16, **kw)
+    z_expected = tiled_encode(vae, image, tile=128, **kw)
+    monkeypatch.setattr(StagedEngine, "__init__", recording)
+    notes: list[str] = []
+    got = tiled_decode(vae, latents, tile=16, notes=notes, attention_on_host=True, **kw)
+    z = tiled_encode(vae, image, tile=128, notes=notes, attention_on_host=True, **kw)
+    assert notes == [] and torch.equal(got, expected) and torch.equal(z, z_expected)
+    assert all(eng.attention_on_host and eng.store_cap == cap for eng, cap in engines)
+
+
 def test_fused_attention_kernel_is_as_close_as_pytorchs_on_the_gpu(monkeypatch) -> None:
     """tileup.vae.flash in bf16 on the GPU (opt-in: measured slower than the chunked GEMMs,
     176 against 239 TFLOP/s at 4096², H200, 2026-11-30): as close to the float64 truth as

@@ -492,14 +492,24 @@ def test_attention_buffers_the_device_cannot_hold_go_to_the_host(monkeypatch) ->
             raise torch.OutOfMemoryError("fragmented")
         return real_empty(shape, dtype=dtype, device=device)
 
+    cpu = torch.device("cpu")
+    eng = StagedEngine(vae_grid(8, 8, 8), cpu, torch.float32, cpu, 1)
     monkeypatch.setattr(torch, "empty", refusing)
-    notes: list[str] = []
-    q, k, v = tv._attention_buffers((1, 2, 6, 4), torch.bfloat16, torch.device("meta"), notes)
+    q, k, v = tv._attention_buffers((1, 2, 6, 4), torch.bfloat16, torch.device("meta"), eng)
     monkeypatch.setattr(torch, "empty", real_empty)
     assert asked == ["meta", "cpu", "meta", "meta", "cpu"]
     assert (q.device.type, k.device.type, v.device.type) == ("cpu", "cpu", "meta")
     assert all(t.shape == (1, 2, 6, 4) and t.dtype == torch.bfloat16 for t in (q, k, v))
-    assert notes == [
+    assert eng.notes == [
         "VAE out of memory: the attention's K on the host",
         "VAE out of memory: the attention's Q on the host",
     ]
+    # a plan with no room for them: all three on the host from the start, nothing refused
+    eng = StagedEngine(vae_grid(8, 8, 8), cpu, torch.float32, cpu, 1)
+    eng.attention_on_host = True
+    asked.clear()
+    monkeypatch.setattr(torch, "empty", refusing)
+    buffers = tv._attention_buffers((1, 2, 6, 4), torch.bfloat16, torch.device("meta"), eng)
+    monkeypatch.setattr(torch, "empty", real_empty)
+    assert asked == ["cpu"] * 3 and [t.device.type for t in buffers] == ["cpu"] * 3
+    assert eng.notes == []

@@ -263,6 +263,9 @@ class StagedEngine:
         (its statistics only) and is recomputed from its inputs, crop by crop, wherever a later
         stage reads it (up to :data:`MAX_CHAIN` stages deep). None: on CUDA (a host round trip of
         a canvas costs more than recomputing several convs); True: every chainable stage."""
+        self.attention_on_host = False
+        """Whether the mid-block attention keeps its Q, K and V on the host from the start (a
+        memory plan with no room for them; else each goes there only when it does not fit)."""
         self.finite: list[torch.Tensor] = []
         """Device flags: whether each GroupNorm's statistics were finite (:meth:`affine`), read
         once at the end of a pass (:meth:`all_finite`) instead of one host wait a norm."""

@@ -38,6 +38,9 @@ class VaeOptions:
     the host); None: ``store`` decides."""
     lanes: tuple[VaeRunner, ...] = ()
     """Runners of copies on other devices that take turns with the tiled VAE's tile batches."""
+    attention_on_host: bool = False
+    """The tiled VAE's mid-block attention keeps Q, K and V on the host (a memory plan's
+    :attr:`tileup.memory.MemoryPlan.vae_attention_on_host`)."""
     compile: bool = False
     """Run crops (redraw regions) one at a time through a ``torch.compile``-d VAE
     (:func:`tileup.sampling.compiled.compile_module`: one compilation per crop size; a dynamic
@@ -154,6 +157,7 @@ class VaeRunner:
                 notes=notes,
                 lanes=self._lane_args(o.lanes, dtype),
                 unit_range=True,
+                attention_on_host=o.attention_on_host,
             )
 
         return self._guarded(run, notes) * self.scale
@@ -179,6 +183,7 @@ class VaeRunner:
                 notes=notes,
                 lanes=self._lane_args(o.lanes, dtype),
                 unit_range=True,
+                attention_on_host=o.attention_on_host,
             )
 
         return hwc_view(self._guarded(run, notes)[0]).numpy()

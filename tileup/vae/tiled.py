@@ -24,7 +24,8 @@ op ("staged" tiling) over all tiles at once:
   chunk of queries, float32 scores of at most 2^27 elements a chunk) gives O, written over
   Q, and pass 2 applies the output projection and residual per tile. Q, K and V take 3·C·h·w
   values on the device (768 MiB in fp16 for a 4096² SD image, C = 512); once done, a memory
-  plan's device store takes their room.
+  plan's device store takes their room. A plan with no room for them keeps them on the host
+  (``attention_on_host``), copied in a chunk of queries or a block of keys at a time.
 
 Device memory is bounded by one batch of tiles plus those latent-resolution buffers. The
 canvases on ``store`` hold up to three activations at once; the peak is at full resolution:
@@ -241,7 +242,7 @@ def _attention(eng: StagedEngine, x: Canvas, attn: Attention) -> Canvas:
     lanes = range(len(eng.lanes))
     devices = [lane.device or eng.device for lane in eng.lanes]
     qkv = [  # per lane, Q, K and V (1×heads×(h·w)×d) on its device, of the tokens its tiles own
-        _attention_buffers((1, heads, rows * cols, d), dtype, dev, eng.notes) for dev in devices
+        _attention_buffers((1, heads, rows * cols, d), dtype, dev, eng) for dev in devices
     ]
     held = [t.device.type != "cpu" for t in qkv[0]]  # on the store's device: Q, K, V
     a, b = eng.affine(x, attn.group_norm)
@@ -300,19 +301,21 @@ def _attention(eng: StagedEngine, x: Canvas, attn: Attention) -> Canvas:
 
 
 def _attention_buffers(
-    shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, notes: list[str]
+    shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, eng: StagedEngine
 ) -> list[torch.Tensor]:
     """Q, K and V buffers of the mid-block attention on ``device``: K and V first (every chunk
     of queries reads all of them), then Q (read and written over once); each that does not fit
     (the plan's estimate was low, or the device's free memory lies in pieces) on the host
-    instead, noted in ``notes``: the attention then copies it in blocks."""
+    instead, noted in the engine's notes: the attention then copies it in blocks. All three on
+    the host with :attr:`StagedEngine.attention_on_host`."""
     buffers: dict[str, torch.Tensor] = {}
+    where = torch.device("cpu") if eng.attention_on_host else device
     for name in "KVQ":
         try:
-            buffers[name] = torch.empty(shape, dtype=dtype, device=device)
+            buffers[name] = torch.empty(shape, dtype=dtype, device=where)
         except torch.OutOfMemoryError:
             buffers[name] = torch.empty(shape, dtype=dtype, device="cpu")
-            notes.append(f"VAE out of memory: the attention's {name} on the host")
+            eng.notes.append(f"VAE out of memory: the attention's {name} on the host")
     return [buffers["Q"], buffers["K"], buffers["V"]]
 
 
@@ -588,6 +591,7 @@ def tiled_encode(
     notes: list[str] | None = None,
     lanes: Sequence[tuple[Vae, torch.device | str]] = (),
     unit_range: bool = False,
+    attention_on_host: bool = False,
 ) -> torch.Tensor:
     """Posterior mean of a diffusers AutoencoderKL, computed tile by tile, exactly.
 
@@ -609,7 +613,9 @@ def tiled_encode(
     the host: the budget of a memory plan. On out-of-memory the batch
     is halved (noted in ``notes``). ``lanes``: copies of the VAE on other devices, each taking
     its turn of every stage's tile batches (the canvases stay with ``device``; the result is the
-    one-device result when the devices compute alike). Raises NonFiniteError on NaN/inf.
+    one-device result when the devices compute alike). ``attention_on_host``: the mid-block
+    attention's Q, K and V wait on the host (copied in by chunk; a plan's smallest budget).
+    Raises NonFiniteError on NaN/inf.
     """
     f = vae_scale_factor(vae)
     if image.ndim != 4 or image.shape[1] != vae.config.in_channels:
@@ -622,6 +628,7 @@ def tiled_encode(
     )
     grid = vae_grid(height // f, width // f, tile // f)
     eng, enc, quant = _staged(_encoder, vae, lanes, grid, (dev, dt, st), batch, store_limit, notes)
+    eng.attention_on_host = attention_on_host
     latent = vae.config.latent_channels
     outs = []
     with torch.inference_mode():
@@ -647,6 +654,7 @@ def tiled_decode(
     notes: list[str] | None = None,
     lanes: Sequence[tuple[Vae, torch.device | str]] = (),
     unit_range: bool = False,
+    attention_on_host: bool = False,
 ) -> torch.Tensor:
     """Decode with a diffusers AutoencoderKL tile by tile, exactly.
 
@@ -675,6 +683,7 @@ def tiled_decode(
     )
     grid = vae_grid(latents.shape[2], latents.shape[3], tile)
     eng, dec, post = _staged(_decoder, vae, lanes, grid, (dev, dt, st), batch, store_limit, notes)
+    eng.attention_on_host = attention_on_host
     outs = []
     with torch.inference_mode():
         for one in latents:
