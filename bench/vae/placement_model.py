@@ -16,6 +16,14 @@ every recomputed canvas behind its inputs (crops' halos ignored); the attention 
 At 8192² on an 8 GiB card (cap 2.28 GiB, the plan's) it counts ~8.8 PFLOP for the decode
 (2.9 on a whole GPU, 2.25 of either the attention) and ~4.4 for the encode (2.5): the passes
 after the 2048² canvas recompute every stage since it.
+
+``--max-chain`` (``TILEUP_VAE_MAX_CHAIN``) cuts chains shorter, each cut storing a canvas on the
+host. 2026-11-30 (session 17), 8192², PFLOP / GiB through the host at chains of at most 2, 4, 8
+and 16 stages: decode with the 5 GiB the store has after the attention 3.89/272, 4.78/56,
+6.02/96, 8.34/0; encode at the plan's 2.07 GiB 2.98/118, 3.47/35, 4.15/11, 4.38/3. At the 4096²
+job's 3.33 GiB the decode counts 0.44/24, 0.57/12, 0.76/0, 0.76/0. With convs at ~380 TFLOP/s
+(the 8K decode's) and 30-55 GB/s through the host, chains of 4 would save seconds at 8192²
+(~9 s of a 22.6 s decode by this count): not yet measured on the GPU.
 """
 
 from __future__ import annotations
@@ -52,7 +60,8 @@ def conv_flops(cin: int, cout: int) -> float:
 class Walk:
     """The stages in order, with the live canvases the engine would hold."""
 
-    def __init__(self, latent: int, cap: int, rule: str) -> None:
+    def __init__(self, latent: int, cap: int, rule: str, max_chain: int = MAX_CHAIN) -> None:
+        self.max_chain = max_chain
         self.latent, self.cap, self.rule = latent, cap, rule
         self.live: list[Canvas] = []
         self.rows: list[tuple[str, int, int, str, float]] = []
@@ -117,7 +126,7 @@ class Walk:
         if keep:
             if self.fits(nbytes):
                 out = Canvas(channels, scale, "device")
-            elif chain and depth <= MAX_CHAIN:
+            elif chain and depth <= self.max_chain:
                 out = Canvas(channels, scale, None, list(inputs), flops, depth)
             else:
                 out = Canvas(channels, scale, "host")
@@ -218,14 +227,16 @@ def main() -> None:
     p.add_argument("--part", choices=["encode", "decode"], default="decode")
     p.add_argument("--rule", choices=["new", "old"], default="new")
     p.add_argument("--stages", action="store_true", help="a line per stage")
+    p.add_argument("--max-chain", type=int, default=MAX_CHAIN, help="TILEUP_VAE_MAX_CHAIN")
     a = p.parse_args()
-    w = Walk(a.size // 8, int(a.cap_gib * GIB), a.rule)
+    w = Walk(a.size // 8, int(a.cap_gib * GIB), a.rule, a.max_chain)
     (encode if a.part == "encode" else decode)(w)
     if a.stages:
         for name, scale, channels, where, cost in w.rows:
             print(f"{name:24} @{scale} {channels:4} {where:22} {cost / 1e12:9.2f} TFLOP")
     print(
-        f"{a.part} {a.size}² cap {a.cap_gib} GiB ({a.rule} rule): {w.total / 1e15:.2f} PFLOP, ",
+        f"{a.part} {a.size}² cap {a.cap_gib} GiB ({a.rule} rule, chains of at most "
+        f"{a.max_chain}): {w.total / 1e15:.2f} PFLOP, ",
         end="",
     )
     print(f"{w.host_bytes / GIB:.1f} GiB through the host")

@@ -411,6 +411,22 @@ def test_recomputed_canvases_give_the_stored_result(
     assert max(vae_recipes) == engine.MAX_CHAIN and len(vae_recipes) > 2 * engine.MAX_CHAIN
 
 
+def test_shorter_chains_store_sooner_and_give_the_stored_result(
+    vae, latents, decoded, image, vae_recompute, vae_recipes, monkeypatch
+) -> None:
+    """``TILEUP_VAE_MAX_CHAIN`` (a benchmark's knob) cuts every chain at that many stages: the
+    same result, more canvases stored; anything but a positive integer is refused."""
+    from tileup.vae import engine
+
+    monkeypatch.setenv("TILEUP_VAE_MAX_CHAIN", "3")
+    _assert_as_stored(vae, latents, decoded, image, 16, 3, lambda: vae_recompute(False, chain=True))
+    assert set(vae_recipes) == {1, 2, 3}
+    for bad in ("0", "-2", "four"):
+        monkeypatch.setenv("TILEUP_VAE_MAX_CHAIN", bad)
+        with pytest.raises(ValueError, match="TILEUP_VAE_MAX_CHAIN must be a positive integer"):
+            engine.max_chain()
+
+
 @pytest.mark.parametrize(("tile", "batch"), [(7, 1), (16, 3)])
 def test_recomputing_the_first_conv_gives_the_stored_result(
     vae, latents, decoded, image, vae_recompute, tile: int, batch: int
