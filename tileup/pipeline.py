@@ -325,8 +325,7 @@ class Upscaler:
         from tileup.modes.fused import sample_fused
         from tileup.modes.model import DiffusionReport
 
-        model = self.model
-        clock = StageClock(settle=self._settle, devices=self.devices)
+        model, clock = self.model, StageClock(settle=self._settle, devices=self.devices)
         if model is None:
             raise SettingsError("txt2img needs --checkpoint")
         report = DiffusionReport(seed=seed)
@@ -505,18 +504,12 @@ class Upscaler:
         height, width = model.canvas_size(*target)
         grid = self._job_grid(model, height, width)
         fused = fused_grid(model.factor, height, width, fused_options(s))
-        reach = max(s.padding, blur_radius(s.mask_blur))
+        crop = s.tile + 2 * max(s.padding, blur_radius(s.mask_blur))
         shape = JobShape(
-            canvas_height=height,
-            canvas_width=width,
-            tile=s.tile,
-            guided=s.cfg != 1,
-            vae_tile=s.vae_tile,
-            tiles=len(fused) if s.mode == "fused" else len(grid or fused),
-            vae_factor=model.factor,
-            redraw=bool(self._passes(grid)),
-            redraw_crop=s.tile + 2 * reach,
-        )
+            canvas_height=height, canvas_width=width, tile=s.tile, guided=s.cfg != 1,
+            vae_tile=s.vae_tile, tiles=len(fused) if s.mode == "fused" else len(grid or fused),
+            vae_factor=model.factor, redraw=bool(self._passes(grid)), redraw_crop=crop,
+        )  # fmt: skip
         sizes = ModelSizes(unet=unet, vae=vae, unet_block=block, sr=sr)
         return plan_memory(self.budget, sizes, shape, low_vram=s.low_vram)
 
@@ -544,8 +537,8 @@ class Upscaler:
         return graphs_may_stay(plan, torch.cuda.memory_reserved(self.device), free)
 
     def _vae_options(self, plan: MemoryPlan | None) -> VaeOptions | None:
-        """The tiled VAE's options for a job: the plan's batch and device store (None: no model),
-        and a lane of tile rows per other device (its replica's VAE)."""
+        """The tiled VAE's options for a job (None: no model): the plan's batch, device store and
+        attention buffers' place, and a lane of tile rows per other device (its replica's VAE)."""
         if self.model is None:
             return None
         lanes = tuple(r.vae for r in self.model.replicas) if len(self.devices) > 1 else ()

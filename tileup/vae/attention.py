@@ -12,13 +12,12 @@ TFLOP/s).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from tileup.vae import flash
+from tileup.vae import flash, knobs
 from tileup.vae.softmax import softmax_block
 
 __all__ = [
@@ -46,14 +45,8 @@ read, and a chunk of queries no longer needs room for scores over every key (262
 
 
 def key_block() -> int:
-    """Keys per block: ``TILEUP_VAE_KEY_BLOCK`` (a positive integer; for benchmarks) or
-    :data:`KEY_BLOCK`."""
-    text = os.environ.get("TILEUP_VAE_KEY_BLOCK", "")
-    if not text:
-        return KEY_BLOCK
-    if not text.isdigit() or int(text) < 1:
-        raise ValueError(f"TILEUP_VAE_KEY_BLOCK must be a positive integer, got {text!r}")
-    return int(text)
+    """Keys per block: ``TILEUP_VAE_KEY_BLOCK`` (for benchmarks) or :data:`KEY_BLOCK`."""
+    return knobs.positive_int("TILEUP_VAE_KEY_BLOCK", KEY_BLOCK)
 
 
 def float32_scores(q: torch.Tensor, kt: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar, cast
@@ -21,7 +20,7 @@ import torch
 from torch import nn
 
 from tileup.tiler import axis_starts
-from tileup.vae import copies
+from tileup.vae import copies, knobs
 from tileup.vae.stats import channel_stats, group_affine
 
 __all__ = [
@@ -210,16 +209,10 @@ MAX_CHAIN = 16
 
 
 def max_chain() -> int:
-    """Most stages recomputed behind one canvas: ``TILEUP_VAE_MAX_CHAIN`` (a positive integer;
-    for benchmarks: bench/vae/placement_model.py counts a cap of 4 at 8192² on an 8 GiB card
-    as less than half the decode's recomputation, for ~150 GiB more through the host) or
-    :data:`MAX_CHAIN`."""
-    text = os.environ.get("TILEUP_VAE_MAX_CHAIN", "")
-    if not text:
-        return MAX_CHAIN
-    if not text.isdigit() or int(text) < 1:
-        raise ValueError(f"TILEUP_VAE_MAX_CHAIN must be a positive integer, got {text!r}")
-    return int(text)
+    """Most stages recomputed behind one canvas: ``TILEUP_VAE_MAX_CHAIN`` (for benchmarks:
+    bench/vae/placement_model.py counts a cap of 4 at 8192² on an 8 GiB card as less than half
+    the decode's recomputation, for ~150 GiB more through the host) or :data:`MAX_CHAIN`."""
+    return knobs.positive_int("TILEUP_VAE_MAX_CHAIN", MAX_CHAIN)
 
 
 # --- the staged engine -------------------------------------------------------------------------
@@ -275,10 +268,8 @@ class StagedEngine:
         self.chain: bool | None = None
         """Whether a chainable stage whose output would wait on the host keeps no output at all
         (its statistics only) and is recomputed from its inputs, crop by crop, wherever a later
-        stage reads it (up to :attr:`max_chain` stages deep). None: on CUDA (a host round trip of
+        stage reads it (up to :func:`max_chain` stages deep). None: on CUDA (a host round trip of
         a canvas costs more than recomputing several convs); True: every chainable stage."""
-        self.max_chain = max_chain()
-        """Most stages recomputed behind one canvas (:func:`max_chain`)."""
         self.attention_on_host = False
         """Whether the mid-block attention keeps its Q, K and V on the host from the start (a
         memory plan with no room for them; else each goes there only when it does not fit)."""
@@ -452,7 +443,7 @@ class StagedEngine:
         dtype = out_dtype or self.dtype
         nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         depth = 1 + max((c.recipe.depth for c in inputs if c.recipe is not None), default=0)
-        chainable = chain and out_device is None and dtype == self.dtype and depth <= self.max_chain
+        chainable = chain and out_device is None and dtype == self.dtype and depth <= max_chain()
         recipe = None
         place = out_device or self._place(nbytes)
         if keep and chainable:
