@@ -1,10 +1,10 @@
 """Peak device memory over windows (a job, each of its stages) that nest and survive resets.
 
 PyTorch keeps one peak per CUDA device, and resetting it (to measure a stage, or a probe's own
-peak) loses the peak so far for everyone else. Here a reset (:func:`restart`) first folds each
-device's peak into every open window, so every window reports the peak while it was open,
-whatever was reset inside it. Windows are process-wide (a reset by one thread is seen by the
-windows of all), guarded by one lock.
+peak) loses the peak so far for everyone else. Here opening a window resets the peak only after
+folding each device's peak so far into every window already open, so every window reports the
+peak while it was open, whatever opened inside it. Windows are process-wide (a window opened
+by one thread folds the peaks into the windows of all), guarded by one lock.
 """
 
 from __future__ import annotations
@@ -88,14 +88,9 @@ def cuda_indices(devices: Iterable[torch.device]) -> tuple[int, ...]:
     return tuple(sorted(found))
 
 
-def restart(index: int) -> None:
-    """Reset CUDA device ``index``'s peak statistics, its peak so far folded into every open
-    window first (for code that measures a peak of its own)."""
-    with _LOCK:
-        _restart(index)
-
-
 def _restart(index: int) -> None:
+    """Reset CUDA device ``index``'s peak statistics, its peak so far folded into every open
+    window first."""
     for window in _OPEN:
         window._fold(index)
     _reset(index)
