@@ -1,4 +1,4 @@
-"""The staged engine of the exact tiled VAE: its tile grid, whole-image activations
+"""The staged engine of the exact tiled VAE: whole-image activations
 ("canvases") with per-tile channel statistics, and one stage run over every tile.
 
 An activation lives as a full-size canvas (on the device while the plan allows, else on the
@@ -10,7 +10,6 @@ statistics (:meth:`StagedEngine.affine`). See :mod:`tileup.vae.tiled` for the ne
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -19,8 +18,8 @@ from typing import TypeVar, cast
 import torch
 from torch import nn
 
-from tileup.tiler import axis_starts
 from tileup.vae import copies, knobs
+from tileup.vae.grid import VaeGrid, VaeTile, owned_region, vae_grid
 from tileup.vae.stats import channel_stats, group_affine
 
 __all__ = [
@@ -40,48 +39,6 @@ __all__ = [
 
 class NonFiniteError(FloatingPointError):
     """The VAE produced NaN or inf (SD1.5/SDXL VAEs overflow in fp16): re-run in float32."""
-
-
-# --- geometry ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class VaeTile:
-    """A tile in latent px: its core ``[top, top + tile_h) × [left, left + tile_w)`` and its owned
-    region (inside the core; the owned regions of all tiles partition the canvas)."""
-
-    top: int
-    left: int
-    own_top: int
-    own_left: int
-    own_height: int
-    own_width: int
-
-
-@dataclass(frozen=True)
-class VaeGrid:
-    """Uniform-size tiles over a ``height × width`` latent canvas."""
-
-    height: int
-    width: int
-    tile_h: int
-    tile_w: int
-    tiles: tuple[VaeTile, ...]
-
-
-def vae_grid(height: int, width: int, tile: int) -> VaeGrid:
-    """Fewest ``min(tile, side)``-sized cores covering the canvas, evenly spread, snapped in."""
-    th, tw = min(tile, height), min(tile, width)
-
-    def axis(length: int, size: int) -> list[tuple[int, int]]:
-        starts = axis_starts(length, size, 0)
-        return list(zip(starts, [*starts[1:], length], strict=True))
-
-    tiles = tuple(
-        VaeTile(top, left, top, left, bottom - top, right - left)
-        for (top, bottom), (left, right) in itertools.product(axis(height, th), axis(width, tw))
-    )
-    return VaeGrid(height, width, th, tw, tiles)
 
 
 _T = TypeVar("_T")
@@ -260,6 +217,8 @@ class StagedEngine:
         self.batch = batch
         self.acc = torch.float64 if device.type in ("cpu", "cuda") else torch.float32
         self.store_cap = store_cap if device.type == "cuda" else None
+        self.lent = 0
+        """Bytes of :attr:`store_cap` lent until :meth:`reclaim` (:meth:`lend`)."""
         self.notes = notes if notes is not None else []
         self.recompute: bool | None = None
         """Whether a resnet block recomputes its first conv inside its second stage instead of
@@ -309,6 +268,27 @@ class StagedEngine:
         if self.store_cap is not None:
             self.store_cap += nbytes
 
+    def lend(self, nbytes: int) -> None:
+        """Let the device store take ``nbytes`` more until :meth:`reclaim`: the room of working
+        buffers budgeted beside the store that are not made yet (the mid-block attention's)."""
+        if self.store_cap is not None:
+            self.store_cap += nbytes
+            self.lent += nbytes
+
+    def reclaim(self, live: Sequence[Canvas]) -> None:
+        """Take back what :meth:`lend` lent: while the device holds more than the cap now
+        allows, the stored canvases behind ``live`` (all a later stage reads) move to the host,
+        largest first."""
+        if self.store_cap is None or not self.lent:
+            return
+        self.store_cap, self.lent = self.store_cap - self.lent, 0
+        for c in sorted(_stored(live), key=lambda c: c.data.nbytes, reverse=True):
+            if torch.cuda.memory_allocated(self.device) <= self.store_cap:
+                return
+            if c.data.device.type != "cpu":
+                self._to_host(c)
+                self.notes.append("VAE store: an activation moved to the host for the attention")
+
     def _empty(
         self,
         shape: tuple[int, ...],
@@ -333,16 +313,20 @@ class StagedEngine:
         """Move canvases held on the device to the host and place every later one there: the
         plan's device store was too generous (an out-of-memory at one tile per batch)."""
         for c in canvases:
-            if c.data.device.type != "cpu":
-                c.data = c.data.to("cpu")
-            for k, (top, bottom) in enumerate(self.bands(c.scale)):  # each lane's own rows
-                if k in c.parts:
-                    c.data[:, top:bottom] = c.parts[k][:, top:bottom]
-            c.parts.clear()
+            self._to_host(c)
         self.store_cap = 0 if self.store_cap is not None else None
         if self.store.type != "cpu":
             self.store = torch.device("cpu")
         torch.cuda.empty_cache()
+
+    def _to_host(self, c: Canvas) -> None:
+        """Move a stored canvas to the host, each lane's own rows from its copy."""
+        if c.data.device.type != "cpu":
+            c.data = c.data.to("cpu")
+        for k, (top, bottom) in enumerate(self.bands(c.scale)):
+            if k in c.parts:
+                c.data[:, top:bottom] = c.parts[k][:, top:bottom]
+        c.parts.clear()
 
     def canvas(self, data: torch.Tensor, scale: int, *, signed: bool = False) -> Canvas:
         """Wrap a C×H×W tensor (copied to the store in the compute dtype). ``signed``: ``data``
@@ -741,9 +725,3 @@ def _owned_stats(
             mean, m2 = channel_stats(res[i : i + 1, :, y0:y1, x0:x1])
             stats[i] = (mean[0], m2[0], (y1 - y0) * (x1 - x0))
     return [stats[i] for i in range(len(owned))]
-
-
-def owned_region(t: VaeTile, scale: int) -> tuple[int, int, int, int]:
-    """Owned region of ``t`` relative to its core, at ``scale``: (y0, y1, x0, x1)."""
-    y0, x0 = (t.own_top - t.top) * scale, (t.own_left - t.left) * scale
-    return y0, y0 + t.own_height * scale, x0, x0 + t.own_width * scale

@@ -23,9 +23,10 @@ op ("staged" tiling) over all tiles at once:
   token to latent-resolution device buffers, exact attention (on CUDA two matrix products per
   chunk of queries, float32 scores of at most 2^27 elements a chunk) gives O, written over
   Q, and pass 2 applies the output projection and residual per tile. Q, K and V take 3·C·h·w
-  values on the device (768 MiB in fp16 for a 4096² SD image, C = 512); once done, a memory
-  plan's device store takes their room. A plan with no room for them keeps them on the host
-  (``attention_on_host``), copied in a chunk of queries or a block of keys at a time.
+  values on the device (768 MiB in fp16 for a 4096² SD image, C = 512); before it starts and
+  once it is done, a memory plan's device store takes their room. A plan with no room for
+  them keeps them on the host (``attention_on_host``), copied in a chunk of queries or a block
+  of keys at a time.
 
 Device memory is bounded by one batch of tiles plus those latent-resolution buffers. The
 canvases on ``store`` hold up to three activations at once; the peak is at full resolution:
@@ -235,6 +236,7 @@ def _attention(eng: StagedEngine, x: Canvas, attn: Attention) -> Canvas:
         or attn.is_cross_attention
     ):
         raise _unsupported("got an attention variant it does not mirror")
+    eng.reclaim([x])  # the room the store had until now is the buffers'
     dtype, m = eng.dtype, x.scale
     heads, inner = attn.heads, attn.to_q.out_features
     d, channels = inner // heads, x.data.shape[0]
@@ -388,6 +390,7 @@ def _encode_one(
         halo=_halo(enc.conv_in),
         chain=True,
     )
+    del image  # stored until nothing reads it (a recipe may)
     for block in enc.down_blocks:
         if type(block).__name__ != "DownEncoderBlock2D":
             raise _unsupported(f"got down block {type(block).__name__}")
@@ -570,6 +573,17 @@ def _setup(
     return dev, dt, st
 
 
+def _set_attention(eng: StagedEngine, part: Encoder | Decoder, on_host: bool) -> None:
+    """Where the mid-block attention's Q, K and V go (``on_host``: the host from the start);
+    until it starts, the device store may take the room they will hold (budgeted beside the
+    store): at 8192² px that is 3 GiB, and the encoder's largest canvases come before it."""
+    eng.attention_on_host = on_host
+    attn = next((a for a in part.mid_block.attentions if a is not None), None)
+    if attn is not None and not on_host:
+        itemsize = torch.empty((), dtype=eng.dtype).element_size()
+        eng.lend(3 * attn.to_q.out_features * eng.grid.height * eng.grid.width * itemsize)
+
+
 def _cap(device: torch.device, store_limit: int | None) -> int | None:
     """The device bytes allowed in all while the call runs: what is allocated now plus
     ``store_limit`` (None: no cap; canvases go to ``store``)."""
@@ -609,8 +623,9 @@ def tiled_encode(
     ``"device"`` is several times faster when they fit, ``"auto"`` takes the device when they
     need at most half of its free memory; ``store_limit`` (CUDA) instead places each activation
     on the device while the device holds at most that many bytes more than when the call
-    started (and, once the mid-block attention is done, the bytes its buffers held), else on
-    the host: the budget of a memory plan. On out-of-memory the batch
+    started, plus the bytes the mid-block attention's Q, K and V take (budgeted beside the
+    store) except while they exist (canvases over the cap then move to the host), else on the
+    host: the budget of a memory plan. On out-of-memory the batch
     is halved (noted in ``notes``). ``lanes``: copies of the VAE on other devices, each taking
     its turn of every stage's tile batches (the canvases stay with ``device``; the result is the
     one-device result when the devices compute alike). ``attention_on_host``: the mid-block
@@ -628,13 +643,12 @@ def tiled_encode(
     )
     grid = vae_grid(height // f, width // f, tile // f)
     eng, enc, quant = _staged(_encoder, vae, lanes, grid, (dev, dt, st), batch, store_limit, notes)
-    eng.attention_on_host = attention_on_host
+    _set_attention(eng, enc, attention_on_host)
     latent = vae.config.latent_channels
     outs = []
     with torch.inference_mode():
         for one in image:
-            canvas = eng.canvas(one, f, signed=unit_range)
-            z, finite = _encode_one(eng, enc, quant, latent, canvas)
+            z, finite = _encode_one(eng, enc, quant, latent, eng.canvas(one, f, signed=unit_range))
             if not finite:
                 raise NonFiniteError(f"VAE encode produced NaN/inf in {dt}")
             outs.append(z)
@@ -683,7 +697,7 @@ def tiled_decode(
     )
     grid = vae_grid(latents.shape[2], latents.shape[3], tile)
     eng, dec, post = _staged(_decoder, vae, lanes, grid, (dev, dt, st), batch, store_limit, notes)
-    eng.attention_on_host = attention_on_host
+    _set_attention(eng, dec, attention_on_host)
     outs = []
     with torch.inference_mode():
         for one in latents:
