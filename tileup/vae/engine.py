@@ -161,14 +161,17 @@ class Recipe:
     depth: int
 
 
-MAX_CHAIN = 16
-"""Most stages recomputed behind one canvas; a longer chain stores the canvas (on the host)."""
+MAX_CHAIN = 6
+"""Most stages recomputed behind one canvas; a longer chain stores the canvas (on the host).
+The 8192² decode on an 8 GiB card (H200, 2026-11-30, bench/vae/results/
+profile_h200_8192_8gib_chains.json) took 19.4 / 19.1 / 18.7 / 25.8 / 22.0 / 23.4 s at chains
+of 5 / 6 / 7 / 8 / 10 / 16 stages, and 34.5 s at 3 (in a print_8k job): longer chains
+recompute more, shorter ones read canvases from the host once per later recomputation."""
 
 
 def max_chain() -> int:
-    """Most stages recomputed behind one canvas: ``TILEUP_VAE_MAX_CHAIN`` (for benchmarks:
-    bench/vae/placement_model.py counts a cap of 4 at 8192² on an 8 GiB card as less than half
-    the decode's recomputation, for ~150 GiB more through the host) or :data:`MAX_CHAIN`."""
+    """Most stages recomputed behind one canvas: ``TILEUP_VAE_MAX_CHAIN`` (for benchmarks) or
+    :data:`MAX_CHAIN`."""
     return knobs.positive_int("TILEUP_VAE_MAX_CHAIN", MAX_CHAIN)
 
 
