@@ -115,6 +115,10 @@ class MemoryPlan:
     vae_work_bytes: int = 0
     """Device bytes a tiled VAE stage takes beside the models: its attention buffers, a tile
     batch (or a chunk of scores) and its activation store, as far as the store fits."""
+    vae_scores_bytes: int = VAE_SCORES_BYTES
+    """Device bytes the VAE attention's chunk of scores (and probabilities) may take: the tile
+    batch's room, which is free while the attention runs (0 < this; the attention takes at
+    most 2^27 scores a chunk, 768 MiB, whatever the plan)."""
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready, with the byte counts also in GiB (rounded) for people."""
@@ -125,6 +129,7 @@ class MemoryPlan:
             "vae_store_bytes",
             "sr_bytes",
             "vae_work_bytes",
+            "vae_scores_bytes",
         ):
             data[key.replace("_bytes", "_gib")] = round(data[key] / GIB, 2)
         data["unet"] = "streamed" if self.offload_unet else "parked" if self.swap_unet else "device"
@@ -202,7 +207,10 @@ def plan_memory(budget: int, sizes: ModelSizes, shape: JobShape, *, low_vram: bo
             "--tile/--vae-tile or a smaller output"
         )
     if low_vram:
-        return MemoryPlan(budget, minimum, True, True, 1, 1, 0, 64 * MIB, 1, attention_on_host)
+        room = max(vae_tile, scores)
+        return MemoryPlan(
+            budget, minimum, True, True, 1, 1, 0, 64 * MIB, 1, attention_on_host, 0, room
+        )
     offload = sizes.unet + sizes.vae + tile > free
     resident_unet = 0 if offload else sizes.unet
     # the UNet stays on the device while the VAE runs only when the VAE's whole activation
@@ -234,4 +242,5 @@ def plan_memory(budget: int, sizes: ModelSizes, shape: JobShape, *, low_vram: bo
         redraw_batch,
         attention_on_host,
         work,
+        max(vae_batch * vae_tile, scores),
     )

@@ -550,6 +550,7 @@ class Upscaler:
             batch=plan.vae_batch,
             store_bytes=plan.vae_store_bytes,
             attention_on_host=plan.vae_attention_on_host,
+            scores_bytes=plan.vae_scores_bytes,
         )
 
     def _new_report(self) -> DiffusionReport | None:

@@ -23,12 +23,16 @@ from tileup.vae.softmax import softmax_block
 __all__ = [
     "KEY_BLOCK",
     "SCORES_BUDGET",
+    "SCORE_BYTES",
     "attention_chunks",
     "chunked_attention",
     "float32_scores",
     "key_block",
     "sdpa",
 ]
+
+SCORE_BYTES = 6
+"""Device bytes a score takes in a chunk: float32, and its probability in half precision."""
 
 SCORES_BUDGET = 1 << 27
 """Most elements of one chunk of attention scores (queries × keys): 768 MiB with the
@@ -61,6 +65,7 @@ def sdpa(
     jobs: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
     over_queries: bool = False,
     devices: Sequence[torch.device] | None = None,
+    budget: int = SCORES_BUDGET,
 ) -> list[torch.Tensor]:
     """Exact global softmax attention (1×heads×N×d) of each (q, k, v): :func:`chunked_attention`
     on accelerators, the jobs' chunks issued in turn (a job per device: every device gets work
@@ -68,13 +73,14 @@ def sdpa(
     ``over_queries``: on accelerators each output is written over its queries (no buffer of
     its own; a chunk's queries are read before its output is written). ``devices``: where each
     job computes (default: where its queries are); its Q, K and V may wait on the host, copied
-    in chunks and blocks (a memory plan's fallback)."""
+    in chunks and blocks (a memory plan's fallback). ``budget``: most scores a chunk (each
+    :data:`SCORE_BYTES` bytes with its probability)."""
     places = list(devices) if devices is not None else [q.device for q, _, _ in jobs]
     if all(place.type == "cpu" for place in places):
         return [F.scaled_dot_product_attention(q, k, v) for q, k, v in jobs]
     outs = [q if over_queries else torch.empty_like(q) for q, _, _ in jobs]
     runs = [
-        attention_chunks(*job, out, device=place)
+        attention_chunks(*job, out, min(budget, SCORES_BUDGET), device=place)
         for job, out, place in zip(jobs, outs, places, strict=True)
     ]
     while runs:

@@ -18,7 +18,7 @@ from typing import TypeVar, cast
 import torch
 from torch import nn
 
-from tileup.vae import copies, knobs
+from tileup.vae import attention, copies, knobs
 from tileup.vae.grid import VaeGrid, VaeTile, owned_region, vae_grid
 from tileup.vae.stats import channel_stats, group_affine
 
@@ -233,6 +233,8 @@ class StagedEngine:
         stage reads it (up to :func:`max_chain` stages deep). None: on CUDA (a host round trip of
         a canvas costs more than recomputing several convs); True: every chainable stage."""
         self.attention_on_host = False
+        self.scores_budget = attention.SCORES_BUDGET
+        """Most scores a chunk of the mid-block attention (a plan's room for them)."""
         """Whether the mid-block attention keeps its Q, K and V on the host from the start (a
         memory plan with no room for them; else each goes there only when it does not fit)."""
         self.finite: list[torch.Tensor] = []

@@ -41,6 +41,9 @@ class VaeOptions:
     attention_on_host: bool = False
     """The tiled VAE's mid-block attention keeps Q, K and V on the host (a memory plan's
     :attr:`tileup.memory.MemoryPlan.vae_attention_on_host`)."""
+    scores_bytes: int | None = None
+    """Device bytes the mid-block attention's chunk of scores may take (a memory plan's
+    :attr:`tileup.memory.MemoryPlan.vae_scores_bytes`); None: as far as free memory allows."""
     compile: bool = False
     """Run crops (redraw regions) one at a time through a ``torch.compile``-d VAE
     (:func:`tileup.sampling.compiled.compile_module`: one compilation per crop size; a dynamic
@@ -158,6 +161,7 @@ class VaeRunner:
                 lanes=self._lane_args(o.lanes, dtype),
                 unit_range=True,
                 attention_on_host=o.attention_on_host,
+                scores_limit=o.scores_bytes,
             )
 
         return self._guarded(run, notes) * self.scale
@@ -184,6 +188,7 @@ class VaeRunner:
                 lanes=self._lane_args(o.lanes, dtype),
                 unit_range=True,
                 attention_on_host=o.attention_on_host,
+                scores_limit=o.scores_bytes,
             )
 
         return hwc_view(self._guarded(run, notes)[0]).numpy()

@@ -275,7 +275,9 @@ def _attention(eng: StagedEngine, x: Canvas, attn: Attention) -> Canvas:
     outs = [
         (o[0].reshape(heads, bottom - top, cols, d), top)
         for (top, bottom), o in zip(
-            reaches, attention.sdpa(jobs, over_queries=True, devices=devices), strict=True
+            reaches,
+            attention.sdpa(jobs, over_queries=True, devices=devices, budget=eng.scores_budget),
+            strict=True,
         )
     ]
     buffer = heads * rows * cols * d * dtype.itemsize
@@ -573,11 +575,16 @@ def _setup(
     return dev, dt, st
 
 
-def _set_attention(eng: StagedEngine, part: Encoder | Decoder, on_host: bool) -> None:
-    """Where the mid-block attention's Q, K and V go (``on_host``: the host from the start);
-    until it starts, the device store may take the room they will hold (budgeted beside the
-    store): at 8192² px that is 3 GiB, and the encoder's largest canvases come before it."""
+def _set_attention(
+    eng: StagedEngine, part: Encoder | Decoder, on_host: bool, scores_limit: int | None
+) -> None:
+    """Where the mid-block attention's Q, K and V go (``on_host``: the host from the start) and
+    how many bytes its chunk of scores may take; until it starts, the device store may take
+    the room Q, K and V will hold (budgeted beside the store): at 8192² px that is 3 GiB, and
+    the encoder's largest canvases come before it."""
     eng.attention_on_host = on_host
+    if scores_limit is not None:
+        eng.scores_budget = max(1, scores_limit // attention.SCORE_BYTES)
     attn = next((a for a in part.mid_block.attentions if a is not None), None)
     if attn is not None and not on_host:
         itemsize = torch.empty((), dtype=eng.dtype).element_size()
@@ -606,6 +613,7 @@ def tiled_encode(
     lanes: Sequence[tuple[Vae, torch.device | str]] = (),
     unit_range: bool = False,
     attention_on_host: bool = False,
+    scores_limit: int | None = None,
 ) -> torch.Tensor:
     """Posterior mean of a diffusers AutoencoderKL, computed tile by tile, exactly.
 
@@ -630,6 +638,8 @@ def tiled_encode(
     its turn of every stage's tile batches (the canvases stay with ``device``; the result is the
     one-device result when the devices compute alike). ``attention_on_host``: the mid-block
     attention's Q, K and V wait on the host (copied in by chunk; a plan's smallest budget).
+    ``scores_limit``: device bytes its chunk of scores and probabilities may take (None: as
+    far as free memory allows, up to :data:`tileup.vae.attention.SCORES_BUDGET` scores).
     Raises NonFiniteError on NaN/inf.
     """
     f = vae_scale_factor(vae)
@@ -643,7 +653,7 @@ def tiled_encode(
     )
     grid = vae_grid(height // f, width // f, tile // f)
     eng, enc, quant = _staged(_encoder, vae, lanes, grid, (dev, dt, st), batch, store_limit, notes)
-    _set_attention(eng, enc, attention_on_host)
+    _set_attention(eng, enc, attention_on_host, scores_limit)
     latent = vae.config.latent_channels
     outs = []
     with torch.inference_mode():
@@ -669,6 +679,7 @@ def tiled_decode(
     lanes: Sequence[tuple[Vae, torch.device | str]] = (),
     unit_range: bool = False,
     attention_on_host: bool = False,
+    scores_limit: int | None = None,
 ) -> torch.Tensor:
     """Decode with a diffusers AutoencoderKL tile by tile, exactly.
 
@@ -697,7 +708,7 @@ def tiled_decode(
     )
     grid = vae_grid(latents.shape[2], latents.shape[3], tile)
     eng, dec, post = _staged(_decoder, vae, lanes, grid, (dev, dt, st), batch, store_limit, notes)
-    _set_attention(eng, dec, attention_on_host)
+    _set_attention(eng, dec, attention_on_host, scores_limit)
     outs = []
     with torch.inference_mode():
         for one in latents:
