@@ -468,11 +468,14 @@ class StagedEngine:
         for k in busy:  # the rows each lane reads, fetched before any batch is queued
             for c in inputs:
                 self._fetch(c, halo, k)
+        # the batch is sized by the finest scale it computes at: a recomputed input's chain
+        # may reach finer canvases than the stage's own (an encoder's, through downsamplers)
+        finest = max(scale, *(_finest(c) for c in inputs))
         turn = 0
         while busy:  # the lanes' batches in turn
             k = busy[turn % len(busy)]
             lane, end = self.lanes[k], self.spans[k][1]
-            per_batch = self.batch_at(max(m_in, scale))
+            per_batch = self.batch_at(finest)
             tiles = g.tiles[starts[k] : min(starts[k] + per_batch, end)]
             owned = tuple(owned_region(t, scale) for t in tiles)
             cores = tuple((t.top * scale, t.left * scale) for t in tiles)
@@ -496,7 +499,7 @@ class StagedEngine:
                     else:
                         self.batch //= 2
                     torch.cuda.empty_cache()
-                    per_batch = self.batch_at(max(m_in, scale))
+                    per_batch = self.batch_at(finest)
                     self.notes.append(f"VAE out of memory: {per_batch} tiles per batch")
                     continue
                 if not any(c.data.is_cuda for c in (*_stored(inputs), result)):
@@ -698,6 +701,13 @@ def _widened(r: Recipe, m: int, halo: tuple[int, int]) -> tuple[tuple[int, ...],
     a downsampler; trimmed after) and the halo of the crops of its inputs."""
     margin = tuple(-(-h * r.scale // m) for h in halo)
     return margin, (r.halo[0] + margin[0], r.halo[1] + margin[1])
+
+
+def _finest(c: Canvas) -> int:
+    """The finest scale a crop of ``c`` is computed at: its own, or its recipe's chain's."""
+    if c.recipe is None:
+        return c.scale
+    return max(c.scale, c.recipe.scale, *(_finest(i) for i in c.recipe.inputs))
 
 
 def _stored(canvases: Sequence[Canvas]) -> list[Canvas]:
