@@ -159,7 +159,8 @@ class Walk:
         return out
 
     def lend(self) -> None:
-        """Under the "lend" rule the store takes the attention's Q/K/V room until it starts."""
+        """Under the "lend" rule the encoder's store takes the attention's Q/K/V room until it
+        starts (the engine lends in the encode only)."""
         if self.rule == "lend":
             self.cap += 3 * self.nbytes(512, 1)
 
@@ -230,7 +231,6 @@ def encode(w: Walk) -> None:
 
 
 def decode(w: Walk) -> None:
-    w.lend()
     z = Canvas(4, 1, "device")
     w.live.append(z)
     x = w.stage("conv_in", [z], 512, 1, conv_flops(4, 512))

@@ -576,17 +576,24 @@ def _setup(
 
 
 def _set_attention(
-    eng: StagedEngine, part: Encoder | Decoder, on_host: bool, scores_limit: int | None
+    eng: StagedEngine,
+    part: Encoder | Decoder,
+    on_host: bool,
+    scores_limit: int | None,
+    *,
+    lend: bool,
 ) -> None:
     """Where the mid-block attention's Q, K and V go (``on_host``: the host from the start) and
-    how many bytes its chunk of scores may take; until it starts, the device store may take
-    the room Q, K and V will hold (budgeted beside the store): at 8192² px that is 3 GiB, and
-    the encoder's largest canvases come before it."""
+    how many bytes its chunk of scores may take. ``lend``: until it starts, the device store
+    may take the room Q, K and V will hold (budgeted beside the store). The encoder's largest
+    canvases come before it (at 8192² px on an 8 GiB card its encode took 10.0 s instead of
+    13.5); the decoder's come after it, where lending only raised the smallest plan's peak
+    (4096², 1.46 → 1.71 GiB; bench/vae/results/low_vram_peaks_h200.json)."""
     eng.attention_on_host = on_host
     if scores_limit is not None:
         eng.scores_budget = max(1, scores_limit // attention.SCORE_BYTES)
     attn = next((a for a in part.mid_block.attentions if a is not None), None)
-    if attn is not None and not on_host:
+    if lend and attn is not None and not on_host:
         itemsize = torch.empty((), dtype=eng.dtype).element_size()
         eng.lend(3 * attn.to_q.out_features * eng.grid.height * eng.grid.width * itemsize)
 
@@ -632,8 +639,8 @@ def tiled_encode(
     need at most half of its free memory; ``store_limit`` (CUDA) instead places each activation
     on the device while the device holds at most that many bytes more than when the call
     started, plus the bytes the mid-block attention's Q, K and V take (budgeted beside the
-    store) except while they exist (canvases over the cap then move to the host), else on the
-    host: the budget of a memory plan. On out-of-memory the batch
+    store) before they exist (canvases over the cap then move to the host) and after, else on
+    the host: the budget of a memory plan. On out-of-memory the batch
     is halved (noted in ``notes``). ``lanes``: copies of the VAE on other devices, each taking
     its turn of every stage's tile batches (the canvases stay with ``device``; the result is the
     one-device result when the devices compute alike). ``attention_on_host``: the mid-block
@@ -653,7 +660,7 @@ def tiled_encode(
     )
     grid = vae_grid(height // f, width // f, tile // f)
     eng, enc, quant = _staged(_encoder, vae, lanes, grid, (dev, dt, st), batch, store_limit, notes)
-    _set_attention(eng, enc, attention_on_host, scores_limit)
+    _set_attention(eng, enc, attention_on_host, scores_limit, lend=True)
     latent = vae.config.latent_channels
     outs = []
     with torch.inference_mode():
@@ -708,7 +715,7 @@ def tiled_decode(
     )
     grid = vae_grid(latents.shape[2], latents.shape[3], tile)
     eng, dec, post = _staged(_decoder, vae, lanes, grid, (dev, dt, st), batch, store_limit, notes)
-    _set_attention(eng, dec, attention_on_host, scores_limit)
+    _set_attention(eng, dec, attention_on_host, scores_limit, lend=False)
     outs = []
     with torch.inference_mode():
         for one in latents:
