@@ -16,6 +16,7 @@ from tileup.memory import (
     graphs_may_stay,
     plan_memory,
     vae_fixed_bytes,
+    vae_scores_bytes,
     vae_tile_bytes,
 )
 from tileup.modes.fused import FusedDenoiser
@@ -97,6 +98,20 @@ def test_the_vae_attention_waits_on_the_host_only_where_it_cannot_fit() -> None:
         assert plan.vae_work_bytes <= room  # one tile batch and the store do
     assert plan_memory(2 * GIB, SD15, K8, low_vram=True).vae_attention_on_host
     assert not plan_memory(80 * GIB, SD15, K8, low_vram=True).vae_attention_on_host
+
+
+def test_the_vae_attentions_chunk_of_scores_takes_the_tile_batchs_room() -> None:
+    """While the attention runs no tile batch is on the device: its chunk of scores may take
+    that room (at least the plan's smallest chunk), and no more (under --low-vram, one tile:
+    504 MiB at a 512 px VAE tile, not the 768 MiB the attention would take on a big card)."""
+    for gib, shape in ((8, K4), (8, K8), (4, K4), (139, K4)):
+        plan = plan_memory(gib * GIB, SD15, shape, low_vram=False)
+        assert plan.vae_scores_bytes == max(
+            plan.vae_batch * vae_tile_bytes(shape), vae_scores_bytes(shape)
+        )
+        assert plan.as_dict()["vae_scores_gib"] == round(plan.vae_scores_bytes / GIB, 2)
+    smallest = plan_memory(80 * GIB, SD15, K4, low_vram=True)
+    assert smallest.vae_scores_bytes == vae_tile_bytes(K4) == 514**2 * 2000
 
 
 def test_low_vram_is_the_smallest_plan_whatever_the_budget() -> None:

@@ -4,7 +4,7 @@ FLOPs every pass costs once recomputation is counted. No GPU, no tensors: second
 It walks the SD VAE's stages (block_out_channels 128/256/512/512, 2 resnets a down block, 3 an
 up block, one mid-block attention) with the placement rules of :mod:`tileup.vae.engine` and
 :mod:`tileup.vae.tiled` as of 2026-11-30 (session 7): a chainable stage whose output does not
-fit the cap is recomputed (up to 16 stages deep), other outputs that do not fit wait on the
+fit the cap is recomputed (up to --max-chain stages deep), other outputs that do not fit wait on the
 host; a resnet block keeps its first conv's output only when it and the block's output both fit
 (``--rule old``: whenever its input is stored on the device); the decoder's store takes the
 attention's Q/K/V room once the attention is done. A pass's cost is its own FLOPs plus those of
@@ -21,9 +21,13 @@ after the 2048² canvas recompute every stage since it.
 host. 2026-11-30 (session 17), 8192², PFLOP / GiB through the host at chains of at most 2, 4, 8
 and 16 stages: decode with the 5 GiB the store has after the attention 3.89/272, 4.78/56,
 6.02/96, 8.34/0; encode at the plan's 2.07 GiB 2.98/118, 3.47/35, 4.15/11, 4.38/3. At the 4096²
-job's 3.33 GiB the decode counts 0.44/24, 0.57/12, 0.76/0, 0.76/0. With convs at ~380 TFLOP/s
-(the 8K decode's) and 30-55 GB/s through the host, chains of 4 would save seconds at 8192²
-(~9 s of a 22.6 s decode by this count): not yet measured on the GPU.
+job's 3.33 GiB the decode counts 0.44/24, 0.57/12, 0.76/0, 0.76/0. Measured (H200, 7b4d24b,
+bench/vae/results/profile_h200_8192_8gib_chains.json) the 8192² decode took 19.1 s at chains
+of 6, 23.4 s at 16 and 34.5 s at 3: a canvas on the host is read again by every recomputation
+behind it, at well under the link's speed, so these byte counts understate the host's cost.
+``--rule lend`` (the default, the engine since 7b4d24b): the encoder's store also takes the
+attention's Q/K/V room until the attention starts (8192² encode 4.38 → 3.43 PFLOP by this
+count; 13.5 → 10.0 s measured).
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import argparse
 from dataclasses import dataclass, field
 
 GIB = 1 << 30
-MAX_CHAIN = 16
+MAX_CHAIN = 6  # the engine's since 461d5a9 (16 before)
 
 
 @dataclass(eq=False)

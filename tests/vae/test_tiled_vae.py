@@ -475,6 +475,82 @@ def test_the_store_takes_the_attention_buffers_once_they_are_freed() -> None:
     assert cpu.store_cap is None  # no cap: every canvas goes to the store
 
 
+def test_the_store_borrows_the_attention_room_until_it_starts(monkeypatch) -> None:
+    """``lend`` raises the cap until ``reclaim``, which lowers it again and moves the largest
+    device canvases behind the live ones to the host until the device is back under it (noted
+    once a canvas); nothing lent, nothing moved; without a cap (the CPU) both do nothing."""
+    from tileup.vae.engine import Canvas, Recipe
+
+    cuda, bf16 = torch.device("cuda"), torch.bfloat16
+    eng = StagedEngine(vae_grid(8, 8, 4), cuda, bf16, cuda, 1, store_cap=1000)
+    eng.lend(300)
+    assert (eng.store_cap, eng.lent) == (1300, 300)
+    big = Canvas(torch.empty(50, 1, 1, device="meta"), 1)  # 200 bytes (float32)
+    small = Canvas(torch.empty(25, 1, 1, device="meta"), 1)  # 100 bytes
+    host = Canvas(torch.empty(400, 1, 1), 1)
+    chained = Canvas(torch.empty(0, 0, 0), 1, recipe=Recipe((small, host, big), None, (0, 0), 1, 1))  # type: ignore[arg-type]
+    allocated, moved = [1250], []
+
+    def to_host(self: StagedEngine, c: Canvas) -> None:
+        moved.append(c)
+        allocated[0] -= c.data.nbytes
+
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: allocated[0])
+    monkeypatch.setattr(StagedEngine, "_to_host", to_host)
+    eng.reclaim([chained])
+    assert (eng.store_cap, eng.lent) == (1000, 0)
+    assert moved == [big, small]  # 1250 → 1050 → 950: both, largest first
+    assert eng.notes == ["VAE store: an activation moved to the host for the attention"] * 2
+    eng.reclaim([chained])
+    assert len(moved) == 2 and eng.store_cap == 1000
+    cpu = StagedEngine(vae_grid(8, 8, 4), torch.device("cpu"), torch.float32, cuda, 1)
+    cpu.lend(300)
+    cpu.reclaim([chained])
+    assert (cpu.store_cap, cpu.lent, len(moved)) == (None, 0, 2)
+
+
+def test_the_encoder_lends_the_attention_room_and_a_limit_bounds_its_scores(
+    vae, latents, image, monkeypatch
+) -> None:
+    """The encode lends its store Q, K and V's bytes until its attention (the decode does not:
+    its canvases come after it); ``scores_limit`` bytes become the attention's chunk budget
+    (6 bytes a score), at most its own cap; the bytes do not change."""
+    lent: list[int] = []
+    budgets: list[int] = []
+    real_lend, real_sdpa = StagedEngine.lend, attention.sdpa
+
+    def lend(self: StagedEngine, nbytes: int) -> None:
+        lent.append(nbytes)
+        real_lend(self, nbytes)
+
+    def sdpa(jobs, over_queries=False, devices=None, budget=attention.SCORES_BUDGET):
+        budgets.append(budget)
+        return real_sdpa(jobs, over_queries, devices, budget)
+
+    z_plain, plain = tiled_encode(vae, image, tile=32), tiled_decode(vae, latents, tile=16)
+    monkeypatch.setattr(StagedEngine, "lend", lend)
+    monkeypatch.setattr(attention, "sdpa", sdpa)
+    z = tiled_encode(vae, image, tile=32, scores_limit=6000)
+    out = tiled_decode(vae, latents, tile=16, scores_limit=6 << 40)
+    channels = vae.config.block_out_channels[-1]
+    assert lent == [3 * channels * (64 // F) * (80 // F) * 4]  # the encode's, float32
+    assert budgets == [1000, 1 << 40] and torch.equal(z, z_plain) and torch.equal(out, plain)
+    tiled_decode(vae, latents, tile=16)
+    assert budgets[-1] == attention.SCORES_BUDGET
+
+
+def test_a_batch_is_sized_by_the_finest_scale_its_stage_computes_at() -> None:
+    """A recomputed input's chain may reach finer canvases than the stage's own (an encoder's
+    coarse stage recomputing through downsamplers): the finest scale anywhere behind it."""
+    from tileup.vae.engine import Canvas, Recipe, _finest
+
+    stored = Canvas(torch.empty(4, 16, 16), 4)
+    half = Canvas(torch.empty(0, 0, 0), 2, recipe=Recipe((stored,), None, (1, 1), 4, 1))  # type: ignore[arg-type]
+    quarter = Canvas(torch.empty(0, 0, 0), 1, recipe=Recipe((half,), None, (1, 1), 2, 2))  # type: ignore[arg-type]
+    assert (_finest(stored), _finest(half), _finest(quarter)) == (4, 4, 4)
+    assert _finest(Canvas(torch.empty(4, 2, 2), 1)) == 1
+
+
 def test_coarse_stages_batch_more_tiles_on_cuda() -> None:
     """A stage at half the scale batches 4× the tiles, less 4× for channels growing to 4×: a
     top-scale batch's memory (CUDA only; the CPU keeps one batch size for every stage)."""
