@@ -10,7 +10,6 @@ Random SD VAE weights in bf16 (memory does not depend on the values); one GPU.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from typing import Any
 
@@ -58,21 +57,19 @@ def main() -> None:
     from diffusers import AutoencoderKL
 
     from bench.vae.measure_tiled_vae import SD_VAE
+    from bench.vae.profile_vae import emit
 
     torch.manual_seed(0)
     vae = AutoencoderKL(**SD_VAE).to("cuda", torch.bfloat16).eval()
     weights = torch.cuda.memory_allocated() / GIB
+    # 528 MiB: about a plan's room for the scores with one 512 px VAE tile (504 MiB)
     runs = [
         measure(vae, args.size, lend, scores)
         for lend, scores in ((True, None), (False, None), (True, 528 << 20), (False, 528 << 20))
     ]
     result = {"device": torch.cuda.get_device_name(), "size": args.size, "vae_gib": weights}
     result["runs"] = runs
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.write(text + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -449,10 +449,15 @@ def main() -> None:
             ]
             result["lanes"] = totals(vae, args.size, dtype, args.repeats, lanes, args.batch)
             result["lanes"]["devices"] = 1 + len(lanes)
+    emit(result, args.out)
+
+
+def emit(result: dict[str, Any], out: str | None) -> None:
+    """Print ``result`` as JSON and, with ``out``, write it there too."""
     text = json.dumps(result, indent=1)
     print(text)
-    if args.out:
-        with open(args.out, "w") as fh:
+    if out:
+        with open(out, "w") as fh:
             fh.write(text + "\n")
 
 
