@@ -229,7 +229,8 @@ def plan_memory(budget: int, sizes: ModelSizes, shape: JobShape, *, low_vram: bo
     sr = max(64 * MIB, min(SR_MAX_BYTES, sr_room))
     redraw_room = free - (sizes.unet_block if offload else sizes.unet) - sizes.vae
     redraw_batch = max(1, min(MAX_UNET_BATCH, redraw_room // max(crop, 1))) if crop else 1
-    work = fixed + max(vae_batch * vae_tile, scores) + min(store, store_need)
+    attention_room = max(vae_batch * vae_tile, scores)  # no tile batch while it runs
+    work = fixed + attention_room + min(store, store_need)
     return MemoryPlan(
         budget,
         minimum,
@@ -242,5 +243,5 @@ def plan_memory(budget: int, sizes: ModelSizes, shape: JobShape, *, low_vram: bo
         redraw_batch,
         attention_on_host,
         work,
-        max(vae_batch * vae_tile, scores),
+        attention_room,
     )

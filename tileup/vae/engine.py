@@ -233,10 +233,10 @@ class StagedEngine:
         stage reads it (up to :func:`max_chain` stages deep). None: on CUDA (a host round trip of
         a canvas costs more than recomputing several convs); True: every chainable stage."""
         self.attention_on_host = False
-        self.scores_budget = attention.SCORES_BUDGET
-        """Most scores a chunk of the mid-block attention (a plan's room for them)."""
         """Whether the mid-block attention keeps its Q, K and V on the host from the start (a
         memory plan with no room for them; else each goes there only when it does not fit)."""
+        self.scores_budget = attention.SCORES_BUDGET
+        """Most scores a chunk of the mid-block attention (a plan's room for them)."""
         self.finite: list[torch.Tensor] = []
         """Device flags: whether each GroupNorm's statistics were finite (:meth:`affine`), read
         once at the end of a pass (:meth:`all_finite`) instead of one host wait a norm."""
