@@ -25,8 +25,14 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # run as a script: tileup and bench from this checkout
     sys.path.insert(1, str(ROOT))
 
-CASES = {"fused": (64, {54: 60}, False), "redraw": (72, None, True)}
-"""Case: latent side, {samples: calls in the job} (None: the redraw's waves), dynamic batch."""
+CASES = {
+    "fused": (64, {54: 60}, False),
+    "fused_batches": (64, {54: 60, 82: 40, 162: 20}, False),
+    "redraw": (72, None, True),
+}
+"""Case: latent side, {samples: calls in the job} (None: the redraw's waves), dynamic batch.
+``fused_batches``: the reference job's 81 tiles in 3, 2 (41 + 40, timed as 41) or 1 call a
+step, each shape compiled statically."""
 
 
 def main() -> None:
@@ -88,6 +94,9 @@ def main() -> None:
             entries[variant] = {
                 "ms_per_call": {str(b): round(v, 3) for b, v in per_call.items()},
                 "job_unet_seconds": round(sum(calls[b] * v for b, v in per_call.items()) / 1e3, 3),
+                "seconds_per_batch": {
+                    str(b): round(calls[b] * v / 1e3, 3) for b, v in per_call.items()
+                },
                 "wall_seconds_with_compilation": round(time.perf_counter() - start, 1),
                 "max_diff_from_first": diff,
             }
