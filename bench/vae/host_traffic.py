@@ -2,11 +2,12 @@
 crops of host canvases, its copies of results to the host and its pastes there, against the
 decode's wall time, with the bytes each moved.
 
-A decode of random latents (no encode first) on an emulated card with the store capped as a
-memory plan caps it; the engine's ``_gather`` (crops with halo out of a canvas), ``_to`` (a
-result batch started to the host) and ``_scatter`` (owned regions pasted into a canvas, after
-waiting for the batch's copy) are timed around their calls on the host thread. The GPU queue
-runs behind it, so host seconds that reach the wall time are time the GPU starved.
+A decode of random latents (no encode first; after ``--warmups`` untimed ones) on an emulated
+card with the store capped as a memory plan caps it; the engine's ``_gather`` (crops with halo
+out of a canvas), ``_to`` (a result batch started to the host) and ``_scatter`` (owned regions
+pasted into a canvas, after waiting for the batch's copy) are timed around their calls on the
+host thread. The GPU queue runs behind it, so host seconds that reach the wall time are time
+the GPU starved.
 
     python bench/vae/host_traffic.py --size 8192 --emulate-gib 8 --store-limit-gib 2.065 \\
         --out /tmp/host_traffic.json
@@ -38,6 +39,7 @@ def main() -> None:
     parser.add_argument("--store-limit-gib", type=float, default=None)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--warmups", type=int, default=1, help="untimed decodes first")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     from diffusers import AutoencoderKL
@@ -88,6 +90,12 @@ def main() -> None:
         "batch": args.batch,
     }
     with torch.inference_mode():
+        for _ in range(args.warmups):  # kernels built and tuned, allocator warm
+            tiled.tiled_decode(vae, latents, **kw)
+        tally.clear()
+        notes.clear()
+        if args.device == "cuda":
+            torch.cuda.synchronize()
         start = time.perf_counter()
         tiled.tiled_decode(vae, latents, **kw)
         if args.device == "cuda":
