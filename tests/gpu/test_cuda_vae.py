@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from tileup.vae import attention, engine
+from tileup.vae import attention, engine, transfer
 from tileup.vae import tiled as tv
 from tileup.vae.engine import StagedEngine, vae_grid
 from tileup.vae.tiled import tiled_decode, tiled_encode
@@ -97,6 +97,26 @@ def test_host_store_gives_the_device_store_bytes(vae, latents, image, dtype, vae
     assert torch.equal(capped, on_device)
     z = tiled_encode(vae, image, tile=128, store="device", **kw)
     assert torch.equal(tiled_encode(vae, image, tile=128, store="cpu", **kw), z)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_crops_from_the_host_on_a_side_stream_give_the_same_bytes(
+    vae, latents, image, dtype, vae_recompute, monkeypatch
+) -> None:
+    """Every canvas on the host (a cap of 0 bytes): the crops' copies on the side stream give
+    the bytes of copies on the compute stream, however far the host runs ahead of the GPU."""
+    vae_recompute(False, chain=False)  # every canvas stored on the host, none recomputed
+    kw = {"batch": 3, "dtype": dtype, "store": "device", "store_limit": 0}
+    monkeypatch.setenv("TILEUP_VAE_SIDE_COPIES", "off")
+    transfer._SIDE.clear()
+    expected_dec = tiled_decode(vae, latents, tile=16, **kw)
+    expected_enc = tiled_encode(vae, image, tile=128, **kw)
+    assert not transfer._SIDE
+    monkeypatch.setenv("TILEUP_VAE_SIDE_COPIES", "on")
+    torch.cuda._sleep(1 << 28)  # the GPU busy a while: the host queues many batches ahead
+    assert torch.equal(tiled_decode(vae, latents, tile=16, **kw), expected_dec)
+    assert torch.equal(tiled_encode(vae, image, tile=128, **kw), expected_enc)
+    assert torch.cuda.current_device() in transfer._SIDE  # the crops went that way
 
 
 def test_canvases_and_batches_are_channels_last(vae, latents) -> None:

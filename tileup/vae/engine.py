@@ -18,7 +18,7 @@ from typing import TypeVar, cast
 import torch
 from torch import nn
 
-from tileup.vae import attention, copies, knobs
+from tileup.vae import attention, copies, knobs, transfer
 from tileup.vae.grid import VaeGrid, VaeTile, owned_region, vae_grid
 from tileup.vae.stats import channel_stats, group_affine
 
@@ -608,11 +608,10 @@ class StagedEngine:
         device: torch.device,
     ) -> tuple[torch.Tensor, tuple[tuple[int, int, int, int], ...]]:
         """Batched crops (B×C×(th·m + lo + hi)×(tw·m + lo + hi)) of a canvas's ``data`` (at
-        scale ``m``) on ``device``, zero outside."""
+        scale ``m``) on ``device``, zero outside (from the host: :func:`transfer.upload`)."""
         lo, hi = halo
         channels, rows, cols = data.shape
         ch, cw = self.grid.tile_h * m + lo + hi, self.grid.tile_w * m + lo + hi
-        pinned = data.device.type == "cpu" and self.device.type == "cuda"
         buf = self._empty(
             (len(tiles), channels, ch, cw), data.dtype, data.device, pin=True, channels_last=True
         )
@@ -622,7 +621,7 @@ class StagedEngine:
             inside = data[:, y0 + top : y0 + ch - bottom, x0 + left : x0 + cw - right]
             copies.copy_(buf[i, :, top : ch - bottom, left : cw - right], inside)
         StageBatch(pads, (), ()).zero_outside(buf)
-        return buf.to(device, self.dtype, non_blocking=pinned), pads
+        return transfer.upload(buf, device, self.dtype), pads
 
     def _to(
         self, res: torch.Tensor, out: torch.Tensor

@@ -1,0 +1,50 @@
+"""Host-to-device copies of the tiled VAE's crops on a side stream.
+
+Under a memory plan's cap the tiled VAE keeps large canvases on the host and gathers each tile
+batch's crops from them into pinned staging (:meth:`tileup.vae.engine.StagedEngine._gather`).
+Copied to the GPU on the compute stream, those crops stall it: an 8192² decode on an 8 GiB card
+moves ~88 GiB that way (bench/vae/results/host_traffic_h200_8192_8gib.json), ~1.8 s at the
+link's ~50 GB/s with the tensor cores idle. :func:`upload` issues the copy on a side stream
+instead, which the compute stream then waits for: the copy engine moves a batch's crops while
+the earlier batches, already queued, compute. ``TILEUP_VAE_SIDE_COPIES=off`` copies on the
+compute stream (for benchmarks).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+__all__ = ["enabled", "upload"]
+
+_SIDE: dict[int, torch.cuda.Stream] = {}
+"""Per CUDA device index, the stream its uploads run on."""
+
+
+def enabled() -> bool:
+    """Whether crops go to a GPU on a side stream (``TILEUP_VAE_SIDE_COPIES``, default on)."""
+    return os.environ.get("TILEUP_VAE_SIDE_COPIES", "on") != "off"
+
+
+def upload(buf: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``buf`` (a host tensor, page-locked for a CUDA ``device``) on ``device`` in ``dtype``.
+
+    On CUDA with :func:`enabled` and ``buf`` pinned: copied on the device's side stream, the
+    current stream made to wait for it, and the result marked as used there (the allocator
+    keeps its memory until that stream is done with it); ``buf`` may be reused once the copy
+    has run (PyTorch's pinned allocator records it on the side stream). Otherwise
+    ``buf.to(device, dtype)``, asynchronous when ``buf`` is pinned."""
+    pinned = device.type == "cuda" and buf.is_pinned()
+    if not pinned or not enabled():
+        return buf.to(device, dtype, non_blocking=pinned)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    side = _SIDE.get(index)
+    if side is None:
+        side = _SIDE[index] = torch.cuda.Stream(index)  # type: ignore[no-untyped-call]  # torch
+    compute = torch.cuda.current_stream(index)
+    with torch.cuda.stream(side):
+        out = buf.to(device, dtype, non_blocking=True)
+    compute.wait_stream(side)
+    out.record_stream(compute)
+    return out
