@@ -46,10 +46,12 @@ def main() -> None:
 
     from bench.vae.measure_tiled_vae import SD_VAE
 
+    held = 0  # bytes of the ballast (held for the whole run)
     if args.emulate_gib:
         from bench.gpu import take_ballast
 
-        ballast = take_ballast(args.emulate_gib)  # noqa: F841 - held for the whole run
+        ballast = take_ballast(args.emulate_gib)
+        held = 0 if ballast.tensor is None else ballast.tensor.numel()
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     torch.manual_seed(0)
     vae = AutoencoderKL(**SD_VAE).to(args.device, dtype).eval()
@@ -96,11 +98,15 @@ def main() -> None:
         notes.clear()
         if args.device == "cuda":
             torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         tiled.tiled_decode(vae, latents, **kw)
         if args.device == "cuda":
             torch.cuda.synchronize()
         result["decode_s"] = round(time.perf_counter() - start, 3)
+        if args.device == "cuda":  # above the ballast
+            peak = (torch.cuda.max_memory_allocated() - held) / 2**30
+            result["peak_allocated_gib"] = round(peak, 3)
     result["host_thread"] = {
         k: {"calls": int(v["calls"]), "s": round(v["s"], 3), "gib": round(v["bytes"] / 2**30, 2)}
         for k, v in sorted(tally.items())
