@@ -3,10 +3,12 @@
 Under a memory plan's cap the tiled VAE keeps large canvases on the host and gathers each tile
 batch's crops from them into pinned staging (:meth:`tileup.vae.engine.StagedEngine._gather`).
 Copied to the GPU on the compute stream, those crops stall it: an 8192² decode on an 8 GiB card
-moves ~88 GiB that way (bench/vae/results/host_traffic_h200_8192_8gib.json), ~1.8 s at the
-link's ~50 GB/s with the tensor cores idle. :func:`upload` issues the copy on a side stream
-instead, which the compute stream then waits for: the copy engine moves a batch's crops while
-the earlier batches, already queued, compute. ``TILEUP_VAE_SIDE_COPIES=off`` copies on the
+moves ~70–90 GiB that way, ~1.5–1.8 s at the link's ~50 GB/s with the tensor cores idle.
+:func:`upload` issues the copy on a side stream instead, which the compute stream then waits
+for: the copy engine moves a batch's crops while the earlier batches, already queued, compute.
+Measured on an H200 (2026-12-01, bench/vae/results/host_traffic_h200_8192_8gib.json) that
+decode took 16.55 s against 17.80 s on the compute stream (a comparison muddied by fallbacks
+from allocator fragmentation in the latter). ``TILEUP_VAE_SIDE_COPIES=off`` copies on the
 compute stream (for benchmarks).
 """
 
