@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections import defaultdict
@@ -90,6 +91,7 @@ def main() -> None:
         "emulate_gib": args.emulate_gib,
         "store_limit_gib": args.store_limit_gib,
         "batch": args.batch,
+        "environment": {k: v for k, v in sorted(os.environ.items()) if k in _KNOBS},
     }
     with torch.inference_mode():
         for _ in range(args.warmups):  # kernels built and tuned, allocator warm
@@ -115,6 +117,16 @@ def main() -> None:
     text = json.dumps(result, indent=1)
     print(text)
     args.out.write_text(text + "\n")
+
+
+_KNOBS = (
+    "PYTORCH_CUDA_ALLOC_CONF",
+    "TILEUP_VAE_ATTENTION",
+    "TILEUP_VAE_MAX_CHAIN",
+    "TILEUP_VAE_SIDE_COPIES",
+    "TILEUP_FLASH_CONFIG",
+)
+"""Environment variables that change the decode, recorded with its result."""
 
 
 def _bytes(t: Any) -> int:

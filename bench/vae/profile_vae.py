@@ -62,8 +62,13 @@ def seconds(fn: Callable[[], object], repeats: int = 3) -> float:
 
 FLASH_CONFIGS = [
     flash.FlashConfig(64, 32, 8, 2),
+    flash.FlashConfig(64, 32, 8, 3),
+    flash.FlashConfig(64, 64, 8, 1),
     flash.FlashConfig(64, 64, 8, 2),
+    flash.FlashConfig(64, 16, 8, 3),
     flash.FlashConfig(128, 32, 8, 2),
+    flash.FlashConfig(128, 16, 8, 2),
+    flash.FlashConfig(128, 32, 16, 2),
     flash.FlashConfig(64, 32, 4, 2),
     flash.FlashConfig(64, 16, 4, 3),
     flash.FlashConfig(32, 64, 4, 2),
