@@ -9,8 +9,13 @@ attention (:func:`tileup.vae.attention.chunked_attention`) writes and reads ~16 
 once per chunk of queries: at 8192² px (1M tokens) that memory traffic, not the 2.25 PFLOP,
 sets its time.
 
-Opt-in (``TILEUP_VAE_ATTENTION=fused``) until measured against the chunked GEMMs on the GPU
-(``bench/vae/profile_vae.py --parts attention`` times both); the block sizes can be set with
+Opt-in (``TILEUP_VAE_ATTENTION=fused``): slower than the chunked GEMMs. Measured on an H200
+(4096² px, 262 144 tokens, bf16, Triton 3.6, 2026-12-01, bench/vae/results/
+profile_h200_fused_attention.json): 0.72 s at its best block sizes (64 queries, 64 keys,
+8 warps, 1 stage; 195 TFLOP/s) against 0.37 s for the chunked GEMMs; larger blocks do not fit
+in shared memory (a 64×512 block of queries alone takes 64 KiB) and a 64×512 float32
+accumulator fills the registers. An 8192² decode on an emulated 8 GiB card took 22.97 s with
+it against 16.21 s. The block sizes can be set with
 ``TILEUP_FLASH_CONFIG=BLOCK_M,BLOCK_N,WARPS,STAGES``. Tested on the CPU through Triton's
 interpreter (``TRITON_INTERPRET=1``).
 """
