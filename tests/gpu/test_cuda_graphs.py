@@ -246,3 +246,45 @@ def test_a_compiled_job_replays_its_compiled_unet_from_graphs(tiny, tmp_path) ->
     assert redraw is not None and isinstance(redraw.unet, GraphedUNet)
     redraw_conv = redraw.unet.unet._orig_mod.conv_in.weight
     assert redraw_conv.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_a_guidance_pair_shares_its_first_layers_compiled_and_graphed(tiny) -> None:
+    """A paired call (k latents, 2k text states; tileup.sampling.shared_prefix) compiled and
+    replayed from graphs: the shared resnet runs on k samples, each replay gives the compiled
+    call's bytes, all within bf16 kernel rounding of the plain UNet on the doubled batch."""
+    from tileup.sampling import shared_prefix
+    from tileup.sampling.compiled import compile_module
+
+    unet = copy.deepcopy(tiny["unet"]).to(CUDA, torch.bfloat16)
+    paired = copy.deepcopy(unet)
+    assert shared_prefix.install(paired)
+    torch._dynamo.reset()
+    compiled = compile_module(paired, dynamic_batch=False)
+    graphed = GraphedUNet(compiled)
+    assert shared_prefix.pairs_guidance(graphed)  # seen through both wrappers
+    k = 3
+    sample, _ = _inputs(k, seed=21)
+    _, context = _inputs(2 * k, seed=22)
+    t = torch.tensor(400.0, device=CUDA)
+    seen: list[int] = []
+    hook = (
+        paired.down_blocks[0]
+        .resnets[0]
+        .conv1.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[0]))
+    )
+    with torch.inference_mode():
+        expected = unet(torch.cat([sample, sample]), t, encoder_hidden_states=context)[0]
+        eager = paired(sample, t, encoder_hidden_states=context, return_dict=False)[0]
+        hook.remove()
+        first = compiled(
+            sample, t, encoder_hidden_states=context, added_cond_kwargs=None, return_dict=False
+        )[0]
+        for _ in range(3):  # eager (compiled) call, capture, replay
+            got = graphed(sample, t, encoder_hidden_states=context, return_dict=False)[0]
+            assert torch.equal(got, first)
+    assert seen == [k]
+    assert (graphed.captures, graphed.replays) == (1, 1)
+    for out in (eager, first):
+        assert out.shape == expected.shape == (2 * k, 4, 16, 24)
+        gap = (out.float() - expected.float()).abs()
+        assert gap.mean() < 0.02 and gap.max() < 0.25, (gap.mean(), gap.max())  # rounding

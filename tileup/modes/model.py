@@ -24,6 +24,7 @@ from torch import nn
 from tileup import channel_norm
 from tileup.memory import MAX_UNET_BATCH, UNET_SAMPLE_BYTES_64
 from tileup.models.checkpoint import load_checkpoint
+from tileup.sampling import shared_prefix
 from tileup.sampling.compiled import batch_is_dynamic, compile_module
 from tileup.sampling.conditioning import Conditioning, encode_schedule
 from tileup.sampling.graphs import GraphedUNet
@@ -83,7 +84,9 @@ def _runnable(unet: nn.Module, *, compiled: bool, dynamic_batch: bool, graphed: 
     """``unet`` as the sampler calls it: compiled (:func:`compile_module`, an ``OptimizedModule``
     with the UNet's interface; ``dynamic_batch`` as there) and/or replayed from CUDA graphs
     (:class:`GraphedUNet`). Compiled, its GroupNorms may come from per-channel statistics
-    (:func:`tileup.channel_norm.for_unet`)."""
+    (:func:`tileup.channel_norm.for_unet`). Guidance pairs share the UNet's first layers where
+    its architecture allows (:mod:`tileup.sampling.shared_prefix`)."""
+    shared_prefix.install(unet)
     if compiled and channel_norm.for_unet():
         channel_norm.swap_group_norms(unet)
     module = compile_module(unet, dynamic_batch=dynamic_batch) if compiled else unet

@@ -211,7 +211,8 @@ class GraphedUNet(nn.Module):
         for this signature, when the free memory cannot hold its activations twice or the
         warm-up fails; a failed capture returns the warm-up's output and stays eager too."""
         device = sample.device
-        area = sample.shape[0] * sample.shape[-2] * sample.shape[-1] / 64**2
+        samples = max(sample.shape[0], context.shape[0])  # a guidance pair: k latents, 2k states
+        area = samples * sample.shape[-2] * sample.shape[-1] / 64**2
         need = 2 * UNET_SAMPLE_BYTES_64 * area + RESERVE_BYTES
         free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
         if free - torch.cuda.memory_allocated(device) < need:

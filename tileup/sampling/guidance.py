@@ -15,6 +15,7 @@ import torch
 
 from tileup.sampling.conditioning import Conditioning
 from tileup.sampling.protocols import UNet
+from tileup.sampling.shared_prefix import pairs_guidance
 
 
 @dataclass(frozen=True, eq=False)
@@ -65,9 +66,12 @@ def guided_prediction(
 ) -> torch.Tensor:
     """The UNet's prediction for a batch ``x`` (k×C×h×w, in the UNet's dtype) at ``t`` after
     classifier-free guidance: under guidance uncond and cond run as one batch of 2k and the
-    result is ``u + cfg·(c − u)``. Returns float32."""
+    result is ``u + cfg·(c − u)``; a UNet that :func:`~tileup.sampling.shared_prefix.
+    pairs_guidance` gets ``x`` once with the doubled text states and doubles it itself. Returns
+    float32."""
+    doubled = inputs.guided and not pairs_guidance(unet)
     pred = unet(
-        torch.cat([x, x]) if inputs.guided else x,
+        torch.cat([x, x]) if doubled else x,
         t,
         encoder_hidden_states=inputs.context,
         added_cond_kwargs=inputs.added,
