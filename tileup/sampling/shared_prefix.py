@@ -17,12 +17,18 @@ resnet on: :func:`supports` refuses it (and any UNet whose first block is not a 
 resnet + self-attention transformer), and :func:`tileup.sampling.guidance.guided_prediction`
 then doubles the batch itself. ``TILEUP_CFG_PREFIX=off`` turns the sharing off (for
 benchmarks).
+
+Measured on an H200 (SD 1.5, bf16, 27 tiles of 64² a call replayed from CUDA graphs,
+2026-12-01, bench/diffusion/results/shared-prefix-h200.json): eager 153.5 → 150.3 ms a call
+with bit-identical output, compiled 110.0 → 107.4 ms (2.5 % of the call's 43.4 TFLOP saved);
+the compiled reference job 8.31 → 8.12 s.
 """
 
 from __future__ import annotations
 
 import os
 import types
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -93,22 +99,23 @@ def install(unet: nn.Module) -> bool:
     if not (enabled() and supports(unet)):
         return False
     pairing = Pairing()
-    block = _first_transformer_block(unet)
-    assert block is not None  # supports() checked it
-    for module, forward in (
-        (unet.down_blocks[0].resnets[0], _first_half_repeated),
+    model: Any = unet  # diffusers' submodules, untyped
+    block: Any = _first_transformer_block(unet)
+    changes: tuple[tuple[Any, Callable[..., Any]], ...] = (
+        (model.down_blocks[0].resnets[0], _first_half_repeated),
         (block.attn1, _first_half_repeated),
-        (unet, _paired_forward),
-    ):
+        (model, _paired_forward),
+    )
+    for module, forward in changes:
         module._tileup_pairing = pairing
         module._tileup_plain_forward = type(module).forward  # dynamo cannot trace type(m).forward
         module.forward = types.MethodType(forward, module)
-    unet.pairs_guidance = True
+    model.pairs_guidance = True
     return True
 
 
 def _paired_forward(
-    self: nn.Module,
+    self: Any,
     sample: torch.Tensor,
     timestep: torch.Tensor | float,
     encoder_hidden_states: torch.Tensor | None = None,
@@ -133,9 +140,7 @@ def _paired_forward(
     return out
 
 
-def _first_half_repeated(
-    self: nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any
-) -> Any:
+def _first_half_repeated(self: Any, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
     """The layer's forward; during a paired call on the first half of its batch (and of every
     batched tensor argument), the result repeated for the second half."""
     plain = self._tileup_plain_forward
