@@ -133,6 +133,24 @@ def test_same_seed_same_bytes_and_batch_invariance(checkpoints, photo_file, tmp_
     assert not np.array_equal(outputs["a"], outputs["d"]), "another seed gives another image"
 
 
+def test_sharing_the_guidance_pairs_first_layers_changes_only_rounding(
+    checkpoints, photo_file, tmp_path, monkeypatch
+) -> None:
+    """tileup.sampling.shared_prefix against the plain doubled batch, whole jobs of both modes
+    (SD 1.5 tiny, float32 CPU): the same picture up to float rounding of a batch of k against
+    one of 2k."""
+    base = [str(photo_file), "--checkpoint", str(checkpoints["sd1"]), *FAST, "--denoise", "0.5"]
+    for mode in ("fused", "redraw"):
+        outputs = {}
+        for sharing in ("on", "off"):
+            monkeypatch.setenv("TILEUP_CFG_PREFIX", sharing)
+            target = tmp_path / f"{mode}-{sharing}.png"
+            assert main([*base, "--mode", mode, "-o", str(target)]) == 0
+            outputs[sharing] = np.asarray(Image.open(target)).astype(int)
+        gap = np.abs(outputs["on"] - outputs["off"])
+        assert gap.max() <= 1 and (gap > 0).mean() < 0.002, (mode, gap.max(), (gap > 0).mean())
+
+
 def test_diffusers_folder_equals_single_file(checkpoints, photo_file, tmp_path) -> None:
     images = []
     for key in ("sd1", "sd1-folder"):
