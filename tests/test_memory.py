@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -115,14 +117,24 @@ def test_the_vae_attentions_chunk_of_scores_takes_the_tile_batchs_room() -> None
 
 
 def test_low_vram_is_the_smallest_plan_whatever_the_budget() -> None:
+    """The tiled VAE with one tile and no store sets the job's peak; the UNet (streamed), the
+    redraw crops and the SR tile take up to that much, not less (4K: 7 tiles a UNet batch with
+    these sizes, 1.5 GiB of SR tile, against 1 tile and 64 MiB before)."""
     plan = plan_memory(80 * GIB, SD15, K4, low_vram=True)
     assert plan.offload_unet and plan.swap_unet
-    assert (plan.unet_batch, plan.vae_batch, plan.redraw_batch, plan.vae_store_bytes) == (
-        1,
-        1,
-        1,
-        0,
-    )
+    assert (plan.vae_batch, plan.vae_store_bytes) == (1, 0)
+    eight = plan_memory(8 * GIB, SD15, K4, low_vram=True)
+    assert replace(eight, budget_bytes=plan.budget_bytes) == plan
+    vae_stage = SD15.vae + vae_fixed_bytes(K4) + vae_tile_bytes(K4)
+    unet_tile = 2 * 96 * MIB  # guided: two samples of a 64² latent
+    assert plan.unet_batch == (vae_stage - SD15.unet_block) // unet_tile == 7
+    assert SD15.unet_block + plan.unet_batch * unet_tile <= vae_stage
+    assert plan.sr_bytes == 3 * GIB // 2 and SD15.sr + plan.sr_bytes <= vae_stage
+    redraw = plan_memory(80 * GIB, SD15, replace(K4, redraw=True), low_vram=True)
+    assert redraw.redraw_batch == 1  # a 576² crop's VAE pass alone takes ~1.25 GiB
+    # where the attention's buffers wait on the host the VAE stage is smaller, and so is all
+    small = plan_memory(2 * GIB, SD15, K8, low_vram=True)
+    assert small.vae_attention_on_host and small.unet_batch < plan.unet_batch
 
 
 # -- out-of-memory fallbacks ---------------------------------------------------------------

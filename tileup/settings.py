@@ -214,7 +214,9 @@ class UpscaleSettings:
         metavar="GB",
     )
     low_vram: bool = knob(
-        False, "the smallest memory plan: models streamed to the device, one tile at a time"
+        False,
+        "the smallest memory plan: the VAE one tile at a time with its activations on the "
+        "host, the UNet streamed block by block; other stages batch up to that peak",
     )
     dtype: str = knob("auto", "compute precision", choices=DTYPES)
     max_pixels: int = knob(
