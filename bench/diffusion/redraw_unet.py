@@ -26,6 +26,17 @@ WAVES = {2: 4, 4: 4, 6: 4, 8: 10}
 STEPS = 20
 
 
+def gpu_header() -> dict[str, Any]:
+    """What every UNet benchmark's JSON opens with: the GPU, torch's version, the date."""
+    import torch
+
+    return {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
 def median_ms(call: Any, repeats: int) -> float:
     """Median milliseconds of ``repeats`` calls of ``call``, each waited for on the GPU."""
     import torch

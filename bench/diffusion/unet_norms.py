@@ -39,7 +39,7 @@ def main() -> None:
     import torch
 
     from bench.diffusion.profile_unet import random_unet
-    from bench.diffusion.redraw_unet import STEPS, WAVES, median_ms
+    from bench.diffusion.redraw_unet import STEPS, WAVES, gpu_header, median_ms
     from tileup.channel_norm import with_group_norms
     from tileup.sampling.compiled import compile_module
     from tileup.sampling.graphs import GraphedUNet
@@ -51,12 +51,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     timestep = torch.tensor(500.0)
-    result: dict[str, Any] = {
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "cases": {},
-    }
+    result: dict[str, Any] = {**gpu_header(), "cases": {}}
     for case in args.cases.split(","):
         side, calls, dynamic = CASES[case]
         calls = calls or {samples: STEPS * waves for samples, waves in WAVES.items()}
