@@ -83,3 +83,18 @@ def test_the_conv_epilogue_kernel_builds_for_hopper_with_vector_loads(skip: bool
     ptx = compiled.asm["ptx"]
     assert _global_loads(ptx) == {".v4"}  # result, bias and skip: 8 bf16 a load
     assert len(re.findall(r"ld\.global", ptx)) == (3 if skip else 2)
+
+
+@pytest.mark.parametrize("per_group", [10, 40])
+def test_the_unet_group_norm_kernel_builds_for_hopper(per_group: int) -> None:
+    """tileup.group_norm_kernel on a channels-last bf16 activation (SD 1.5: 10 to 40 channels a
+    group; 16-byte loads only where a group's channels are 16-byte aligned)."""
+    from tileup import group_norm_kernel
+
+    types = dict.fromkeys(("x_ptr", "out_ptr", "weight_ptr", "bias_ptr"), "*bf16")
+    types |= dict.fromkeys(("pixels", "per_group", "groups", "stride_p"), "i32")
+    types |= {"eps": "fp32", "stride_b": "i64"}
+    block_c = 1 << (per_group - 1).bit_length()
+    constants = {"stride_c": 1, "BLOCK_P": group_norm_kernel._BLOCK_P, "BLOCK_C": block_c}
+    compiled = _build(group_norm_kernel._kernel(), types, constants, warps=4)
+    assert compiled.asm["cubin"]

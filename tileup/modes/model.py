@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tileup import channel_norm
+from tileup import channel_norm, group_norm_kernel
 from tileup.memory import MAX_UNET_BATCH, UNET_SAMPLE_BYTES_64
 from tileup.models.checkpoint import load_checkpoint
 from tileup.sampling import shared_prefix
@@ -76,8 +76,14 @@ def wants_channels_last(device: torch.device, load: LoadOptions) -> bool:
     nothing: batch 64 at 64² 124.9 against 125.4 ms). With a dynamic batch (redraw waves)
     inductor turns that optimisation off, and cuDNN converted every conv's input to NHWC and
     its output back: 1.8 s of the 11.8 s the GPU was busy in the compiled redraw job (H200,
-    2026-11-30, ``bench/gpu.py --trace``: 53k ``nchwToNhwcKernel`` calls, ~98 per UNet call)."""
-    return device.type == "cuda" and load.compile and load.dynamic_batch
+    2026-11-30, ``bench/gpu.py --trace``: 53k ``nchwToNhwcKernel`` calls, ~98 per UNet call).
+    Eager with the experimental one-kernel GroupNorm (:func:`tileup.group_norm_kernel.wanted`)
+    too."""
+    if device.type != "cuda":
+        return False
+    return (load.compile and load.dynamic_batch) or (
+        not load.compile and group_norm_kernel.wanted()
+    )
 
 
 def _runnable(unet: nn.Module, *, compiled: bool, dynamic_batch: bool, graphed: bool) -> UNet:
@@ -89,6 +95,8 @@ def _runnable(unet: nn.Module, *, compiled: bool, dynamic_batch: bool, graphed: 
     shared_prefix.install(unet)
     if compiled and channel_norm.for_unet():
         channel_norm.swap_group_norms(unet)
+    elif not compiled and group_norm_kernel.wanted():
+        channel_norm.swap_group_norms(unet, group_norm_kernel.KernelGroupNorm)
     module = compile_module(unet, dynamic_batch=dynamic_batch) if compiled else unet
     return cast(UNet, GraphedUNet(module) if graphed else module)
 
