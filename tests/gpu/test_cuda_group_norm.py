@@ -1,0 +1,47 @@
+"""The one-kernel GroupNorm (tileup.group_norm_kernel) on a real GPU (skipped without one):
+bf16 values within PyTorch's rounding in both layouts, the layout kept, and an eager
+channels-last UNet with it within bf16 rounding of the NCHW UNet."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from sd_fixtures import make_tiny_components
+
+from tileup import channel_norm, group_norm_kernel
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize(("channels", "side"), [(320, 64), (640, 32), (1280, 8), (96, 13)])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_bf16_values_are_pytorchs_up_to_rounding(channels: int, side: int, layout: str) -> None:
+    gen = torch.Generator(device="cuda").manual_seed(channels + side)
+    x = torch.randn(6, channels, side, side, device="cuda", generator=gen) * 2 + 1
+    x = x.bfloat16()
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    w = torch.randn(channels, device="cuda", generator=gen).bfloat16()
+    b = torch.randn(channels, device="cuda", generator=gen).bfloat16()
+    got = group_norm_kernel.group_norm(x, 32, w, b, 1e-5)
+    want = F.group_norm(x.double(), 32, w.double(), b.double(), 1e-5)
+    torch_error = (F.group_norm(x, 32, w, b, 1e-5).double() - want).abs().max().item()
+    assert got.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
+    assert (got.double() - want).abs().max().item() <= torch_error + 1e-6
+
+
+@torch.inference_mode()
+def test_an_eager_channels_last_unet_with_it_stays_within_rounding() -> None:
+    unet = make_tiny_components("sd1", seed=0)["unet"].to("cuda", torch.bfloat16).eval()
+    fast = copy.deepcopy(unet).to(memory_format=torch.channels_last)
+    channel_norm.swap_group_norms(fast, group_norm_kernel.KernelGroupNorm)
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    x = torch.randn(4, 4, 16, 24, device="cuda", generator=gen).bfloat16()
+    context = torch.randn(4, 77, 32, device="cuda", generator=gen).bfloat16()
+    want = unet(x, 500, encoder_hidden_states=context)[0].float()
+    got = fast(x, 500, encoder_hidden_states=context)[0].float()
+    gap = (got - want).abs()
+    assert gap.mean() < 0.02 and gap.max() < 0.25, (gap.mean(), gap.max())
