@@ -30,7 +30,7 @@ def test_bf16_values_are_pytorchs_up_to_rounding(channels: int, side: int, layou
     want = F.group_norm(x.double(), 32, w.double(), b.double(), 1e-5)
     torch_error = (F.group_norm(x, 32, w, b, 1e-5).double() - want).abs().max().item()
     assert got.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
-    assert (got.double() - want).abs().max().item() <= torch_error + 1e-6
+    assert (got.double() - want).abs().max().item() <= 1.01 * torch_error + 1e-5
 
 
 @torch.inference_mode()
