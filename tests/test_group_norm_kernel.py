@@ -4,17 +4,13 @@ the kernel built for Hopper without a GPU; the UNet wiring behind its switch."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from interpreter import run_interpreted
 
-import tileup
 from tileup import group_norm_kernel
 from tileup.modes.model import LoadOptions, wants_channels_last
 
@@ -23,21 +19,7 @@ HERE = Path(__file__).parent
 
 @pytest.fixture(scope="module")
 def interpreted() -> dict[str, Any]:
-    root = str(Path(tileup.__file__).resolve().parent.parent)
-    path = os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=path)
-    env.pop("TILEUP_GROUP_NORM", None)
-    done = subprocess.run(
-        [sys.executable, str(HERE / "group_norm_interpreted.py")],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    result: dict[str, Any] = json.loads(done.stdout)
-    return result
+    return run_interpreted(HERE / "group_norm_interpreted.py", ("TILEUP_GROUP_NORM",))
 
 
 def test_values_are_pytorchs_up_to_float32_rounding_in_either_layout(interpreted) -> None:

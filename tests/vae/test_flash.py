@@ -11,17 +11,13 @@ triton is first imported). Its speed and its bf16 behaviour are measured on the 
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from interpreter import run_interpreted
 
-import tileup
 from tileup.vae import flash
 
 HERE = Path(__file__).parent
@@ -29,25 +25,13 @@ HERE = Path(__file__).parent
 
 @pytest.fixture(scope="module")
 def interpreted() -> dict[str, Any]:
-    # the tileup this session imports, whether installed or a checkout
-    root = str(Path(tileup.__file__).resolve().parent.parent)
-    path = os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=path)
-    env.pop("TILEUP_VAE_ATTENTION", None)
-    env.pop("TILEUP_VAE_SOFTMAX", None)
-    env.pop("TILEUP_VAE_STATS", None)
-    env.pop("TILEUP_VAE_EPILOGUE", None)
-    done = subprocess.run(
-        [sys.executable, str(HERE / "flash_interpreted.py")],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-        check=False,
+    unset = (
+        "TILEUP_VAE_ATTENTION",
+        "TILEUP_VAE_SOFTMAX",
+        "TILEUP_VAE_STATS",
+        "TILEUP_VAE_EPILOGUE",
     )
-    assert done.returncode == 0, done.stderr[-3000:]
-    result: dict[str, Any] = json.loads(done.stdout)
-    return result
+    return run_interpreted(HERE / "flash_interpreted.py", unset)
 
 
 @pytest.mark.parametrize(("n", "keys", "d"), [(70, 45, 32), (1, 200, 64), (64, 96, 512)])
