@@ -123,3 +123,26 @@ def test_a_call_that_raised_does_not_leave_the_next_call_sharing() -> None:
     with torch.no_grad():
         unet(x, 5, encoder_hidden_states=context, return_dict=False)
     assert batches == [2]
+
+
+def test_a_streamed_unet_shares_its_first_layers_too() -> None:
+    """--low-vram streams the UNet block by block (StreamedBlocks' hooks on the blocks): the
+    shared resnet sits inside the first block, which its hook loads first."""
+    from tileup.devices import StreamedBlocks
+
+    unet, plain = _unet("sd1"), _unet("sd1")
+    shared_prefix.install(unet)
+    blocks = [*unet.down_blocks, *unet.up_blocks, unet.mid_block]
+    loaded: list[str] = []
+    unet.down_blocks[0].register_forward_pre_hook(lambda _m, _a: loaded.append("block"))
+    streamed = StreamedBlocks(unet, blocks, torch.device("cpu"))
+    batches = _counted(unet.down_blocks[0].resnets[0].conv1)
+    k = 2
+    x = torch.randn(k, 4, 16, 16, generator=torch.Generator().manual_seed(5))
+    context = _context(unet, k)
+    with torch.no_grad():
+        got = unet(x, 50, encoder_hidden_states=context, return_dict=False)[0]
+        want = plain(torch.cat([x, x]), 50, encoder_hidden_states=context, return_dict=False)[0]
+    streamed.remove()
+    assert loaded == ["block"] and batches == [k]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
