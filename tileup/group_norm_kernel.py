@@ -146,7 +146,7 @@ def group_norm(
             num_warps=4,
         )
 
-    if not softmax.launched(run, x, _FAILED, "group norm"):
+    if not softmax.launched(run, x, _FAILED, "UNet group norm"):
         return F.group_norm(x, groups, weight, bias, eps)
     return out
 

@@ -240,7 +240,7 @@ def test_a_kernel_that_cannot_launch_is_left_to_pytorch_on_that_gpu(monkeypatch)
     failed: set[int] = set()
     gpu = SimpleNamespace(device=torch.device("cuda", 1))
     with pytest.warns(UserWarning, match=r"VAE bias kernel unavailable \(RuntimeError\)"):
-        assert not softmax.launched(broken, gpu, failed, "bias")  # type: ignore[arg-type]
+        assert not softmax.launched(broken, gpu, failed, "VAE bias")  # type: ignore[arg-type]
     assert failed == {1}
     ran: list[int] = []
     assert softmax.launched(lambda: ran.append(1), gpu, failed, "bias")  # type: ignore[arg-type]

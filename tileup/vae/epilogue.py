@@ -119,7 +119,7 @@ def conv2d(
             num_warps=8,
         )
 
-    if not softmax.launched(run, x, _FAILED, "bias"):
+    if not softmax.launched(run, x, _FAILED, "VAE bias"):
         out.add_(bias.reshape(1, -1, 1, 1))
         return out if skip is None else skip + out
     return out

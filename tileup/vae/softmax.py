@@ -175,7 +175,7 @@ def softmax_block(
             num_warps=max(1, min(16, block // 1024)),
         )
 
-    if rows and cols and not launched(run, scores, _FAILED, "softmax"):
+    if rows and cols and not launched(run, scores, _FAILED, "VAE softmax"):
         return softmax_block(scores, row_max, row_sum, dtype)
     return probs, rescale
 
@@ -187,10 +187,10 @@ def _next_power_of_two(n: int) -> int:
 
 def launched(run: Callable[[], None], x: torch.Tensor, failed: set[int], what: str) -> bool:
     """``run()`` (a Triton kernel launch) on ``x``'s device and stream; whether it ran. On CUDA
-    a failure to build or launch (other than out of memory, raised) is warned about ("VAE
-    ``what`` kernel unavailable") and recorded in ``failed`` (:func:`kernel_runs` then says no
-    on that device: PyTorch's ops from now on) and nothing was written; on the CPU (Triton's
-    interpreter) it is raised."""
+    a failure to build or launch (other than out of memory, raised) is warned about ("``what``
+    kernel unavailable", ``what`` such as "VAE softmax") and recorded in ``failed``
+    (:func:`kernel_runs` then says no on that device: PyTorch's ops from now on) and nothing
+    was written; on the CPU (Triton's interpreter) it is raised."""
     try:
         with on_device(x.device):  # Triton launches on the current device's stream
             run()
@@ -201,7 +201,7 @@ def launched(run: Callable[[], None], x: torch.Tensor, failed: set[int], what: s
             raise
         failed.add(device_index(x.device))
         warnings.warn(
-            f"VAE {what} kernel unavailable ({type(exc).__name__}); using PyTorch's", stacklevel=3
+            f"{what} kernel unavailable ({type(exc).__name__}); using PyTorch's", stacklevel=3
         )
         return False
     return True

@@ -130,7 +130,7 @@ def channel_stats(
             num_warps=4,
         )
 
-    if not softmax.launched(run, x, _FAILED, "statistics"):
+    if not softmax.launched(run, x, _FAILED, "VAE statistics"):
         return channel_stats(x)
     return _merged(means, m2s, pixels, span)
 
