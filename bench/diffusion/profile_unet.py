@@ -65,9 +65,10 @@ def kernel_ms(fn: Callable[[], object], top: int = 12, width: int = 100) -> dict
     }
 
 
-def random_unet(*, channels_last: bool = False) -> Any:
-    """The full-size SD 1.5 UNet from tileup's config with random weights (seed 0) on the GPU,
-    bf16, eval, with the fused QKV projections tileup uses on CUDA."""
+def random_unet(*, channels_last: bool = False, family: str = "sd15") -> Any:
+    """The full-size UNet of ``family`` ("sd15" or "sdxl") from tileup's config with random
+    weights (seed 0) on the GPU, bf16, eval, with the fused QKV projections tileup uses on
+    CUDA."""
     import torch
     from diffusers import UNet2DConditionModel
 
@@ -76,7 +77,7 @@ def random_unet(*, channels_last: bool = False) -> Any:
 
     torch.manual_seed(0)
     with torch.device("cuda"):
-        unet = UNet2DConditionModel.from_config(_config("sd15", "unet"))
+        unet = UNet2DConditionModel.from_config(_config(family, "unet"))
     unet.to(dtype=torch.bfloat16).eval().requires_grad_(False)
     _fast_layout(unet)
     if channels_last:
