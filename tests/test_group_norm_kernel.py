@@ -1,15 +1,17 @@
 """The one-kernel GroupNorm for an eager channels-last UNet (tileup.group_norm_kernel): values
 on the CPU through Triton's interpreter, in a process of its own (``group_norm_interpreted.py``);
-the kernel built for Hopper without a GPU; the UNet wiring behind its switch."""
+the kernel built for Hopper without a GPU; which UNets take it (TILEUP_UNET_LAYOUT)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
 from interpreter import run_interpreted
+from torch import nn
 
 from tileup import group_norm_kernel
 from tileup.modes.model import LoadOptions, wants_channels_last
@@ -43,15 +45,35 @@ def test_the_swapped_module_runs_it(interpreted) -> None:
     assert interpreted["module"]["error"] < 1e-5
 
 
-def test_off_by_default_and_pytorchs_without_a_kernel(monkeypatch) -> None:
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.delenv("TILEUP_UNET_LAYOUT", raising=False)
-    cuda = torch.device("cuda")
+def _unet(addition_embed_type: str | None) -> nn.Module:
+    """A stand-in UNet: only its config's ``addition_embed_type`` matters here."""
+    unet = nn.Module()
+    unet.config = SimpleNamespace(addition_embed_type=addition_embed_type)  # type: ignore[assignment]
+    return unet
+
+
+def test_layout_choice_and_pytorchs_without_a_kernel(monkeypatch) -> None:
     eager = LoadOptions(vae=None, prediction="epsilon", prompt="", negative_prompt="")
-    assert not group_norm_kernel.wanted() and not wants_channels_last(cuda, eager)
+    sd, sdxl, cpu = _unet(None), _unet("text_time"), torch.device("cpu")
+    monkeypatch.delenv("TILEUP_UNET_LAYOUT", raising=False)
+    monkeypatch.delenv("TILEUP_GROUP_NORM", raising=False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert not group_norm_kernel.wanted(sd, cpu)  # no kernel runs here: PyTorch's layout
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the kernel runs (interpreted): as on a GPU
+    assert group_norm_kernel.wanted(sd, cpu) and not group_norm_kernel.wanted(sdxl, cpu)
+    assert not wants_channels_last(sd, cpu, eager)  # the weights' layout: CUDA only
     monkeypatch.setenv("TILEUP_UNET_LAYOUT", "channels_last_kernel_norm")
-    assert group_norm_kernel.wanted() and wants_channels_last(cuda, eager)
-    assert not wants_channels_last(torch.device("cpu"), eager)
+    assert group_norm_kernel.wanted(sdxl, cpu)
+    monkeypatch.setenv("TILEUP_GROUP_NORM", "torch")  # the kernel turned off: never
+    assert not group_norm_kernel.wanted(sdxl, cpu)
+    monkeypatch.delenv("TILEUP_GROUP_NORM")
+    monkeypatch.setenv("TILEUP_UNET_LAYOUT", "nchw")
+    assert not group_norm_kernel.wanted(sd, cpu)
+    monkeypatch.setenv("TILEUP_UNET_LAYOUT", "channels-last")
+    with pytest.raises(ValueError, match="TILEUP_UNET_LAYOUT must be one of auto, nchw"):
+        group_norm_kernel.wanted(sd, cpu)
+    monkeypatch.delenv("TILEUP_UNET_LAYOUT")
+    monkeypatch.delenv("TRITON_INTERPRET")
     x = torch.randn(2, 8, 3, 3)  # the CPU without the interpreter: PyTorch's, same values
     w, b = torch.randn(8), torch.randn(8)
     got = group_norm_kernel.group_norm(x, 2, w, b, 1e-5)

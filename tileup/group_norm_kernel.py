@@ -42,10 +42,25 @@ _FAILED: set[int] = set()
 """CUDA devices where the kernel could not be built or launched (PyTorch's there)."""
 
 
-def wanted() -> bool:
-    """Whether the eager UNet on CUDA runs channels-last with :class:`KernelGroupNorm`
-    (``TILEUP_UNET_LAYOUT=channels_last_kernel_norm``; default off: not yet measured faster)."""
-    return os.environ.get("TILEUP_UNET_LAYOUT", "nchw") == "channels_last_kernel_norm"
+LAYOUTS = ("auto", "nchw", "channels_last_kernel_norm")
+"""Values of ``TILEUP_UNET_LAYOUT`` (unset: ``auto``)."""
+
+
+def wanted(unet: nn.Module, device: torch.device) -> bool:
+    """Whether the eager ``unet`` on ``device`` runs channels-last with :class:`KernelGroupNorm`:
+    only where the kernel runs (a CUDA GPU of compute capability 8.0 with Triton, not turned off
+    by ``TILEUP_GROUP_NORM=torch``); then as ``TILEUP_UNET_LAYOUT`` says: ``nchw`` never,
+    ``channels_last_kernel_norm`` always, ``auto`` (the default) for a UNet without added
+    embeddings (SD 1.x/2.x; SDXL's call was 1.6 % slower with it, see the module docstring).
+    ValueError for another value."""
+    layout = os.environ.get("TILEUP_UNET_LAYOUT", "auto")
+    if layout not in LAYOUTS:
+        raise ValueError(f"TILEUP_UNET_LAYOUT must be one of {', '.join(LAYOUTS)}, not {layout!r}")
+    if layout == "nchw" or not softmax.kernel_runs_on(device, "TILEUP_GROUP_NORM", _FAILED):
+        return False
+    if layout == "channels_last_kernel_norm":
+        return True
+    return getattr(getattr(unet, "config", None), "addition_embed_type", None) is None
 
 
 @functools.cache

@@ -1,6 +1,7 @@
 """The one-kernel GroupNorm (tileup.group_norm_kernel) on a real GPU (skipped without one):
 bf16 values within PyTorch's rounding in both layouts, the layout kept, and an eager
-channels-last UNet with it within bf16 rounding of the NCHW UNet."""
+channels-last UNet with it within bf16 rounding of the NCHW UNet; which UNets take it by
+default."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 from sd_fixtures import make_tiny_components
 
 from tileup import channel_norm, group_norm_kernel
+from tileup.modes.model import LoadOptions, _runnable, wants_channels_last
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -45,3 +47,19 @@ def test_an_eager_channels_last_unet_with_it_stays_within_rounding() -> None:
     got = fast(x, 500, encoder_hidden_states=context)[0].float()
     gap = (got - want).abs()
     assert gap.mean() < 0.02 and gap.max() < 0.25, (gap.mean(), gap.max())
+
+
+@pytest.mark.parametrize(("family", "takes_it"), [("sd1", True), ("sdxl", False)])
+def test_the_eager_default_gives_sd1_the_kernel_and_channels_last(
+    family: str, takes_it: bool, monkeypatch
+) -> None:
+    """TILEUP_UNET_LAYOUT unset: SD 1.x eager on the GPU runs channels-last with the kernel
+    (faster, bench/diffusion/RESULTS.md), SDXL keeps NCHW and PyTorch's GroupNorm."""
+    monkeypatch.delenv("TILEUP_UNET_LAYOUT", raising=False)
+    monkeypatch.delenv("TILEUP_GROUP_NORM", raising=False)
+    unet = make_tiny_components(family, seed=0)["unet"].to("cuda", torch.bfloat16).eval()
+    load = LoadOptions(vae=None, prediction="epsilon", prompt="", negative_prompt="")
+    assert wants_channels_last(unet, torch.device("cuda"), load) == takes_it
+    runnable = _runnable(unet, compiled=False, dynamic_batch=False, graphed=False)
+    kinds = {type(m) for m in runnable.modules() if isinstance(m, torch.nn.GroupNorm)}
+    assert kinds == ({group_norm_kernel.KernelGroupNorm} if takes_it else {torch.nn.GroupNorm})

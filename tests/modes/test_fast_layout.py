@@ -9,6 +9,7 @@ from dataclasses import replace
 import pytest
 import torch
 from sd_fixtures import make_tiny_components
+from torch import nn
 
 from tileup.modes.model import LoadOptions, _fast_layout, wants_channels_last
 
@@ -37,12 +38,14 @@ def test_fast_layout_keeps_the_unet_function(channels_last: bool) -> None:
     assert float(want.abs().mean()) > 0.01
 
 
-def test_channels_last_only_for_the_dynamic_batch_compiled_unet_on_cuda() -> None:
-    """Inductor picks the layout itself for static shapes; eager channels-last is slower."""
+def test_channels_last_for_the_dynamic_batch_compiled_unet_on_cuda(monkeypatch) -> None:
+    """Inductor picks the layout itself for static shapes; eager, the UNet is channels-last
+    only with the one-kernel GroupNorm (tests/test_group_norm_kernel.py, tests/gpu)."""
+    monkeypatch.setenv("TILEUP_UNET_LAYOUT", "nchw")  # eager: decided without asking the GPU
     base = LoadOptions(vae=None, prediction="epsilon", prompt="", negative_prompt="")
-    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    cuda, cpu, unet = torch.device("cuda"), torch.device("cpu"), nn.Module()
     redraw = replace(base, compile=True, dynamic_batch=True)
-    assert wants_channels_last(cuda, redraw)
-    assert not wants_channels_last(cpu, redraw)
-    assert not wants_channels_last(cuda, replace(base, compile=True))  # fused: static
-    assert not wants_channels_last(cuda, replace(base, dynamic_batch=True))  # eager
+    assert wants_channels_last(unet, cuda, redraw)
+    assert not wants_channels_last(unet, cpu, redraw)
+    assert not wants_channels_last(unet, cuda, replace(base, compile=True))  # fused: static
+    assert not wants_channels_last(unet, cuda, replace(base, dynamic_batch=True))  # eager

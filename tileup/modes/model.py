@@ -67,7 +67,7 @@ def _fast_layout(unet: nn.Module, *, channels_last: bool = False) -> None:
                 setattr(module, name, None)
 
 
-def wants_channels_last(device: torch.device, load: LoadOptions) -> bool:
+def wants_channels_last(unet: nn.Module, device: torch.device, load: LoadOptions) -> bool:
     """Whether the UNet's weights go channels-last: compiled with a dynamic batch on CUDA.
 
     Eager, channels-last was slower (diffusion 11.1 s against 10.1 s on the reference job,
@@ -77,13 +77,18 @@ def wants_channels_last(device: torch.device, load: LoadOptions) -> bool:
     inductor turns that optimisation off, and cuDNN converted every conv's input to NHWC and
     its output back: 1.8 s of the 11.8 s the GPU was busy in the compiled redraw job (H200,
     2026-11-30, ``bench/gpu.py --trace``: 53k ``nchwToNhwcKernel`` calls, ~98 per UNet call).
-    Eager with the experimental one-kernel GroupNorm (:func:`tileup.group_norm_kernel.wanted`)
-    too."""
+    Eager where the UNet takes the one-kernel GroupNorm (:func:`tileup.group_norm_kernel.wanted`:
+    SD 1.x/2.x on GPUs from compute capability 8.0)."""
     if device.type != "cuda":
         return False
     return (load.compile and load.dynamic_batch) or (
-        not load.compile and group_norm_kernel.wanted()
+        not load.compile and group_norm_kernel.wanted(unet, device)
     )
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    """Where ``module``'s first parameter lives (the CPU for a module without any)."""
+    return next((p.device for p in module.parameters()), torch.device("cpu"))
 
 
 def _runnable(unet: nn.Module, *, compiled: bool, dynamic_batch: bool, graphed: bool) -> UNet:
@@ -95,7 +100,7 @@ def _runnable(unet: nn.Module, *, compiled: bool, dynamic_batch: bool, graphed: 
     shared_prefix.install(unet)
     if compiled and channel_norm.for_unet():
         channel_norm.swap_group_norms(unet)
-    elif not compiled and group_norm_kernel.wanted():
+    elif not compiled and group_norm_kernel.wanted(unet, _device_of(unet)):
         channel_norm.swap_group_norms(unet, group_norm_kernel.KernelGroupNorm)
     module = compile_module(unet, dynamic_batch=dynamic_batch) if compiled else unet
     return cast(UNet, GraphedUNet(module) if graphed else module)
@@ -246,7 +251,7 @@ class DiffusionModel:
         with _quiet_diffusers():  # no dtype-cast chatter on the user's terminal
             sd.unet.to(device=device, dtype=dtype)
         if device.type == "cuda":
-            _fast_layout(sd.unet, channels_last=wants_channels_last(device, load))
+            _fast_layout(sd.unet, channels_last=wants_channels_last(sd.unet, device, load))
         runner = VaeRunner(sd.vae, device, dtype, replace(vae, compile=load.compile))
         prompts = PromptEncoder(sd.family, tuple(sd.text_encoders), tuple(sd.tokenizers))
         schedule = prompts.schedule(

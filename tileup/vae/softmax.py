@@ -55,13 +55,18 @@ def kernel_runs(x: torch.Tensor, switch: str, failed: set[int]) -> bool:
     capability 8.0 or later (native bf16) with Triton installed, unless the environment
     variable ``switch`` is ``torch`` or the kernel failed on that GPU before (``failed``: device
     indices); on the CPU under Triton's interpreter."""
+    return kernel_runs_on(x.device, switch, failed)
+
+
+def kernel_runs_on(device: torch.device, switch: str, failed: set[int]) -> bool:
+    """:func:`kernel_runs` for a tensor on ``device``."""
     if os.environ.get(switch, "triton") == "torch" or not _triton_installed():
         return False
-    if x.device.type == "cuda":
-        if device_index(x.device) in failed:
+    if device.type == "cuda":
+        if device_index(device) in failed:
             return False
-        return torch.cuda.get_device_capability(x.device) >= (8, 0)
-    return os.environ.get("TRITON_INTERPRET") == "1" and x.device.type == "cpu"
+        return torch.cuda.get_device_capability(device) >= (8, 0)
+    return os.environ.get("TRITON_INTERPRET") == "1" and device.type == "cpu"
 
 
 _FAILED: set[int] = set()
