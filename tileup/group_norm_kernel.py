@@ -11,15 +11,15 @@ then reads them again (from the L2 cache for most groups) and writes ``(x − me
 in the input's dtype and memory format. Values: PyTorch's GroupNorm up to float32 rounding.
 
 Measured on an H200 (bf16, 2026-12-01, ``bench/diffusion/eager_layouts.py``,
-bench/diffusion/results/eager-layouts-h200.json): a 54×320×64² norm 0.43 ms channels-last
-against PyTorch's 0.80 (0.35 NCHW); the eager fused call (27 tiles at 64², graphed)
-148.3 ms NCHW, 167.0 channels-last with PyTorch's norm, 139.2 channels-last with this one
-(−6 %); the whole reference job 11.23 s (diffusion 9.10) against 11.44 s (9.42) for the
-default in an earlier call. Opt-in (``TILEUP_UNET_LAYOUT=channels_last_kernel_norm``,
-:func:`wanted`) until the redraw's eager crops, SDXL and the small cards are measured with it
-too. Runs on
-CUDA GPUs from compute capability 8.0 with Triton (elsewhere, or when the kernel fails to
-build: PyTorch's); tested on the CPU through Triton's interpreter (``TRITON_INTERPRET=1``).
+bench/diffusion/results/eager-layouts-*.json): a 54×320×64² norm 0.43 ms channels-last
+against PyTorch's 0.80 (0.35 NCHW); the eager fused call (27 tiles at 64², graphed) 148.3 ms
+NCHW, 167.0 channels-last with PyTorch's norm, 139.2 channels-last with this one (−6 %); the
+redraw's calls (1–4 crops at 72²) −10 to −18 %; SDXL's call (25 tiles at 128²) +1.6 %. So an
+eager SD 1.x/2.x UNet takes it by default and SDXL does not (:func:`wanted`,
+``TILEUP_UNET_LAYOUT``): the reference job 11.44 → 10.92 s, the linear redraw 16.13 →
+14.36 s. Runs on CUDA GPUs from compute capability 8.0 with Triton (elsewhere, or when the
+kernel fails to build: PyTorch's, and :func:`wanted` keeps the UNet NCHW); tested on the CPU
+through Triton's interpreter (``TRITON_INTERPRET=1``).
 """
 
 from __future__ import annotations

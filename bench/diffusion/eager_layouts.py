@@ -1,13 +1,14 @@
-"""The eager SD 1.5 UNet (tileup's default, replayed from CUDA graphs) in NCHW against
-channels-last, with PyTorch's GroupNorm and with the one-kernel GroupNorm of
-:mod:`tileup.group_norm_kernel`, at the fused job's call: 27 tiles at 64² with the guidance
-pair sharing its first layers (54 samples). Also each GroupNorm shape of that call alone.
+"""The eager UNet (replayed from CUDA graphs) in NCHW against channels-last, with PyTorch's
+GroupNorm and with the one-kernel GroupNorm of :mod:`tileup.group_norm_kernel`, at the calls
+of three jobs (``--cases``): ``fused`` (27 tiles at 64², the guidance pair sharing its first
+layers), ``redraw`` (1 to 4 crops at 72², paired) and ``sdxl`` (25 tiles at 128², 50
+samples). ``--norms``: also each GroupNorm shape of the fused call alone.
 
-Prints and writes (``--out``) ms per call, the job's UNet seconds (60 calls) and each variant's
-largest difference from NCHW with PyTorch's GroupNorm (bf16 rounding); per GroupNorm shape, ms
+Prints and writes (``--out``, after every variant) ms per call, the job's UNet seconds and each
+variant's largest difference from the first variant (bf16 rounding); per GroupNorm shape, ms
 for PyTorch's and the kernel in each layout and the kernel's error against float64.
 
-    python bench/diffusion/eager_layouts.py --out /tmp/eager_layouts.json
+    python bench/diffusion/eager_layouts.py --out /tmp/eager_layouts.json --cases fused,redraw
 """
 
 from __future__ import annotations

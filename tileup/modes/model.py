@@ -68,11 +68,12 @@ def _fast_layout(unet: nn.Module, *, channels_last: bool = False) -> None:
 
 
 def wants_channels_last(unet: nn.Module, device: torch.device, load: LoadOptions) -> bool:
-    """Whether the UNet's weights go channels-last: compiled with a dynamic batch on CUDA.
+    """Whether the UNet's weights go channels-last on CUDA: compiled with a dynamic batch, or eager
+    with the one-kernel GroupNorm.
 
-    Eager, channels-last was slower (diffusion 11.1 s against 10.1 s on the reference job,
-    H200, 2026-11-29: GroupNorm has no fast channels-last kernel). Compiled with static shapes,
-    inductor's layout optimisation picks channels-last itself (explicit weights changed
+    Eager with PyTorch's GroupNorm, channels-last was slower (diffusion 11.1 s against 10.1 s
+    on the reference job, H200, 2026-11-29: its kernel takes NCHW only). Compiled with static
+    shapes, inductor's layout optimisation picks channels-last itself (explicit weights changed
     nothing: batch 64 at 64² 124.9 against 125.4 ms). With a dynamic batch (redraw waves)
     inductor turns that optimisation off, and cuDNN converted every conv's input to NHWC and
     its output back: 1.8 s of the 11.8 s the GPU was busy in the compiled redraw job (H200,
