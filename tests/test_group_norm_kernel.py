@@ -15,6 +15,7 @@ from torch import nn
 
 from tileup import group_norm_kernel
 from tileup.modes.model import LoadOptions, wants_channels_last
+from tileup.settings import SettingsError
 
 HERE = Path(__file__).parent
 
@@ -70,7 +71,7 @@ def test_layout_choice_and_pytorchs_without_a_kernel(monkeypatch) -> None:
     monkeypatch.setenv("TILEUP_UNET_LAYOUT", "nchw")
     assert not group_norm_kernel.wanted(sd, cpu)
     monkeypatch.setenv("TILEUP_UNET_LAYOUT", "channels-last")
-    with pytest.raises(ValueError, match="TILEUP_UNET_LAYOUT must be one of auto, nchw"):
+    with pytest.raises(SettingsError, match="TILEUP_UNET_LAYOUT must be one of auto, nchw"):
         group_norm_kernel.wanted(sd, cpu)
     monkeypatch.delenv("TILEUP_UNET_LAYOUT")
     monkeypatch.delenv("TRITON_INTERPRET")

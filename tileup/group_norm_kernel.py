@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tileup.settings import SettingsError
 from tileup.vae import softmax
 
 __all__ = ["KernelGroupNorm", "group_norm", "wanted"]
@@ -52,10 +53,12 @@ def wanted(unet: nn.Module, device: torch.device) -> bool:
     by ``TILEUP_GROUP_NORM=torch``); then as ``TILEUP_UNET_LAYOUT`` says: ``nchw`` never,
     ``channels_last_kernel_norm`` always, ``auto`` (the default) for a UNet without added
     embeddings (SD 1.x/2.x; SDXL's call was 1.6 % slower with it, see the module docstring).
-    ValueError for another value."""
+    :class:`~tileup.settings.SettingsError` (one line for the user) for another value."""
     layout = os.environ.get("TILEUP_UNET_LAYOUT", "auto")
     if layout not in LAYOUTS:
-        raise ValueError(f"TILEUP_UNET_LAYOUT must be one of {', '.join(LAYOUTS)}, not {layout!r}")
+        raise SettingsError(
+            f"TILEUP_UNET_LAYOUT must be one of {', '.join(LAYOUTS)}, not {layout!r}"
+        )
     if layout == "nchw" or not softmax.kernel_runs_on(device, "TILEUP_GROUP_NORM", _FAILED):
         return False
     if layout == "channels_last_kernel_norm":
