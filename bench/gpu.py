@@ -846,8 +846,10 @@ class Process:
 
 
 def plan(jobs: list[str], sweep: list[float], modes: list[str]) -> list[Process]:
-    """The unique processes the jobs and sweep entries need (a sweep entry at the whole GPU or
-    at 4 GiB is the reference / reference_low_vram job), whole-GPU baselines first."""
+    """The unique processes the jobs and sweep entries need, whole-GPU baselines first. A sweep
+    entry that is a job's run (the whole GPU: reference / redraw; fused at 4 GiB:
+    reference_low_vram) fills that job's entry too, asked for or not: one measurement, one
+    figure."""
     procs: dict[tuple[str, float, int, str], Process] = {}
     for name in jobs:
         spec = JOBS[name]
@@ -857,7 +859,14 @@ def plan(jobs: list[str], sweep: list[float], modes: list[str]) -> list[Process]
         job = SWEEP_JOBS[mode]
         for gib in sweep:
             spec = JOBS[job]
-            procs.setdefault((spec.kind, gib, 1, ""), Process(job, gib, [])).sweep_mode = mode
+            proc = procs.setdefault((spec.kind, gib, 1, ""), Process(job, gib, []))
+            proc.sweep_mode = mode
+            proc.jobs.extend(
+                name
+                for name, other in JOBS.items()
+                if (other.kind, other.gib, other.devices, other.variant) == proc.key
+                and name not in proc.jobs
+            )
     kinds = list(KINDS)
     return sorted(
         procs.values(), key=lambda p: (p.gib != WHOLE, kinds.index(p.spec.kind), p.key[2], p.gib)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench.gpu import derive, goals, idle_gaps, markdown
+from bench.gpu import WHOLE, derive, goals, idle_gaps, markdown, plan
 
 
 def _entry(seconds: float | None, commit: str = "c1", **extra: Any) -> dict[str, Any]:
@@ -115,3 +115,20 @@ def test_idle_gaps_merge_overlapping_events_and_rank_the_gaps() -> None:
     assert text[0].startswith("device 0: 0.005 s from first to last event, idle 0.002 s in 1 gaps")
     assert text[1].split() == ["2.00", "ms", "at", "0.001", "s", "after", "conv", "before", "gemm"]
     assert text[2].startswith("device 1: 0.500 s") and "idle 0.000 s in 0 gaps" in text[2]
+
+
+def test_a_sweep_entry_that_is_a_jobs_run_fills_that_job_too() -> None:
+    procs = {
+        (p.spec.kind, p.gib): p for p in plan(["sdxl"], [WHOLE, 4.0, 8.0], ["fused", "redraw"])
+    }
+    assert procs[("sd15_fused", WHOLE)].jobs == ["reference"]
+    assert procs[("sd15_fused", 4.0)].jobs == ["reference_low_vram"]
+    assert procs[("sd15_fused", 8.0)].jobs == []  # no job is the 8 GiB fused run
+    assert procs[("sd15_redraw", WHOLE)].jobs == ["redraw"]
+    assert procs[("sd15_redraw", 4.0)].jobs == []
+    assert (
+        procs[("sdxl_fused", WHOLE)].jobs == ["sdxl"]
+        and procs[("sdxl_fused", WHOLE)].sweep_mode is None
+    )
+    assert [p.sweep_mode for p in plan(["reference"], [WHOLE], ["fused"])] == ["fused"]
+    assert plan(["reference"], [WHOLE], ["fused"])[0].jobs == ["reference"]  # not twice
