@@ -96,12 +96,17 @@ def _runnable(unet: nn.Module, *, compiled: bool, dynamic_batch: bool, graphed: 
     """``unet`` as the sampler calls it: compiled (:func:`compile_module`, an ``OptimizedModule``
     with the UNet's interface; ``dynamic_batch`` as there) and/or replayed from CUDA graphs
     (:class:`GraphedUNet`). Compiled, its GroupNorms may come from per-channel statistics
-    (:func:`tileup.channel_norm.for_unet`). Guidance pairs share the UNet's first layers where
+    (:func:`tileup.channel_norm.for_unet`); eager on CUDA, from one Triton kernel where
+    :func:`tileup.group_norm_kernel.wanted`. Guidance pairs share the UNet's first layers where
     its architecture allows (:mod:`tileup.sampling.shared_prefix`)."""
     shared_prefix.install(unet)
     if compiled and channel_norm.for_unet():
         channel_norm.swap_group_norms(unet)
-    elif not compiled and group_norm_kernel.wanted(unet, _device_of(unet)):
+    elif (
+        not compiled
+        and group_norm_kernel.wanted(unet, device := _device_of(unet))  # (checks the setting)
+        and device.type == "cuda"  # not Triton's interpreter on the CPU: far too slow for a UNet
+    ):
         channel_norm.swap_group_norms(unet, group_norm_kernel.KernelGroupNorm)
     module = compile_module(unet, dynamic_batch=dynamic_batch) if compiled else unet
     return cast(UNet, GraphedUNet(module) if graphed else module)
