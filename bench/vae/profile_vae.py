@@ -328,12 +328,45 @@ def trace(vae: Any, size: int, dtype: torch.dtype, store: str, limit: int | None
         table = prof.key_averages()
         out[name] = {
             "seconds_profiled": wall,
+            "kernels": kernel_totals(table),
             "cuda": prof.key_averages().table(sort_by="cuda_time_total", row_limit=22),
             "cpu": table.table(sort_by="self_cpu_time_total", row_limit=15),
         }
     out["alloc_retries"] = torch.cuda.memory_stats().get("num_alloc_retries", 0) - retries
     out["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return out
+
+
+KERNEL_KINDS = (
+    ("host<->device", ("Memcpy HtoD", "Memcpy DtoH")),
+    ("device copy", ("Memcpy DtoD", "copy_kernel", "CopyKernel", "Memset")),
+    ("softmax", ("softmax", "SoftMax")),
+    ("gemm/conv", ("nvjet", "xmma", "gemm", "cutlass", "conv", "implicit", "cudnn", "sm90_")),
+    ("triton", ("triton",)),
+    ("elementwise", ("elementwise", "vectorized", "reduce", "Reduce")),
+)
+"""Kernel kinds of a trace's totals: the first kind one of whose substrings a kernel name holds."""
+
+
+def kernel_totals(table: Any) -> dict[str, Any]:
+    """Device seconds per kernel kind (:data:`KERNEL_KINDS`, else ``other``) and the 30 costliest
+    kernels of a profiler's ``key_averages()``; only kernel rows count (no ``aten::`` ops or
+    runtime calls, whose device time repeats their kernels')."""
+    kinds: dict[str, float] = collections.defaultdict(float)
+    rows: list[tuple[float, int, str]] = []
+    for e in table:
+        name, dev = e.key, e.self_device_time_total / 1e6
+        if dev <= 0 or e.self_cpu_time_total > 0 or name.startswith(("aten::", "cu", "Command")):
+            continue
+        kind = next((k for k, subs in KERNEL_KINDS if any(s in name for s in subs)), "other")
+        kinds[kind] += dev
+        rows.append((dev, e.count, name[:160]))
+    rows.sort(reverse=True)
+    return {
+        "by_kind_s": {k: round(v, 4) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+        "total_s": round(sum(kinds.values()), 4),
+        "top": [{"s": round(d, 4), "calls": n, "name": k} for d, n, k in rows[:30]],
+    }
 
 
 def totals(
