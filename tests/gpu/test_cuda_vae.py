@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from tileup.vae import attention, engine, transfer
+from tileup.vae import attention, dma, engine, transfer
 from tileup.vae import tiled as tv
 from tileup.vae.engine import StagedEngine, vae_grid
 from tileup.vae.tiled import tiled_decode, tiled_encode
@@ -107,6 +107,7 @@ def test_crops_from_the_host_on_a_side_stream_give_the_same_bytes(
     the bytes of copies on the compute stream, however far the host runs ahead of the GPU."""
     vae_recompute(False, chain=False)  # every canvas stored on the host, none recomputed
     kw = {"batch": 3, "dtype": dtype, "store": "device", "store_limit": 0}
+    monkeypatch.setenv("TILEUP_VAE_DMA", "off")  # host canvases pageable, crops by the host
     monkeypatch.setenv("TILEUP_VAE_SIDE_COPIES", "off")
     transfer._SIDE.clear()
     expected_dec = tiled_decode(vae, latents, tile=16, **kw)
@@ -117,6 +118,70 @@ def test_crops_from_the_host_on_a_side_stream_give_the_same_bytes(
     assert torch.equal(tiled_decode(vae, latents, tile=16, **kw), expected_dec)
     assert torch.equal(tiled_encode(vae, image, tile=128, **kw), expected_enc)
     assert torch.cuda.current_device() in transfer._SIDE  # the crops went that way
+
+
+def test_dma_moves_crops_between_a_pinned_canvas_and_the_gpu() -> None:
+    """Crops (edge ones short of the batch's size) up into a batch and results down into a
+    canvas, by cudaMemcpy2DAsync on the side streams, give plain slicing's bytes."""
+    assert dma.allowed()
+    gen = torch.Generator().manual_seed(5)
+    canvas = torch.empty(70, 90, 48, dtype=torch.bfloat16, pin_memory=True).permute(2, 0, 1)
+    canvas.copy_(torch.randn(48, 70, 90, generator=gen))
+    assert canvas.is_pinned() and dma.rows_layout(canvas)
+    boxes = [((0, 20, 0, 24), (0, 20, 0, 24)), ((50, 70, 66, 90), (0, 20, 0, 24))]
+    boxes.append(((60, 70, 80, 90), (5, 15, 4, 14)))
+    held = dma.InFlight()
+    torch.cuda._sleep(1 << 26)  # the compute stream busy: the copies must still be ordered
+    batch = dma.upload(canvas, boxes, (3, 48, 20, 24), torch.device("cuda"), held)
+    assert batch.is_contiguous(memory_format=torch.channels_last)
+    for i, ((y0, y1, x0, x1), (v0, v1, u0, u1)) in enumerate(boxes):
+        assert torch.equal(batch[i, :, v0:v1, u0:u1].cpu(), canvas[:, y0:y1, x0:x1])
+    out = torch.zeros(70, 90, 48, dtype=torch.bfloat16, pin_memory=True).permute(2, 0, 1)
+    results = (batch.float() * 2).to(torch.bfloat16)
+    dma.download(out, results, boxes[:2], held)
+    held.drain()
+    expected = torch.zeros_like(canvas)
+    for i, ((y0, y1, x0, x1), (v0, v1, u0, u1)) in enumerate(boxes[:2]):
+        expected[:, y0:y1, x0:x1] = results[i, :, v0:v1, u0:u1].cpu()
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_crops_by_dma_give_the_host_threads_bytes(
+    vae, latents, image, dtype, vae_recompute, monkeypatch
+) -> None:
+    """Every canvas on the host (a cap of 0 bytes), pinned: crops and pastes by DMA give the
+    bytes of the host thread's copies, with the GPU far behind the host."""
+    vae_recompute(False, chain=False)
+    kw = {"batch": 3, "dtype": dtype, "store": "device", "store_limit": 0}
+    monkeypatch.setenv("TILEUP_VAE_DMA", "off")
+    expected_dec = tiled_decode(vae, latents, tile=16, **kw)
+    expected_enc = tiled_encode(vae, image, tile=128, **kw)
+    monkeypatch.setenv("TILEUP_VAE_DMA", "on")
+    calls = {"upload": 0, "download": 0}
+
+    def counted(name):
+        real = getattr(dma, name)
+
+        def run(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+
+        return run
+
+    for name in calls:
+        monkeypatch.setattr(dma, name, counted(name))
+    torch.cuda._sleep(1 << 28)
+    assert torch.equal(tiled_decode(vae, latents, tile=16, **kw), expected_dec)
+    assert torch.equal(tiled_encode(vae, image, tile=128, **kw), expected_enc)
+    assert calls["upload"] > 0 and calls["download"] > 0
+
+
+def test_a_full_pinned_pool_leaves_canvases_pageable(monkeypatch) -> None:
+    monkeypatch.setenv("TILEUP_VAE_PINNED_GIB", "0")
+    assert not dma.may_pin(1 << 20)
+    monkeypatch.delenv("TILEUP_VAE_PINNED_GIB")
+    assert dma.may_pin(1 << 20)
 
 
 def test_canvases_and_batches_are_channels_last(vae, latents) -> None:

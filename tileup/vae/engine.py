@@ -18,8 +18,9 @@ from typing import TypeVar, cast
 import torch
 from torch import nn
 
-from tileup.vae import attention, copies, knobs, transfer
+from tileup.vae import attention, copies, dma, knobs
 from tileup.vae.grid import VaeGrid, VaeTile, owned_region, vae_grid
+from tileup.vae.moves import CanvasMoves, zero_outside
 from tileup.vae.stats import channel_stats, group_affine
 
 __all__ = [
@@ -111,17 +112,7 @@ class StageBatch:
 
     def zero_outside(self, h: torch.Tensor) -> torch.Tensor:
         """Zero, in place, the crop outside the image (the convs' zero padding); returns ``h``."""
-        rows, cols = h.shape[-2:]
-        for i, (top, bottom, left, right) in enumerate(self.pads):
-            if top:
-                h[i, :, :top] = 0
-            if bottom:
-                h[i, :, rows - bottom :] = 0
-            if left:
-                h[i, :, :, :left] = 0
-            if right:
-                h[i, :, :, cols - right :] = 0
-        return h
+        return zero_outside(h, self.pads)
 
 
 StageFn = Callable[[list[torch.Tensor], StageBatch], "torch.Tensor | None"]
@@ -178,7 +169,7 @@ def max_chain() -> int:
 # --- the staged engine -------------------------------------------------------------------------
 
 
-class StagedEngine:
+class StagedEngine(CanvasMoves):
     """Runs stages tile batch by tile batch; canvases live on ``store``, tiles on ``device``."""
 
     def __init__(
@@ -243,6 +234,8 @@ class StagedEngine:
         self.channels_last = device.type == "cuda"
         """On CUDA canvases and tile batches are laid out channels-last (H×W×C in memory): the
         convs run ~1.5× faster on tensor cores and crops copy as contiguous rows."""
+        self.held = dma.InFlight()
+        """Host canvases that queued crop copies (:mod:`tileup.vae.dma`) still read or write."""
 
     def batch_at(self, scale: int) -> int:
         """Tiles per batch of a stage whose finest canvas is at ``scale``: on CUDA, :attr:`batch`
@@ -293,26 +286,6 @@ class StagedEngine:
             if c.data.device.type != "cpu":
                 self._to_host(c)
                 self.notes.append("VAE store: an activation moved to the host for the attention")
-
-    def _empty(
-        self,
-        shape: tuple[int, ...],
-        dtype: torch.dtype,
-        device: torch.device,
-        pin: bool = False,
-        channels_last: bool = False,
-    ) -> torch.Tensor:
-        """An uninitialised (B×)C×H×W tensor; ``pin``: page-locked when it is a host staging
-        buffer for a CUDA device (whole canvases are not pinned: pinning gigabytes costs
-        seconds); ``channels_last``: laid out (B×)H×W×C when the engine runs channels-last."""
-        pinned = pin and device.type == "cpu" and self.device.type == "cuda"
-        if not (channels_last and self.channels_last):
-            return torch.empty(shape, dtype=dtype, device=device, pin_memory=pinned)
-        order = (*range(len(shape) - 3), len(shape) - 2, len(shape) - 1, len(shape) - 3)
-        data = torch.empty(
-            tuple(shape[i] for i in order), dtype=dtype, device=device, pin_memory=pinned
-        )
-        return data.permute(*(order.index(i) for i in range(len(shape))))
 
     def _evict(self, canvases: Sequence[Canvas]) -> None:
         """Move canvases held on the device to the host and place every later one there: the
@@ -445,7 +418,8 @@ class StagedEngine:
         if keep:
             try:
                 layout = out_device is None or out_channels_last
-                out = self._empty(shape, dtype, place, channels_last=layout)
+                pin = out_device is None and self._pins(nbytes)
+                out = self._empty(shape, dtype, place, pin, channels_last=layout)
             except torch.OutOfMemoryError:  # the cap fit, the device's fragments did not
                 if place.type != "cuda" or out_device is not None:
                     raise
@@ -454,7 +428,8 @@ class StagedEngine:
                 if chainable:
                     keep, recipe = False, Recipe(tuple(inputs), fn, halo, m_in, depth)
                 else:
-                    out = self._empty(shape, dtype, torch.device("cpu"), channels_last=True)
+                    pin = self._pins(nbytes)
+                    out = self._empty(shape, dtype, torch.device("cpu"), pin, channels_last=True)
         result = Canvas(out, scale)
         if keep and out_device is None and self._banded(result):
             for k, lane in enumerate(self.lanes[1:], 1):
@@ -490,7 +465,9 @@ class StagedEngine:
                 # statistics and the move to the store in the try too: their float32 copy and
                 # relayout are as large as the batch
                 batch_stats = [] if res is None else _owned_stats(res, owned)
-                moved = None if res is None or not keep else self._to(res, self._copy(result, k))
+                moved = None
+                if res is not None and keep:
+                    moved = self._move(res, self._copy(result, k), k, tiles)
             except torch.OutOfMemoryError:
                 crops, res, batch_stats, moved = [], None, [], None
                 if per_batch > 1:
@@ -575,104 +552,10 @@ class StagedEngine:
             reach = self.reach(k, c.scale, halo)
             c.valid[k] = self.share_rows(copies, k, reach, c.valid[k], c.scale)
 
-    def _pads(
-        self,
-        tiles: Sequence[VaeTile],
-        m: int,
-        halo: tuple[int, int],
-        size: tuple[int, int],
-    ) -> tuple[tuple[int, int, int, int], ...]:
-        """Per tile, the rows/cols of its crop (core + ``halo`` at scale ``m``) outside a canvas
-        of ``size``: (top, bottom, left, right)."""
-        lo, hi = halo
-        ch, cw = self.grid.tile_h * m + lo + hi, self.grid.tile_w * m + lo + hi
-        pads = []
-        for t in tiles:
-            y0, x0 = t.top * m - lo, t.left * m - lo
-            pads.append(
-                (
-                    max(0, -y0),
-                    max(0, y0 + ch - size[0]),
-                    max(0, -x0),
-                    max(0, x0 + cw - size[1]),
-                )
-            )
-        return tuple(pads)
-
-    def _gather(
-        self,
-        data: torch.Tensor,
-        m: int,
-        tiles: Sequence[VaeTile],
-        halo: tuple[int, int],
-        device: torch.device,
-    ) -> tuple[torch.Tensor, tuple[tuple[int, int, int, int], ...]]:
-        """Batched crops (B×C×(th·m + lo + hi)×(tw·m + lo + hi)) of a canvas's ``data`` (at
-        scale ``m``) on ``device``, zero outside (from the host: :func:`transfer.upload`)."""
-        lo, hi = halo
-        channels, rows, cols = data.shape
-        ch, cw = self.grid.tile_h * m + lo + hi, self.grid.tile_w * m + lo + hi
-        buf = self._empty(
-            (len(tiles), channels, ch, cw), data.dtype, data.device, pin=True, channels_last=True
-        )
-        pads = self._pads(tiles, m, halo, (rows, cols))
-        for i, (t, (top, bottom, left, right)) in enumerate(zip(tiles, pads, strict=True)):
-            y0, x0 = t.top * m - lo, t.left * m - lo
-            inside = data[:, y0 + top : y0 + ch - bottom, x0 + left : x0 + cw - right]
-            copies.copy_(buf[i, :, top : ch - bottom, left : cw - right], inside)
-        StageBatch(pads, (), ()).zero_outside(buf)
-        return transfer.upload(buf, device, self.dtype), pads
-
-    def _to(
-        self, res: torch.Tensor, out: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.cuda.Event | None]:
-        """Start moving a result batch to ``out``'s device/dtype; (tensor, event to wait on)."""
-        res = res.to(out.dtype)
-        if res.device == out.device:
-            return res, None
-        if out.device.type == "cpu" and res.device.type == "cuda":
-            host = self._empty(
-                tuple(res.shape),
-                out.dtype,
-                torch.device("cpu"),
-                pin=True,
-                channels_last=out.shape[0] > 1 and out.stride(0) == 1,
-            )
-            if res.stride() != host.stride():
-                # relaid on the device first: a copy between devices and layouts would go
-                # through pageable memory and a transpose on the host (seconds per canvas)
-                res = copies.copy_(
-                    torch.empty_strided(
-                        host.shape, host.stride(), dtype=host.dtype, device=res.device
-                    ),
-                    res,
-                )
-            host.copy_(res, non_blocking=True)
-            event = torch.cuda.Event()  # type: ignore[no-untyped-call]  # unannotated in torch
-            event.record(torch.cuda.current_stream(res.device))
-            return host, event
-        return res.to(out.device), None
-
-    def _scatter(
-        self,
-        out: torch.Tensor,
-        scale: int,
-        res: torch.Tensor,
-        event: torch.cuda.Event | None,
-        tiles: Sequence[VaeTile],
-    ) -> None:
-        """Paste every tile's owned region of a result batch into ``out``."""
-        if event is not None:
-            event.synchronize()
-        for i, t in enumerate(tiles):
-            y0, y1, x0, x1 = owned_region(t, scale)
-            top, left = t.top * scale, t.left * scale
-            owned = out[:, top + y0 : top + y1, left + x0 : left + x1]
-            copies.copy_(owned, res[i, :, y0:y1, x0:x1])
-
     def all_finite(self, flags: Sequence[torch.Tensor] = ()) -> bool:
         """Whether every statistics flag since the last call and every one of ``flags`` (any
         lane's device) is true: one host wait; the statistics flags are cleared."""
+        self.held.drain()
         pending = [f.to(self.device) for f in (*self.finite, *flags)]
         self.finite.clear()
         return not pending or bool(torch.stack(pending).all())
