@@ -124,19 +124,24 @@ class InFlight:
 
     def __init__(self) -> None:
         self._held: list[tuple[torch.cuda.Event, tuple[torch.Tensor, ...]]] = []
+        self.written: dict[int, torch.cuda.Event] = {}
+        """Per canvas (its data pointer), when the downloads queued into it so far are done."""
 
-    def hold(self, stream: torch.cuda.Stream, *tensors: torch.Tensor) -> None:
-        """Keep ``tensors`` until the work queued on ``stream`` so far is done."""
+    def hold(self, stream: torch.cuda.Stream, *tensors: torch.Tensor) -> torch.cuda.Event:
+        """Keep ``tensors`` until the work queued on ``stream`` so far is done (the event
+        returned)."""
         event = torch.cuda.Event()  # type: ignore[no-untyped-call]  # unannotated in torch
         event.record(stream)
         self._held = [(e, t) for e, t in self._held if not e.query()]  # type: ignore[no-untyped-call]
         self._held.append((event, tensors))
+        return event
 
     def drain(self) -> None:
         """Wait for every held copy and let go of its tensors."""
         for event, _ in self._held:
             event.synchronize()
         self._held.clear()
+        self.written.clear()
 
 
 _STREAMS: dict[tuple[int, str], torch.cuda.Stream] = {}
@@ -161,9 +166,11 @@ def upload(
     """A new channels-last B×C×h×w batch on ``device``: for tile i of ``boxes`` = (canvas box,
     batch box) pairs, crop i's batch box copied from the canvas box of ``canvas`` (a pinned host
     C×H×W, :func:`rows_layout`), the rest uninitialised. Queued on the upload stream, after the
-    downloads queued so far (they may write ``canvas``); the current stream waits for it."""
+    downloads queued into ``canvas`` so far; the current stream waits for it."""
     side, compute = _stream(device, "up"), torch.cuda.current_stream(device)
-    side.wait_stream(_stream(device, "down"))
+    written = held.written.get(canvas.data_ptr())
+    if written is not None:
+        side.wait_event(written)
     with torch.cuda.stream(side):  # allocated in the side stream's pool: no wait for compute
         out = torch.empty(
             shape, dtype=canvas.dtype, device=device, memory_format=torch.channels_last
@@ -194,4 +201,4 @@ def download(
         for i, ((y0, y1, x0, x1), (v0, v1, u0, u1)) in enumerate(boxes):
             _copy(canvas[:, y0:y1, x0:x1], res[i, :, v0:v1, u0:u1], side)
     res.record_stream(side)
-    held.hold(side, canvas)
+    held.written[canvas.data_ptr()] = held.hold(side, canvas)
