@@ -47,7 +47,7 @@ def one_run(vae: Any, image: torch.Tensor, settings: dict[str, str], kw: dict[st
         return res
 
     notes: list[str] = []
-    before = torch.cuda.host_memory_stats()
+    before, device_before = torch.cuda.host_memory_stats(), torch.cuda.memory_stats()
     torch.cuda.reset_peak_memory_stats()
     vae_attention.sdpa = sdpa
     try:
@@ -63,7 +63,11 @@ def one_run(vae: Any, image: torch.Tensor, settings: dict[str, str], kw: dict[st
         decode_s = time.perf_counter() - start
     finally:
         vae_attention.sdpa = original
-    after = torch.cuda.host_memory_stats()
+    after, device_after = torch.cuda.host_memory_stats(), torch.cuda.memory_stats()
+    allocator = {
+        key: device_after.get(key, 0) - device_before.get(key, 0)
+        for key in ("num_alloc_retries", "num_sync_all_streams", "num_device_alloc")
+    }
 
     def grew(key: str) -> float:
         return after.get(key, 0) - before.get(key, 0)
@@ -78,6 +82,7 @@ def one_run(vae: Any, image: torch.Tensor, settings: dict[str, str], kw: dict[st
         "pinned_gib": round(after.get("allocated_bytes.current", 0) / 2**30, 2),
         "pinned_new_gib": round(grew("allocated_bytes.allocated") / 2**30, 2),
         "pinned_alloc_s": round(grew("host_alloc_time.total") / 1e6, 3),
+        "allocator": allocator,
         "notes": sorted(set(notes)),
     }
 
