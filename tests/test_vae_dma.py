@@ -33,6 +33,10 @@ def test_without_a_cuda_runtime_nothing_is_pinned_or_moved_by_dma(monkeypatch) -
     assert not dma.may_pin(1 << 20)
 
 
-def test_dma_off_is_off(monkeypatch) -> None:
-    monkeypatch.setenv("TILEUP_VAE_DMA", "off")
+@pytest.mark.parametrize("value", [None, "off", "yes"])
+def test_dma_is_opt_in(monkeypatch, value) -> None:
+    if value is None:
+        monkeypatch.delenv("TILEUP_VAE_DMA", raising=False)
+    else:
+        monkeypatch.setenv("TILEUP_VAE_DMA", value)
     assert not dma.allowed() and not dma.may_pin(1)

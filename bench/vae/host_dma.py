@@ -27,13 +27,18 @@ from tileup.vae import attention as vae_attention
 from tileup.vae import tiled
 
 ENV = {"dma": "TILEUP_VAE_DMA", "chain": "TILEUP_VAE_MAX_CHAIN"}
-"""Run keys and the settings they set."""
+"""Run keys and the settings they set; ``store=G`` caps the device store at G GiB instead of
+``--store-limit-gib`` (``store=none``: no cap)."""
 
 
 def one_run(vae: Any, image: torch.Tensor, settings: dict[str, str], kw: dict[str, Any]) -> dict:
     """Time an encode and a decode under ``settings`` (keys of :data:`ENV`)."""
+    kw = dict(kw)
     for key, value in settings.items():
-        os.environ[ENV[key]] = value
+        if key == "store":
+            kw["store_limit"] = None if value == "none" else int(float(value) * 2**30)
+        else:
+            os.environ[ENV[key]] = value
     attention_s = {"encode": 0.0, "decode": 0.0}
     phase = "encode"
     original = vae_attention.sdpa

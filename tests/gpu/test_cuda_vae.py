@@ -120,9 +120,10 @@ def test_crops_from_the_host_on_a_side_stream_give_the_same_bytes(
     assert torch.cuda.current_device() in transfer._SIDE  # the crops went that way
 
 
-def test_dma_moves_crops_between_a_pinned_canvas_and_the_gpu() -> None:
+def test_dma_moves_crops_between_a_pinned_canvas_and_the_gpu(monkeypatch) -> None:
     """Crops (edge ones short of the batch's size) up into a batch and results down into a
     canvas, by cudaMemcpy2DAsync on the side streams, give plain slicing's bytes."""
+    monkeypatch.setenv("TILEUP_VAE_DMA", "on")
     assert dma.allowed()
     gen = torch.Generator().manual_seed(5)
     canvas = torch.empty(70, 90, 48, dtype=torch.bfloat16, pin_memory=True).permute(2, 0, 1)
@@ -178,6 +179,7 @@ def test_crops_by_dma_give_the_host_threads_bytes(
 
 
 def test_a_full_pinned_pool_leaves_canvases_pageable(monkeypatch) -> None:
+    monkeypatch.setenv("TILEUP_VAE_DMA", "on")
     monkeypatch.setenv("TILEUP_VAE_PINNED_GIB", "0")
     assert not dma.may_pin(1 << 20)
     monkeypatch.delenv("TILEUP_VAE_PINNED_GIB")

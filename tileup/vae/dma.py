@@ -10,8 +10,13 @@ so a tile's crop is h rows of w·C elements at the canvas's row pitch: one
 canvas is page-locked. Uploads run on one side stream and downloads on another (the link is
 full duplex); the compute stream waits for an upload, a download waits for the compute stream.
 
-``TILEUP_VAE_DMA=off`` keeps the host-thread path (for benchmarks); host canvases are pinned
-only while the pinned pool stays under ``TILEUP_VAE_PINNED_GIB`` (default: half the RAM).
+Opt-in, ``TILEUP_VAE_DMA=on``: measured on an H200 (2026-12-01, bench/vae/results/
+host_dma_h200_8192.json) an 8192² encode + decode under the print_8k plan's 2.065 GiB store
+took 9.52 + 15.34 s with it against 10.21 + 16.10 s without, once its 9 GiB of pinned canvases
+existed; pinning them the first time took 3.2 s (14 s for the 39 GiB of chains of one stage),
+more than a single picture gains. The capped VAE is bound by its recomputation, not by the host
+thread's copies. Host canvases are pinned only while the pinned pool stays under
+``TILEUP_VAE_PINNED_GIB`` (default: half the RAM).
 """
 
 from __future__ import annotations
@@ -58,9 +63,8 @@ def _memcpy2d() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]  # pri
 
 
 def allowed() -> bool:
-    """Whether crops may move by DMA: a CUDA runtime was found and ``TILEUP_VAE_DMA`` is not
-    ``off``."""
-    return os.environ.get("TILEUP_VAE_DMA", "on") != "off" and _memcpy2d() is not None
+    """Whether crops may move by DMA: ``TILEUP_VAE_DMA=on`` and a CUDA runtime was found."""
+    return os.environ.get("TILEUP_VAE_DMA", "off") == "on" and _memcpy2d() is not None
 
 
 def rows_layout(t: torch.Tensor) -> bool:
