@@ -10,12 +10,14 @@ so a tile's crop is h rows of w·C elements at the canvas's row pitch: one
 canvas is page-locked. Uploads run on one side stream and downloads on another (the link is
 full duplex); the compute stream waits for an upload, a download waits for the compute stream.
 
-Opt-in, ``TILEUP_VAE_DMA=on``: measured on an H200 (2026-12-01, bench/vae/results/
-host_dma_h200_8192.json) an 8192² encode + decode under the print_8k plan's 2.065 GiB store
-took 9.52 + 15.34 s with it against 10.21 + 16.10 s without, once its 9 GiB of pinned canvases
-existed; pinning them the first time took 3.2 s (14 s for the 39 GiB of chains of one stage),
-more than a single picture gains. The capped VAE is bound by its recomputation, not by the host
-thread's copies. Host canvases are pinned only while the pinned pool stays under
+Opt-in, ``TILEUP_VAE_DMA=on``. Measured on an H200 (2026-12-01, bench/vae/results/
+host_dma_h200_8192.json), an 8192² encode + decode under the print_8k plan's 2.065 GiB store
+cap took 9.52 + 15.34 s with it against 10.21 + 16.10 s without (whole GPU, one call) and
+9.71 + 16.12 against 10.39 + 16.17 s on an emulated 8 GiB card, once its pinned canvases
+existed; pinning them the first time took 3.2 s for 9 GiB (14 s for the 39 GiB that chains of
+one stage store), more than one picture gains. The capped VAE is bound by its recomputation,
+not by the host thread's copies; storing more on the host (shorter chains) was slower even by
+DMA (decode 18.3 s at chains of 1). Host canvases are pinned only while the pinned pool stays under
 ``TILEUP_VAE_PINNED_GIB`` (default: half the RAM).
 """
 
