@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from sd_fixtures import make_tiny_components
 
-from tileup import channel_norm, group_norm_kernel
+from tileup import channel_norm, group_norm_kernel, upsample_conv
 from tileup.modes.model import LoadOptions, _runnable, wants_channels_last
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -63,3 +63,21 @@ def test_the_eager_default_gives_sd1_the_kernel_and_channels_last(
     runnable = _runnable(unet, compiled=False, dynamic_batch=False, graphed=False)
     kinds = {type(m) for m in runnable.modules() if isinstance(m, torch.nn.GroupNorm)}
     assert kinds == ({group_norm_kernel.KernelGroupNorm} if takes_it else {torch.nn.GroupNorm})
+    ups = {type(m).__name__ for m in runnable.modules() if "Upsample2D" in type(m).__name__}
+    assert ups == {"PhaseUpsample2D"}  # on CUDA, every family's upsamplers fold
+
+
+def test_phase_upsamplers_leave_the_unets_output_to_rounding(monkeypatch) -> None:
+    """The UNet with its upsamplers as phase convs against diffusers' (fp32, no TF32)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    unet = make_tiny_components("sd1", seed=0)["unet"].to("cuda").eval()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    sample = torch.randn(2, 4, 32, 32, device="cuda", generator=gen)
+    text = torch.randn(2, 77, unet.config.cross_attention_dim, device="cuda", generator=gen)
+    with torch.inference_mode():
+        expected = unet(sample, 500, encoder_hidden_states=text).sample
+        assert upsample_conv.swap_upsamplers(unet) > 0
+        got = unet(sample, 500, encoder_hidden_states=text).sample
+    scale = expected.abs().max().item()
+    assert (got - expected).abs().max().item() <= 1e-5 * scale

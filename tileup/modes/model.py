@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tileup import channel_norm, group_norm_kernel
+from tileup import channel_norm, group_norm_kernel, upsample_conv
 from tileup.memory import MAX_UNET_BATCH, UNET_SAMPLE_BYTES_64
 from tileup.models.checkpoint import load_checkpoint
 from tileup.sampling import shared_prefix
@@ -98,8 +98,11 @@ def _runnable(unet: nn.Module, *, compiled: bool, dynamic_batch: bool, graphed: 
     (:class:`GraphedUNet`). Compiled, its GroupNorms may come from per-channel statistics
     (:func:`tileup.channel_norm.for_unet`); eager on CUDA, from one Triton kernel where
     :func:`tileup.group_norm_kernel.wanted`. Guidance pairs share the UNet's first layers where
-    its architecture allows (:mod:`tileup.sampling.shared_prefix`)."""
+    its architecture allows (:mod:`tileup.sampling.shared_prefix`); on CUDA its upsamplers run
+    as 2×2 convs of four phases (:mod:`tileup.upsample_conv`)."""
     shared_prefix.install(unet)
+    if _device_of(unet).type == "cuda" and upsample_conv.enabled():
+        upsample_conv.swap_upsamplers(unet)
     if compiled and channel_norm.for_unet():
         channel_norm.swap_group_norms(unet)
     elif (

@@ -65,6 +65,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tileup import upsample_conv
 from tileup.vae import attention, copies, epilogue
 from tileup.vae.engine import (
     Canvas,
@@ -367,9 +368,13 @@ def _upsample(eng: StagedEngine, x: Canvas, us: Upsample) -> Canvas:
     lo, hi = _halo(conv)
     if (lo, hi) != (1, 1):
         raise _unsupported(f"got upsampler conv {conv}")
+    phased = upsample_conv.enabled() and upsample_conv.plain_3x3(conv)
 
     def up(crops: list[torch.Tensor], batch: StageBatch) -> torch.Tensor:
-        h = _conv(batch.lane(conv), copies.upsample_nearest2x(crops[0]))
+        layer = batch.lane(conv)
+        if crops[0].is_cuda and phased:  # 2.25× fewer multiply-adds
+            return upsample_conv.phase_conv(crops[0], layer.weight, layer.bias, padding=0)
+        h = _conv(layer, copies.upsample_nearest2x(crops[0]))
         return h[:, :, 1:-1, 1:-1]
 
     channels, scale = conv.out_channels, x.scale * 2
