@@ -27,12 +27,15 @@ if str(ROOT) not in sys.path:  # run as a script: tileup and bench from this che
 from bench.diffusion.redraw_unet import STEPS, WAVES, gpu_header, median_ms  # noqa: E402
 
 VARIANTS = {
-    "nchw": (False, False),
-    "channels_last": (True, False),
-    "channels_last_kernel_norm": (True, True),
-    "nchw_kernel_norm": (False, True),
+    "nchw": (False, False, False),
+    "channels_last": (True, False, False),
+    "channels_last_kernel_norm": (True, True, False),
+    "nchw_kernel_norm": (False, True, False),
+    "channels_last_kernel_norm_phase_up": (True, True, True),
+    "nchw_phase_up": (False, False, True),
 }
-"""Variant: (channels-last weights, the one-kernel GroupNorm)."""
+"""Variant: (channels-last weights, the one-kernel GroupNorm, upsamplers as phase convs
+(:mod:`tileup.upsample_conv`))."""
 NORMS = [(320, 64), (640, 32), (1280, 16), (1280, 8)]
 """The UNet's GroupNorm inputs (channels, side) at 64² (32 groups each)."""
 
@@ -111,13 +114,13 @@ def _inputs(case: Case, latents: int) -> dict[str, Any]:
 
 
 def _variant(
-    case: Case, channels_last: bool, kernel_norm: bool, repeats: int
+    case: Case, channels_last: bool, kernel_norm: bool, phase_up: bool, repeats: int
 ) -> tuple[dict[int, float], dict[int, Any]]:
     """ms a call and the output at each of the case's call sizes, one UNet in one layout."""
     import torch
 
     from bench.diffusion.profile_unet import random_unet
-    from tileup import channel_norm, group_norm_kernel
+    from tileup import channel_norm, group_norm_kernel, upsample_conv
     from tileup.sampling import shared_prefix
     from tileup.sampling.graphs import GraphedUNet
 
@@ -125,6 +128,8 @@ def _variant(
     assert shared_prefix.install(unet) == case.paired
     if kernel_norm:
         channel_norm.swap_group_norms(unet, group_norm_kernel.KernelGroupNorm)
+    if phase_up:
+        assert upsample_conv.swap_upsamplers(unet) > 0
     graphed = GraphedUNet(unet)
     timestep = torch.tensor(500.0, device="cuda")
     ms: dict[int, float] = {}
