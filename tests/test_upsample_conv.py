@@ -58,24 +58,27 @@ def test_a_channels_last_input_gives_a_channels_last_output(tensors) -> None:
     torch.testing.assert_close(got, _reference(x, w, b), rtol=1e-5, atol=1e-5)
 
 
-def test_swapped_upsamplers_give_diffusers_output_and_keep_their_weights(tensors) -> None:
+def test_swapped_upsamplers_give_diffusers_output_and_keep_their_weights() -> None:
     from diffusers.models.upsampling import Upsample2D
 
-    x = tensors[0]
+    x = torch.randn(2, 5, 16, 20, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     torch.manual_seed(0)
-    plain = Upsample2D(5, use_conv=True, out_channels=6).double()
+    plain = Upsample2D(5, use_conv=True, out_channels=6)
     model = nn.Sequential(plain, Upsample2D(6, use_conv=False), Upsample2D(6, use_conv=True))
     model = model.double()
     expected, state = model(x), {k: v.clone() for k, v in model.state_dict().items()}
-    odd = plain(x, output_size=(15, 19))
+    odd, small = plain(x, output_size=(33, 41)), plain(x[:, :, :8, :8])
     assert swap_upsamplers(model) == 2  # the conv-less one has nothing to fold
     assert type(model[0]).__name__ == "PhaseUpsample2D" and type(model[1]) is Upsample2D
     assert isinstance(model[0], Upsample2D)
-    torch.testing.assert_close(model(x), expected, rtol=0, atol=1e-12)
+    got = model(x)
+    assert not torch.equal(got, expected)  # another summation: the phase form ran
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
     assert model.state_dict().keys() == state.keys()
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
-    torch.testing.assert_close(plain(x, output_size=(14, 18)), model[0](x))
-    assert torch.equal(plain(x, output_size=(15, 19)), odd)  # not a doubling: diffusers' path
+    torch.testing.assert_close(plain(x, output_size=(32, 40)), model[0](x))
+    assert torch.equal(plain(x, output_size=(33, 41)), odd)  # not a doubling: diffusers' path
+    assert torch.equal(plain(x[:, :, :8, :8]), small)  # under MIN_PIXELS: diffusers' path
     assert swap_upsamplers(model) == 0  # already swapped
 
 

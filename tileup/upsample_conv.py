@@ -11,9 +11,10 @@ no upsampled copy 4× the input's size.
 The same function up to rounding: each folded tap is summed in float32 and cast to the weight's
 dtype (in bf16, one more rounding of that tap), and the conv sums in another order. The SD UNets'
 upsamplers are ~9 % of an SD 1.5 UNet call's FLOPs (three at 64² tiles: 68 of 783 GFLOP a
-sample) and the VAE decoder's three are ~28 % of its convs'. Used on CUDA
-(:func:`swap_upsamplers` in the UNet, :mod:`tileup.vae.tiled` in the VAE) unless
-``TILEUP_PHASE_UPSAMPLE=off``.
+sample) and the VAE decoder's three are ~28 % of its convs'. Used on CUDA, in the eager UNet
+(:func:`swap_upsamplers`, from :data:`MIN_PIXELS` input pixels) and the tiled VAE
+(:mod:`tileup.vae.tiled`), unless ``TILEUP_PHASE_UPSAMPLE=off``; the compiled UNet keeps the
+plain form (not measured compiled).
 """
 
 from __future__ import annotations
@@ -97,12 +98,19 @@ def _forward(
 ) -> torch.Tensor:
     """``Upsample2D.forward`` in the phase form where it is the plain nearest ×2 + conv."""
     base: Any = type(self).__mro__[1]  # the diffusers class swapped from
-    doubled = (2 * hidden_states.shape[-2], 2 * hidden_states.shape[-1])
-    if args or kwargs or (output_size is not None and tuple(output_size) != doubled):
+    rows, cols = hidden_states.shape[-2:]
+    doubled = output_size is None or tuple(output_size) == (2 * rows, 2 * cols)
+    if args or kwargs or rows * cols < MIN_PIXELS or not doubled:
         return cast(torch.Tensor, base.forward(self, hidden_states, output_size, *args, **kwargs))
     conv = self.conv if self.name == "conv" else self.Conv2d_0
     return phase_conv(hidden_states, conv.weight, conv.bias, padding=1)
 
+
+MIN_PIXELS = 256
+"""Fewest input pixels an upsampler takes the phase form at: measured on an H200 (2026-12-01,
+bench/diffusion/results/phase-upsample-h200.json, bf16, channels-last) the SD 1.5 UNet's
+upsamplers of a 54-sample call took 0.86 → 1.09 ms at 8² (slower), 2.59 → 2.03 ms at 16² and
+3.23 → 1.84 ms at 32²; SDXL's 1.80× and 1.94× faster, the tiled VAE's crops at 8192² 1.9–2.0×."""
 
 _PHASED: dict[type, type] = {}
 """Per upsampler class, its subclass whose forward is :func:`_forward`."""

@@ -69,15 +69,15 @@ def test_the_eager_default_gives_sd1_the_kernel_and_channels_last(
 
 def test_phase_upsamplers_leave_the_unets_output_to_rounding(monkeypatch) -> None:
     """The UNet with its upsamplers as phase convs against diffusers' (fp32, no TF32)."""
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     unet = make_tiny_components("sd1", seed=0)["unet"].to("cuda").eval()
     gen = torch.Generator(device="cuda").manual_seed(0)
-    sample = torch.randn(2, 4, 32, 32, device="cuda", generator=gen)
+    sample = torch.randn(2, 4, 64, 64, device="cuda", generator=gen)  # 16² at the upsampler
     text = torch.randn(2, 77, unet.config.cross_attention_dim, device="cuda", generator=gen)
     with torch.inference_mode():
         expected = unet(sample, 500, encoder_hidden_states=text).sample
         assert upsample_conv.swap_upsamplers(unet) > 0
         got = unet(sample, 500, encoder_hidden_states=text).sample
     scale = expected.abs().max().item()
+    assert not torch.equal(got, expected)  # the phase form ran (16² and 32² upsamplers)
     assert (got - expected).abs().max().item() <= 1e-5 * scale
