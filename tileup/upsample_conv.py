@@ -28,7 +28,14 @@ from torch import nn
 
 from tileup.vae import copies
 
-__all__ = ["enabled", "folded_weight", "phase_conv", "plain_3x3", "swap_upsamplers"]
+__all__ = [
+    "enabled",
+    "folded_conv",
+    "folded_weight",
+    "phase_conv",
+    "plain_3x3",
+    "swap_upsamplers",
+]
 
 
 def enabled() -> bool:
@@ -75,9 +82,17 @@ def phase_conv(
     crop with a halo of one ``x`` pixel a side, the unpadded conv on its upsampling less a
     further upsampled pixel a side, B×O×2(H−2)×2(W−2) (the tiled VAE's crops). Laid out as the
     conv's output (channels-last for channels-last ``x`` on CUDA)."""
-    out_channels = weight.shape[0]
-    folded = folded_weight(weight)
     bias4 = None if bias is None else bias.repeat(4)
+    return folded_conv(x, folded_weight(weight), bias4, padding=padding)
+
+
+def folded_conv(
+    x: torch.Tensor, folded: torch.Tensor, bias4: torch.Tensor | None, *, padding: int
+) -> torch.Tensor:
+    """:func:`phase_conv` with the weight already folded (:func:`folded_weight`) and the bias
+    repeated for the four phases (``bias.repeat(4)``): for callers that run one upsampler
+    many times (the tiled VAE's crop batches)."""
+    out_channels = folded.shape[0] // 4
     phases = F.conv2d(x, folded, bias4, padding=padding)  # B×4O×(n+1)×(m+1)
     rows, cols = phases.shape[-2] - 1, phases.shape[-1] - 1
     layout = (

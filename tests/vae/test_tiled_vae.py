@@ -605,3 +605,24 @@ def test_attention_buffers_the_device_cannot_hold_go_to_the_host(monkeypatch) ->
     monkeypatch.setattr(torch, "empty", real_empty)
     assert asked == ["cpu"] * 3 and [t.device.type for t in buffers] == ["cpu"] * 3
     assert eng.notes == []
+
+
+def test_phase_upsamplers_decode_as_untiled(
+    vae, latents, decoded, monkeypatch, vae_recompute
+) -> None:
+    """The decoder's upsamplers as four-phase 2×2 convs (tileup.upsample_conv; CUDA's default,
+    forced here on the CPU), recomputed chains included: as close to untiled as before."""
+    plain = tiled_decode(vae, latents, tile=16)
+    calls: list[int] = []
+    folded_conv = tv.upsample_conv.folded_conv
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return folded_conv(*args, **kwargs)
+
+    monkeypatch.setattr(tv, "_phase_upsampling", lambda weight: True)
+    monkeypatch.setattr(tv.upsample_conv, "folded_conv", counted)
+    vae_recompute(True)  # every chainable canvas recomputed: the phases run inside chains too
+    out = tiled_decode(vae, latents, tile=16)
+    assert calls and not torch.equal(out, plain)
+    assert (out - decoded).abs().max().item() < DECODE_TOL
