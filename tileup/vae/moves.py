@@ -58,9 +58,10 @@ class CanvasMoves:
         pin: bool = False,
         channels_last: bool = False,
     ) -> torch.Tensor:
-        """An uninitialised (B×)C×H×W tensor; ``pin``: page-locked when it is a host staging
-        buffer for a CUDA device (whole canvases are not pinned: pinning gigabytes costs
-        seconds); ``channels_last``: laid out (B×)H×W×C when the engine runs channels-last."""
+        """An uninitialised (B×)C×H×W tensor; ``pin``: page-locked on the host for a CUDA device
+        (staging buffers; whole canvases only for crops by DMA, :mod:`tileup.vae.dma`: pinning
+        gigabytes costs seconds); ``channels_last``: laid out (B×)H×W×C when the engine runs
+        channels-last."""
         pinned = pin and device.type == "cpu" and self.device.type == "cuda"
         if not (channels_last and self.channels_last):
             return torch.empty(shape, dtype=dtype, device=device, pin_memory=pinned)
