@@ -30,6 +30,15 @@ since 619f16f, :mod:`tileup.upsample_conv`); ``--plain-up`` counts them plain. 8
 2.065 GiB, decode: 6.10 PFLOP plain, 5.28 with phases (3.85 → 3.03 besides the attention's
 2.25: −21 %, the recomputed chains pass through the upsamplers); no cap (--cap-gib 1000): 2.89
 → 2.79; 4096² without a cap 0.30 → 0.27.
+``--partial`` lets a canvas too large for the room left keep what fits of its rows on the
+device (reads of those rows cost nothing); greedily, as each canvas comes. It barely helps
+(2026-12-01, 8192², phases: decode at caps 2.065 / 4 / 8 GiB 5.28 → 5.22, 5.25 → 5.02, 5.11 →
+5.04 PFLOP) and hurts the encode (3.43 → 3.82 at 2.065 GiB: early canvases take the room the
+later ones' chains needed), so the engine has no such placement. Chains of at most 1 / 2 / 3 /
+4 / 6 count 3.44 / 3.87 / 4.41 / 4.73 / 5.28 PFLOP and 232 / 343 / 425 / 161 / 125 GiB
+through the host (phases): the 425 GiB fit chains of 3 being the slowest measured (decode 24.7
+s against 16.3 at 6, bench/vae/results/host_dma_h200_8192.json); chains of 4 (fewer FLOPs
+and little more host traffic than 6) were never measured.
 ``--rule lend`` (the default, the engine since 7b4d24b): the encoder's store also takes the
 attention's Q/K/V room until the attention starts (8192² encode 4.38 → 3.43 PFLOP by this
 count; 13.5 → 10.0 s measured).
@@ -55,6 +64,9 @@ class Canvas:
     inputs: list[Canvas] = field(default_factory=list)
     flops: float = 0.0
     depth: int = 0
+    part: float = 0.0
+    """Of a recomputed or host canvas, the share of its rows kept on the device (``--partial``);
+    reading those costs nothing."""
 
     @property
     def recomputed(self) -> bool:
@@ -70,9 +82,15 @@ class Walk:
     """The stages in order, with the live canvases the engine would hold."""
 
     def __init__(
-        self, latent: int, cap: int, rule: str, max_chain: int = MAX_CHAIN, phase_up: bool = True
+        self,
+        latent: int,
+        cap: int,
+        rule: str,
+        max_chain: int = MAX_CHAIN,
+        phase_up: bool = True,
+        partial: bool = False,
     ) -> None:
-        self.max_chain, self.phase_up = max_chain, phase_up
+        self.max_chain, self.phase_up, self.partial = max_chain, phase_up, partial
         self.latent, self.cap, self.rule = latent, cap, rule
         self.live: list[Canvas] = []
         self.rows: list[tuple[str, int, int, str, float]] = []
@@ -95,8 +113,10 @@ class Walk:
             if c.recomputed:
                 for i in c.inputs:
                     walk(i)
-            elif c.where == "device":
+            if c.where == "device":
                 total += self.nbytes(c.channels, c.scale)
+            else:
+                total += int(c.part * self.nbytes(c.channels, c.scale))
 
         for c in self.live:
             walk(c)
@@ -107,13 +127,14 @@ class Walk:
 
     def behind(self, c: Canvas) -> tuple[float, float]:
         """(FLOPs, host bytes) of reading ``c`` once."""
+        rest = 1.0 - c.part  # the rows not kept on the device
         if not c.recomputed:
-            return 0.0, (self.nbytes(c.channels, c.scale) if c.where == "host" else 0.0)
+            return 0.0, (rest * self.nbytes(c.channels, c.scale) if c.where == "host" else 0.0)
         flops, host = c.flops, 0.0
         for i in c.inputs:
             f, h = self.behind(i)
             flops, host = flops + f, host + h
-        return flops, host
+        return rest * flops, rest * host
 
     def stage(
         self,
@@ -135,13 +156,16 @@ class Walk:
         nbytes = self.nbytes(channels, scale)
         out = None
         if keep:
+            part = 0.0
+            if self.partial:  # as many of its rows on the device as the room left holds
+                part = max(0.0, min(1.0, (self.cap - self.stored()) / nbytes))
             if self.fits(nbytes):
                 out = Canvas(channels, scale, "device")
             elif chain and depth <= self.max_chain:
-                out = Canvas(channels, scale, None, list(inputs), flops, depth)
+                out = Canvas(channels, scale, None, list(inputs), flops, depth, part)
             else:
-                out = Canvas(channels, scale, "host")
-                self.host_bytes += nbytes
+                out = Canvas(channels, scale, "host", part=part)
+                self.host_bytes += (1.0 - part) * nbytes
         where = "-" if out is None else out.where or f"recomputed ({depth} deep)"
         self.rows.append((name, scale, channels, where, cost))
         self.total += cost
@@ -277,8 +301,13 @@ def main() -> None:
     p.add_argument(
         "--plain-up", action="store_true", help="upsamplers as plain 3×3 convs (not phases)"
     )
+    p.add_argument(
+        "--partial",
+        action="store_true",
+        help="a canvas too large for the room left keeps what fits of its rows on the device",
+    )
     a = p.parse_args()
-    w = Walk(a.size // 8, int(a.cap_gib * GIB), a.rule, a.max_chain, not a.plain_up)
+    w = Walk(a.size // 8, int(a.cap_gib * GIB), a.rule, a.max_chain, not a.plain_up, a.partial)
     (encode if a.part == "encode" else decode)(w)
     if a.stages:
         for name, scale, channels, where, cost in w.rows:
