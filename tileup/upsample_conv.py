@@ -29,6 +29,7 @@ from torch import nn
 from tileup.vae import copies
 
 __all__ = [
+    "conv_of",
     "enabled",
     "folded_conv",
     "folded_weight",
@@ -55,6 +56,14 @@ def plain_3x3(conv: nn.Module) -> bool:
         and conv.groups == 1
         and conv.padding_mode == "zeros"
     )
+
+
+def conv_of(upsampler: object) -> nn.Conv2d | None:
+    """A diffusers ``Upsample2D``'s conv (``conv``, or ``Conv2d_0`` under its old name), or
+    None where it has no ``nn.Conv2d`` there."""
+    name = "conv" if getattr(upsampler, "name", "conv") == "conv" else "Conv2d_0"
+    conv = getattr(upsampler, name, None)
+    return conv if isinstance(conv, nn.Conv2d) else None
 
 
 def folded_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -117,7 +126,7 @@ def _forward(
     doubled = output_size is None or tuple(output_size) == (2 * rows, 2 * cols)
     if args or kwargs or rows * cols < MIN_PIXELS or not doubled:
         return cast(torch.Tensor, base.forward(self, hidden_states, output_size, *args, **kwargs))
-    conv = self.conv if self.name == "conv" else self.Conv2d_0
+    conv = cast(nn.Conv2d, conv_of(self))  # swapped in only with one (_eligible)
     return phase_conv(hidden_states, conv.weight, conv.bias, padding=1)
 
 
@@ -140,7 +149,7 @@ def _eligible(layer: nn.Module) -> bool:
         return False
     if not (getattr(layer, "interpolate", False) and getattr(layer, "use_conv", False)):
         return False
-    conv = getattr(layer, "conv" if getattr(layer, "name", "conv") == "conv" else "Conv2d_0", None)
+    conv = conv_of(layer)
     return conv is not None and plain_3x3(conv)
 
 

@@ -30,6 +30,8 @@ from collections.abc import Sequence
 
 import torch
 
+from tileup.vae import transfer
+
 __all__ = ["InFlight", "allowed", "download", "may_pin", "pinned_limit", "rows_layout", "upload"]
 
 _COPY_DEFAULT = 4
@@ -150,18 +152,6 @@ class InFlight:
         self.written.clear()
 
 
-_STREAMS: dict[tuple[int, str], torch.cuda.Stream] = {}
-"""Per CUDA device index and direction, the stream its copies run on."""
-
-
-def _stream(device: torch.device, direction: str) -> torch.cuda.Stream:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    key = (index, direction)
-    if key not in _STREAMS:
-        _STREAMS[key] = torch.cuda.Stream(index)  # type: ignore[no-untyped-call]  # torch
-    return _STREAMS[key]
-
-
 def upload(
     canvas: torch.Tensor,
     boxes: Sequence[tuple[Box, Box]],
@@ -173,7 +163,7 @@ def upload(
     batch box) pairs, crop i's batch box copied from the canvas box of ``canvas`` (a pinned host
     C×H×W, :func:`rows_layout`), the rest uninitialised. Queued on the upload stream, after the
     downloads queued into ``canvas`` so far; the current stream waits for it."""
-    side, compute = _stream(device, "up"), torch.cuda.current_stream(device)
+    side, compute = transfer.side_stream(device), torch.cuda.current_stream(device)
     written = held.written.get(canvas.data_ptr())
     if written is not None:
         side.wait_event(written)
@@ -199,7 +189,8 @@ def download(
     (a B×C×h×w batch on a GPU) into the canvas box of ``canvas`` (a pinned host C×H×W,
     :func:`rows_layout`), on the download stream after the work queued on the current stream."""
     device = res.device
-    side, compute = _stream(device, "down"), torch.cuda.current_stream(device)
+    side = transfer.side_stream(device, down=True)
+    compute = torch.cuda.current_stream(device)
     if not (res.dim() == 4 and rows_layout(res[0])):
         res = res.contiguous(memory_format=torch.channels_last)
     side.wait_stream(compute)

@@ -369,9 +369,11 @@ def _phase_upsampling(weight: torch.Tensor) -> bool:
 
 def _upsample(eng: StagedEngine, x: Canvas, us: Upsample) -> Canvas:
     """Upsample2D: nearest ×2, then a 3×3 conv (halo 1 low-res px, 2 high-res px cropped off)."""
-    conv = us.conv if us.name == "conv" else us.Conv2d_0
+    conv = upsample_conv.conv_of(us)
     if us.use_conv_transpose or us.norm is not None or not us.interpolate or not us.use_conv:
         raise _unsupported(f"got upsampler {us}")
+    if conv is None:
+        raise _unsupported("got an upsampler without a Conv2d")
     lo, hi = _halo(conv)
     if (lo, hi) != (1, 1):
         raise _unsupported(f"got upsampler conv {conv}")

@@ -18,15 +18,27 @@ import os
 
 import torch
 
-__all__ = ["enabled", "upload"]
+__all__ = ["enabled", "side_stream", "upload"]
 
 _SIDE: dict[int, torch.cuda.Stream] = {}
 """Per CUDA device index, the stream its uploads run on."""
+_DOWN: dict[int, torch.cuda.Stream] = {}
+"""Per CUDA device index, the stream its downloads run on (:mod:`tileup.vae.dma`)."""
 
 
 def enabled() -> bool:
     """Whether crops go to a GPU on a side stream (``TILEUP_VAE_SIDE_COPIES``, default on)."""
     return os.environ.get("TILEUP_VAE_SIDE_COPIES", "on") != "off"
+
+
+def side_stream(device: torch.device, *, down: bool = False) -> torch.cuda.Stream:
+    """The CUDA ``device``'s side stream for uploads (or, ``down``, for downloads: the link is
+    full duplex), made on first use."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    streams = _DOWN if down else _SIDE
+    if index not in streams:
+        streams[index] = torch.cuda.Stream(index)  # type: ignore[no-untyped-call]  # torch
+    return streams[index]
 
 
 def upload(buf: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -40,11 +52,7 @@ def upload(buf: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch
     pinned = device.type == "cuda" and buf.is_pinned()
     if not pinned or not enabled():
         return buf.to(device, dtype, non_blocking=pinned)
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    side = _SIDE.get(index)
-    if side is None:
-        side = _SIDE[index] = torch.cuda.Stream(index)  # type: ignore[no-untyped-call]  # torch
-    compute = torch.cuda.current_stream(index)
+    side, compute = side_stream(device), torch.cuda.current_stream(device)
     with torch.cuda.stream(side):
         out = buf.to(device, dtype, non_blocking=True)
     compute.wait_stream(side)
