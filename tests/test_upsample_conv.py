@@ -94,3 +94,36 @@ def test_the_setting_turns_it_off(monkeypatch) -> None:
     assert upsample_conv.enabled()
     monkeypatch.setenv("TILEUP_PHASE_UPSAMPLE", "off")
     assert not upsample_conv.enabled()
+
+
+def test_the_compiled_unet_takes_it_only_when_set(monkeypatch) -> None:
+    monkeypatch.delenv("TILEUP_PHASE_UPSAMPLE", raising=False)
+    assert not upsample_conv.enabled(compiled=True)
+    monkeypatch.setenv("TILEUP_PHASE_UPSAMPLE", "all")
+    assert upsample_conv.enabled() and upsample_conv.enabled(compiled=True)
+    monkeypatch.setenv("TILEUP_PHASE_UPSAMPLE", "off")
+    assert not upsample_conv.enabled(compiled=True)
+
+
+@pytest.mark.parametrize("padding", [0, 1])
+def test_the_traced_interleaving_is_the_eager_one(tensors, padding: int, monkeypatch) -> None:
+    """Under torch.compile the phases interleave by one stack and reshape (traced by dynamo
+    with the eager backend: no compiler needed), to the same values as the eager copies."""
+    x, w, b = tensors
+    traced_forms: list[int] = []
+    interleaved = upsample_conv._interleaved
+
+    def spy(*args):
+        traced_forms.append(1)
+        return interleaved(*args)
+
+    monkeypatch.setattr(upsample_conv, "_interleaved", spy)
+    x = x.contiguous(memory_format=torch.channels_last)
+    traced = torch.compile(
+        lambda t: phase_conv(t, w, b, padding=padding), backend="eager", fullgraph=True
+    )
+    torch._dynamo.reset()
+    got = traced(x)
+    assert traced_forms == [1]  # traced once; the eager call below takes the copies
+    torch.testing.assert_close(got, phase_conv(x, w, b, padding=padding), rtol=0, atol=0)
+    assert traced_forms == [1]

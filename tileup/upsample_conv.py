@@ -14,7 +14,7 @@ upsamplers are ~9 % of an SD 1.5 UNet call's FLOPs (three at 64² tiles: 68 of 7
 sample) and the VAE decoder's three are ~28 % of its convs'. Used on CUDA, in the eager UNet
 (:func:`swap_upsamplers`, from :data:`MIN_PIXELS` input pixels) and the tiled VAE
 (:mod:`tileup.vae.tiled`), unless ``TILEUP_PHASE_UPSAMPLE=off``; the compiled UNet keeps the
-plain form (not measured compiled).
+plain form unless ``TILEUP_PHASE_UPSAMPLE=all``.
 """
 
 from __future__ import annotations
@@ -39,9 +39,12 @@ __all__ = [
 ]
 
 
-def enabled() -> bool:
-    """Whether upsamplers take the phase form (``TILEUP_PHASE_UPSAMPLE``, default ``on``)."""
-    return os.environ.get("TILEUP_PHASE_UPSAMPLE", "on") != "off"
+def enabled(compiled: bool = False) -> bool:
+    """Whether upsamplers take the phase form (``TILEUP_PHASE_UPSAMPLE``): ``on`` (the default)
+    everywhere but in a compiled UNet, ``all`` there too, ``off`` nowhere. ``compiled``: asked
+    for a UNet that torch.compile traces."""
+    setting = os.environ.get("TILEUP_PHASE_UPSAMPLE", "on")
+    return setting == "all" if compiled else setting != "off"
 
 
 def plain_3x3(conv: nn.Module) -> bool:
@@ -104,6 +107,8 @@ def folded_conv(
     out_channels = folded.shape[0] // 4
     phases = F.conv2d(x, folded, bias4, padding=padding)  # B×4O×(n+1)×(m+1)
     rows, cols = phases.shape[-2] - 1, phases.shape[-1] - 1
+    if torch.compiler.is_compiling():
+        return _interleaved(phases, out_channels, rows, cols)
     layout = (
         torch.channels_last
         if phases.is_contiguous(memory_format=torch.channels_last) and phases.dim() == 4
@@ -115,6 +120,18 @@ def folded_conv(
         src = phases[:, p * out_channels : (p + 1) * out_channels, dy : dy + rows, dx : dx + cols]
         copies.copy_(out[:, :, dy::2, dx::2], src)
     return out
+
+
+def _interleaved(phases: torch.Tensor, out_channels: int, rows: int, cols: int) -> torch.Tensor:
+    """:func:`folded_conv`'s interleaving of the four phases as one stack and reshape, which
+    torch.compile traces into one kernel (the wide-element copies are for eager runs)."""
+    parts = [
+        phases[:, p * out_channels : (p + 1) * out_channels, dy : dy + rows, dx : dx + cols]
+        for p, (dy, dx) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1)))
+    ]
+    rows_of = [torch.stack(parts[2 * dy : 2 * dy + 2], dim=-1) for dy in (0, 1)]  # B×O×n×m×2
+    grid = torch.stack(rows_of, dim=3)  # B×O×n×2×m×2
+    return grid.reshape(phases.shape[0], out_channels, 2 * rows, 2 * cols)
 
 
 def _forward(

@@ -3,7 +3,8 @@
 The fused job's call exactly as ``--compile`` runs it (:func:`tileup.modes.model._runnable`:
 the guidance pair sharing its first layers, per-channel GroupNorms, compiled statically,
 replayed from CUDA graphs): 27 tiles at 64² with 54 text states, the job's 60 calls. Each
-variant compiles anew under its ``torch._inductor.config`` patch; its output is compared with
+variant compiles anew under its ``torch._inductor.config`` patch (and tileup settings:
+``phase_upsample``); its output is compared with
 the default's (kernel rounding). Writes ``--out`` after every variant (a call cut short at its
 time limit keeps what ran).
 
@@ -16,6 +17,7 @@ import argparse
 import contextlib
 import copy
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -39,7 +41,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     },
     "max_autotune_gemm": {"max_autotune_gemm": True},
     "max_autotune": {"max_autotune": True},
+    "phase_upsample": {},  # tileup's upsamplers as 2×2 convs of four phases (no inductor option)
 }
+ENVIRONMENT: dict[str, dict[str, str]] = {"phase_upsample": {"TILEUP_PHASE_UPSAMPLE": "all"}}
+"""tileup settings a variant runs under, besides inductor's options."""
 TILES, SIDE, CALLS = 27, 64, 60
 
 
@@ -69,11 +74,18 @@ def main() -> None:
     reference: torch.Tensor | None = None
     for name in args.variants.split(","):
         torch._dynamo.reset()
+        saved = {key: os.environ.get(key) for key in ENVIRONMENT.get(name, {})}
+        os.environ.update(ENVIRONMENT.get(name, {}))
         unet = _runnable(copy.deepcopy(base), compiled=True, dynamic_batch=False, graphed=True)
+        for key, value in saved.items():  # the swap is made: later variants run without it
+            if value is None:
+                os.environ.pop(key)
+            else:
+                os.environ[key] = value
         benchmark = torch.backends.cudnn.benchmark
         torch.backends.cudnn.benchmark = name == "cudnn_benchmark"
         start = time.perf_counter()
-        entry: dict[str, Any] = {"options": VARIANTS[name]}
+        entry: dict[str, Any] = {"options": VARIANTS[name], "tileup": ENVIRONMENT.get(name, {})}
         try:
             with torch.inference_mode(), torch._inductor.config.patch(VARIANTS[name]):
 

@@ -67,17 +67,37 @@ def test_the_eager_default_gives_sd1_the_kernel_and_channels_last(
     assert ups == {"PhaseUpsample2D"}  # on CUDA, every family's upsamplers fold
 
 
-def test_phase_upsamplers_leave_the_unets_output_to_rounding(monkeypatch) -> None:
-    """The UNet with its upsamplers as phase convs against diffusers' (fp32, no TF32)."""
+@pytest.fixture
+def no_tf32():
+    """fp32 convs and matmuls without TF32 for the test, as they were after it."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_phase_upsamplers_leave_the_unets_output_to_rounding(
+    compiled: bool, no_tf32, monkeypatch
+) -> None:
+    """The UNet with its upsamplers as phase convs, eager or compiled by inductor
+    (``TILEUP_PHASE_UPSAMPLE=all``), against diffusers' plain eager UNet (fp32, no TF32)."""
+    monkeypatch.setenv("TILEUP_PHASE_UPSAMPLE", "all")
     unet = make_tiny_components("sd1", seed=0)["unet"].to("cuda").eval()
     gen = torch.Generator(device="cuda").manual_seed(0)
     sample = torch.randn(2, 4, 64, 64, device="cuda", generator=gen)  # 16² at the upsampler
     text = torch.randn(2, 77, unet.config.cross_attention_dim, device="cuda", generator=gen)
     with torch.inference_mode():
         expected = unet(sample, 500, encoder_hidden_states=text).sample
-        assert upsample_conv.swap_upsamplers(unet) > 0
-        got = unet(sample, 500, encoder_hidden_states=text).sample
+        if compiled:
+            torch._dynamo.reset()
+            runnable = _runnable(unet, compiled=True, dynamic_batch=False, graphed=False)
+            got = runnable(sample, 500, encoder_hidden_states=text).sample
+        else:
+            assert upsample_conv.swap_upsamplers(unet) > 0
+            got = unet(sample, 500, encoder_hidden_states=text).sample
+    ups = {type(m).__name__ for m in unet.modules() if "Upsample2D" in type(m).__name__}
+    assert ups == {"PhaseUpsample2D"}
     scale = expected.abs().max().item()
     assert not torch.equal(got, expected)  # the phase form ran (16² and 32² upsamplers)
     assert (got - expected).abs().max().item() <= 1e-5 * scale

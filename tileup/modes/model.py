@@ -98,10 +98,10 @@ def _runnable(unet: nn.Module, *, compiled: bool, dynamic_batch: bool, graphed: 
     (:class:`GraphedUNet`). Compiled, its GroupNorms may come from per-channel statistics
     (:func:`tileup.channel_norm.for_unet`); eager on CUDA, from one Triton kernel where
     :func:`tileup.group_norm_kernel.wanted`. Guidance pairs share the UNet's first layers where
-    its architecture allows (:mod:`tileup.sampling.shared_prefix`); eager on CUDA its upsamplers
-    run as 2×2 convs of four phases (:mod:`tileup.upsample_conv`)."""
+    its architecture allows (:mod:`tileup.sampling.shared_prefix`); on CUDA its upsamplers run as
+    2×2 convs of four phases (:mod:`tileup.upsample_conv`): eager, and compiled if set."""
     shared_prefix.install(unet)
-    if not compiled and _device_of(unet).type == "cuda" and upsample_conv.enabled():
+    if _device_of(unet).type == "cuda" and upsample_conv.enabled(compiled):
         upsample_conv.swap_upsamplers(unet)
     if compiled and channel_norm.for_unet():
         channel_norm.swap_group_norms(unet)
