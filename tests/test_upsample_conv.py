@@ -96,15 +96,6 @@ def test_the_setting_turns_it_off(monkeypatch) -> None:
     assert not upsample_conv.enabled()
 
 
-def test_the_compiled_unet_takes_it_only_when_set(monkeypatch) -> None:
-    monkeypatch.delenv("TILEUP_PHASE_UPSAMPLE", raising=False)
-    assert not upsample_conv.enabled(compiled=True)
-    monkeypatch.setenv("TILEUP_PHASE_UPSAMPLE", "all")
-    assert upsample_conv.enabled() and upsample_conv.enabled(compiled=True)
-    monkeypatch.setenv("TILEUP_PHASE_UPSAMPLE", "off")
-    assert not upsample_conv.enabled(compiled=True)
-
-
 @pytest.mark.parametrize("padding", [0, 1])
 def test_the_traced_interleaving_is_the_eager_one(tensors, padding: int, monkeypatch) -> None:
     """Under torch.compile the phases interleave by one stack and reshape (traced by dynamo

@@ -4,7 +4,7 @@ The fused job's call exactly as ``--compile`` runs it (:func:`tileup.modes.model
 the guidance pair sharing its first layers, per-channel GroupNorms, compiled statically,
 replayed from CUDA graphs): 27 tiles at 64² with 54 text states, the job's 60 calls. Each
 variant compiles anew under its ``torch._inductor.config`` patch (and tileup settings:
-``phase_upsample``); its output is compared with
+``plain_upsample``); its output is compared with
 the default's (kernel rounding). Writes ``--out`` after every variant (a call cut short at its
 time limit keeps what ran).
 
@@ -41,9 +41,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     },
     "max_autotune_gemm": {"max_autotune_gemm": True},
     "max_autotune": {"max_autotune": True},
-    "phase_upsample": {},  # tileup's upsamplers as 2×2 convs of four phases (no inductor option)
+    "plain_upsample": {},  # tileup's upsamplers as diffusers' (no inductor option)
 }
-ENVIRONMENT: dict[str, dict[str, str]] = {"phase_upsample": {"TILEUP_PHASE_UPSAMPLE": "all"}}
+ENVIRONMENT: dict[str, dict[str, str]] = {"plain_upsample": {"TILEUP_PHASE_UPSAMPLE": "off"}}
 """tileup settings a variant runs under, besides inductor's options."""
 TILES, SIDE, CALLS = 27, 64, 60
 

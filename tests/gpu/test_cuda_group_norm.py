@@ -80,9 +80,9 @@ def no_tf32():
 def test_phase_upsamplers_leave_the_unets_output_to_rounding(
     compiled: bool, no_tf32, monkeypatch
 ) -> None:
-    """The UNet with its upsamplers as phase convs, eager or compiled by inductor
-    (``TILEUP_PHASE_UPSAMPLE=all``), against diffusers' plain eager UNet (fp32, no TF32)."""
-    monkeypatch.setenv("TILEUP_PHASE_UPSAMPLE", "all")
+    """The UNet with its upsamplers as phase convs, eager or compiled by inductor (the
+    default), against diffusers' plain eager UNet (fp32, no TF32)."""
+    monkeypatch.delenv("TILEUP_PHASE_UPSAMPLE", raising=False)
     unet = make_tiny_components("sd1", seed=0)["unet"].to("cuda").eval()
     gen = torch.Generator(device="cuda").manual_seed(0)
     sample = torch.randn(2, 4, 64, 64, device="cuda", generator=gen)  # 16² at the upsampler

@@ -99,9 +99,9 @@ def _runnable(unet: nn.Module, *, compiled: bool, dynamic_batch: bool, graphed: 
     (:func:`tileup.channel_norm.for_unet`); eager on CUDA, from one Triton kernel where
     :func:`tileup.group_norm_kernel.wanted`. Guidance pairs share the UNet's first layers where
     its architecture allows (:mod:`tileup.sampling.shared_prefix`); on CUDA its upsamplers run as
-    2×2 convs of four phases (:mod:`tileup.upsample_conv`): eager, and compiled if set."""
+    2×2 convs of four phases (:mod:`tileup.upsample_conv`), eager or compiled."""
     shared_prefix.install(unet)
-    if _device_of(unet).type == "cuda" and upsample_conv.enabled(compiled):
+    if _device_of(unet).type == "cuda" and upsample_conv.enabled():
         upsample_conv.swap_upsamplers(unet)
     if compiled and channel_norm.for_unet():
         channel_norm.swap_group_norms(unet)
