@@ -385,12 +385,31 @@ def output_path(work: Path, kind: str, gib: float, devices: int, variant: str = 
     return work / "outputs" / f"{kind}-{_card(gib).replace(' ', '')}{gpus}{more}.npy"
 
 
+def _mm_flops(a_shape: Any, b_shape: Any, *_: Any, **__: Any) -> int:
+    """2·m·k·n for an m×k by k×n product, whatever else the overload takes (``out_dtype``)."""
+    return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+
+def _addmm_flops(_self_shape: Any, a_shape: Any, b_shape: Any, *_: Any, **__: Any) -> int:
+    """:func:`_mm_flops` of ``addmm``'s product (the addition is not counted, as PyTorch's)."""
+    return _mm_flops(a_shape, b_shape)
+
+
+def flop_formulas() -> dict[Any, Any]:
+    """``mm`` and ``addmm`` formulas for every overload: PyTorch 2.11's ``addmm`` formula fails
+    on the ``out_dtype`` overload the tiled VAE's attention calls (``TypeError: addmm_flop() got
+    multiple values for argument 'out_shape'``)."""
+    import torch
+
+    return {torch.ops.aten.mm: _mm_flops, torch.ops.aten.addmm: _addmm_flops}
+
+
 def _count_flops(fn: Any) -> tuple[int, dict[str, int], float]:
     """FLOPs of ``fn()`` (total, per top-level module) and the seconds the count took."""
     from torch.utils.flop_counter import FlopCounterMode
 
     start = time.perf_counter()
-    with FlopCounterMode(display=False, depth=1) as counter:
+    with FlopCounterMode(display=False, depth=1, custom_mapping=flop_formulas()) as counter:
         fn()
     _sync()
     total = int(counter.get_total_flops())
