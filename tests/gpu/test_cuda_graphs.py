@@ -74,6 +74,32 @@ def test_parked_weights_and_grad_mode_run_eagerly_then_capture_again(tiny) -> No
     assert (graphed.captures, graphed.replays) == (2, 2)
 
 
+def test_a_flop_counter_sees_every_call_of_a_graphed_unet(tiny) -> None:
+    """Replays run no ops a dispatch mode could see: under FlopCounterMode a UNet whose graph
+    exists runs eagerly, so the count is the plain UNet's, and replays resume after."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    unet = copy.deepcopy(tiny["unet"]).to(CUDA, torch.bfloat16)
+    graphed = GraphedUNet(copy.deepcopy(unet))
+    sample, context = _inputs(2, seed=4)
+    t = torch.tensor(500.0)
+
+    def call(model: torch.nn.Module) -> torch.Tensor:
+        return model(sample, t, encoder_hidden_states=context, return_dict=False)[0]
+
+    for _ in range(3):
+        call(graphed)
+    assert (graphed.captures, graphed.replays) == (1, 1)
+    with FlopCounterMode(display=False) as plain:
+        call(unet)
+    with FlopCounterMode(display=False) as counted:
+        call(graphed)
+    assert graphed.replays == 1 and plain.get_total_flops() > 0
+    assert counted.get_total_flops() == plain.get_total_flops()
+    call(graphed)
+    assert graphed.replays == 2
+
+
 def test_a_call_whose_activations_do_not_fit_twice_stays_eager(tiny, monkeypatch) -> None:
     graphed = GraphedUNet(copy.deepcopy(tiny["unet"]).to(CUDA, torch.bfloat16))
     sample, context = _inputs(4, seed=2)

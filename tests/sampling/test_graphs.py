@@ -57,3 +57,15 @@ def test_graphs_are_on_unless_asked_off() -> None:
     assert LoadOptions(None, "epsilon", "", "").cuda_graphs
     assert UpscaleSettings().cuda_graphs
     assert not UpscaleSettings.from_mapping({"cuda_graphs": False}).cuda_graphs
+
+
+def test_a_dispatch_mode_is_seen_as_watching_the_ops() -> None:
+    """Under ``FlopCounterMode`` the wrapper's calls run eagerly (a replay runs no ops to count)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from tileup.sampling.graphs import dispatch_mode_active
+
+    assert not dispatch_mode_active()
+    with FlopCounterMode(display=False):
+        assert dispatch_mode_active()
+    assert not dispatch_mode_active()

@@ -12,7 +12,8 @@ shape compiles, the capture records the generated kernels (SD 1.5, batch 8 at 72
 H200, 2026-11-30: 36.7 ms graphed eager, 35.1 compiled, 26.2 compiled and graphed).
 
 Anything the graph cannot hold runs eagerly, as before: a UNet not wholly on one CUDA device
-(parked on the host, streamed block by block), grad mode, keyword arguments other than the
+(parked on the host, streamed block by block), grad mode, a dispatch mode watching the ops
+(``FlopCounterMode``: a replay runs none of them), keyword arguments other than the
 text states and SDXL's added conditions, more signatures than :data:`MAX_GRAPHS`, a call whose
 activations (the memory plan's per-sample estimate) would not fit twice in the free memory,
 a capture that fails (out of memory): those signatures stay eager. A graph keeps its
@@ -54,6 +55,14 @@ class _Graph:
 
 def _describe(value: torch.Tensor) -> tuple[Any, ...]:
     return (tuple(value.shape), value.dtype, value.device, value.stride())
+
+
+def dispatch_mode_active() -> bool:
+    """Whether a ``TorchDispatchMode`` (``FlopCounterMode``, a debug mode) watches the ops: a
+    graph's replay runs none of them, so such calls run eagerly and the mode sees them all."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    return _get_current_dispatch_mode() is not None
 
 
 class GraphedUNet(nn.Module):
@@ -143,6 +152,7 @@ class GraphedUNet(nn.Module):
             or device.type != "cuda"
             or torch.is_grad_enabled()
             or torch.cuda.is_current_stream_capturing()
+            or dispatch_mode_active()
             or context.device != device
         ):
             return None
