@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench.gpu import flop_formulas
+from bench.gpu import _addmm_flops, _mm_flops, flop_formulas
 
 
 def test_products_with_an_output_dtype_count_two_flops_a_multiply_add() -> None:
@@ -18,3 +18,10 @@ def test_products_with_an_output_dtype_count_two_flops_a_multiply_add() -> None:
         torch.mm(a, b)
         torch.addmm(acc, a.float(), b.float())
     assert counter.get_total_flops() == 4 * 2 * 8 * 16 * 4
+
+
+def test_the_formulas_take_the_out_dtype_overloads_arguments() -> None:
+    """As PyTorch 2.11's counter calls them for ``addmm.dtype_out`` / ``mm.dtype``: the output
+    dtype positional, the output shape by keyword (its own addmm formula failed there)."""
+    assert _addmm_flops((8, 4), (8, 16), (16, 4), torch.float32, out_shape=(8, 4)) == 1024
+    assert _mm_flops((8, 16), (16, 4), torch.float32, out_shape=(8, 4)) == 1024

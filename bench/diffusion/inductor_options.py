@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # run as a script: tileup and bench from this checkout
@@ -74,14 +75,8 @@ def main() -> None:
     reference: torch.Tensor | None = None
     for name in args.variants.split(","):
         torch._dynamo.reset()
-        saved = {key: os.environ.get(key) for key in ENVIRONMENT.get(name, {})}
-        os.environ.update(ENVIRONMENT.get(name, {}))
-        unet = _runnable(copy.deepcopy(base), compiled=True, dynamic_batch=False, graphed=True)
-        for key, value in saved.items():  # the swap is made: later variants run without it
-            if value is None:
-                os.environ.pop(key)
-            else:
-                os.environ[key] = value
+        with mock.patch.dict(os.environ, ENVIRONMENT.get(name, {})):  # read by the swaps alone
+            unet = _runnable(copy.deepcopy(base), compiled=True, dynamic_batch=False, graphed=True)
         benchmark = torch.backends.cudnn.benchmark
         torch.backends.cudnn.benchmark = name == "cudnn_benchmark"
         start = time.perf_counter()

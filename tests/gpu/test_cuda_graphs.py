@@ -74,6 +74,7 @@ def test_parked_weights_and_grad_mode_run_eagerly_then_capture_again(tiny) -> No
     assert (graphed.captures, graphed.replays) == (2, 2)
 
 
+@torch.inference_mode()
 def test_a_flop_counter_sees_every_call_of_a_graphed_unet(tiny) -> None:
     """Replays run no ops a dispatch mode could see: under FlopCounterMode a UNet whose graph
     exists runs eagerly, so the count is the plain UNet's, and replays resume after."""

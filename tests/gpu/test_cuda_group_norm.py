@@ -6,6 +6,8 @@ default."""
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -68,8 +70,8 @@ def test_the_eager_default_gives_sd1_the_kernel_and_channels_last(
 
 
 @pytest.fixture
-def no_tf32():
-    """fp32 convs and matmuls without TF32 for the test, as they were after it."""
+def no_tf32() -> Iterator[None]:
+    """fp32 convs and matmuls without TF32 for the test; the settings restored after it."""
     saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     yield
@@ -81,8 +83,17 @@ def test_phase_upsamplers_leave_the_unets_output_to_rounding(
     compiled: bool, no_tf32, monkeypatch
 ) -> None:
     """The UNet with its upsamplers as phase convs, eager or compiled by inductor (the
-    default), against diffusers' plain eager UNet (fp32, no TF32)."""
+    default; compiled as ``--compile`` builds it, so with per-channel GroupNorms and the
+    guidance pair's shared prefix too), against diffusers' plain eager UNet (fp32, no TF32)."""
     monkeypatch.delenv("TILEUP_PHASE_UPSAMPLE", raising=False)
+    traced: list[int] = []
+    interleaved = upsample_conv._interleaved
+
+    def spy(*args: Any) -> torch.Tensor:
+        traced.append(1)
+        return interleaved(*args)
+
+    monkeypatch.setattr(upsample_conv, "_interleaved", spy)
     unet = make_tiny_components("sd1", seed=0)["unet"].to("cuda").eval()
     gen = torch.Generator(device="cuda").manual_seed(0)
     sample = torch.randn(2, 4, 64, 64, device="cuda", generator=gen)  # 16² at the upsampler
@@ -98,6 +109,7 @@ def test_phase_upsamplers_leave_the_unets_output_to_rounding(
             got = unet(sample, 500, encoder_hidden_states=text).sample
     ups = {type(m).__name__ for m in unet.modules() if "Upsample2D" in type(m).__name__}
     assert ups == {"PhaseUpsample2D"}
+    assert len(traced) == (2 if compiled else 0)  # the 16² and 32² upsamplers, traced once
     scale = expected.abs().max().item()
     assert not torch.equal(got, expected)  # the phase form ran (16² and 32² upsamplers)
     assert (got - expected).abs().max().item() <= 1e-5 * scale

@@ -60,7 +60,8 @@ def test_graphs_are_on_unless_asked_off() -> None:
 
 
 def test_a_dispatch_mode_is_seen_as_watching_the_ops() -> None:
-    """Under ``FlopCounterMode`` the wrapper's calls run eagerly (a replay runs no ops to count)."""
+    """Under ``FlopCounterMode`` the wrapper is told to run eagerly (a replay runs no ops to
+    count; that it does is tested on the GPU, tests/gpu/test_cuda_graphs.py)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from tileup.sampling.graphs import dispatch_mode_active
