@@ -21,6 +21,10 @@ BLENDS = ("gaussian", "cosine", "linear")
 SEAM_FIX_MODES = ("none", "band", "half-tile", "half-tile+intersections")
 """Ultimate SD Upscale's seam-fix passes."""
 
+VAE_STATS = ("exact", "estimated")
+"""Where the tiled VAE's GroupNorm statistics come from: the whole image, or a small copy of it
+(A1111's and ComfyUI's Tiled VAE "Fast Encoder / Fast Decoder")."""
+
 COLOR_FIXES = ("none", "wavelet", "adain")
 """Colour fix after re-diffusion, against the pixel-upscaled source."""
 

@@ -53,7 +53,7 @@ HELP_GROUPS = {
         "checkpoint", "vae", "prompt", "negative_prompt", "denoise", "steps", "sampler",
         "scheduler", "cfg", "seed", "prediction", "mode",
     ),
-    "tiles": ("tile", "overlap", "blend", "tile_batch", "vae_tile"),
+    "tiles": ("tile", "overlap", "blend", "tile_batch", "vae_tile", "vae_stats"),
     "redraw and seam fix": (
         "order", "padding", "mask_blur", "seam_fix", "seam_denoise", "seam_width",
         "seam_mask_blur", "seam_padding",

@@ -6,6 +6,7 @@ pipeline calls these functions and hands the results down. Defaults live in the 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING
 
 from tileup.settings import SettingsError, UpscaleSettings
@@ -72,10 +73,12 @@ def load_options(settings: UpscaleSettings) -> LoadOptions:
 
 
 def vae_options(settings: UpscaleSettings, device: torch.device) -> VaeOptions:
-    """The VAE's tile from the settings; its batch and activation store from the device."""
+    """The VAE's tile and statistics from the settings; its batch and activation store from the
+    device."""
     from tileup.vae.runner import VaeOptions
 
-    return VaeOptions.for_device(device, settings.vae_tile)
+    options = VaeOptions.for_device(device, settings.vae_tile)
+    return dataclasses.replace(options, statistics=settings.vae_stats)
 
 
 def target_size(height: int, width: int, settings: UpscaleSettings) -> tuple[int, int]:
@@ -101,7 +104,7 @@ def merge_settings(
 RELOAD_FIELDS = frozenset(
     {
         "checkpoint", "vae", "prediction", "upscaler", "models_dirs", "model_tile", "device",
-        "dtype", "vram", "low_vram", "compile", "cuda_graphs", "vae_tile",
+        "dtype", "vram", "low_vram", "compile", "cuda_graphs", "vae_tile", "vae_stats",
     }
 )  # fmt: skip
 """Settings an engine loads or plans with once: they cannot change per call."""

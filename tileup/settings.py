@@ -25,6 +25,7 @@ from tileup.choices import (
     ORDERS,
     PREDICTIONS,
     SEAM_FIX_MODES,
+    VAE_STATS,
 )
 from tileup.errors import TileupError
 
@@ -337,6 +338,15 @@ class UpscaleSettings:
     )
     vae_tile: int = knob(
         512, "tiled VAE tile size in pixels", bounds=_TILE_PX, needs_checkpoint=True, metavar="N"
+    )
+    vae_stats: str = knob(
+        "exact",
+        "tiled VAE GroupNorm statistics: exact (the whole image's: no colour shift between "
+        "tiles) or estimated (from a copy of at most 1024 px a side, as A1111's Fast "
+        "Encoder/Decoder: faster when the VAE's activations do not fit on the card)",
+        choices=VAE_STATS,
+        meta="VAE stats",
+        needs_checkpoint=True,
     )
 
     # -- redraw mode and seam fix (Ultimate SD Upscale's knobs, same meaning) -----------------

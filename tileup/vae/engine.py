@@ -21,6 +21,7 @@ from torch import nn
 from tileup.vae import attention, copies, dma, knobs
 from tileup.vae.grid import VaeGrid, VaeTile, owned_region, vae_grid
 from tileup.vae.moves import CanvasMoves, zero_outside
+from tileup.vae.norms import NormAffines
 from tileup.vae.stats import channel_stats, group_affine
 
 __all__ = [
@@ -236,6 +237,10 @@ class StagedEngine(CanvasMoves):
         convs run ~1.5× faster on tensor cores and crops copy as contiguous rows."""
         self.held = dma.InFlight()
         """Host canvases that queued crop copies (:mod:`tileup.vae.dma`) still read or write."""
+        self.norms: NormAffines | None = None
+        """GroupNorm affines this pass records (:meth:`affine`), or, once given, takes instead
+        of whole-canvas statistics: then a stage whose output is not kept runs no pass at all
+        (the estimated mode, :mod:`tileup.vae.norms`)."""
 
     def batch_at(self, scale: int) -> int:
         """Tiles per batch of a stage whose finest canvas is at ``scale``: on CUDA, :attr:`batch`
@@ -414,6 +419,9 @@ class StagedEngine(CanvasMoves):
                 wanted = self.device.type == "cuda" and place.type == "cpu"
             if wanted:
                 keep, recipe = False, Recipe(tuple(inputs), fn, halo, m_in, depth)
+        if not keep and self.norms is not None and self.norms.given:
+            # nothing reads its statistics: its crops are computed where they are read, if ever
+            return Canvas(torch.empty((channels, 0, 0), dtype=dtype), scale, recipe=recipe)
         out = self._empty((channels, 0, 0), dtype, self.device)
         if keep:
             try:
@@ -561,17 +569,23 @@ class StagedEngine(CanvasMoves):
         return not pending or bool(torch.stack(pending).all())
 
     def affine(self, c: Canvas, norm: nn.GroupNorm) -> tuple[torch.Tensor, torch.Tensor]:
-        """GroupNorm ``norm`` with whole-canvas statistics as a per-channel affine ``x·a + b``.
+        """GroupNorm ``norm`` with whole-canvas statistics as a per-channel affine ``x·a + b``
+        (recorded in :attr:`norms`; or the next of its given affines, without statistics).
 
         Returns float32 (1, C, 1, 1) tensors on the device; whether they are finite is kept in
         :attr:`finite` (no host wait).
         """
-        if c.mean is None or c.m2 is None or c.count is None:
-            raise RuntimeError("canvas has no statistics")
-        affine = (norm.weight, norm.bias) if norm.affine else ()
-        a, b = group_affine(c.mean, c.m2, c.count, norm.num_groups, norm.eps, *affine)
-        self.finite.append(torch.isfinite(a).all() & torch.isfinite(b).all())
-        a, b = a.float().view(1, -1, 1, 1), b.float().view(1, -1, 1, 1)
+        if self.norms is not None and self.norms.given:
+            a, b = self.norms.take(norm)
+        else:
+            if c.mean is None or c.m2 is None or c.count is None:
+                raise RuntimeError("canvas has no statistics")
+            affine = (norm.weight, norm.bias) if norm.affine else ()
+            a, b = group_affine(c.mean, c.m2, c.count, norm.num_groups, norm.eps, *affine)
+            self.finite.append(torch.isfinite(a).all() & torch.isfinite(b).all())
+            a, b = a.float().view(1, -1, 1, 1), b.float().view(1, -1, 1, 1)
+            if self.norms is not None:
+                self.norms.record(norm, a, b)
         for lane in self.lanes[1:]:  # copied now, while no lane has work queued
             lane(a), lane(b)
         return a, b

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from tileup.devices import hwc_view
+from tileup.vae.estimated import estimated_decode, estimated_encode
 from tileup.vae.protocols import Vae
 from tileup.vae.tiled import NonFiniteError, tiled_decode, tiled_encode, vae_scale_factor
 
@@ -44,6 +45,9 @@ class VaeOptions:
     scores_bytes: int | None = None
     """Device bytes the mid-block attention's chunk of scores may take (a memory plan's
     :attr:`tileup.memory.MemoryPlan.vae_scores_bytes`); None: as far as free memory allows."""
+    statistics: str = "exact"
+    """Where whole canvases' GroupNorm statistics come from: ``exact`` (the whole image's) or
+    ``estimated`` (a small copy's; :mod:`tileup.vae.norms`)."""
     compile: bool = False
     """Run crops (redraw regions) one at a time through a ``torch.compile``-d VAE
     (:func:`tileup.sampling.compiled.compile_module`: one compilation per crop size; a dynamic
@@ -147,8 +151,10 @@ class VaeRunner:
         image = torch.from_numpy(np.ascontiguousarray(rgb, dtype=np.float32)).permute(2, 0, 1)
         o = options or self.options
 
+        encode = estimated_encode if o.statistics == "estimated" else tiled_encode
+
         def run(vae: Vae, dtype: torch.dtype) -> torch.Tensor:
-            return tiled_encode(
+            return encode(
                 vae,
                 image[None],
                 tile=o.tile,
@@ -174,8 +180,10 @@ class VaeRunner:
         o = options or self.options
         tile = max(8, o.tile // self.factor)
 
+        decode = estimated_decode if o.statistics == "estimated" else tiled_decode
+
         def run(vae: Vae, dtype: torch.dtype) -> torch.Tensor:
-            return tiled_decode(
+            return decode(
                 vae,
                 z,
                 tile=tile,

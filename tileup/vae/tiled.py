@@ -37,11 +37,8 @@ On CUDA canvases and tile batches are channels-last (the convs run ~1.5× faster
 cores), the norm-affine is the inference batch-norm kernel, and the attention is two GEMMs per
 chunk of queries with float32 scores and one softmax kernel (:mod:`tileup.vae.softmax`; the
 512-wide head has no flash/cuDNN kernel and the memory-efficient one ran it at 14 % of peak).
-Measured on an H200 (SD VAE architecture, bf16, tile 512 px, batch 4;
-bench/vae/profile_vae.py, 2026-11-30): a 4096² image encodes in 1.03 s and decodes in 1.43 s
-with ``store="device"`` (2.01 s / 2.60 s before those four changes; untiled diffusers 2.43 s /
-3.03 s), the attention taking 0.44 s of each (1.32 s before); with
-a memory plan's 3.08 GiB device store on an 8 GiB card (the rest on the host) 4.8 s / 7.2 s,
+Measured on an H200 (bf16, tile 512 px, batch 4; bench/vae/README.md) a 4096² image once
+encoded in 4.8 s and decoded in 7.2 s with an 8 GiB card's device store, the rest on the host,
 bound by host-side crop and paste copies. So on CUDA a canvas that would wait on the host is
 not stored at all: its stage keeps only its statistics, and every later stage that reads it
 computes its crops again from the last canvas stored on the device, through the chain of
@@ -76,6 +73,7 @@ from tileup.vae.engine import (
     VaeGrid,
     vae_grid,
 )
+from tileup.vae.norms import NormAffines
 from tileup.vae.protocols import (
     Attention,
     Decoder,
@@ -639,6 +637,7 @@ def tiled_encode(
     unit_range: bool = False,
     attention_on_host: bool = False,
     scores_limit: int | None = None,
+    norms: NormAffines | None = None,
 ) -> torch.Tensor:
     """Posterior mean of a diffusers AutoencoderKL, computed tile by tile, exactly.
 
@@ -665,7 +664,8 @@ def tiled_encode(
     attention's Q, K and V wait on the host (copied in by chunk; a plan's smallest budget).
     ``scores_limit``: device bytes its chunk of scores and probabilities may take (None: as
     far as free memory allows, up to :data:`tileup.vae.attention.SCORES_BUDGET` scores).
-    Raises NonFiniteError on NaN/inf.
+    ``norms``: the GroupNorm affines to record, or to take (:mod:`tileup.vae.norms`; one
+    picture). Raises NonFiniteError on NaN/inf.
     """
     f = vae_scale_factor(vae)
     if image.ndim != 4 or image.shape[1] != vae.config.in_channels:
@@ -679,6 +679,7 @@ def tiled_encode(
     grid = vae_grid(height // f, width // f, tile // f)
     eng, enc, quant = _staged(_encoder, vae, lanes, grid, (dev, dt, st), batch, store_limit, notes)
     _set_attention(eng, enc, attention_on_host, scores_limit, lend=True)
+    eng.norms = norms
     latent = vae.config.latent_channels
     outs = []
     with torch.inference_mode():
@@ -705,6 +706,7 @@ def tiled_decode(
     unit_range: bool = False,
     attention_on_host: bool = False,
     scores_limit: int | None = None,
+    norms: NormAffines | None = None,
 ) -> torch.Tensor:
     """Decode with a diffusers AutoencoderKL tile by tile, exactly.
 
@@ -734,6 +736,7 @@ def tiled_decode(
     grid = vae_grid(latents.shape[2], latents.shape[3], tile)
     eng, dec, post = _staged(_decoder, vae, lanes, grid, (dev, dt, st), batch, store_limit, notes)
     _set_attention(eng, dec, attention_on_host, scores_limit, lend=False)
+    eng.norms = norms
     outs = []
     with torch.inference_mode():
         for one in latents:

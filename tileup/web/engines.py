@@ -59,6 +59,7 @@ def model_key(settings: UpscaleSettings, checkpoint: str, device: torch.device) 
         s.compile,
         s.cuda_graphs,
         s.vae_tile,
+        s.vae_stats,
         s.dtype,
         str(device),
     )
