@@ -24,19 +24,26 @@ from typing import Any
 import torch
 
 from tileup.vae import attention as vae_attention
-from tileup.vae import tiled
+from tileup.vae import estimated, tiled
 
 ENV = {"dma": "TILEUP_VAE_DMA", "chain": "TILEUP_VAE_MAX_CHAIN"}
 """Run keys and the settings they set; ``store=G`` caps the device store at G GiB instead of
-``--store-limit-gib`` (``store=none``: no cap)."""
+``--store-limit-gib`` (``store=none``: no cap); ``stats=estimated`` runs the estimated mode
+(:mod:`tileup.vae.estimated`, A1111's Fast Encoder/Decoder) instead of the exact one."""
 
 
 def one_run(vae: Any, image: torch.Tensor, settings: dict[str, str], kw: dict[str, Any]) -> dict:
     """Time an encode and a decode under ``settings`` (keys of :data:`ENV`)."""
     kw = dict(kw)
+    encode, decode = tiled.tiled_encode, tiled.tiled_decode
     for key, value in settings.items():
         if key == "store":
             kw["store_limit"] = None if value == "none" else int(float(value) * 2**30)
+        elif key == "stats":
+            if value not in ("exact", "estimated"):
+                raise SystemExit(f"stats must be exact or estimated, got {value!r}")
+            if value == "estimated":
+                encode, decode = estimated.estimated_encode, estimated.estimated_decode
         else:
             os.environ[ENV[key]] = value
     attention_s = {"encode": 0.0, "decode": 0.0}
@@ -58,12 +65,12 @@ def one_run(vae: Any, image: torch.Tensor, settings: dict[str, str], kw: dict[st
     try:
         torch.cuda.synchronize()
         start = time.perf_counter()
-        z = tiled.tiled_encode(vae, image, notes=notes, **kw)
+        z = encode(vae, image, notes=notes, **kw)
         torch.cuda.synchronize()
         encode_s = time.perf_counter() - start
         phase = "decode"
         start = time.perf_counter()
-        tiled.tiled_decode(vae, z.to("cuda"), notes=notes, **kw)
+        decode(vae, z.to("cuda"), notes=notes, **kw)
         torch.cuda.synchronize()
         decode_s = time.perf_counter() - start
     finally:
