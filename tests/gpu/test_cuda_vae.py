@@ -804,3 +804,39 @@ def test_the_compiled_crop_vae_with_channel_norms_gives_the_plain_crops(vae, ima
             torch.testing.assert_close(decoded, plain.decode_crops(expected, []), rtol=0, atol=1e-3)
     finally:
         torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_given_exact_affines_a_capped_pass_skips_its_statistics_passes(
+    vae, latents, image, dtype, monkeypatch
+) -> None:
+    """The estimated mode's machinery under a memory plan's cap on CUDA (canvases recomputed
+    as the engine chooses): the exact pass's affines given back give its result up to the
+    rounding of recomputation, with fewer crops; the estimated functions run end to end."""
+    from tileup.vae import estimated
+    from tileup.vae.norms import NormAffines
+
+    crops: list[int] = []
+    crop = engine.StagedEngine._crop
+
+    def counted(self, *args, **kwargs):
+        crops.append(1)
+        return crop(self, *args, **kwargs)
+
+    monkeypatch.setattr(engine.StagedEngine, "_crop", counted)
+    kw = {"batch": 3, "dtype": dtype, "store": "device", "store_limit": 1 << 20}
+    tol = 1e-4 if dtype == torch.float32 else 0.05
+    for run, x, tile in ((tiled_decode, latents, 16), (tiled_encode, image, 128)):
+        norms = NormAffines()
+        crops.clear()
+        exact = run(vae, x, tile=tile, norms=norms, **kw)
+        exact_crops = len(crops)
+        crops.clear()
+        given = run(vae, x, tile=tile, norms=norms.frozen(), **kw)
+        assert (given - exact).abs().max().item() < tol, run
+        assert len(crops) < exact_crops, (len(crops), exact_crops)
+    monkeypatch.setattr(estimated, "SMALL_SIDE", 128)
+    out = estimated.estimated_decode(vae, latents, tile=16, **kw)
+    assert out.shape == (1, 3, 320, 384) and torch.isfinite(out).all()
+    z = estimated.estimated_encode(vae, image, tile=128, **kw)
+    assert z.shape == (1, 4, 40, 48) and torch.isfinite(z).all()
