@@ -74,3 +74,20 @@ def vae_recipes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
     monkeypatch.setattr(engine.Recipe, "__init__", recorded)
     return depths
+
+
+@pytest.fixture
+def vae_crops(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """One entry per crop the staged VAE engines take during the test (a pass over every tile
+    takes one per input and batch): ``len()`` counts the work of the passes that ran."""
+    from tileup.vae import engine
+
+    crops: list[int] = []
+    crop = engine.StagedEngine._crop
+
+    def counted(self, *args, **kwargs):
+        crops.append(1)
+        return crop(self, *args, **kwargs)
+
+    monkeypatch.setattr(engine.StagedEngine, "_crop", counted)
+    return crops

@@ -156,6 +156,12 @@ def _redraw(s: UpscaleSettings) -> bool:
     return s.mode == "redraw"
 
 
+def _estimated_vae_stats(s: UpscaleSettings) -> bool:
+    """Only estimated statistics are recorded: parameters without the key read as exact, as
+    every image's did before the setting existed."""
+    return s.vae_stats != "exact"
+
+
 def _seam_fix(s: UpscaleSettings) -> bool:
     return s.seam_fix != "none"
 
@@ -347,6 +353,7 @@ class UpscaleSettings:
         choices=VAE_STATS,
         meta="VAE stats",
         needs_checkpoint=True,
+        applies=_estimated_vae_stats,
     )
 
     # -- redraw mode and seam fix (Ultimate SD Upscale's knobs, same meaning) -----------------

@@ -808,7 +808,7 @@ def test_the_compiled_crop_vae_with_channel_norms_gives_the_plain_crops(vae, ima
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_given_exact_affines_a_capped_pass_skips_its_statistics_passes(
-    vae, latents, image, dtype, monkeypatch
+    vae, latents, image, dtype, vae_crops, monkeypatch
 ) -> None:
     """The estimated mode's machinery under a memory plan's cap on CUDA (canvases recomputed
     as the engine chooses): the exact pass's affines given back give its result up to the
@@ -816,14 +816,7 @@ def test_given_exact_affines_a_capped_pass_skips_its_statistics_passes(
     from tileup.vae import estimated
     from tileup.vae.norms import NormAffines
 
-    crops: list[int] = []
-    crop = engine.StagedEngine._crop
-
-    def counted(self, *args, **kwargs):
-        crops.append(1)
-        return crop(self, *args, **kwargs)
-
-    monkeypatch.setattr(engine.StagedEngine, "_crop", counted)
+    crops = vae_crops
     kw = {"batch": 3, "dtype": dtype, "store": "device", "store_limit": 1 << 20}
     tol = 1e-4 if dtype == torch.float32 else 0.05
     for run, x, tile in ((tiled_decode, latents, 16), (tiled_encode, image, 128)):

@@ -20,7 +20,7 @@ from sd_fixtures import make_tiny_components
 
 from tileup import options as options_module
 from tileup.settings import SettingsError, UpscaleSettings
-from tileup.vae import engine, estimated
+from tileup.vae import estimated
 from tileup.vae.estimated import estimated_decode, estimated_encode
 from tileup.vae.norms import NormAffines, small_copy
 from tileup.vae.runner import VaeOptions, VaeRunner
@@ -102,19 +102,12 @@ def test_affines_of_another_norm_are_refused() -> None:
 
 
 def test_given_the_exact_affines_a_recomputing_pass_skips_its_statistics_passes(
-    vae, latents, picture, vae_recompute, monkeypatch
+    vae, latents, picture, vae_recompute, vae_crops
 ) -> None:
     """Recorded by the exact pass and given back, under recomputation (every chainable stage's
     output recomputed where it is read, resnets' first convs reduced to statistics): the exact
     result up to the rounding of recomputation, with fewer crops taken."""
-    crops: list[int] = []
-    crop = engine.StagedEngine._crop
-
-    def counted(self, *args, **kwargs):
-        crops.append(1)
-        return crop(self, *args, **kwargs)
-
-    monkeypatch.setattr(engine.StagedEngine, "_crop", counted)
+    crops = vae_crops
     vae_recompute(True, chain=True)
     for run, x, tile in ((tiled_decode, latents, 8), (tiled_encode, picture, 64)):
         norms = NormAffines()
@@ -190,3 +183,9 @@ def test_the_setting_reaches_the_runner(vae, latents, monkeypatch) -> None:
     # (the runner's latents went through ×scale, ÷scale: float rounding)
     np.testing.assert_allclose(estimate, expected.numpy(), atol=1e-4)
     assert np.abs(estimate - exact).mean() > 1e-2  # the estimate ran
+
+
+def test_only_estimated_statistics_are_recorded_in_the_parameters() -> None:
+    """An exact job's parameters are as before the setting existed; an estimated one says so."""
+    assert "VAE stats" not in UpscaleSettings().metadata_items()
+    assert UpscaleSettings(vae_stats="estimated").metadata_items()["VAE stats"] == "estimated"
