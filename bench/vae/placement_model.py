@@ -338,7 +338,7 @@ def main() -> None:
     w = Walk(a.size // 8, cap, a.rule, a.max_chain, not a.plain_up, a.partial, a.estimated)
     part(w)
     if a.estimated:  # the small copy's exact pass
-        small = Walk(min(a.size, 1024) // 8, cap, a.rule, a.max_chain, not a.plain_up)
+        small = Walk(min(a.size, 1024) // 8, cap, a.rule, a.max_chain, not a.plain_up, a.partial)
         part(small)
         w.rows.append(("(the small copy's pass)", 1, 0, "-", small.total))
         w.total += small.total

@@ -99,6 +99,20 @@ def test_affines_of_another_norm_are_refused() -> None:
     given.take(torch.nn.GroupNorm(4, 8))
     with pytest.raises(RuntimeError, match="no recorded affine for GroupNorm 1"):
         given.take(torch.nn.GroupNorm(4, 8))
+    with pytest.raises(RuntimeError, match="not recorded into"):
+        given.record(torch.nn.GroupNorm(4, 8), torch.ones(1, 8, 1, 1), torch.zeros(1, 8, 1, 1))
+
+
+def test_affines_go_with_one_picture_and_serve_every_pass(vae, latents) -> None:
+    """Norms hold one picture's affines: a batch is refused; given ones are taken from the
+    first norm again by every pass (the same object serves twice, to the same bytes)."""
+    norms = NormAffines()
+    with pytest.raises(ValueError, match="one picture's GroupNorm affines, got 2 pictures"):
+        tiled_decode(vae, torch.cat([latents, latents]), tile=8, norms=norms)
+    tiled_decode(vae, latents, tile=8, norms=norms)
+    given = norms.frozen()
+    first = tiled_decode(vae, latents, tile=8, norms=given)
+    assert torch.equal(tiled_decode(vae, latents, tile=8, norms=given), first)
 
 
 def test_given_the_exact_affines_a_recomputing_pass_skips_its_statistics_passes(
@@ -161,12 +175,16 @@ def test_a_larger_copy_gives_a_closer_estimate(vae, latents, picture, monkeypatc
     assert gaps[0] > gaps[1] > gaps[2] > 0, gaps
 
 
-def test_a_picture_small_enough_is_its_own_estimate(vae, latents) -> None:
-    """Under SMALL_SIDE the copy is the picture: the estimated mode gives the exact bytes."""
-    assert torch.equal(estimated_decode(vae, latents, tile=8), tiled_decode(vae, latents, tile=8))
+def test_a_picture_small_enough_is_its_own_estimate(vae, latents, picture, vae_crops) -> None:
+    """Under SMALL_SIDE the copy is the picture: one exact pass, the exact bytes."""
+    exact = tiled_decode(vae, latents, tile=8)
+    exact_crops = len(vae_crops)
+    assert torch.equal(estimated_decode(vae, latents, tile=8), exact)
+    assert len(vae_crops) == 2 * exact_crops
+    assert torch.equal(estimated_encode(vae, picture, tile=64), tiled_encode(vae, picture, tile=64))
 
 
-def test_the_setting_reaches_the_runner(vae, latents, monkeypatch) -> None:
+def test_the_setting_reaches_the_runner(vae, latents, picture, monkeypatch) -> None:
     settings = UpscaleSettings(vae_stats="estimated")
     options = options_module.vae_options(settings, torch.device("cpu"))
     assert options.statistics == "estimated"
@@ -183,6 +201,10 @@ def test_the_setting_reaches_the_runner(vae, latents, monkeypatch) -> None:
     # (the runner's latents went through ×scale, ÷scale: float rounding)
     np.testing.assert_allclose(estimate, expected.numpy(), atol=1e-4)
     assert np.abs(estimate - exact).mean() > 1e-2  # the estimate ran
+    # the encode takes the picture as it lies, H×W×3 in [0, 1], mapped as the engine copies it
+    rgb = ((picture[0].permute(1, 2, 0) + 1) / 2).numpy()
+    z = runner.encode_canvas(rgb, []) / runner.scale
+    torch.testing.assert_close(z, estimated_encode(vae, picture, tile=8 * F), atol=1e-5, rtol=0)
 
 
 def test_only_estimated_statistics_are_recorded_in_the_parameters() -> None:

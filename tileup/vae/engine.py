@@ -472,7 +472,8 @@ class StagedEngine(CanvasMoves):
                 crops = []
                 # statistics and the move to the store in the try too: their float32 copy and
                 # relayout are as large as the batch
-                batch_stats = [] if res is None else _owned_stats(res, owned)
+                given = self.norms is not None and self.norms.given  # nothing reads them
+                batch_stats = [] if res is None or given else _owned_stats(res, owned)
                 moved = None
                 if res is not None and keep:
                     moved = self._move(res, self._copy(result, k), k, tiles)

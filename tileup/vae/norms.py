@@ -27,20 +27,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["SMALL_SIDE", "NormAffines", "small_copy"]
-
-SMALL_SIDE = 1024
-"""Longest side, in image px, of the copy the estimated mode takes its statistics from (A1111's
-fast mode downsizes to one tile; a whole 1024² image is cheap for an exact tiled pass)."""
+__all__ = ["NormAffines", "small_copy"]
 
 
 @dataclass
 class NormAffines:
-    """Per GroupNorm, in the order a pass applies them, its per-channel affine ``(a, b)``
-    (float32 1×C×1×1 on the compute device) and the norm's (groups, channels).
+    """Per GroupNorm, in the order a pass over one picture applies them, its per-channel
+    affine ``(a, b)`` (float32 1×C×1×1 on the compute device) and the norm's (groups, channels).
 
-    Empty, an engine records into it (:meth:`record`); once :attr:`given`, an engine takes its
-    affines in the same order (:meth:`take`) and skips every pass that only made statistics."""
+    Empty, an engine records into it (:meth:`record`); once :attr:`given` (:meth:`frozen`), an
+    engine takes a fresh copy's affines in the same order (:meth:`take`) and skips every pass
+    that only made statistics."""
 
     affines: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     shapes: list[tuple[int, int]] = field(default_factory=list)
@@ -49,7 +46,9 @@ class NormAffines:
     """Affines handed out so far."""
 
     def record(self, norm: nn.GroupNorm, a: torch.Tensor, b: torch.Tensor) -> None:
-        """Keep ``norm``'s affine, in order."""
+        """Keep ``norm``'s affine, in order (not into given affines)."""
+        if self.given:
+            raise RuntimeError("given affines are not recorded into")
         self.affines.append((a, b))
         self.shapes.append((norm.num_groups, norm.num_channels))
 
@@ -83,4 +82,5 @@ def small_copy(x: torch.Tensor, side: int, multiple: int = 1) -> torch.Tensor:
     std, mean = torch.std_mean(full, dim=(0, 2, 3), keepdim=True)
     small_std, small_mean = torch.std_mean(small, dim=(0, 2, 3), keepdim=True)
     small = (small - small_mean) / small_std.clamp_min(1e-6) * std + mean
-    return small.clamp_(full.min(), full.max()).to(x.dtype)
+    low, high = torch.aminmax(full)
+    return small.clamp_(low, high).to(x.dtype)
