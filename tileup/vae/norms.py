@@ -61,6 +61,13 @@ class NormAffines:
         self.taken += 1
         return self.affines[k]
 
+    def for_pass(self, pictures: int) -> NormAffines:
+        """These norms for a pass over ``pictures`` pictures, which must be one: given ones as a
+        fresh copy (taken from the first), empty ones as they are (recorded into)."""
+        if pictures != 1:
+            raise ValueError(f"norms hold one picture's GroupNorm affines, got {pictures} pictures")
+        return self.frozen() if self.given else self
+
     def frozen(self) -> NormAffines:
         """These affines, to be given to a pass."""
         return NormAffines(list(self.affines), list(self.shapes), given=True)

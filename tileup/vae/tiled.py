@@ -614,13 +614,6 @@ def _set_attention(
         eng.lend(3 * attn.to_q.out_features * eng.grid.height * eng.grid.width * itemsize)
 
 
-def _one_pictures(norms: NormAffines | None, pictures: int) -> NormAffines | None:
-    """``norms`` for a pass over one picture (given ones as a fresh copy: taken from the first)."""
-    if norms is not None and pictures != 1:
-        raise ValueError(f"norms hold one picture's GroupNorm affines, got {pictures} pictures")
-    return norms.frozen() if norms is not None and norms.given else norms
-
-
 def _cap(device: torch.device, store_limit: int | None) -> int | None:
     """The device bytes allowed in all while the call runs: what is allocated now plus
     ``store_limit`` (None: no cap; canvases go to ``store``)."""
@@ -686,7 +679,7 @@ def tiled_encode(
     grid = vae_grid(height // f, width // f, tile // f)
     eng, enc, quant = _staged(_encoder, vae, lanes, grid, (dev, dt, st), batch, store_limit, notes)
     _set_attention(eng, enc, attention_on_host, scores_limit, lend=True)
-    eng.norms = _one_pictures(norms, len(image))
+    eng.norms = None if norms is None else norms.for_pass(len(image))
     latent = vae.config.latent_channels
     outs = []
     with torch.inference_mode():
@@ -743,7 +736,7 @@ def tiled_decode(
     grid = vae_grid(latents.shape[2], latents.shape[3], tile)
     eng, dec, post = _staged(_decoder, vae, lanes, grid, (dev, dt, st), batch, store_limit, notes)
     _set_attention(eng, dec, attention_on_host, scores_limit, lend=False)
-    eng.norms = _one_pictures(norms, len(latents))
+    eng.norms = None if norms is None else norms.for_pass(len(latents))
     outs = []
     with torch.inference_mode():
         for one in latents:
