@@ -24,6 +24,8 @@ CFG 7, prompt "a photo", seed 1, bf16, eager):
   compilation is in ``warmup_seconds``; ``compile_seconds`` is its share) | whole GPU |
 | redraw_compiled | the redraw job with ``--compile`` (warm-up: the job itself) | whole GPU |
 | low_vram | the reference job with ``--low-vram`` | whole GPU |
+| print_8k_estimated | print_8k with ``--vae-stats estimated`` (opt-in; the goal is for the
+  default, exact mode) | 8 GiB |
 | naive | diffusers' img2img per 512² tile (fused grid), one at a time, pasted | whole GPU |
 
 ``vram_sweep``: the reference (fused) and redraw jobs on cards of 4, 6, 8, 12 and 24 GiB and the
@@ -161,7 +163,8 @@ class Job:
     devices: int = 1
     description: str = ""
     variant: str = ""
-    """"" (default settings), "compiled" (--compile) or "low_vram" (--low-vram)."""
+    """"" (default settings), "compiled" (--compile), "low_vram" (--low-vram) or
+    "estimated_vae" (--vae-stats estimated)."""
 
 
 JOBS = {
@@ -188,6 +191,12 @@ JOBS = {
         "sd15_fused", WHOLE, description="SD 1.5 fused, --low-vram", variant="low_vram"
     ),
     "naive": Job("naive", WHOLE, description="diffusers img2img per 512² tile, whole GPU"),
+    "print_8k_estimated": Job(
+        "print_8k",
+        8,
+        description="SD 1.5 fused 2048² → 8192², 8 GiB card, --vae-stats estimated",
+        variant="estimated_vae",
+    ),
 }
 FLOP_OWNERS = {"sd15_fused": "reference", "sd15_redraw": "redraw", "sdxl_fused": "sdxl"}
 FLOP_OWNERS |= {"print_8k": "print_8k", "naive": "naive"}
@@ -200,6 +209,7 @@ BASELINES = {
     "reference_compiled": "reference",
     "redraw_compiled": "redraw",
     "low_vram": "reference",
+    "print_8k_estimated": "print_8k",
 }
 
 
@@ -460,6 +470,7 @@ def _engine_settings(
         device=device,
         compile=job is not None and job.variant == "compiled",
         low_vram=job is not None and job.variant == "low_vram",
+        vae_stats="estimated" if job is not None and job.variant == "estimated_vae" else "exact",
         **extra,
     )
 
@@ -1186,6 +1197,10 @@ def goals(data: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
         ratio = print_8k["seconds"] / card_4k["seconds"]
         peaks = f"peak {print_8k['peak_allocated_gib']} against {card_4k['peak_allocated_gib']} GiB"
         text = f"{_at(print_8k)} / 4K on 8 GiB {_at(card_4k)} = {ratio:.2f}×, {peaks}"
+        estimated = data.get("print_8k_estimated")
+        if _ran(estimated):  # opt-in: reported beside the default's figure, not for the goal
+            opt = estimated["seconds"] / card_4k["seconds"]
+            text += f"; --vae-stats estimated (opt-in) {_at(estimated)} = {opt:.2f}×"
         rows.append(("8192² ≤ 4.4× the 4K job, same card", text, ratio <= 4.4))
     one, two = data.get("reference"), data.get("two_gpus")
     if _ran(one) and _ran(two):

@@ -132,3 +132,30 @@ def test_a_sweep_entry_that_is_a_jobs_run_fills_that_job_too() -> None:
     )
     assert [p.sweep_mode for p in plan(["reference"], [WHOLE], ["fused"])] == ["fused"]
     assert plan(["reference"], [WHOLE], ["fused"])[0].jobs == ["reference"]  # not twice
+
+
+def test_the_estimated_vae_print_is_reported_beside_the_goal_not_for_it() -> None:
+    """print_8k with --vae-stats estimated (opt-in) is shown with its ratio; the goal stays the
+    default (exact) job's."""
+    data = {**_data(), "print_8k_estimated": _entry(48.0, "c3", peak_allocated_gib=6.4)}
+    text, met = {g: (t, m) for g, t, m in goals(data)}["8192² ≤ 4.4× the 4K job, same card"]
+    assert "= 5.83×" in text and "--vae-stats estimated (opt-in) 48.00 s (c3) = 4.00×" in text
+    assert met is False
+
+
+def test_the_estimated_vae_job_runs_print_8k_with_estimated_statistics(tmp_path) -> None:
+    """The job is print_8k's kind and card with the VAE's statistics estimated, compared with
+    print_8k's output; the other jobs keep the exact default."""
+    from pathlib import Path
+
+    from bench.gpu import BASELINES, JOBS, KINDS, OneArgs, _engine_settings
+
+    job = JOBS["print_8k_estimated"]
+    assert (job.kind, job.gib) == (JOBS["print_8k"].kind, JOBS["print_8k"].gib)
+    assert BASELINES["print_8k_estimated"] == "print_8k"
+    o = OneArgs("print_8k_estimated", 8, Path(tmp_path), "model.pth", 20, False, False)
+    ckpt = str(tmp_path / "sd15")
+    estimated = _engine_settings(o, KINDS[job.kind], "cpu", ckpt, job)
+    assert estimated.vae_stats == "estimated"
+    exact = _engine_settings(o, KINDS[job.kind], "cpu", ckpt, JOBS["print_8k"])
+    assert exact.vae_stats == "exact"
