@@ -143,6 +143,19 @@ def test_the_estimated_vae_print_is_reported_beside_the_goal_not_for_it() -> Non
     assert met is False
 
 
+def test_the_estimated_print_is_also_set_against_the_4k_job_estimated() -> None:
+    """With card_8gib_estimated measured, the estimated print's ratio is given against it too
+    (the same setting on both sides); the goal stays the default job's."""
+    data = {
+        **_data(),
+        "print_8k_estimated": _entry(48.0, "c3", peak_allocated_gib=6.4),
+        "card_8gib_estimated": _entry(12.5, "c3", peak_allocated_gib=5.6),
+    }
+    text, met = {g: (t, m) for g, t, m in goals(data)}["8192² ≤ 4.4× the 4K job, same card"]
+    assert "= 4.00×, against the 4K job estimated too 12.50 s (c3) = 3.84×" in text
+    assert met is False
+
+
 def test_the_estimated_vae_job_runs_print_8k_with_estimated_statistics(tmp_path) -> None:
     """The job is print_8k's kind and card with the VAE's statistics estimated, compared with
     print_8k's output; the other jobs keep the exact default."""
@@ -153,6 +166,8 @@ def test_the_estimated_vae_job_runs_print_8k_with_estimated_statistics(tmp_path)
     job = JOBS["print_8k_estimated"]
     assert (job.kind, job.gib) == (JOBS["print_8k"].kind, JOBS["print_8k"].gib)
     assert BASELINES["print_8k_estimated"] == "print_8k"
+    card = JOBS["card_8gib_estimated"]  # its 4K counterpart on the same card
+    assert (card.kind, card.gib, card.variant) == ("sd15_fused", 8, "estimated_vae")
     o = OneArgs("print_8k_estimated", 8, Path(tmp_path), "model.pth", 20, False, False)
     ckpt = str(tmp_path / "sd15")
     estimated = _engine_settings(o, KINDS[job.kind], "cpu", ckpt, job)
