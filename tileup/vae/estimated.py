@@ -1,7 +1,9 @@
 """The tiled VAE with estimated GroupNorm statistics (:mod:`tileup.vae.norms`): per picture,
 an exact tiled pass over a small copy records every norm's affine, and the full-size pass takes
 them. Same arguments and results as :func:`tileup.vae.tiled.tiled_encode` and
-:func:`tileup.vae.tiled.tiled_decode`, but for the statistics."""
+:func:`tileup.vae.tiled.tiled_decode`, but for the statistics. Measured on an emulated 8 GiB
+card (H200, 2026-12-01, bench/vae/README.md): a 2048² → 8192² job's VAE 26.4 → 16.8 s, its
+whole job 67.0 → 57.1 s."""
 
 from __future__ import annotations
 
