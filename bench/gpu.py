@@ -28,6 +28,8 @@ CFG 7, prompt "a photo", seed 1, bf16, eager):
   default, exact mode) | 8 GiB |
 | card_8gib_estimated | the reference job with ``--vae-stats estimated``: print_8k_estimated's 4K
   counterpart | 8 GiB |
+| print_8k_6gib, print_8k_estimated_6gib | print_8k and print_8k_estimated on a smaller card,
+  whose peak stays under the 4K job's on 8 GiB | 6 GiB |
 | naive | diffusers' img2img per 512² tile (fused grid), one at a time, pasted | whole GPU |
 
 ``vram_sweep``: the reference (fused) and redraw jobs on cards of 4, 6, 8, 12 and 24 GiB and the
@@ -199,6 +201,17 @@ JOBS = {
         description="SD 1.5 fused 2048² → 8192², 8 GiB card, --vae-stats estimated",
         variant="estimated_vae",
     ),
+    "print_8k_6gib": Job(
+        "print_8k",
+        6,
+        description="SD 1.5 fused 2048² → 8192², 6 GiB card: a peak below the 4K job's",
+    ),
+    "print_8k_estimated_6gib": Job(
+        "print_8k",
+        6,
+        description="SD 1.5 fused 2048² → 8192², 6 GiB card, --vae-stats estimated",
+        variant="estimated_vae",
+    ),
     "card_8gib_estimated": Job(
         "sd15_fused",
         8,
@@ -219,6 +232,8 @@ BASELINES = {
     "low_vram": "reference",
     "print_8k_estimated": "print_8k",
     "card_8gib_estimated": "reference",
+    "print_8k_6gib": "print_8k",
+    "print_8k_estimated_6gib": "print_8k_estimated",
 }
 
 
@@ -1154,6 +1169,33 @@ def _ran(e: Any) -> bool:
     return isinstance(e, dict) and not e.get("error") and e.get("seconds") is not None
 
 
+def _print_8k_text(data: dict[str, Any], card_4k: dict[str, Any]) -> str:
+    """The 8192² goal's figures: print_8k (the default, exact statistics; the goal is its) against
+    the 4K job on the same 8 GiB card, then the same print on a 6 GiB card (a peak below the 4K
+    job's) and with ``--vae-stats estimated`` (opt-in), that also against the 4K job estimated."""
+
+    def against(name: str, base: dict[str, Any]) -> str:
+        e = data[name]
+        return f"{_at(e)} = {e['seconds'] / base['seconds']:.2f}× at {e['peak_allocated_gib']} GiB"
+
+    parts = [f"4K on 8 GiB {_at(card_4k)} at {card_4k['peak_allocated_gib']} GiB"]
+    same = data.get("card_8gib_estimated")
+    for name, label in (
+        ("print_8k", "print_8k"),
+        ("print_8k_6gib", "on a 6 GiB card"),
+        ("print_8k_estimated", "--vae-stats estimated (opt-in)"),
+        ("print_8k_estimated_6gib", "estimated on a 6 GiB card"),
+    ):
+        if _ran(data.get(name)):
+            text = f"{label} {against(name, card_4k)}"
+            if "estimated" in name and _ran(same):  # the same setting on both sides
+                ratio = data[name]["seconds"] / same["seconds"]
+                text += f" ({ratio:.2f}× the 4K job estimated, {_at(same)} at "
+                text += f"{same['peak_allocated_gib']} GiB)"
+            parts.append(text)
+    return "; ".join(parts)
+
+
 def goals(data: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
     """Issue 11's goals against the entries: (goal, figures with their commits, met); met is
     None where an entry is missing. Ratios pair the entries as they are (see their commits)."""
@@ -1198,23 +1240,13 @@ def goals(data: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
     if isinstance(sdxl, dict):
         text = f"{_at(sdxl)}, {sdxl.get('peak_allocated_gib')} GiB" if _ran(sdxl) else "failed"
         rows.append(("SDXL 4K on an 8 GiB card", text, _ran(sdxl)))
-    print_8k, card_4k = (
-        data.get("print_8k"),
-        next((e for e in sweep if e["mode"] == "fused" and e["vram_gib"] == 8 and _ran(e)), None),
+    card_4k = next(
+        (e for e in sweep if e["mode"] == "fused" and e["vram_gib"] == 8 and _ran(e)), None
     )
+    print_8k = data.get("print_8k")
     if _ran(print_8k) and card_4k is not None:
-        ratio = print_8k["seconds"] / card_4k["seconds"]
-        peaks = f"peak {print_8k['peak_allocated_gib']} against {card_4k['peak_allocated_gib']} GiB"
-        text = f"{_at(print_8k)} / 4K on 8 GiB {_at(card_4k)} = {ratio:.2f}×, {peaks}"
-        estimated = data.get("print_8k_estimated")
-        if _ran(estimated):  # opt-in: reported beside the default's figure, not for the goal
-            opt = estimated["seconds"] / card_4k["seconds"]
-            text += f"; --vae-stats estimated (opt-in) {_at(estimated)} = {opt:.2f}×"
-            same = data.get("card_8gib_estimated")
-            if _ran(same):  # the same setting on both sides
-                both = estimated["seconds"] / same["seconds"]
-                text += f", against the 4K job estimated too {_at(same)} = {both:.2f}×"
-        rows.append(("8192² ≤ 4.4× the 4K job, same card", text, ratio <= 4.4))
+        met = print_8k["seconds"] / card_4k["seconds"] <= 4.4
+        rows.append(("8192² at the 4K job's peak, ≤ 4.4× its time", _print_8k_text(data, card_4k), met))
     one, two = data.get("reference"), data.get("two_gpus")
     if _ran(one) and _ran(two):
         one = two.get("one_gpu_reference", one)  # the same build's (derive)
