@@ -1170,9 +1170,10 @@ def _ran(e: Any) -> bool:
 
 
 def _print_8k_text(data: dict[str, Any], card_4k: dict[str, Any]) -> str:
-    """The 8192² goal's figures: print_8k (the default, exact statistics; the goal is its) against
-    the 4K job on the same 8 GiB card, then the same print on a 6 GiB card (a peak below the 4K
-    job's) and with ``--vae-stats estimated`` (opt-in), that also against the 4K job estimated."""
+    """The 8192² goal's figures: print_8k (default, exact statistics: the one the goal judges)
+    against the 4K job on the same 8 GiB card, then the same print on a 6 GiB card (a peak below
+    the 4K job's) and with ``--vae-stats estimated`` (opt-in), that also against the 4K job
+    estimated."""
 
     def against(name: str, base: dict[str, Any]) -> str:
         e = data[name]
