@@ -16,7 +16,6 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 import torch
-from sd_fixtures import make_tiny_components
 
 from tileup import options as options_module
 from tileup.settings import SettingsError, UpscaleSettings
@@ -27,11 +26,6 @@ from tileup.vae.runner import VaeOptions, VaeRunner
 from tileup.vae.tiled import tiled_decode, tiled_encode
 
 F = 8  # the fixture VAE's scale factor
-
-
-@pytest.fixture(scope="module")
-def vae() -> torch.nn.Module:
-    return make_tiny_components("sd1")["vae"]
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 import torch
-from sd_fixtures import make_tiny_components
 
 from tileup.vae import attention
 from tileup.vae import tiled as tv
@@ -24,11 +23,6 @@ from tileup.vae.tiled import NonFiniteError, tiled_decode, tiled_encode
 DECODE_TOL = 5e-5
 ENCODE_TOL = 2e-5
 F = 8  # the fixture VAE's scale factor
-
-
-@pytest.fixture(scope="module")
-def vae() -> torch.nn.Module:
-    return make_tiny_components("sd1")["vae"]
 
 
 @pytest.fixture(scope="module")
